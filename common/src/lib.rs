@@ -1,0 +1,20 @@
+//! Berth's domain types and their validation, shared by every crate.
+//!
+//! Everything here is plain data plus pure checks: no I/O, no clock. A value
+//! that passed `validate()` is safe to store in the replicated state.
+
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod names;
+pub mod resources;
+pub mod telemetry;
+pub mod units;
+
+pub use error::ValidationError;
+pub use model::{HealthProbe, Model, ModelVersion, ModelVersionSpec, Runtime};
+pub use names::Labels;
+pub use resources::Resources;
+
+/// Id of a control-plane member (the Raft node id).
+pub type MemberId = u64;

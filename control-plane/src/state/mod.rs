@@ -1,0 +1,265 @@
+//! The replicated state machine: `ClusterState`, the `Command`s that change
+//! it and `apply`, which validates a command and either changes the state or
+//! rejects the command and changes nothing.
+//!
+//! Pure: no I/O, no clock, no randomness. The leader stamps the time into a
+//! `Request` before it is proposed, so every member computes the same state.
+//! Maps are `BTreeMap` so iteration order is the same everywhere.
+//!
+//! The log format is forever: `Command`, `Outcome` and `Rejection` variants
+//! are only appended, never renamed, removed or reordered (postcard encodes
+//! variants by index); `testdata/` holds encoded fixtures that must stay readable.
+
+use std::collections::BTreeMap;
+
+use berth_common::{Model, ModelVersion, ModelVersionSpec, ValidationError};
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod tests;
+
+/// Everything the control plane agrees on. Today: the model registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+}
+
+/// A change to the cluster state, as written to the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Registers a new model with its first version.
+    CreateModel {
+        /// The new model's name.
+        name: String,
+        /// Its first version.
+        version: ModelVersionSpec,
+    },
+    /// Removes a model and all its versions.
+    DeleteModel {
+        /// The model to remove.
+        name: String,
+    },
+    /// Adds a version to an existing model.
+    AddModelVersion {
+        /// The model.
+        model: String,
+        /// The new version.
+        version: ModelVersionSpec,
+    },
+    /// Removes one version of a model.
+    RemoveModelVersion {
+        /// The model.
+        model: String,
+        /// The version to remove.
+        version: String,
+    },
+}
+
+impl Command {
+    /// The command's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreateModel { .. } => "create_model",
+            Command::DeleteModel { .. } => "delete_model",
+            Command::AddModelVersion { .. } => "add_model_version",
+            Command::RemoveModelVersion { .. } => "remove_model_version",
+        }
+    }
+}
+
+/// A command with the leader's time stamp: the payload of a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Milliseconds since the Unix epoch, read by the leader when it proposed.
+    pub at_ms: u64,
+    /// The change.
+    pub command: Command,
+}
+
+/// What an applied command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// An entry with no command (a leader's blank entry, a membership change).
+    Noop,
+    /// The model as it is after the command.
+    Model(Model),
+    /// The object was deleted.
+    Deleted,
+}
+
+/// The kinds of object a rejection can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjectKind {
+    /// A model.
+    Model,
+    /// A version of a model.
+    ModelVersion,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Model => "model",
+            ObjectKind::ModelVersion => "model version",
+        })
+    }
+}
+
+/// Why a command was refused. A rejected command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// A field breaks a rule.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The object does not exist.
+    #[error("{kind} {name:?} does not exist")]
+    NotFound {
+        /// What kind of object.
+        kind: ObjectKind,
+        /// Its name (`model` or `model:version`).
+        name: String,
+    },
+    /// An object of that name exists already.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists {
+        /// What kind of object.
+        kind: ObjectKind,
+        /// Its name.
+        name: String,
+    },
+    /// The command is valid but the state does not allow it now.
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+/// Applies `command` at time `at_ms`. On `Err` the state is unchanged.
+pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Rejection> {
+    let at_ms = request.at_ms;
+    match request.command {
+        Command::CreateModel { name, version } => {
+            Model::validate_name(&name)?;
+            version.validate()?;
+            if state.models.contains_key(&name) {
+                return Err(Rejection::AlreadyExists {
+                    kind: ObjectKind::Model,
+                    name,
+                });
+            }
+            let model = Model {
+                name: name.clone(),
+                versions: BTreeMap::from([(
+                    version.version.clone(),
+                    ModelVersion {
+                        spec: version,
+                        created_at_ms: at_ms,
+                    },
+                )]),
+                created_at_ms: at_ms,
+            };
+            state.models.insert(name, model.clone());
+            Ok(Outcome::Model(model))
+        }
+        Command::DeleteModel { name } => {
+            let users = users_of_model(state, &name, None);
+            if !state.models.contains_key(&name) {
+                return Err(Rejection::NotFound {
+                    kind: ObjectKind::Model,
+                    name,
+                });
+            }
+            if !users.is_empty() {
+                return Err(in_use(&name, &users));
+            }
+            state.models.remove(&name);
+            Ok(Outcome::Deleted)
+        }
+        Command::AddModelVersion { model, version } => {
+            version.validate()?;
+            let Some(m) = state.models.get_mut(&model) else {
+                return Err(Rejection::NotFound {
+                    kind: ObjectKind::Model,
+                    name: model,
+                });
+            };
+            if m.versions.contains_key(&version.version) {
+                return Err(Rejection::AlreadyExists {
+                    kind: ObjectKind::ModelVersion,
+                    name: format!("{model}:{}", version.version),
+                });
+            }
+            m.versions.insert(
+                version.version.clone(),
+                ModelVersion {
+                    spec: version,
+                    created_at_ms: at_ms,
+                },
+            );
+            Ok(Outcome::Model(m.clone()))
+        }
+        Command::RemoveModelVersion { model, version } => {
+            let users = users_of_model(state, &model, Some(&version));
+            let Some(m) = state.models.get_mut(&model) else {
+                return Err(Rejection::NotFound {
+                    kind: ObjectKind::Model,
+                    name: model,
+                });
+            };
+            if !m.versions.contains_key(&version) {
+                return Err(Rejection::NotFound {
+                    kind: ObjectKind::ModelVersion,
+                    name: format!("{model}:{version}"),
+                });
+            }
+            if m.versions.len() == 1 {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "version {version:?} is the last version of model {model:?}: a model keeps at least one version; delete the model instead"
+                )));
+            }
+            if !users.is_empty() {
+                return Err(in_use(&format!("{model}:{version}"), &users));
+            }
+            m.versions.remove(&version);
+            Ok(Outcome::Model(m.clone()))
+        }
+    }
+}
+
+/// Deployments that use a model (or one of its versions). Deployments do not
+/// exist yet, so nothing uses a model; this is where the rule will look.
+fn users_of_model(_state: &ClusterState, _model: &str, _version: Option<&str>) -> Vec<String> {
+    Vec::new()
+}
+
+fn in_use(what: &str, users: &[String]) -> Rejection {
+    Rejection::FailedPrecondition(format!(
+        "{what} is used by deployments {}: delete or update them first",
+        users.join(", ")
+    ))
+}
+
+/// Checks the invariants that must hold after every apply. Returns the first
+/// broken one. Used by tests and by the state-machine store in debug builds.
+pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
+    for (name, model) in &state.models {
+        if name != &model.name {
+            return Err(format!("model key {name:?} holds model {:?}", model.name));
+        }
+        Model::validate_name(name).map_err(|e| e.to_string())?;
+        if model.versions.is_empty() {
+            return Err(format!("model {name:?} has no versions"));
+        }
+        for (v, mv) in &model.versions {
+            if v != &mv.spec.version {
+                return Err(format!(
+                    "model {name:?}: key {v:?} holds version {:?}",
+                    mv.spec.version
+                ));
+            }
+            mv.spec
+                .validate()
+                .map_err(|e| format!("model {name:?} version {v:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! State-machine tests: data-driven scenarios (`testdata/state/*.txt`,
+//! refreshed with `UPDATE_EXPECT=1`), property tests over random command
+//! sequences, and encoded fixtures that must stay readable.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use berth_common::units::{parse_cpu_milli, parse_size_mib};
+use berth_common::{HealthProbe, Labels, ModelVersionSpec, Resources, Runtime};
+use proptest::prelude::*;
+
+use super::*;
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata")
+}
+
+fn demo_spec(version: &str) -> ModelVersionSpec {
+    ModelVersionSpec {
+        version: version.into(),
+        runtime: Runtime::Demo,
+        source: "demo".into(),
+        resources: Resources::default(),
+        env: BTreeMap::new(),
+        health: HealthProbe::Http {
+            path: "/health".into(),
+        },
+        labels: Labels::new(),
+    }
+}
+
+// ---- data-driven scenarios -------------------------------------------------
+
+/// Splits a line into words; `"…"` keeps spaces inside one word.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Builds a version spec from `key=value` words, the way the CLI would.
+fn spec_from_args(version: &str, args: &[String]) -> Result<ModelVersionSpec, String> {
+    let mut runtime = "demo".to_string();
+    let mut command = None;
+    let mut spec = demo_spec(version);
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or(format!("bad arg {a}"))?;
+        let e = |e: ValidationError| e.to_string();
+        match k {
+            "runtime" => runtime = v.to_string(),
+            "command" => command = Some(v.to_string()),
+            "source" => spec.source = v.to_string(),
+            "gpus" => spec.resources.gpus = v.parse().map_err(|_| "gpus")?,
+            "gpu_memory" => spec.resources.gpu_memory_mib = parse_size_mib(k, v).map_err(e)?,
+            "gpu_milli" => spec.resources.gpu_milli = v.parse().map_err(|_| "gpu_milli")?,
+            "cpu" => spec.resources.cpu_milli = parse_cpu_milli(k, v).map_err(e)?,
+            "memory" => spec.resources.memory_mib = parse_size_mib(k, v).map_err(e)?,
+            "label" => {
+                let (lk, lv) = v.split_once('=').ok_or("label needs k=v")?;
+                spec.labels.insert(lk.into(), lv.into());
+            }
+            "env" => {
+                let (ek, ev) = v.split_once('=').ok_or("env needs k=v")?;
+                spec.env.insert(ek.into(), ev.into());
+            }
+            _ => return Err(format!("unknown arg {k}")),
+        }
+    }
+    if spec.resources.gpus > 0 && spec.resources.gpu_milli == 0 {
+        spec.resources.gpu_milli = 1000;
+    }
+    spec.runtime = Runtime::parse(&runtime, command.as_deref()).map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
+fn render_state(state: &ClusterState) -> String {
+    let mut out = String::new();
+    for m in state.models.values() {
+        out.push_str(&format!("model {} (created {})\n", m.name, m.created_at_ms));
+        for v in m.versions.values() {
+            let r = &v.spec.resources;
+            out.push_str(&format!(
+                "  {} runtime={} source={} cpu_milli={} memory_mib={} gpus={} gpu_memory_mib={} gpu_milli={} created={}\n",
+                v.spec.version,
+                v.spec.runtime,
+                v.spec.source,
+                r.cpu_milli,
+                r.memory_mib,
+                r.gpus,
+                r.gpu_memory_mib,
+                r.gpu_milli,
+                v.created_at_ms
+            ));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("(empty)\n");
+    }
+    out
+}
+
+/// Runs one scenario line against `state` and describes what happened.
+fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
+    let w = words(line);
+    let (cmd, rest) = w.split_first().expect("scenario line is not empty");
+    let command = match cmd.as_str() {
+        "state" => return render_state(state),
+        "create" => {
+            let (name, args) = rest.split_first().expect("create NAME");
+            let mut version = "v1".to_string();
+            let args: Vec<String> = args
+                .iter()
+                .filter(|a| match a.strip_prefix("version=") {
+                    Some(v) => {
+                        version = v.to_string();
+                        false
+                    }
+                    None => true,
+                })
+                .cloned()
+                .collect();
+            match spec_from_args(&version, &args) {
+                Ok(spec) => Command::CreateModel {
+                    name: name.clone(),
+                    version: spec,
+                },
+                Err(e) => return format!("input error: {e}\n"),
+            }
+        }
+        "add-version" => match spec_from_args(&rest[1], &rest[2..]) {
+            Ok(spec) => Command::AddModelVersion {
+                model: rest[0].clone(),
+                version: spec,
+            },
+            Err(e) => return format!("input error: {e}\n"),
+        },
+        "remove-version" => Command::RemoveModelVersion {
+            model: rest[0].clone(),
+            version: rest[1].clone(),
+        },
+        "delete" => Command::DeleteModel {
+            name: rest[0].clone(),
+        },
+        other => panic!("unknown scenario command {other}"),
+    };
+    let before = state.clone();
+    match apply(state, Request { at_ms, command }) {
+        Ok(Outcome::Model(m)) => format!(
+            "ok: model {} versions [{}]\n",
+            m.name,
+            m.versions.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+        Ok(o) => format!("ok: {o:?}\n"),
+        Err(r) => {
+            assert_eq!(&before, state, "a rejected command changed the state");
+            format!("rejected: {r}\n")
+        }
+    }
+}
+
+/// Runs every `testdata/state/*.txt` file: blocks of `command` lines, each
+/// followed by `----` and the expected output, separated by blank lines.
+#[test]
+fn scenarios() {
+    let dir = testdata().join("state");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("testdata/state exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut state = ClusterState::default();
+        let mut actual = String::new();
+        let mut at_ms = 1_000;
+        for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+            let input = block.split("\n----").next().unwrap().trim_end();
+            actual.push_str(input);
+            actual.push_str("\n----\n");
+            for line in input.lines().filter(|l| !l.starts_with('#')) {
+                actual.push_str(&run_line(&mut state, at_ms, line));
+                at_ms += 1_000;
+                check_invariants(&state).unwrap();
+            }
+            actual.push('\n');
+        }
+        expect_test::ExpectFile {
+            path: file.clone(),
+            position: file!(),
+        }
+        .assert_eq(&actual);
+    }
+}
+
+// ---- property tests --------------------------------------------------------
+
+fn arb_spec() -> impl Strategy<Value = ModelVersionSpec> {
+    (
+        prop::sample::select(vec!["v1", "v2", "v3", "bad version", ""]),
+        prop::sample::select(vec!["vllm", "demo", "command", "onnx"]),
+        prop::sample::select(vec!["/m/a", "", "hf:org/m"]),
+        0u32..20,
+        prop::sample::select(vec![0u64, 20 * 1024, 300 * 1024]),
+        prop::sample::select(vec![0u32, 500, 1000, 1500]),
+        prop::sample::select(vec!["gpu=a100", "bad key!=x", "zone=eu"]),
+    )
+        .prop_map(|(version, runtime, source, gpus, mem, milli, label)| {
+            let (lk, lv) = label.split_once('=').unwrap();
+            ModelVersionSpec {
+                version: version.into(),
+                runtime: Runtime::parse(runtime, Some("srv --port {port}")).unwrap_or(
+                    Runtime::Command {
+                        template: String::new(),
+                    },
+                ),
+                source: source.into(),
+                resources: Resources {
+                    cpu_milli: 1000,
+                    memory_mib: 1024,
+                    gpus,
+                    gpu_memory_mib: mem,
+                    gpu_milli: milli,
+                },
+                env: BTreeMap::new(),
+                health: HealthProbe::Tcp,
+                labels: Labels::from([(lk.to_string(), lv.to_string())]),
+            }
+        })
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    let name = prop::sample::select(vec!["a", "b", "llama", "Bad_Name", ""]);
+    let version = prop::sample::select(vec!["v1", "v2", "v3", "v9"]);
+    prop_oneof![
+        (name.clone(), arb_spec()).prop_map(|(n, s)| Command::CreateModel {
+            name: n.into(),
+            version: s
+        }),
+        name.clone()
+            .prop_map(|n| Command::DeleteModel { name: n.into() }),
+        (name.clone(), arb_spec()).prop_map(|(n, s)| Command::AddModelVersion {
+            model: n.into(),
+            version: s
+        }),
+        (name, version).prop_map(|(n, v)| Command::RemoveModelVersion {
+            model: n.into(),
+            version: v.into()
+        }),
+    ]
+}
+
+fn replay(log: &[Request]) -> (ClusterState, Vec<Result<Outcome, Rejection>>) {
+    let mut state = ClusterState::default();
+    let results = log.iter().map(|r| apply(&mut state, r.clone())).collect();
+    (state, results)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Random command sequences never break the invariants, and a rejected
+    /// command leaves the state exactly as it was.
+    #[test]
+    fn invariants_hold(commands in prop::collection::vec(arb_command(), 1..60)) {
+        let mut state = ClusterState::default();
+        for (i, command) in commands.into_iter().enumerate() {
+            let before = state.clone();
+            let result = apply(&mut state, Request { at_ms: i as u64, command });
+            if result.is_err() {
+                prop_assert_eq!(&before, &state);
+            }
+            prop_assert_eq!(check_invariants(&state), Ok(()));
+        }
+    }
+
+    /// Applying the same log twice gives the same state and the same answers.
+    #[test]
+    fn replay_is_deterministic(commands in prop::collection::vec(arb_command(), 1..60)) {
+        let log: Vec<Request> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, command)| Request { at_ms: 1_000 + i as u64, command })
+            .collect();
+        let (a, ra) = replay(&log);
+        let (b, rb) = replay(&log);
+        prop_assert_eq!(a, b);
+        prop_assert_eq!(ra, rb);
+    }
+
+    /// A snapshot (the encoded state) restored and then fed the rest of the
+    /// log gives the same state as the whole log.
+    #[test]
+    fn snapshot_restores_state(
+        commands in prop::collection::vec(arb_command(), 1..60),
+        cut in 0usize..60,
+    ) {
+        let log: Vec<Request> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, command)| Request { at_ms: i as u64, command })
+            .collect();
+        let cut = cut.min(log.len());
+        let (prefix, _) = replay(&log[..cut]);
+        let bytes = postcard::to_stdvec(&prefix).unwrap();
+        let mut restored: ClusterState = postcard::from_bytes(&bytes).unwrap();
+        prop_assert_eq!(&restored, &prefix);
+        for r in &log[cut..] {
+            let _ = apply(&mut restored, r.clone());
+        }
+        let (whole, _) = replay(&log);
+        prop_assert_eq!(restored, whole);
+    }
+}
+
+// ---- unit tests ------------------------------------------------------------
+
+#[test]
+fn create_add_remove_delete() {
+    let mut s = ClusterState::default();
+    let create = |name: &str| Request {
+        at_ms: 5,
+        command: Command::CreateModel {
+            name: name.into(),
+            version: demo_spec("v1"),
+        },
+    };
+    assert!(matches!(apply(&mut s, create("m")), Ok(Outcome::Model(_))));
+    assert_eq!(s.models["m"].created_at_ms, 5);
+    assert!(matches!(
+        apply(&mut s, create("m")),
+        Err(Rejection::AlreadyExists {
+            kind: ObjectKind::Model,
+            ..
+        })
+    ));
+    let add = Request {
+        at_ms: 6,
+        command: Command::AddModelVersion {
+            model: "m".into(),
+            version: demo_spec("v2"),
+        },
+    };
+    apply(&mut s, add.clone()).unwrap();
+    assert!(matches!(
+        apply(&mut s, add),
+        Err(Rejection::AlreadyExists {
+            kind: ObjectKind::ModelVersion,
+            ..
+        })
+    ));
+    let remove = |v: &str| Request {
+        at_ms: 7,
+        command: Command::RemoveModelVersion {
+            model: "m".into(),
+            version: v.into(),
+        },
+    };
+    apply(&mut s, remove("v1")).unwrap();
+    assert!(matches!(
+        apply(&mut s, remove("v2")),
+        Err(Rejection::FailedPrecondition(_))
+    ));
+    let delete = Request {
+        at_ms: 8,
+        command: Command::DeleteModel { name: "m".into() },
+    };
+    assert_eq!(apply(&mut s, delete.clone()), Ok(Outcome::Deleted));
+    assert!(matches!(
+        apply(&mut s, delete),
+        Err(Rejection::NotFound { .. })
+    ));
+    assert!(s.models.is_empty());
+}
+
+// ---- fixtures --------------------------------------------------------------
+
+/// One request of every command kind, as a fixed value.
+pub(crate) fn fixture_requests() -> Vec<Request> {
+    let mut gpu = demo_spec("v2");
+    gpu.runtime = Runtime::Command {
+        template: "server --port {port} --model {source} --gpus {gpus}".into(),
+    };
+    gpu.resources = Resources {
+        cpu_milli: 4000,
+        memory_mib: 32 * 1024,
+        gpus: 2,
+        gpu_memory_mib: 40 * 1024,
+        gpu_milli: 1000,
+    };
+    gpu.env.insert("HF_HOME".into(), "/data/hf".into());
+    gpu.labels.insert("family".into(), "llama".into());
+    vec![
+        Request {
+            at_ms: 1_700_000_000_000,
+            command: Command::CreateModel {
+                name: "llama".into(),
+                version: demo_spec("v1"),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_001_000,
+            command: Command::AddModelVersion {
+                model: "llama".into(),
+                version: gpu,
+            },
+        },
+        Request {
+            at_ms: 1_700_000_002_000,
+            command: Command::RemoveModelVersion {
+                model: "llama".into(),
+                version: "v1".into(),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_003_000,
+            command: Command::CreateModel {
+                name: "gone".into(),
+                version: demo_spec("v1"),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_004_000,
+            command: Command::DeleteModel {
+                name: "gone".into(),
+            },
+        },
+    ]
+}
+
+/// Reads a fixture, or writes it when `BERTH_WRITE_FIXTURES=1` (only when
+/// adding a new fixture: existing ones must never be rewritten).
+pub(crate) fn fixture(name: &str, fresh: &[u8]) -> Vec<u8> {
+    let path = testdata().join("fixtures").join(name);
+    if std::env::var_os("BERTH_WRITE_FIXTURES").is_some() && !path.exists() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, fresh).unwrap();
+    }
+    std::fs::read(&path).unwrap_or_else(|e| panic!("read fixture {}: {e}", path.display()))
+}
+
+/// Log entries written by earlier versions still decode to the same commands.
+#[test]
+fn request_fixtures_stay_readable() {
+    let requests = fixture_requests();
+    let fresh = postcard::to_stdvec(&requests).unwrap();
+    let stored = fixture("requests-v1.postcard", &fresh);
+    let decoded: Vec<Request> = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, requests);
+}
+
+/// A state encoded by an earlier version still decodes to the same state.
+#[test]
+fn state_fixture_stays_readable() {
+    let (state, _) = replay(&fixture_requests());
+    assert_eq!(state.models.len(), 1);
+    let fresh = postcard::to_stdvec(&state).unwrap();
+    let stored = fixture("state-v1.postcard", &fresh);
+    let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, state);
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: format check, clippy with warnings as errors, then every
+# test (unit, property, data-driven, end-to-end with real processes).
+# End-to-end tests start the binaries, so they are built first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --bins --locked
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    # nextest is the runner CI uses (it serializes the end-to-end tests through
+    # the test group in .config/nextest.toml); plain cargo test must be told.
+    cargo test --workspace --locked --no-fail-fast -- --test-threads=1
+fi
