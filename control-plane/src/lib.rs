@@ -1,5 +1,9 @@
 //! Berth's control plane: the replicated state machine (`state`), its Raft
-//! plumbing (`raft`), the gRPC services (`api`) and the wiring of a member
-//! process (`server`).
+//! plumbing (`raft`), the rules for serving any call on any member
+//! (`member`), the gRPC services (`api`), configuration (`config`) and the
+//! wiring of a member process (`server`).
 
+pub mod api;
+pub mod member;
+pub mod raft;
 pub mod state;

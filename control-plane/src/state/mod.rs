@@ -16,7 +16,7 @@ use berth_common::{Model, ModelVersion, ModelVersionSpec, ValidationError};
 use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Everything the control plane agrees on. Today: the model registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

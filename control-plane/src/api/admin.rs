@@ -1,0 +1,186 @@
+//! `berth.v1.Admin`: cluster status and membership, the model registry.
+
+use berth_common::Model;
+use berth_common::names::validate_version;
+use berth_proto::convert::version_spec_from_proto;
+use berth_proto::grpc::{self, invalid_argument};
+use berth_proto::v1::admin_client::AdminClient;
+use berth_proto::v1::admin_server::Admin;
+use berth_proto::v1::{self as pb};
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::member::{Member, MemberError};
+use crate::state::{Command, ObjectKind, Outcome, Rejection};
+
+/// The Admin service of one member.
+pub struct AdminService {
+    member: Member,
+}
+
+impl AdminService {
+    /// Serves Admin calls through `member`.
+    pub fn new(member: Member) -> Self {
+        Self { member }
+    }
+
+    fn status_response(&self) -> pb::ClusterStatusResponse {
+        let v = self.member.view();
+        pb::ClusterStatusResponse {
+            leader_id: v.leader.as_ref().map(|l| l.0),
+            leader_addr: v.leader.map(|l| l.1).unwrap_or_default(),
+            term: v.term,
+            members: v
+                .members
+                .into_iter()
+                .map(|(id, addr, role)| pb::Member {
+                    id,
+                    addr,
+                    role: role.as_str().to_string(),
+                })
+                .collect(),
+            answered_by: self.member.id,
+            last_log_index: v.last_log_index,
+            applied_index: v.applied_index,
+        }
+    }
+
+    async fn write_model(&self, command: Command) -> Result<Response<pb::Model>, Status> {
+        match self.member.write(command).await.map_err(status)? {
+            Outcome::Model(m) => Ok(Response::new((&m).into())),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn read_model(&self, name: &str, stale: bool) -> Result<Model, Status> {
+        self.member.read_barrier(stale).await.map_err(status)?;
+        let applied = self.member.state.read();
+        applied.state.models.get(name).cloned().ok_or_else(|| {
+            status(MemberError::Rejected(Rejection::NotFound {
+                kind: ObjectKind::Model,
+                name: name.to_string(),
+            }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[tracing::instrument(skip_all)]
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        if !request.get_ref().stale {
+            // Best effort: when there is no leader the answer says so
+            // (leader_id absent) instead of failing.
+            let _ = self.member.read_barrier(false).await;
+        }
+        Ok(Response::new(self.status_response()))
+    }
+
+    #[tracing::instrument(skip_all, fields(member = request.get_ref().id))]
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let id = request.get_ref().id;
+        let view = self.member.view();
+        match view.leader {
+            Some((leader, _)) if leader == self.member.id => {
+                self.member.remove(id).await.map_err(status)?;
+                Ok(Response::new(self.status_response()))
+            }
+            Some((_, addr)) => {
+                let channel = grpc::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+                AdminClient::new(channel)
+                    .remove_member(pb::RemoveMemberRequest { id })
+                    .await
+            }
+            None => Err(status(MemberError::Unavailable(
+                "no leader: cannot change membership now; retry in a moment".into(),
+            ))),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn create_model(
+        &self,
+        request: Request<pb::CreateModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let req = request.into_inner();
+        Model::validate_name(&req.name).map_err(|e| invalid_argument(&e))?;
+        let version = version_spec_from_proto(req.version).map_err(|e| invalid_argument(&e))?;
+        self.write_model(Command::CreateModel {
+            name: req.name,
+            version,
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let req = request.get_ref();
+        let model = self.read_model(&req.name, req.stale).await?;
+        Ok(Response::new((&model).into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.member
+            .read_barrier(request.get_ref().stale)
+            .await
+            .map_err(status)?;
+        let applied = self.member.state.read();
+        Ok(Response::new(pb::ListModelsResponse {
+            models: applied.state.models.values().map(Into::into).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn delete_model(
+        &self,
+        request: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<pb::DeleteModelResponse>, Status> {
+        let name = request.into_inner().name;
+        self.member
+            .write(Command::DeleteModel { name })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteModelResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn add_model_version(
+        &self,
+        request: Request<pb::AddModelVersionRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let req = request.into_inner();
+        let version = version_spec_from_proto(req.version).map_err(|e| invalid_argument(&e))?;
+        self.write_model(Command::AddModelVersion {
+            model: req.model,
+            version,
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn remove_model_version(
+        &self,
+        request: Request<pb::RemoveModelVersionRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let req = request.into_inner();
+        validate_version("version", &req.version).map_err(|e| invalid_argument(&e))?;
+        self.write_model(Command::RemoveModelVersion {
+            model: req.model,
+            version: req.version,
+        })
+        .await
+    }
+}

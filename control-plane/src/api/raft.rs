@@ -1,0 +1,102 @@
+//! `berth.v1.Raft`: the server half of the Raft network, plus the leader's
+//! side of write forwarding, read indexes and joins.
+
+use berth_proto::v1::raft_server::Raft as RaftRpc;
+use berth_proto::v1::{
+    JoinRequest, JoinResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
+};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::member::{Member, ProposeReply};
+use crate::raft::{NodeId, TypeConfig, decode, encode};
+use crate::state::Command;
+
+/// The Raft service of one member.
+pub struct RaftService {
+    member: Member,
+}
+
+impl RaftService {
+    /// Serves Raft calls for `member`.
+    pub fn new(member: Member) -> Self {
+        Self { member }
+    }
+}
+
+fn decode_payload<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> {
+    decode(&p.data).map_err(|e| Status::invalid_argument(format!("payload does not decode: {e}")))
+}
+
+fn encode_payload<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    encode(v)
+        .map(|data| Response::new(RaftPayload { data }))
+        .map_err(|e| Status::internal(format!("encode reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode_payload(request.get_ref())?;
+        encode_payload(&self.member.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req: VoteRequest<NodeId> = decode_payload(request.get_ref())?;
+        encode_payload(&self.member.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = decode_payload(request.get_ref())?;
+        encode_payload(&self.member.raft.install_snapshot(req).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn propose(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let command: Command = decode_payload(request.get_ref())?;
+        let is_leader = self
+            .member
+            .view()
+            .leader
+            .is_some_and(|l| l.0 == self.member.id);
+        let reply = if is_leader {
+            let deadline = Instant::now() + self.member.request_timeout;
+            self.member.propose_local(command, deadline).await
+        } else {
+            ProposeReply::NotLeader
+        };
+        encode_payload(&reply)
+    }
+
+    async fn read_index(
+        &self,
+        _request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let index = self.member.read_index().await.map_err(status)?;
+        Ok(Response::new(ReadIndexResponse {
+            index: index.unwrap_or(0),
+            has_index: index.is_some(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(member = request.get_ref().id))]
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let req = request.into_inner();
+        let voters = self.member.join(req.id, req.addr).await.map_err(status)?;
+        let leader_id = self.member.view().leader.map(|l| l.0).unwrap_or(0);
+        Ok(Response::new(JoinResponse { leader_id, voters }))
+    }
+}

@@ -1,0 +1,385 @@
+//! One control-plane member as the API sees it: the Raft handle plus the
+//! rules for serving any call on any member.
+//!
+//! * Writes: on the leader, `client_write`; on a follower, forwarded to the
+//!   leader's `Raft.Propose`. While no leader is known the call waits, up to
+//!   the write timeout, then answers `Unavailable`.
+//! * Linearizable reads: the leader confirms its leadership (read index); a
+//!   follower asks the leader for the read index and waits until it has
+//!   applied that far. Stale reads answer from the local state at once.
+//! * Membership changes run on the leader; followers forward them.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use berth_proto::grpc;
+use berth_proto::v1::raft_client::RaftClient;
+use berth_proto::v1::{JoinRequest, RaftPayload, ReadIndexRequest};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::raft::state_machine::{StateView, members};
+use crate::raft::{NodeId, Raft, decode, encode};
+use crate::state::{Command, Outcome, Rejection, Request};
+
+/// Why a call could not be served. `api::status` maps each to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    /// The state machine refused the command.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// No leader, or no quorum, within the deadline.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The caller asked for something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is valid but cannot be done in this state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request itself is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A bug or a stopped Raft.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The answer to a forwarded write, as sent back by the leader.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ProposeReply {
+    /// Applied (or rejected by the state machine) at the leader.
+    Applied(Result<Outcome, Rejection>),
+    /// The member asked is not the leader (any more).
+    NotLeader,
+    /// The leader failed to commit; the text says why.
+    Failed(String),
+}
+
+/// A member's role in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The current leader.
+    Leader,
+    /// A voter that is not the leader.
+    Follower,
+    /// A non-voting member catching up.
+    Learner,
+}
+
+impl Role {
+    /// The role's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Learner => "learner",
+        }
+    }
+}
+
+/// This member's view of the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// The leader, if one is known.
+    pub leader: Option<(NodeId, String)>,
+    /// The current term.
+    pub term: u64,
+    /// Every member: id, address, role.
+    pub members: Vec<(NodeId, String, Role)>,
+    /// The last index in this member's log.
+    pub last_log_index: u64,
+    /// The last index this member applied.
+    pub applied_index: u64,
+}
+
+/// A running member: Raft plus the read and write rules above.
+#[derive(Clone)]
+pub struct Member {
+    /// This member's id.
+    pub id: NodeId,
+    /// The Raft handle.
+    pub raft: Raft,
+    /// The applied state.
+    pub state: StateView,
+    /// How long a write or read waits for a leader.
+    pub request_timeout: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn raft_client(addr: &str) -> Result<RaftClient<tonic::transport::Channel>, MemberError> {
+    grpc::channel(addr)
+        .map(|c| {
+            RaftClient::new(c)
+                .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
+        })
+        .map_err(|e| MemberError::Internal(format!("leader address: {e}")))
+}
+
+const NO_LEADER: &str = "no leader: the cluster has not elected one (is a majority of members up and reachable?); retry in a moment";
+
+impl Member {
+    /// This member's current view of leader, term and members.
+    pub fn view(&self) -> ClusterView {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        let leader = m.current_leader.and_then(|id| {
+            membership
+                .membership()
+                .get_node(&id)
+                .map(|n| (id, n.addr.clone()))
+        });
+        let members = members(&membership)
+            .into_iter()
+            .map(|(id, addr, _)| {
+                let role = if Some(id) == m.current_leader {
+                    Role::Leader
+                } else if voters.contains(&id) {
+                    Role::Follower
+                } else {
+                    Role::Learner
+                };
+                (id, addr, role)
+            })
+            .collect();
+        ClusterView {
+            leader,
+            term: m.current_term,
+            members,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        }
+    }
+
+    /// Waits until a leader is known, or the deadline passes.
+    async fn leader(&self, deadline: Instant) -> Result<(NodeId, String), MemberError> {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(l) = self.view().leader {
+                return Ok(l);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(MemberError::Unavailable("raft has stopped".into())),
+                Err(_) => return Err(MemberError::Unavailable(NO_LEADER.into())),
+            }
+        }
+    }
+
+    /// Pauses briefly before retrying after a leader change, bounded by the deadline.
+    async fn backoff(&self, deadline: Instant) -> Result<(), MemberError> {
+        if Instant::now() >= deadline {
+            return Err(MemberError::Unavailable(NO_LEADER.into()));
+        }
+        let mut rx = self.raft.metrics();
+        let pause = (Instant::now() + Duration::from_millis(50)).min(deadline);
+        let _ = tokio::time::timeout_at(pause, rx.changed()).await;
+        Ok(())
+    }
+
+    /// Replicates `command` through the leader and returns its outcome.
+    pub async fn write(&self, command: Command) -> Result<Outcome, MemberError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (leader, addr) = self.leader(deadline).await?;
+            if leader == self.id {
+                match self.propose_local(command.clone(), deadline).await {
+                    ProposeReply::Applied(r) => return r.map_err(MemberError::Rejected),
+                    ProposeReply::NotLeader => self.backoff(deadline).await?,
+                    ProposeReply::Failed(e) => return Err(MemberError::Unavailable(e)),
+                }
+                continue;
+            }
+            let data = encode(&command).map_err(|e| MemberError::Internal(e.to_string()))?;
+            let mut req = tonic::Request::new(RaftPayload { data });
+            req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            match raft_client(&addr)?.propose(req).await {
+                Ok(reply) => match decode::<ProposeReply>(&reply.into_inner().data) {
+                    Ok(ProposeReply::Applied(r)) => return r.map_err(MemberError::Rejected),
+                    Ok(ProposeReply::NotLeader) => self.backoff(deadline).await?,
+                    Ok(ProposeReply::Failed(e)) => return Err(MemberError::Unavailable(e)),
+                    Err(e) => return Err(MemberError::Internal(format!("leader's reply: {e}"))),
+                },
+                // Unavailable: the connection failed, so the write was not sent.
+                Err(s) if s.code() == tonic::Code::Unavailable => self.backoff(deadline).await?,
+                Err(s) => {
+                    return Err(MemberError::Unavailable(format!(
+                        "forwarding to leader {leader} at {addr} failed ({}); the write may or may not have been applied",
+                        s.message()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Proposes on this member, which must be the leader. Used by `write` and
+    /// by the `Raft.Propose` handler for writes forwarded by followers.
+    pub async fn propose_local(&self, command: Command, deadline: Instant) -> ProposeReply {
+        let kind = command.kind();
+        let request = Request {
+            at_ms: now_ms(),
+            command,
+        };
+        match tokio::time::timeout_at(deadline, self.raft.client_write(request)).await {
+            Ok(Ok(resp)) => ProposeReply::Applied(resp.data.0),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                ProposeReply::NotLeader
+            }
+            Ok(Err(e)) => ProposeReply::Failed(format!("write {kind} failed: {e}")),
+            Err(_) => ProposeReply::Failed(format!(
+                "write {kind} was not committed in {:?}: is a majority of members up? it may still be applied",
+                self.request_timeout
+            )),
+        }
+    }
+
+    /// Waits until a read on this member would see every write acknowledged
+    /// before the call (unless `stale`).
+    pub async fn read_barrier(&self, stale: bool) -> Result<(), MemberError> {
+        if stale {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (leader, addr) = self.leader(deadline).await?;
+            let index = if leader == self.id {
+                match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                        self.backoff(deadline).await?;
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        return Err(MemberError::Unavailable(format!("read barrier: {e}")));
+                    }
+                    Err(_) => return Err(MemberError::Unavailable(NO_LEADER.into())),
+                }
+            } else {
+                let mut req = tonic::Request::new(ReadIndexRequest {});
+                req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+                match raft_client(&addr)?.read_index(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        r.has_index.then_some(r.index)
+                    }
+                    Err(_) => {
+                        self.backoff(deadline).await?;
+                        continue;
+                    }
+                }
+            };
+            let Some(index) = index else { return Ok(()) };
+            let wait = deadline.saturating_duration_since(Instant::now());
+            return self
+                .raft
+                .wait(Some(wait))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map(|_| ())
+                .map_err(|e| MemberError::Unavailable(format!("catching up for a read: {e}")));
+        }
+    }
+
+    /// The read index for a follower's linearizable read; only on the leader.
+    pub async fn read_index(&self) -> Result<Option<u64>, MemberError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+            Err(e) => Err(MemberError::Unavailable(format!("not the leader: {e}"))),
+        }
+    }
+
+    /// Adds a member: as a learner, then as a voter once it caught up. Runs on
+    /// the leader; a follower forwards it. Joining again is harmless.
+    pub async fn join(&self, id: NodeId, addr: String) -> Result<Vec<NodeId>, MemberError> {
+        if addr.is_empty() {
+            return Err(MemberError::InvalidArgument(
+                "addr \"\" is invalid: a joining member must give the address it is reached at"
+                    .into(),
+            ));
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        let (leader, leader_addr) = self.leader(deadline).await?;
+        if leader != self.id {
+            let mut req = tonic::Request::new(JoinRequest { id, addr });
+            req.set_timeout(Duration::from_secs(60));
+            return raft_client(&leader_addr)?
+                .join(req)
+                .await
+                .map(|r| r.into_inner().voters)
+                .map_err(|s| {
+                    MemberError::Unavailable(format!("leader {leader}: {}", s.message()))
+                });
+        }
+        let view = self.view();
+        if let Some((_, existing, role)) = view.members.iter().find(|(m, _, _)| *m == id) {
+            if existing != &addr {
+                return Err(MemberError::FailedPrecondition(format!(
+                    "member id {id} is already in the cluster at {existing}: pick another --id, or remove it first with `berth cluster remove {id}`"
+                )));
+            }
+            if *role != Role::Learner {
+                return Ok(self.voters());
+            }
+        }
+        tracing::info!(member = id, %addr, "adding member as learner");
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(|e| MemberError::Unavailable(format!("add learner {id}: {e}")))?;
+        tracing::info!(member = id, "promoting member to voter");
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| MemberError::Unavailable(format!("promote {id} to voter: {e}")))?;
+        Ok(self.voters())
+    }
+
+    /// Removes a member (voter or learner). Must run on the leader.
+    pub async fn remove(&self, id: NodeId) -> Result<(), MemberError> {
+        let view = self.view();
+        let Some((_, _, role)) = view.members.iter().find(|(m, _, _)| *m == id) else {
+            return Err(MemberError::NotFound(format!(
+                "member {id} is not in the cluster; see `berth cluster members`"
+            )));
+        };
+        let change = if *role == Role::Learner {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            if view.members.iter().filter(|m| m.2 != Role::Learner).count() == 1 {
+                return Err(MemberError::FailedPrecondition(format!(
+                    "member {id} is the last voter: a cluster keeps at least one"
+                )));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        };
+        tracing::info!(member = id, "removing member");
+        match self.raft.change_membership(change, false).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
+                MemberError::Unavailable("leadership changed during the removal; retry".into()),
+            ),
+            Err(e) => Err(MemberError::Unavailable(format!("remove member {id}: {e}"))),
+        }
+    }
+
+    fn voters(&self) -> Vec<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+}
