@@ -1,1 +1,98 @@
-//! placeholder
+//! The `berth` command: argument parsing, dispatch and exit codes
+//! (0 success, 1 the request failed or was refused, 2 usage error).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Prints a line on stdout, ignoring a closed pipe (`berth model list | head`).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+pub mod bench;
+pub mod client;
+pub mod cluster;
+pub mod dev;
+pub mod local;
+pub mod model;
+pub mod output;
+
+use client::{CliError, Client};
+use output::OutputFormat;
+
+/// Default control-plane address.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Berth: run model servers on a fleet of GPU machines",
+    long_about = "Berth: run model servers on a fleet of GPU machines.\n\nStart a local cluster with `berth dev`, then try `berth cluster status` and `berth model list` in another terminal."
+)]
+struct Cli {
+    /// Control-plane members to talk to; the next is tried when one is down.
+    #[arg(long, global = true, env = "BERTH_SERVER", value_name = "ADDR[,ADDR..]", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    /// Talk plaintext gRPC (the only mode until TLS lands).
+    #[arg(long, global = true)]
+    insecure: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Cluster membership and leadership.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// The model registry: models and their versions.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Run a local control plane in this process, with the demo model registered.
+    Dev(dev::DevArgs),
+    /// Load and failover benchmarks against a real cluster.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: start async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = Client::new(&cli.server);
+    let out = cli.output;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Cluster(c) => cluster::run(c, &client, out).await,
+            Command::Model(c) => model::run(c, &client, out).await,
+            Command::Dev(a) => dev::run(a).await,
+            Command::Bench(c) => bench::run(c, &cli.server, out).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            e.print();
+            ExitCode::FAILURE
+        }
+    }
+}

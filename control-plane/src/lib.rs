@@ -4,6 +4,8 @@
 //! wiring of a member process (`server`).
 
 pub mod api;
+pub mod config;
 pub mod member;
 pub mod raft;
+pub mod server;
 pub mod state;

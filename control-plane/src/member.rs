@@ -107,6 +107,9 @@ pub struct Member {
     pub state: StateView,
     /// How long a write or read waits for a leader.
     pub request_timeout: Duration,
+    /// Serializes membership changes on this member: openraft refuses a
+    /// change while another is in progress, and joins often come together.
+    pub membership_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn now_ms() -> u64 {
@@ -321,6 +324,7 @@ impl Member {
                     MemberError::Unavailable(format!("leader {leader}: {}", s.message()))
                 });
         }
+        let _guard = self.membership_lock.lock().await;
         let view = self.view();
         if let Some((_, existing, role)) = view.members.iter().find(|(m, _, _)| *m == id) {
             if existing != &addr {
@@ -347,6 +351,7 @@ impl Member {
 
     /// Removes a member (voter or learner). Must run on the leader.
     pub async fn remove(&self, id: NodeId) -> Result<(), MemberError> {
+        let _guard = self.membership_lock.lock().await;
         let view = self.view();
         let Some((_, _, role)) = view.members.iter().find(|(m, _, _)| *m == id) else {
             return Err(MemberError::NotFound(format!(

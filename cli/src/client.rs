@@ -1,0 +1,110 @@
+//! A client for any number of control-plane members: it tries each address
+//! in turn while the connection fails, and turns gRPC errors into messages
+//! with a hint.
+
+use std::future::Future;
+
+use berth_proto::grpc;
+use berth_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Errors the CLI reports.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A request failed or was refused.
+    #[error("{}", .status.message())]
+    Request {
+        /// The gRPC status.
+        status: Status,
+        /// The addresses tried.
+        servers: String,
+    },
+    /// Bad command-line input (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else (local I/O, a failed benchmark).
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    /// Prints `error: …` and a hint to stderr.
+    pub fn print(&self) {
+        eprintln!("error: {self}");
+        if let Some(hint) = self.hint() {
+            eprintln!("hint: {hint}");
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        let CliError::Request { status, servers } = self else {
+            return None;
+        };
+        Some(match status.code() {
+            Code::Unavailable if is_connect_error(status) => format!(
+                "no control-plane member answered at {servers}; is berth-control running? set --server or BERTH_SERVER (start one with `berth dev`)"
+            ),
+            Code::Unavailable => "the cluster may be electing a leader or have lost a majority; retry, and check `berth cluster status`".into(),
+            Code::NotFound => "list what exists with `berth model list` or `berth cluster members`".into(),
+            Code::AlreadyExists => "pick another name or version, or inspect it with `berth model show NAME`".into(),
+            Code::InvalidArgument => "fix the named field and retry; `berth <command> --help` lists the rules".into(),
+            Code::FailedPrecondition => "the request is valid but the cluster's state does not allow it now".into(),
+            _ => return None,
+        })
+    }
+}
+
+/// Whether the status comes from the client's transport (nothing reached a server).
+pub fn is_connect_error(status: &Status) -> bool {
+    status.code() == Code::Unavailable && status.metadata().is_empty()
+}
+
+/// Talks to the control plane through any of several members.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addrs: Vec<String>,
+    servers: String,
+}
+
+impl Client {
+    /// A client for a comma-separated address list.
+    pub fn new(servers: &str) -> Self {
+        let addrs = servers
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+        Self {
+            addrs,
+            servers: servers.to_string(),
+        }
+    }
+
+    /// Calls `f` on each member in turn until one answers.
+    pub async fn admin<T, F, Fut>(&self, f: F) -> Result<T, CliError>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut last = Status::unavailable("no server address given");
+        for addr in &self.addrs {
+            let channel = grpc::channel(addr).map_err(|e| CliError::Usage(e.to_string()))?;
+            match f(AdminClient::new(channel)).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if is_connect_error(&s) => last = s,
+                Err(status) => {
+                    return Err(CliError::Request {
+                        status,
+                        servers: addr.clone(),
+                    });
+                }
+            }
+        }
+        Err(CliError::Request {
+            status: last,
+            servers: self.servers.clone(),
+        })
+    }
+}

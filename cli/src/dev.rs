@@ -1,0 +1,119 @@
+//! `berth dev`: a whole local control plane in this process, with the demo
+//! model registered, for trying Berth on one machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use berth_control_plane::config::Config;
+use berth_control_plane::server;
+use berth_proto::v1 as pb;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{CliError, Client};
+
+/// `berth dev` options.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Keep data here (default: a temporary directory removed on exit).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC address of the dev control plane.
+    #[arg(long, default_value = crate::DEFAULT_SERVER)]
+    listen: SocketAddr,
+    /// HTTP address for /health and /metrics.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    http: SocketAddr,
+}
+
+/// Runs the dev cluster until Ctrl-C.
+pub async fn run(args: DevArgs) -> Result<(), CliError> {
+    berth_common::telemetry::init(Default::default(), "warn,berth_control_plane=info");
+    let temp = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("berth-dev-")
+                .tempdir()
+                .context("create temp data dir")?,
+        ),
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
+        .context("no data dir")?;
+    let fresh = !data_dir.join("member.toml").exists();
+    let mut config = Config::new(data_dir.clone(), args.listen);
+    config.id = Some(1);
+    config.bootstrap = fresh;
+    config.http = Some(args.http);
+    let shutdown = CancellationToken::new();
+    let running = server::start(config, shutdown.clone())
+        .await
+        .with_context(|| format!("start the dev control plane on {} (is another berth running? pick --listen and --http)", args.listen))?;
+    let addr = running.grpc_addr.to_string();
+    let client = Client::new(&addr);
+    let existing = client
+        .admin(|mut c| async move { c.list_models(pb::ListModelsRequest { stale: false }).await })
+        .await?;
+    if !existing.models.iter().any(|m| m.name == "demo") {
+        let req = pb::CreateModelRequest {
+            name: "demo".into(),
+            version: Some(pb::ModelVersionSpec {
+                version: "v1".into(),
+                runtime: "demo".into(),
+                source: "builtin:demo".into(),
+                ..Default::default()
+            }),
+        };
+        client
+            .admin(|mut c| {
+                let req = req.clone();
+                async move { c.create_model(req).await }
+            })
+            .await?;
+    }
+    let server_flag = if addr == crate::DEFAULT_SERVER {
+        String::new()
+    } else {
+        format!(" --server {addr}")
+    };
+    out!(
+        "berth dev: control plane member 1 serving on {addr} (health and metrics on http://{})",
+        args.http
+    );
+    out!(
+        "data dir: {}{}",
+        data_dir.display(),
+        if temp.is_some() {
+            " (temporary, removed on exit)"
+        } else {
+            ""
+        }
+    );
+    out!("registered model: demo (runtime demo)");
+    out!();
+    out!("try, in another terminal:");
+    out!("  berth{server_flag} cluster status");
+    out!("  berth{server_flag} model list");
+    out!(
+        "  berth{server_flag} model create llama --runtime vllm --source /models/llama-3-8b --gpus 1 --gpu-memory 20GiB"
+    );
+    out!("  curl http://{}/metrics", args.http);
+    out!();
+    out!(
+        "(node agents and deployments are not built yet: this dev cluster runs the control plane only)"
+    );
+    out!("Ctrl-C stops everything.");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("stopping…");
+        stop.cancel();
+    });
+    running.wait().await?;
+    drop(temp);
+    Ok(())
+}

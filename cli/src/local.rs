@@ -1,0 +1,340 @@
+//! A control-plane cluster of real `berth-control` processes on loopback,
+//! for `berth bench failover` and the end-to-end tests: free ports,
+//! temporary data dirs, logs in files, SIGKILL and restart. Processes are
+//! killed when the cluster is dropped, even when a test fails.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use berth_proto::v1::ClusterStatusRequest;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use crate::client::Client;
+
+/// Finds a Berth binary: `$BERTH_BIN_DIR`, next to this executable, or one
+/// level up (test executables live in `target/<profile>/deps`).
+pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("BERTH_BIN_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        dirs.push(dir.to_path_buf());
+        if let Some(up) = dir.parent() {
+            dirs.push(up.to_path_buf());
+        }
+    }
+    for d in &dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} not found in {:?}: build it first with `cargo build --release --bins` (or set BERTH_BIN_DIR)",
+        dirs
+    )
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Options for the members' command lines.
+#[derive(Debug, Clone)]
+pub struct MemberOptions {
+    /// `--election-timeout`.
+    pub election_timeout: String,
+    /// `--heartbeat-interval`.
+    pub heartbeat_interval: String,
+    /// `--snapshot-every`.
+    pub snapshot_every: u64,
+}
+
+impl Default for MemberOptions {
+    fn default() -> Self {
+        Self {
+            election_timeout: "400ms".into(),
+            heartbeat_interval: "100ms".into(),
+            snapshot_every: 10_000,
+        }
+    }
+}
+
+/// One member process.
+pub struct LocalMember {
+    /// Member id.
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Where its stdout and stderr go.
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalMember {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+/// A set of members plus the directory they live in.
+pub struct LocalCluster {
+    /// The members, by position (member id = position + 1 unless added later).
+    pub members: Vec<LocalMember>,
+    binary: PathBuf,
+    options: MemberOptions,
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+}
+
+impl LocalCluster {
+    /// Starts `n` members: the first bootstraps, the others join it.
+    pub async fn start(n: usize, options: MemberOptions) -> anyhow::Result<Self> {
+        let binary = find_binary("berth-control")?;
+        let root = tempfile::Builder::new()
+            .prefix("berth-cluster-")
+            .tempdir()
+            .context("create cluster dir")?;
+        let mut cluster = LocalCluster {
+            members: Vec::new(),
+            binary,
+            options,
+            root_path: root.path().to_path_buf(),
+            root: Some(root),
+        };
+        for i in 0..n {
+            let id = i as u64 + 1;
+            let join = (i > 0).then(|| cluster.members[0].addr.clone());
+            cluster.add_member(id, join.as_deref())?;
+            if i == 0 {
+                cluster.wait_for_leader(Duration::from_secs(30)).await?;
+            }
+        }
+        cluster.wait_for_voters(n, Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    /// The cluster's root directory.
+    pub fn root(&self) -> &Path {
+        self.root_path.as_path()
+    }
+
+    /// Starts a new member process with `id`, bootstrapping when `join` is None.
+    pub fn add_member(&mut self, id: u64, join: Option<&str>) -> anyhow::Result<&mut LocalMember> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let data_dir = self.root_path.as_path().join(format!("member-{id}"));
+        let log_path = self.root_path.as_path().join(format!("member-{id}.log"));
+        let mut args = vec![
+            "--id".to_string(),
+            id.to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        match join {
+            Some(j) => args.extend(["--join".to_string(), j.to_string()]),
+            None => args.push("--bootstrap".into()),
+        }
+        let mut member = LocalMember {
+            id,
+            addr,
+            data_dir,
+            log_path,
+            child: None,
+        };
+        member.child = Some(self.spawn(&member, &args)?);
+        self.members.push(member);
+        Ok(self.members.last_mut().expect("just pushed"))
+    }
+
+    fn spawn(&self, m: &LocalMember, extra: &[String]) -> anyhow::Result<Child> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&m.log_path)
+            .with_context(|| format!("open {}", m.log_path.display()))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(extra)
+            .args([
+                "--insecure",
+                "--election-timeout",
+                &self.options.election_timeout,
+                "--heartbeat-interval",
+                &self.options.heartbeat_interval,
+                "--snapshot-every",
+                &self.options.snapshot_every.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        cmd.spawn()
+            .with_context(|| format!("start {}", self.binary.display()))
+    }
+
+    /// The member with `id`.
+    pub fn member(&mut self, id: u64) -> anyhow::Result<&mut LocalMember> {
+        self.members
+            .iter_mut()
+            .find(|m| m.id == id)
+            .with_context(|| format!("no member {id}"))
+    }
+
+    /// Every member's address, comma-separated (for `--server`).
+    pub fn servers(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.addr.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs a member and reaps it.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let m = self.member(id)?;
+        if let Some(mut c) = m.child.take() {
+            c.kill().context("kill member")?;
+            c.wait().context("reap member")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERMs a member and waits for it to exit.
+    pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        let m = self.member(id)?;
+        if let Some(mut c) = m.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if c.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    c.kill()?;
+                    c.wait()?;
+                    bail!("member {id} did not stop within 20s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts a stopped member with only `--data-dir` and `--listen`.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let idx = self
+            .members
+            .iter()
+            .position(|m| m.id == id)
+            .with_context(|| format!("no member {id}"))?;
+        if self.members[idx].child.is_some() {
+            bail!("member {id} is running");
+        }
+        let args = vec![
+            "--listen".to_string(),
+            self.members[idx].addr.clone(),
+            "--data-dir".into(),
+            self.members[idx].data_dir.display().to_string(),
+        ];
+        let child = self.spawn(&self.members[idx], &args)?;
+        self.members[idx].child = Some(child);
+        Ok(())
+    }
+
+    /// Asks running members for the leader until one reports it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for m in &self.members {
+                if m.child.is_none() {
+                    continue;
+                }
+                let client = Client::new(&m.addr);
+                let status = client
+                    .admin(|mut c| async move {
+                        c.cluster_status(ClusterStatusRequest { stale: true }).await
+                    })
+                    .await;
+                if let Ok(s) = status
+                    && let Some(id) = s.leader_id
+                    && self.members.iter().any(|m| m.id == id && m.child.is_some())
+                {
+                    return Ok(id);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no leader within {timeout:?}; logs in {}",
+                    self.root_path.as_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the leader reports `n` voters.
+    pub async fn wait_for_voters(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let client = Client::new(&self.servers());
+            if let Ok(s) = client
+                .admin(|mut c| async move {
+                    c.cluster_status(ClusterStatusRequest { stale: false })
+                        .await
+                })
+                .await
+            {
+                let voters = s.members.iter().filter(|m| m.role != "learner").count();
+                if voters == n && s.leader_id.is_some() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "cluster did not reach {n} voters within {timeout:?}; logs in {}",
+                    self.root_path.as_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::env::var_os("BERTH_KEEP_CLUSTER").is_some()
+            && let Some(root) = self.root.take()
+        {
+            eprintln!("keeping cluster dir {}", root.keep().display());
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! `berth-control` configuration: flags, `BERTH_*` environment variables and
+//! a TOML file (`--config`), merged in that order of precedence over the
+//! defaults below, parsed into real types and validated before any port is
+//! bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_common::telemetry::LogFormat;
+use berth_common::units::parse_duration;
+use clap::Parser;
+use serde::Deserialize;
+
+/// Default gRPC address (Admin + Raft).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "berth-control-data";
+/// Default minimum election timeout (the maximum is twice it).
+pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(400);
+/// Default leader heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Default number of log entries between snapshots.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
+/// Default time a request waits for a leader or a commit.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time `--join` keeps trying to reach the cluster.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Command-line flags of `berth-control`. Every flag can also be set in the
+/// `--config` TOML file under the same name with `_` for `-`.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "berth-control",
+    version,
+    about = "Berth control-plane member: Raft-replicated model registry, deployments and placements",
+    long_about = "Berth control-plane member. Start the first member of a new cluster with \
+--bootstrap, add more with --join ADDR. A restarted member needs only --data-dir \
+(its id and address are stored there on first start)."
+)]
+pub struct Flags {
+    /// TOML config file; flags and BERTH_* variables override its keys.
+    #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This member's id, unique in the cluster (required on first start; stored in the data dir).
+    #[arg(long, env = "BERTH_ID")]
+    pub id: Option<u64>,
+    /// gRPC address to listen on, for Admin and Raft [default: 127.0.0.1:7400].
+    #[arg(long, env = "BERTH_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Address other members and clients reach this one at [default: the listen address].
+    #[arg(long, env = "BERTH_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Where the Raft log, snapshots and member identity live [default: ./berth-control-data].
+    #[arg(long, env = "BERTH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Start a new cluster with this member as its only voter.
+    #[arg(long, env = "BERTH_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// Join an existing cluster through any of its members (comma-separated).
+    #[arg(long, env = "BERTH_JOIN", value_name = "ADDR[,ADDR..]")]
+    pub join: Option<String>,
+    /// HTTP address for /health and /metrics (off unless given).
+    #[arg(long, env = "BERTH_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// Serve plaintext gRPC (the only mode until TLS lands; without it a warning is logged).
+    #[arg(long, env = "BERTH_INSECURE")]
+    pub insecure: bool,
+    /// Minimum election timeout; the maximum is twice it [default: 400ms].
+    #[arg(long, env = "BERTH_ELECTION_TIMEOUT", value_name = "DURATION")]
+    pub election_timeout: Option<String>,
+    /// Leader heartbeat interval [default: 100ms].
+    #[arg(long, env = "BERTH_HEARTBEAT_INTERVAL", value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+    /// Build a snapshot and compact the log every N entries [default: 10000].
+    #[arg(long, env = "BERTH_SNAPSHOT_EVERY", value_name = "N")]
+    pub snapshot_every: Option<u64>,
+    /// How long a request waits for a leader or a commit [default: 5s].
+    #[arg(long, env = "BERTH_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The keys of the TOML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    bootstrap: Option<bool>,
+    join: Option<String>,
+    http: Option<SocketAddr>,
+    insecure: Option<bool>,
+    election_timeout: Option<String>,
+    heartbeat_interval: Option<String>,
+    snapshot_every: Option<u64>,
+    request_timeout: Option<String>,
+    log_format: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Member id, if given (required on first start).
+    pub id: Option<u64>,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Advertised address, if given.
+    pub advertise: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Start a new cluster.
+    pub bootstrap: bool,
+    /// Members to join through.
+    pub join: Vec<String>,
+    /// HTTP health/metrics address.
+    pub http: Option<SocketAddr>,
+    /// Plaintext acknowledged.
+    pub insecure: bool,
+    /// Minimum election timeout.
+    pub election_timeout: Duration,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Entries between snapshots.
+    pub snapshot_every: u64,
+    /// Request deadline for leader waits and commits.
+    pub request_timeout: Duration,
+    /// How long `--join` keeps trying.
+    pub join_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// A configuration with every default, for `berth dev` and tests.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Config {
+            id: None,
+            listen,
+            advertise: None,
+            data_dir,
+            bootstrap: false,
+            join: Vec::new(),
+            http: None,
+            insecure: true,
+            election_timeout: DEFAULT_ELECTION_TIMEOUT,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Merges flags over the config file over defaults, and validates.
+    pub fn load(flags: Flags) -> Result<Self, String> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let dur =
+            |field: &str, flag: Option<String>, file: Option<String>, default: Duration| match flag
+                .or(file)
+            {
+                Some(text) => parse_duration(field, &text).map_err(|e| e.to_string()),
+                None => Ok(default),
+            };
+        let config = Config {
+            id: flags.id.or(file.id),
+            listen: flags.listen.or(file.listen).unwrap_or_else(|| {
+                DEFAULT_LISTEN
+                    .parse()
+                    .expect("default listen address parses")
+            }),
+            advertise: flags.advertise.or(file.advertise),
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            bootstrap: flags.bootstrap || file.bootstrap.unwrap_or(false),
+            join: flags
+                .join
+                .or(file.join)
+                .map(|j| {
+                    j.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            http: flags.http.or(file.http),
+            insecure: flags.insecure || file.insecure.unwrap_or(false),
+            election_timeout: dur(
+                "election_timeout",
+                flags.election_timeout,
+                file.election_timeout,
+                DEFAULT_ELECTION_TIMEOUT,
+            )?,
+            heartbeat_interval: dur(
+                "heartbeat_interval",
+                flags.heartbeat_interval,
+                file.heartbeat_interval,
+                DEFAULT_HEARTBEAT_INTERVAL,
+            )?,
+            snapshot_every: flags
+                .snapshot_every
+                .or(file.snapshot_every)
+                .unwrap_or(DEFAULT_SNAPSHOT_EVERY),
+            request_timeout: dur(
+                "request_timeout",
+                flags.request_timeout,
+                file.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            log_format: flags
+                .log_format
+                .or(file.log_format)
+                .map(|f| f.parse())
+                .transpose()?
+                .unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks rules that span fields.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == Some(0) {
+            return Err("id 0 is invalid: member ids start at 1".into());
+        }
+        if self.bootstrap && !self.join.is_empty() {
+            return Err(
+                "--bootstrap and --join exclude each other: bootstrap starts a new cluster, join enters an existing one"
+                    .into(),
+            );
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err("heartbeat_interval must be above 0".into());
+        }
+        if self.election_timeout < self.heartbeat_interval * 3 {
+            return Err(format!(
+                "election_timeout {:?} is invalid: it must be at least 3 heartbeat intervals ({:?})",
+                self.election_timeout,
+                self.heartbeat_interval * 3
+            ));
+        }
+        if self.snapshot_every == 0 {
+            return Err("snapshot_every 0 is invalid: it must be at least 1 entry".into());
+        }
+        if let Some(a) = &self.advertise {
+            validate_host_port("advertise", a)?;
+        }
+        for j in &self.join {
+            validate_host_port("join", j)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_host_port(field: &str, value: &str) -> Result<(), String> {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "{field} {value:?} is invalid: it must be HOST:PORT, e.g. 10.0.0.5:7400"
+        )),
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("control.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn file_and_flags_merge() {
+        let (_d, p) = write(
+            "id = 3\nlisten = \"127.0.0.1:7410\"\nelection_timeout = \"1s\"\nsnapshot_every = 50\n",
+        );
+        let c = Config::load(Flags {
+            config: Some(p),
+            snapshot_every: Some(7),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.id, Some(3));
+        assert_eq!(c.listen.port(), 7410);
+        assert_eq!(c.election_timeout, Duration::from_secs(1));
+        assert_eq!(c.snapshot_every, 7, "a flag beats the file");
+        assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    }
+
+    #[test]
+    fn malformed_file_names_file_and_line() {
+        let (_d, p) = write("id = 1\nlisten = \n");
+        let e = Config::load(Flags {
+            config: Some(p.clone()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let (_d, p) = write("id = 1\nbogus_key = 2\n");
+        let e = Config::load(Flags {
+            config: Some(p),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("bogus_key") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let bad = |f: Flags| Config::load(f).unwrap_err();
+        assert!(
+            bad(Flags {
+                election_timeout: Some("soon".into()),
+                ..Flags::default()
+            })
+            .contains("election_timeout")
+        );
+        assert!(
+            bad(Flags {
+                election_timeout: Some("100ms".into()),
+                ..Flags::default()
+            })
+            .contains("heartbeat")
+        );
+        assert!(
+            bad(Flags {
+                bootstrap: true,
+                join: Some("127.0.0.1:1".into()),
+                ..Flags::default()
+            })
+            .contains("exclude")
+        );
+        assert!(
+            bad(Flags {
+                join: Some("nope".into()),
+                ..Flags::default()
+            })
+            .contains("HOST:PORT")
+        );
+        assert!(
+            bad(Flags {
+                id: Some(0),
+                ..Flags::default()
+            })
+            .contains("id 0")
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! Wiring of one member process: data dir and identity, Raft, the gRPC
+//! server (Admin + Raft + health + reflection), bootstrap or join, the HTTP
+//! health/metrics endpoint, and ordered shutdown.
+//!
+//! Data dir layout: `member.toml` (id, advertised address, whether the join
+//! completed), `raft.redb` (log, vote, committed index), `snapshot.bin`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use berth_proto::grpc;
+use berth_proto::v1::JoinRequest;
+use berth_proto::v1::admin_server::AdminServer;
+use berth_proto::v1::raft_client::RaftClient;
+use berth_proto::v1::raft_server::RaftServer;
+use openraft::{BasicNode, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
+
+use crate::api::admin::AdminService;
+use crate::api::raft::RaftService;
+use crate::config::Config;
+use crate::member::Member;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::Network;
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{NodeId, Raft};
+
+mod http;
+
+const IDENTITY_FILE: &str = "member.toml";
+
+/// What a member stores about itself on first start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// The member id.
+    pub id: NodeId,
+    /// The address peers and clients use.
+    pub advertise: String,
+    /// Whether this member was accepted into a cluster (bootstrap or join).
+    #[serde(default)]
+    pub joined: bool,
+}
+
+impl Identity {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join(IDENTITY_FILE)
+    }
+
+    fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = Self::path(dir);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(
+                toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string(self).context("encode member identity")?;
+        berth_common::fsutil::write_atomic(&Self::path(dir), text.as_bytes())
+            .with_context(|| format!("write {}", Self::path(dir).display()))
+    }
+}
+
+/// Resolves the member's identity from the data dir and the flags; the
+/// stored one wins, and a flag that contradicts it is an error.
+fn resolve_identity(config: &Config, listen: SocketAddr) -> anyhow::Result<Identity> {
+    let dir = &config.data_dir;
+    if let Some(stored) = Identity::load(dir)? {
+        if let Some(id) = config.id
+            && id != stored.id
+        {
+            bail!(
+                "--id {id} contradicts the data dir {}, which belongs to member {}: drop --id, or use another --data-dir",
+                dir.display(),
+                stored.id
+            );
+        }
+        if let Some(a) = &config.advertise
+            && a != &stored.advertise
+        {
+            bail!(
+                "--advertise {a} contradicts the data dir {}, where member {} advertises {}: drop --advertise (changing a member's address needs remove and re-join)",
+                dir.display(),
+                stored.id,
+                stored.advertise
+            );
+        }
+        return Ok(stored);
+    }
+    let Some(id) = config.id else {
+        bail!(
+            "--id is required on the first start of a member (data dir {} is new): pick a number unique in the cluster, e.g. --id 1",
+            dir.display()
+        );
+    };
+    let advertise = match &config.advertise {
+        Some(a) => a.clone(),
+        None if listen.ip().is_unspecified() => bail!(
+            "--advertise is required when listening on {listen}: give the address other members reach this one at"
+        ),
+        None => listen.to_string(),
+    };
+    Ok(Identity {
+        id,
+        advertise,
+        joined: false,
+    })
+}
+
+fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
+    let et = config.election_timeout.as_millis() as u64;
+    let c = openraft::Config {
+        cluster_name: "berth".into(),
+        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: et,
+        election_timeout_max: et * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: config.snapshot_every.min(1000),
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    };
+    c.validate().context("raft timing configuration")
+}
+
+/// A started member.
+pub struct Running {
+    /// The member (Raft + state).
+    pub member: Member,
+    /// The identity it runs as.
+    pub identity: Identity,
+    /// The bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// The bound HTTP address, if any.
+    pub http_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Waits for `shutdown`, then stops: gRPC first, then Raft.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("servers did not stop within 5s; stopping raft anyway");
+        }
+        self.member
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| anyhow::anyhow!("stop raft: {e}"))?;
+        tracing::info!(member = self.identity.id, "stopped");
+        Ok(())
+    }
+}
+
+/// Starts a member and returns once it serves and has bootstrapped or joined.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    if !config.insecure {
+        tracing::warn!(
+            "serving plaintext gRPC: TLS is not implemented yet; pass --insecure to acknowledge"
+        );
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let mut identity = resolve_identity(&config, config.listen)?;
+    let log = LogStore::open(&config.data_dir.join("raft.redb"))
+        .with_context(|| format!("open raft log in {}", config.data_dir.display()))?;
+    let has_state = log.has_state().context("read raft log")?;
+    if config.bootstrap && (has_state || identity.joined) {
+        bail!(
+            "--bootstrap refused: data dir {} already holds a cluster (member {}); restart without --bootstrap to rejoin it, or give an empty --data-dir to start a new cluster",
+            config.data_dir.display(),
+            identity.id
+        );
+    }
+    if !config.bootstrap && config.join.is_empty() && !has_state {
+        bail!(
+            "data dir {} holds no cluster: start the first member with --bootstrap, or add this one to a running cluster with --join ADDR",
+            config.data_dir.display()
+        );
+    }
+    let sm = StateMachineStore::open(&config.data_dir)
+        .with_context(|| format!("load snapshot in {}", config.data_dir.display()))?;
+    let state = sm.view();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("bind gRPC address {}", config.listen))?;
+    let grpc_addr = listener.local_addr().context("read bound address")?;
+    identity.save(&config.data_dir)?;
+
+    let raft = Raft::new(
+        identity.id,
+        Arc::new(raft_config(&config)?),
+        Network,
+        log,
+        sm,
+    )
+    .await
+    .context("start raft")?;
+    let member = Member {
+        id: identity.id,
+        raft: raft.clone(),
+        state,
+        request_timeout: config.request_timeout,
+        membership_lock: Arc::default(),
+    };
+
+    let tasks = TaskTracker::new();
+    let routes = Routes::new(AdminServer::new(AdminService::new(member.clone()))).add_service(
+        RaftServer::new(RaftService::new(member.clone()))
+            .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let services = ["berth.v1.Admin", "berth.v1.Raft"];
+        if let Err(e) =
+            grpc::serve(listener, routes, &services, stop.clone().cancelled_owned()).await
+        {
+            tracing::error!(error = %e, "gRPC server failed; stopping");
+            stop.cancel();
+        }
+    });
+    tracing::info!(member = identity.id, addr = %grpc_addr, advertise = %identity.advertise, "serving gRPC");
+
+    if config.bootstrap {
+        let nodes = BTreeMap::from([(identity.id, BasicNode::new(identity.advertise.clone()))]);
+        raft.initialize(nodes)
+            .await
+            .context("bootstrap the cluster")?;
+        tracing::info!(member = identity.id, "bootstrapped a new cluster");
+        identity.joined = true;
+        identity.save(&config.data_dir)?;
+    } else if !config.join.is_empty() && !identity.joined {
+        if let Err(e) = join(&config, &identity).await {
+            shutdown.cancel();
+            let _ = raft.shutdown().await;
+            return Err(e);
+        }
+        identity.joined = true;
+        identity.save(&config.data_dir)?;
+    }
+
+    let http_addr = match config.http {
+        Some(addr) => Some(http::serve(addr, member.clone(), &tasks, shutdown.clone()).await?),
+        None => None,
+    };
+    Ok(Running {
+        member,
+        identity,
+        grpc_addr,
+        http_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Asks the cluster, through any of `config.join`, to add this member.
+async fn join(config: &Config, identity: &Identity) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + config.join_timeout;
+    let mut last_error = String::new();
+    loop {
+        for addr in &config.join {
+            let channel = grpc::channel(addr)?;
+            let mut req = tonic::Request::new(JoinRequest {
+                id: identity.id,
+                addr: identity.advertise.clone(),
+            });
+            req.set_timeout(Duration::from_secs(60));
+            match RaftClient::new(channel).join(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    tracing::info!(member = identity.id, leader = r.leader_id, voters = ?r.voters, "joined the cluster");
+                    return Ok(());
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    last_error = format!("{addr}: {}", s.message());
+                }
+                Err(s) => bail!("join through {addr} refused: {}", s.message()),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "could not join the cluster through {} within {:?}: nothing answered ({last_error}); check the address and that a member runs there",
+                config.join.join(","),
+                config.join_timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -1,0 +1,132 @@
+//! The HTTP endpoint of a member: `GET /health` (JSON: id, role, leader,
+//! term) and `GET /metrics` (Prometheus text).
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::member::{Member, Role};
+
+/// Binds `addr` and serves health and metrics until `shutdown`.
+pub(super) async fn serve(
+    addr: SocketAddr,
+    member: Member,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind HTTP address {addr}"))?;
+    let bound = listener.local_addr().context("read bound HTTP address")?;
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(member);
+    tasks.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "HTTP server stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /health and /metrics");
+    Ok(bound)
+}
+
+async fn health(State(member): State<Member>) -> impl IntoResponse {
+    let v = member.view();
+    let role = v
+        .members
+        .iter()
+        .find(|m| m.0 == member.id)
+        .map(|m| m.2.as_str())
+        .unwrap_or("none");
+    let body = serde_json::json!({
+        "status": "ok",
+        "id": member.id,
+        "role": role,
+        "leader_id": v.leader.as_ref().map(|l| l.0),
+        "term": v.term,
+        "applied_index": v.applied_index,
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
+async fn metrics(State(member): State<Member>) -> impl IntoResponse {
+    let v = member.view();
+    let models = member.state.read().state.models.len() as i64;
+    let mut registry = Registry::with_prefix("berth");
+    let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+        let g: Gauge = Gauge::default();
+        g.set(value);
+        registry.register(name, help, g);
+    };
+    let is_leader = v
+        .members
+        .iter()
+        .any(|m| m.0 == member.id && m.2 == Role::Leader);
+    gauge(
+        &mut registry,
+        "raft_term",
+        "Current Raft term",
+        v.term as i64,
+    );
+    gauge(
+        &mut registry,
+        "raft_is_leader",
+        "1 when this member leads",
+        i64::from(is_leader),
+    );
+    gauge(
+        &mut registry,
+        "raft_last_log_index",
+        "Last index in this member's log",
+        v.last_log_index as i64,
+    );
+    gauge(
+        &mut registry,
+        "raft_applied_index",
+        "Last index applied to the state machine",
+        v.applied_index as i64,
+    );
+    gauge(
+        &mut registry,
+        "raft_members",
+        "Members in the cluster",
+        v.members.len() as i64,
+    );
+    gauge(&mut registry, "models", "Registered models", models);
+    let mut text = String::new();
+    if let Err(e) = encode(&mut text, &registry) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encode metrics: {e}"),
+        )
+            .into_response();
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
