@@ -78,6 +78,9 @@ pub struct Flags {
     /// How long a request waits for a leader or a commit [default: 5s].
     #[arg(long, env = "BERTH_REQUEST_TIMEOUT", value_name = "DURATION")]
     pub request_timeout: Option<String>,
+    /// How long --join keeps trying to reach the cluster [default: 15s].
+    #[arg(long, env = "BERTH_JOIN_TIMEOUT", value_name = "DURATION")]
+    pub join_timeout: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -99,6 +102,7 @@ struct FileConfig {
     heartbeat_interval: Option<String>,
     snapshot_every: Option<u64>,
     request_timeout: Option<String>,
+    join_timeout: Option<String>,
     log_format: Option<String>,
 }
 
@@ -217,7 +221,12 @@ impl Config {
                 file.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
-            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            join_timeout: dur(
+                "join_timeout",
+                flags.join_timeout,
+                file.join_timeout,
+                DEFAULT_JOIN_TIMEOUT,
+            )?,
             log_format: flags
                 .log_format
                 .or(file.log_format)
