@@ -144,7 +144,7 @@ async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), C
             let mut n = 1u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                // Alternate: add b{n}, then remove b{n-1}; the model keeps 1-2 versions.
+                // Alternate: add b{n}, then remove it again; the model keeps 1-2 versions.
                 let result = if n % 2 == 1 {
                     let req = pb::AddModelVersionRequest {
                         model: name.clone(),
@@ -159,7 +159,7 @@ async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), C
                 } else {
                     let req = pb::RemoveModelVersionRequest {
                         model: name.clone(),
-                        version: format!("b{}", n - 2),
+                        version: format!("b{}", n - 1),
                     };
                     client
                         .admin(|mut c| {

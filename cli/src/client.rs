@@ -60,24 +60,26 @@ pub fn is_connect_error(status: &Status) -> bool {
     status.code() == Code::Unavailable && status.metadata().is_empty()
 }
 
-/// Talks to the control plane through any of several members.
+/// Talks to the control plane through any of several members. Each
+/// member's channel is created once (connecting lazily) and reused, so
+/// repeated calls share one HTTP/2 connection per member.
 #[derive(Debug, Clone)]
 pub struct Client {
-    addrs: Vec<String>,
+    members: Vec<(String, Result<Channel, String>)>,
     servers: String,
 }
 
 impl Client {
     /// A client for a comma-separated address list.
     pub fn new(servers: &str) -> Self {
-        let addrs = servers
+        let members = servers
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-            .map(String::from)
+            .map(|a| (a.to_string(), grpc::channel(a).map_err(|e| e.to_string())))
             .collect();
         Self {
-            addrs,
+            members,
             servers: servers.to_string(),
         }
     }
@@ -89,8 +91,8 @@ impl Client {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut last = Status::unavailable("no server address given");
-        for addr in &self.addrs {
-            let channel = grpc::channel(addr).map_err(|e| CliError::Usage(e.to_string()))?;
+        for (addr, channel) in &self.members {
+            let channel = channel.clone().map_err(CliError::Usage)?;
             match f(AdminClient::new(channel)).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if is_connect_error(&s) => last = s,

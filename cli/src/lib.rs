@@ -74,9 +74,10 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = Client::new(&cli.server);
     let out = cli.output;
     let result = runtime.block_on(async move {
+        // Channels need the runtime: build the client inside it.
+        let client = Client::new(&cli.server);
         match cli.command {
             Command::Cluster(c) => cluster::run(c, &client, out).await,
             Command::Model(c) => model::run(c, &client, out).await,

@@ -9,7 +9,8 @@
 //!   applied that far. Stale reads answer from the local state at once.
 //! * Membership changes run on the leader; followers forward them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_proto::grpc;
@@ -19,6 +20,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use crate::raft::state_machine::{StateView, members};
 use crate::raft::{NodeId, Raft, decode, encode};
@@ -109,7 +111,9 @@ pub struct Member {
     pub request_timeout: Duration,
     /// Serializes membership changes on this member: openraft refuses a
     /// change while another is in progress, and joins often come together.
-    pub membership_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    pub membership_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Connections to the leader (and other members) for forwarding.
+    pub peers: PeerClients,
 }
 
 fn now_ms() -> u64 {
@@ -119,14 +123,32 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn raft_client(addr: &str) -> Result<RaftClient<tonic::transport::Channel>, MemberError> {
-    grpc::channel(addr)
-        .map(|c| {
-            RaftClient::new(c)
-                .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
-        })
-        .map_err(|e| MemberError::Internal(format!("leader address: {e}")))
+/// Clients to other members by address, created once and reused: a
+/// forwarded write must not pay for a new connection.
+#[derive(Clone, Default)]
+pub struct PeerClients {
+    clients: Arc<std::sync::Mutex<HashMap<String, RaftClient<Channel>>>>,
+}
+
+impl PeerClients {
+    fn get(&self, addr: &str) -> Result<RaftClient<Channel>, MemberError> {
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| MemberError::Internal("peer client cache poisoned".into()))?;
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let client = grpc::channel(addr)
+            .map(|c| {
+                RaftClient::new(c)
+                    .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
+            })
+            .map_err(|e| MemberError::Internal(format!("leader address: {e}")))?;
+        clients.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
 }
 
 const NO_LEADER: &str = "no leader: the cluster has not elected one (is a majority of members up and reachable?); retry in a moment";
@@ -207,7 +229,7 @@ impl Member {
             let data = encode(&command).map_err(|e| MemberError::Internal(e.to_string()))?;
             let mut req = tonic::Request::new(RaftPayload { data });
             req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            match raft_client(&addr)?.propose(req).await {
+            match self.peers.get(&addr)?.propose(req).await {
                 Ok(reply) => match decode::<ProposeReply>(&reply.into_inner().data) {
                     Ok(ProposeReply::Applied(r)) => return r.map_err(MemberError::Rejected),
                     Ok(ProposeReply::NotLeader) => self.backoff(deadline).await?,
@@ -271,7 +293,7 @@ impl Member {
             } else {
                 let mut req = tonic::Request::new(ReadIndexRequest {});
                 req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-                match raft_client(&addr)?.read_index(req).await {
+                match self.peers.get(&addr)?.read_index(req).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         r.has_index.then_some(r.index)
@@ -316,7 +338,9 @@ impl Member {
         if leader != self.id {
             let mut req = tonic::Request::new(JoinRequest { id, addr });
             req.set_timeout(Duration::from_secs(60));
-            return raft_client(&leader_addr)?
+            return self
+                .peers
+                .get(&leader_addr)?
                 .join(req)
                 .await
                 .map(|r| r.into_inner().voters)

@@ -219,6 +219,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         state,
         request_timeout: config.request_timeout,
         membership_lock: Arc::default(),
+        peers: Default::default(),
     };
 
     let tasks = TaskTracker::new();

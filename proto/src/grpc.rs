@@ -51,6 +51,7 @@ pub async fn serve(
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()

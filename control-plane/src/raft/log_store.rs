@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote, decode, encode};
 
@@ -97,8 +97,19 @@ impl LogStore {
         value: &T,
         err: fn(openraft::AnyError) -> StorageIOError<NodeId>,
     ) -> IoResult<()> {
+        Self::write_meta_with(db, key, value, err, Durability::Immediate)
+    }
+
+    fn write_meta_with<T: serde::Serialize>(
+        db: &Database,
+        key: &str,
+        value: &T,
+        err: fn(openraft::AnyError) -> StorageIOError<NodeId>,
+        durability: Durability,
+    ) -> IoResult<()> {
         let bytes = encode(value).map_err(|e| err(io_err(e)))?;
-        let tx = db.begin_write().map_err(|e| err(io_err(e)))?;
+        let mut tx = db.begin_write().map_err(|e| err(io_err(e)))?;
+        tx.set_durability(durability).map_err(|e| err(io_err(e)))?;
         {
             let mut t = tx.open_table(META).map_err(|e| err(io_err(e)))?;
             t.insert(key, bytes.as_slice())
@@ -170,8 +181,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not fsynced: the committed index only spares re-applying after a
+        // restart, and the next append's durable commit persists it too.
         self.blocking(move |db| {
-            Self::write_meta(db, COMMITTED, &committed, StorageIOError::write_logs)
+            Self::write_meta_with(
+                db,
+                COMMITTED,
+                &committed,
+                StorageIOError::write_logs,
+                Durability::None,
+            )
         })
         .await
     }

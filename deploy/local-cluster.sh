@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Starts a 3-member Berth control plane on this machine (ports 7400, 7410,
+# 7420; data in ${BERTH_LOCAL_DIR:-/tmp/berth-local}) and waits for it.
+# Stop it with: deploy/local-cluster.sh stop
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${BERTH_LOCAL_DIR:-/tmp/berth-local}
+bin=${BERTH_BIN_DIR:-target/release}
+
+if [[ "${1:-}" == "stop" ]]; then
+    for i in 1 2 3; do
+        [[ -f "$dir/$i.pid" ]] && kill "$(cat "$dir/$i.pid")" 2>/dev/null || true
+    done
+    echo "stopped"
+    exit 0
+fi
+
+[[ -x "$bin/berth-control" ]] || cargo build --release --bins
+mkdir -p "$dir"
+start() {
+    local id=$1 port=$2; shift 2
+    local args=(--listen "127.0.0.1:$port" --data-dir "$dir/$id" --insecure)
+    if [[ ! -f "$dir/$id/member.toml" ]]; then args+=(--id "$id" "$@"); fi
+    "$bin/berth-control" "${args[@]}" >>"$dir/$id.log" 2>&1 &
+    echo $! >"$dir/$id.pid"
+}
+start 1 7400 --bootstrap
+for _ in $(seq 50); do "$bin/berth" --server 127.0.0.1:7400 cluster status >/dev/null 2>&1 && break; sleep 0.1; done
+start 2 7410 --join 127.0.0.1:7400
+start 3 7420 --join 127.0.0.1:7400
+export BERTH_SERVER=127.0.0.1:7400,127.0.0.1:7410,127.0.0.1:7420
+for _ in $(seq 100); do
+    voters=$("$bin/berth" cluster members --output json 2>/dev/null | grep -c '"role": "\(leader\|follower\)"' || true)
+    [[ "$voters" == 3 ]] && break
+    sleep 0.1
+done
+"$bin/berth" cluster status
+echo
+echo "logs in $dir/*.log; use: export BERTH_SERVER=$BERTH_SERVER"

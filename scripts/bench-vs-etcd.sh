@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Berth vs etcd 3.4: replicated writes on a 3-member loopback cluster of each,
+# with 1 and 256 concurrent writers, default durability on both sides.
+# Not part of CI. Run as root (it apt-get installs etcd-server, etcd-client,
+# protobuf-compiler and jq when missing) on a Debian machine:
+#
+#   sudo DURATION=10s scripts/bench-vs-etcd.sh
+#
+# etcd side:  bench/etcd-load (a standalone cargo project mirroring
+#             `berth bench writes`: same workload shape, report and JSON keys).
+# Berth side: target/release/berth bench writes.
+# The two systems never run at the same time. Data dirs live under one mktemp
+# dir (same filesystem for both); set KEEP=1 to keep it (and the logs).
+set -euo pipefail
+
+DURATION="${DURATION:-10s}"
+CLIENTS_LIST=(1 256)
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+LOAD_DIR="$ROOT/bench/etcd-load"
+
+if [[ $EUID -ne 0 ]]; then
+    echo "bench-vs-etcd: run as root (installs packages with apt-get)" >&2
+    exit 1
+fi
+
+log() { echo "==> $*" >&2; }
+
+# ---------------------------------------------------------------- packages
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler) # etcd-client crate's build.rs
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "bench-vs-etcd: cargo not found" >&2; exit 1; }
+case "$(uname -m)" in
+    x86_64 | aarch64) ;;
+    *) export ETCD_UNSUPPORTED_ARCH="$(dpkg --print-architecture)" ;;
+esac
+export ETCDCTL_API=3
+log "$(etcd --version | head -1)"
+
+# ---------------------------------------------------------------- plumbing
+WORK="$(mktemp -d -t bench-vs-etcd.XXXXXX)"
+PIDS=()
+USED_PORTS=" "
+
+stop_all() {
+    local p
+    for p in "${PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 100); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    PIDS=()
+}
+
+cleanup() {
+    local rc=$?
+    stop_all
+    if [[ -n "${KEEP:-}" || $rc -ne 0 ]]; then
+        echo "bench-vs-etcd: logs and data kept in $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A loopback port nobody listens on and this script has not handed out.
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        [[ "$USED_PORTS" == *" $p "* ]] && continue
+        if [[ -z "$(ss -Htln "sport = :$p")" ]]; then
+            USED_PORTS+="$p "
+            echo "$p"
+            return
+        fi
+    done
+}
+
+# --------------------------------------------------------------- etcd side
+log "building bench/etcd-load (release)"
+(cd "$LOAD_DIR" && cargo build --release --locked)
+ETCD_LOAD="$LOAD_DIR/target/release/etcd-load"
+
+log "starting a 3-member etcd cluster in $WORK/etcd"
+declare -a ETCD_CLIENT ETCD_PEER
+initial=""
+for i in 1 2 3; do
+    ETCD_CLIENT[i]=$(free_port)
+    ETCD_PEER[i]=$(free_port)
+    initial+="${initial:+,}e$i=http://127.0.0.1:${ETCD_PEER[i]}"
+done
+mkdir -p "$WORK/etcd"
+for i in 1 2 3; do
+    # Default durability: no --unsafe-no-fsync; every other flag is addressing.
+    etcd --name "e$i" \
+        --data-dir "$WORK/etcd/e$i" \
+        --listen-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" \
+        --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" \
+        --listen-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" \
+        --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" \
+        --initial-cluster "$initial" \
+        --initial-cluster-token "bench-vs-etcd-$$" \
+        --initial-cluster-state new \
+        --logger zap --log-outputs stderr \
+        >"$WORK/etcd/e$i.log" 2>&1 &
+    PIDS+=($!)
+done
+ETCD_ENDPOINTS="127.0.0.1:${ETCD_CLIENT[1]},127.0.0.1:${ETCD_CLIENT[2]},127.0.0.1:${ETCD_CLIENT[3]}"
+
+healthy=0
+for _ in $(seq 300); do
+    if etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >/dev/null 2>&1; then
+        healthy=1
+        break
+    fi
+    sleep 0.1
+done
+if ((!healthy)); then
+    etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >&2 || true
+    tail -n 20 "$WORK"/etcd/e*.log >&2
+    echo "bench-vs-etcd: etcd cluster not healthy within 30s" >&2
+    exit 1
+fi
+etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint status -w table >&2
+
+for c in "${CLIENTS_LIST[@]}"; do
+    log "etcd: $c clients for $DURATION"
+    "$ETCD_LOAD" --endpoints "$ETCD_ENDPOINTS" --clients "$c" --duration "$DURATION" \
+        --output json >"$WORK/etcd-$c.json"
+    cat "$WORK/etcd-$c.json" >&2
+done
+
+log "stopping etcd"
+stop_all
+
+# -------------------------------------------------------------- Berth side
+log "building berth (cargo build --release --bins)"
+(cd "$ROOT" && cargo build --release --bins)
+BERTH="$ROOT/target/release/berth"
+BERTH_CONTROL="$ROOT/target/release/berth-control"
+
+mkdir -p "$WORK/berth"
+declare -a BERTH_ADDR
+for i in 1 2 3; do
+    BERTH_ADDR[i]="127.0.0.1:$(free_port)"
+done
+BERTH_SERVERS="${BERTH_ADDR[1]},${BERTH_ADDR[2]},${BERTH_ADDR[3]}"
+
+start_member() {
+    local i=$1
+    shift
+    "$BERTH_CONTROL" --id "$i" --listen "${BERTH_ADDR[i]}" \
+        --data-dir "$WORK/berth/member-$i" --insecure "$@" \
+        >"$WORK/berth/member-$i.log" 2>&1 &
+    PIDS+=($!)
+}
+
+# Prints the number of voters when a leader is known, else nothing.
+berth_voters() {
+    "$BERTH" --server "$BERTH_SERVERS" cluster status --output json 2>/dev/null |
+        jq -r 'select(.leader_id != null) | [.members[] | select(.role != "learner")] | length' 2>/dev/null || true
+}
+
+wait_voters() {
+    local want=$1 v
+    for _ in $(seq 600); do
+        v=$(berth_voters)
+        [[ -n "$v" && "$v" -ge "$want" ]] && return 0
+        sleep 0.1
+    done
+    tail -n 20 "$WORK"/berth/member-*.log >&2
+    echo "bench-vs-etcd: berth cluster did not reach $want voters within 60s" >&2
+    exit 1
+}
+
+log "starting a 3-member berth cluster in $WORK/berth"
+start_member 1 --bootstrap
+wait_voters 1
+start_member 2 --join "${BERTH_ADDR[1]}"
+start_member 3 --join "${BERTH_ADDR[1]}"
+wait_voters 3
+"$BERTH" --server "$BERTH_SERVERS" cluster status >&2
+
+for c in "${CLIENTS_LIST[@]}"; do
+    log "berth: $c clients for $DURATION"
+    "$BERTH" --server "$BERTH_SERVERS" bench writes --clients "$c" --duration "$DURATION" \
+        --output json >"$WORK/berth-$c.json"
+    cat "$WORK/berth-$c.json" >&2
+done
+
+log "stopping berth"
+stop_all
+
+# ----------------------------------------------------------------- summary
+field() { jq -r ".$2" "$WORK/$1.json"; }
+
+echo
+echo "berth vs etcd $(etcd --version | awk '/etcd Version/ {print $3}'), 3 members on loopback, $DURATION per run, $(nproc) CPUs"
+printf '%-7s %8s %10s %9s %9s %9s %7s\n' SYSTEM CLIENTS WRITES/S P50_MS P99_MS MAX_MS ERRORS
+for sys in etcd berth; do
+    for c in "${CLIENTS_LIST[@]}"; do
+        printf '%-7s %8s %10.0f %9.2f %9.2f %9.2f %7s\n' "$sys" "$c" \
+            "$(field "$sys-$c" writes_per_sec)" "$(field "$sys-$c" p50_ms)" \
+            "$(field "$sys-$c" p99_ms)" "$(field "$sys-$c" max_ms)" "$(field "$sys-$c" errors)"
+    done
+done
+echo
+awk -v b="$(field berth-256 writes_per_sec)" -v e="$(field etcd-256 writes_per_sec)" 'BEGIN {
+    r = (e > 0) ? b / e : 0
+    printf "writes/s at 256 clients, berth/etcd: %.2fx (goal >= 1.5x: %s)\n", r, (r >= 1.5) ? "met" : "NOT met"
+}'
+awk -v b="$(field berth-1 p50_ms)" -v e="$(field etcd-1 p50_ms)" 'BEGIN {
+    r = (e > 0) ? b / e : 0
+    printf "p50 at 1 client, berth/etcd: %.2fx (%.2f ms vs %.2f ms; goal <= 1.0x: %s)\n", r, b, e, (b <= e) ? "met" : "NOT met"
+}'
