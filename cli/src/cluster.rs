@@ -89,16 +89,18 @@ fn members_table(members: &[MemberView]) -> String {
     t.to_string()
 }
 
+async fn fetch_status(client: &Client, stale: bool) -> Result<StatusView, CliError> {
+    let r = client
+        .admin(|mut c| async move { c.cluster_status(ClusterStatusRequest { stale }).await })
+        .await?;
+    Ok(r.into())
+}
+
 /// Runs a cluster subcommand.
 pub async fn run(cmd: ClusterCommand, client: &Client, out: OutputFormat) -> Result<(), CliError> {
     match cmd {
         ClusterCommand::Status { stale } => {
-            let r = client
-                .admin(
-                    |mut c| async move { c.cluster_status(ClusterStatusRequest { stale }).await },
-                )
-                .await?;
-            let view = StatusView::from(r);
+            let view = fetch_status(client, stale).await?;
             match out {
                 OutputFormat::Json => print_json(&view),
                 OutputFormat::Table => {
@@ -118,12 +120,7 @@ pub async fn run(cmd: ClusterCommand, client: &Client, out: OutputFormat) -> Res
             }
         }
         ClusterCommand::Members { stale } => {
-            let r = client
-                .admin(
-                    |mut c| async move { c.cluster_status(ClusterStatusRequest { stale }).await },
-                )
-                .await?;
-            let view = StatusView::from(r);
+            let view = fetch_status(client, stale).await?;
             match out {
                 OutputFormat::Json => print_json(&view.members),
                 OutputFormat::Table => out!("{}", members_table(&view.members)),

@@ -27,7 +27,7 @@ use tonic::service::Routes;
 use crate::api::admin::AdminService;
 use crate::api::raft::RaftService;
 use crate::config::Config;
-use crate::member::Member;
+use crate::member::{Forwarder, Member, PeerClients, Proposer};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
@@ -181,7 +181,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let mut identity = resolve_identity(&config, config.listen)?;
     let log = LogStore::open(&config.data_dir.join("raft.redb"))
         .with_context(|| format!("open raft log in {}", config.data_dir.display()))?;
-    let has_state = log.has_state().context("read raft log")?;
+    let has_state = log.has_state();
     if config.bootstrap && (has_state || identity.joined) {
         bail!(
             "--bootstrap refused: data dir {} already holds a cluster (member {}); restart without --bootstrap to rejoin it, or give an empty --data-dir to start a new cluster",
@@ -213,16 +213,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     )
     .await
     .context("start raft")?;
+    let tasks = TaskTracker::new();
+    let peers = PeerClients::default();
     let member = Member {
         id: identity.id,
         raft: raft.clone(),
         state,
         request_timeout: config.request_timeout,
         membership_lock: Arc::default(),
-        peers: Default::default(),
+        peers: peers.clone(),
+        proposer: Proposer::start(raft.clone(), &tasks, shutdown.clone()),
+        forwarder: Forwarder::start(peers, &tasks, shutdown.clone()),
     };
 
-    let tasks = TaskTracker::new();
     let routes = Routes::new(AdminServer::new(AdminService::new(member.clone()))).add_service(
         RaftServer::new(RaftService::new(member.clone()))
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)

@@ -61,24 +61,29 @@ impl RaftRpc for RaftService {
         encode_payload(&self.member.raft.install_snapshot(req).await)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn propose(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let command: Command = decode_payload(request.get_ref())?;
+        let commands: Vec<Command> = decode_payload(request.get_ref())?;
         let is_leader = self
             .member
             .view()
             .leader
             .is_some_and(|l| l.0 == self.member.id);
-        let reply = if is_leader {
+        let replies: Vec<ProposeReply> = if is_leader {
             let deadline = Instant::now() + self.member.request_timeout;
-            self.member.propose_local(command, deadline).await
+            // Each joins the leader's next batch.
+            futures::future::join_all(
+                commands
+                    .into_iter()
+                    .map(|c| self.member.propose_local(c, deadline)),
+            )
+            .await
         } else {
-            ProposeReply::NotLeader
+            commands.iter().map(|_| ProposeReply::NotLeader).collect()
         };
-        encode_payload(&reply)
+        encode_payload(&replies)
     }
 
     async fn read_index(

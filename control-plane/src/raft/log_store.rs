@@ -1,23 +1,33 @@
-//! The Raft log, vote and committed index on redb.
+//! The Raft log, vote and committed index: durable on redb, with the live
+//! part of the log also held in memory.
 //!
 //! Tables: `log` (index → postcard `Entry`) and `meta` (`vote`, `committed`,
-//! `last_purged` → postcard values). Every write is its own redb transaction
-//! committed with immediate durability (fsync) before openraft is told the
-//! I/O completed, so an acknowledged entry survives a crash. redb is
-//! synchronous, so every call runs on the blocking thread pool; openraft
-//! calls the store sequentially, so order is kept.
+//! `last_purged` → postcard values).
+//!
+//! Group commit: every change is queued, in order, to one writer thread,
+//! which drains whatever is queued, writes it in one redb transaction
+//! committed with immediate durability (fsync), and only then tells
+//! openraft the I/O completed (`LogFlushed`) or wakes the waiting caller.
+//! So an entry is never acknowledged before it is on disk, and a burst of
+//! writes costs one fsync instead of one each. The in-memory copy is
+//! updated when a change is queued, so reads see the order openraft asked
+//! for; it holds the entries after the last purge, which the snapshot
+//! policy bounds (`snapshot_every` + the entries kept behind a snapshot).
 
 // openraft's storage errors are large by its design; they are rare and not boxed there.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
 
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote, decode, encode};
 
@@ -26,14 +36,51 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
+/// The most queued changes one transaction takes.
+const MAX_BATCH: usize = 4096;
 
-/// The redb-backed log store. Cloning shares the database.
-#[derive(Clone)]
-pub struct LogStore {
-    db: Arc<Database>,
+/// The in-memory view, updated in queue order.
+#[derive(Default)]
+struct Cache {
+    entries: BTreeMap<u64, Entry>,
+    last_purged: Option<LogId>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
 }
 
-type IoResult<T> = Result<T, StorageIOError<NodeId>>;
+/// One change for the writer thread.
+enum Op {
+    Append {
+        entries: Vec<(u64, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        from: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Purge {
+        upto: u64,
+        last_purged: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Meta {
+        key: &'static str,
+        value: Vec<u8>,
+        /// Whether the caller waits for durability (the vote) or not (committed index).
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    },
+}
+
+struct Shared {
+    cache: Mutex<Cache>,
+    tx: Mutex<Sender<Op>>,
+}
+
+/// The redb-backed log store. Cloning shares it.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
 
 fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError {
     openraft::AnyError::new(&e)
@@ -47,76 +94,160 @@ fn read_err(e: impl std::error::Error + 'static) -> StorageIOError<NodeId> {
     StorageIOError::read_logs(io_err(e))
 }
 
+fn read_meta<T: serde::de::DeserializeOwned>(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StorageIOError<NodeId>> {
+    match meta.get(key).map_err(read_err)? {
+        Some(v) => Ok(Some(decode(v.value()).map_err(read_err)?)),
+        None => Ok(None),
+    }
+}
+
 impl LogStore {
-    /// Opens (or creates) the log database at `path`.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
-        let db = Database::create(path)?;
-        let tx = db.begin_write()?;
-        tx.open_table(LOG)?;
-        tx.open_table(META)?;
-        tx.commit()?;
-        Ok(Self { db: Arc::new(db) })
+    /// Opens (or creates) the log database at `path`, loads the live log
+    /// into memory and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let db = Database::create(path).map_err(write_err)?;
+        let tx = db.begin_write().map_err(write_err)?;
+        tx.open_table(LOG).map_err(write_err)?;
+        tx.open_table(META).map_err(write_err)?;
+        tx.commit().map_err(write_err)?;
+
+        let mut cache = Cache::default();
+        {
+            let rtx = db.begin_read().map_err(read_err)?;
+            let meta = rtx.open_table(META).map_err(read_err)?;
+            cache.vote = read_meta(&meta, VOTE)?;
+            cache.committed = read_meta::<Option<LogId>>(&meta, COMMITTED)?.flatten();
+            cache.last_purged = read_meta(&meta, LAST_PURGED)?;
+            let log = rtx.open_table(LOG).map_err(read_err)?;
+            for item in log.iter().map_err(read_err)? {
+                let (k, v) = item.map_err(read_err)?;
+                let entry: Entry = decode(v.value()).map_err(read_err)?;
+                cache.entries.insert(k.value(), entry);
+            }
+        }
+
+        // The thread owns the database; it exits (closing it) once every
+        // clone of this store is dropped.
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("berth-raft-log".into())
+            .spawn(move || writer(&db, &rx))
+            .map_err(write_err)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cache: Mutex::new(cache),
+                tx: Mutex::new(tx),
+            }),
+        })
     }
 
     /// Whether this log has ever taken part in a cluster (a vote or an entry).
-    pub fn has_state(&self) -> Result<bool, redb::Error> {
-        let tx = self.db.begin_read()?;
-        let meta = tx.open_table(META)?;
-        let log = tx.open_table(LOG)?;
-        Ok(meta.get(VOTE)?.is_some() || meta.get(LAST_PURGED)?.is_some() || log.last()?.is_some())
+    pub fn has_state(&self) -> bool {
+        let c = self.cache();
+        c.vote.is_some() || c.last_purged.is_some() || !c.entries.is_empty()
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Database) -> IoResult<T> + Send + 'static,
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        // Every critical section is a few map operations that cannot panic
+        // midway, so a poisoned lock still holds a consistent cache.
+        self.shared
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn send(&self, op: Op) -> Result<(), StorageIOError<NodeId>> {
+        self.shared
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(op)
+            .map_err(|_| write_err(std::io::Error::other("raft log writer thread has stopped")))
+    }
+
+    async fn wait(done: oneshot::Receiver<Result<(), String>>) -> Result<(), StorageError> {
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(write_err(std::io::Error::other(e)).into()),
+            Err(_) => {
+                Err(write_err(std::io::Error::other("raft log writer thread has stopped")).into())
+            }
+        }
+    }
+}
+
+/// The writer thread: one transaction and one fsync per drained batch.
+fn writer(db: &Database, rx: &Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let durable = batch
+            .iter()
+            .any(|op| !matches!(op, Op::Meta { done: None, .. }));
+        let result = write_batch(db, &batch, durable).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "raft log write failed; this member will stop");
+        }
+        for op in batch {
+            match op {
+                Op::Append { callback, .. } => {
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
+                }
+                Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+                    let _ = done.send(result.clone());
+                }
+                Op::Meta { done, .. } => {
+                    if let Some(done) = done {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_batch(db: &Database, batch: &[Op], durable: bool) -> Result<(), redb::Error> {
+    let mut tx = db.begin_write()?;
+    if !durable {
+        // Only committed-index updates: the next durable commit persists them.
+        tx.set_durability(Durability::None)?;
+    }
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StorageIOError::write(io_err(e)))?
-            .map_err(StorageError::from)
-    }
-
-    fn read_meta<T: serde::de::DeserializeOwned>(
-        db: &Database,
-        key: &str,
-        err: fn(openraft::AnyError) -> StorageIOError<NodeId>,
-    ) -> IoResult<Option<T>> {
-        let tx = db.begin_read().map_err(|e| err(io_err(e)))?;
-        let t = tx.open_table(META).map_err(|e| err(io_err(e)))?;
-        match t.get(key).map_err(|e| err(io_err(e)))? {
-            Some(v) => Ok(Some(decode(v.value()).map_err(|e| err(io_err(e)))?)),
-            None => Ok(None),
+        let mut log = tx.open_table(LOG)?;
+        let mut meta = tx.open_table(META)?;
+        for op in batch {
+            match op {
+                Op::Append { entries, .. } => {
+                    for (index, bytes) in entries {
+                        log.insert(*index, bytes.as_slice())?;
+                    }
+                }
+                Op::Truncate { from, .. } => {
+                    log.retain_in::<u64, _>(*from.., |_, _| false)?;
+                }
+                Op::Purge {
+                    upto, last_purged, ..
+                } => {
+                    meta.insert(LAST_PURGED, last_purged.as_slice())?;
+                    log.retain_in::<u64, _>(..=*upto, |_, _| false)?;
+                }
+                Op::Meta { key, value, .. } => {
+                    meta.insert(*key, value.as_slice())?;
+                }
+            }
         }
     }
-
-    fn write_meta<T: serde::Serialize>(
-        db: &Database,
-        key: &str,
-        value: &T,
-        err: fn(openraft::AnyError) -> StorageIOError<NodeId>,
-    ) -> IoResult<()> {
-        Self::write_meta_with(db, key, value, err, Durability::Immediate)
-    }
-
-    fn write_meta_with<T: serde::Serialize>(
-        db: &Database,
-        key: &str,
-        value: &T,
-        err: fn(openraft::AnyError) -> StorageIOError<NodeId>,
-        durability: Durability,
-    ) -> IoResult<()> {
-        let bytes = encode(value).map_err(|e| err(io_err(e)))?;
-        let mut tx = db.begin_write().map_err(|e| err(io_err(e)))?;
-        tx.set_durability(durability).map_err(|e| err(io_err(e)))?;
-        {
-            let mut t = tx.open_table(META).map_err(|e| err(io_err(e)))?;
-            t.insert(key, bytes.as_slice())
-                .map_err(|e| err(io_err(e)))?;
-        }
-        tx.commit().map_err(|e| err(io_err(e)))
-    }
+    // Immediate durability (the default unless set above): commit returns after fsync.
+    tx.commit()?;
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -124,20 +255,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let start = range.start_bound().cloned();
-        let end = range.end_bound().cloned();
-        self.blocking(move |db| {
-            let tx = db.begin_read().map_err(read_err)?;
-            let t = tx.open_table(LOG).map_err(read_err)?;
-            let iter = t.range::<u64>((start, end)).map_err(read_err)?;
-            let mut out = Vec::new();
-            for item in iter {
-                let (_, v) = item.map_err(read_err)?;
-                out.push(decode(v.value()).map_err(read_err)?);
-            }
-            Ok(out)
-        })
-        .await
+        let c = self.cache();
+        Ok(c.entries.range(range).map(|(_, e)| e.clone()).collect())
     }
 }
 
@@ -145,24 +264,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        self.blocking(|db| {
-            let last_purged: Option<LogId> =
-                Self::read_meta(db, LAST_PURGED, StorageIOError::read_logs)?;
-            let tx = db.begin_read().map_err(read_err)?;
-            let t = tx.open_table(LOG).map_err(read_err)?;
-            let last = match t.last().map_err(read_err)? {
-                Some((_, v)) => {
-                    let e: Entry = decode(v.value()).map_err(read_err)?;
-                    Some(e.log_id)
-                }
-                None => last_purged,
-            };
-            Ok(LogState {
-                last_purged_log_id: last_purged,
-                last_log_id: last,
-            })
+        let c = self.cache();
+        let last = c
+            .entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(c.last_purged);
+        Ok(LogState {
+            last_purged_log_id: c.last_purged,
+            last_log_id: last,
         })
-        .await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -170,39 +281,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let vote = *vote;
-        self.blocking(move |db| Self::write_meta(db, VOTE, &vote, StorageIOError::write_vote))
-            .await
+        let value = encode(vote).map_err(write_err)?;
+        let (done, wait) = oneshot::channel();
+        self.cache().vote = Some(*vote);
+        self.send(Op::Meta {
+            key: VOTE,
+            value,
+            done: Some(done),
+        })?;
+        Self::wait(wait).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.blocking(|db| Self::read_meta(db, VOTE, StorageIOError::read_vote))
-            .await
+        Ok(self.cache().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not fsynced: the committed index only spares re-applying after a
-        // restart, and the next append's durable commit persists it too.
-        self.blocking(move |db| {
-            Self::write_meta_with(
-                db,
-                COMMITTED,
-                &committed,
-                StorageIOError::write_logs,
-                Durability::None,
-            )
-        })
-        .await
+        // Not waited for: the committed index only spares re-applying after a
+        // restart, and it is written before any later durable change.
+        let value = encode(&committed).map_err(write_err)?;
+        self.cache().committed = committed;
+        self.send(Op::Meta {
+            key: COMMITTED,
+            value,
+            done: None,
+        })?;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.blocking(|db| {
-            Ok(
-                Self::read_meta::<Option<LogId>>(db, COMMITTED, StorageIOError::read_logs)?
-                    .flatten(),
-            )
-        })
-        .await
+        Ok(self.cache().committed)
     }
 
     async fn append<I>(
@@ -215,62 +323,46 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
+        let mut cache = self.cache();
         for e in entries {
-            let bytes = encode(&e).map_err(write_err)?;
-            encoded.push((e.log_id.index, bytes));
+            encoded.push((e.log_id.index, encode(&e).map_err(write_err)?));
+            cache.entries.insert(e.log_id.index, e);
         }
-        let result = self
-            .blocking(move |db| {
-                let tx = db.begin_write().map_err(write_err)?;
-                {
-                    let mut t = tx.open_table(LOG).map_err(write_err)?;
-                    for (index, bytes) in &encoded {
-                        t.insert(*index, bytes.as_slice()).map_err(write_err)?;
-                    }
-                }
-                // Immediate durability is redb's default: commit returns after fsync.
-                tx.commit().map_err(write_err)
-            })
-            .await;
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
-            }
-        }
+        // Queue while holding the cache lock so queue order = cache order.
+        let sent = self.send(Op::Append {
+            entries: encoded,
+            callback,
+        });
+        drop(cache);
+        sent.map_err(Into::into)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.blocking(move |db| {
-            let tx = db.begin_write().map_err(write_err)?;
-            {
-                let mut t = tx.open_table(LOG).map_err(write_err)?;
-                t.retain_in::<u64, _>(log_id.index.., |_, _| false)
-                    .map_err(write_err)?;
-            }
-            tx.commit().map_err(write_err)
-        })
-        .await
+        let (done, wait) = oneshot::channel();
+        {
+            let mut cache = self.cache();
+            cache.entries.split_off(&log_id.index);
+            self.send(Op::Truncate {
+                from: log_id.index,
+                done,
+            })?;
+        }
+        Self::wait(wait).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.blocking(move |db| {
-            let bytes = encode(&log_id).map_err(write_err)?;
-            let tx = db.begin_write().map_err(write_err)?;
-            {
-                let mut meta = tx.open_table(META).map_err(write_err)?;
-                meta.insert(LAST_PURGED, bytes.as_slice())
-                    .map_err(write_err)?;
-                let mut t = tx.open_table(LOG).map_err(write_err)?;
-                t.retain_in::<u64, _>(..=log_id.index, |_, _| false)
-                    .map_err(write_err)?;
-            }
-            tx.commit().map_err(write_err)
-        })
-        .await
+        let last_purged = encode(&log_id).map_err(write_err)?;
+        let (done, wait) = oneshot::channel();
+        {
+            let mut cache = self.cache();
+            cache.entries = cache.entries.split_off(&(log_id.index + 1));
+            cache.last_purged = Some(log_id);
+            self.send(Op::Purge {
+                upto: log_id.index,
+                last_purged,
+                done,
+            })?;
+        }
+        Self::wait(wait).await
     }
 }

@@ -108,3 +108,41 @@ fn snapshot_header_is_checked() {
 }
 
 const SNAPSHOT_MAGIC_FOR_TEST: &[u8] = state_machine::SNAPSHOT_MAGIC;
+
+/// What the log store acknowledged is on disk: a store reopened from the
+/// same file has the vote, the entries and the purge point.
+#[tokio::test]
+async fn log_store_survives_reopen() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    use openraft::{RaftLogReader, Vote};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let entries = fixture_entries();
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        log.save_vote(&Vote::new(3, 1)).await.unwrap();
+        log.blocking_append(entries.clone()).await.unwrap();
+        log.purge(entries[1].log_id).await.unwrap();
+        log.truncate(entries[5].log_id).await.unwrap();
+    }
+    // The writer thread closes the file once the store is dropped.
+    let mut reopened = None;
+    for _ in 0..100 {
+        match LogStore::open(&path) {
+            Ok(l) => {
+                reopened = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let mut log = reopened.expect("reopen the log store");
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(entries[1].log_id));
+    assert_eq!(state.last_log_id, Some(entries[4].log_id));
+    let got = log.try_get_log_entries(0..100).await.unwrap();
+    assert_eq!(format!("{got:?}"), format!("{:?}", &entries[2..5]));
+    assert!(log.has_state());
+}

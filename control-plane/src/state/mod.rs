@@ -54,6 +54,10 @@ pub enum Command {
         /// The version to remove.
         version: String,
     },
+    /// Several independent commands in one log entry, applied in order; each
+    /// has its own outcome (the leader batches concurrent writes this way,
+    /// one fsync for many). A batch may not contain a batch.
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -64,6 +68,7 @@ impl Command {
             Command::DeleteModel { .. } => "delete_model",
             Command::AddModelVersion { .. } => "add_model_version",
             Command::RemoveModelVersion { .. } => "remove_model_version",
+            Command::Batch(_) => "batch",
         }
     }
 }
@@ -86,6 +91,8 @@ pub enum Outcome {
     Model(Model),
     /// The object was deleted.
     Deleted,
+    /// The outcome of each command of a `Command::Batch`, in order.
+    Batch(Vec<Result<Outcome, Rejection>>),
 }
 
 /// The kinds of object a rejection can name.
@@ -197,6 +204,19 @@ pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             );
             Ok(Outcome::Model(m.clone()))
         }
+        Command::Batch(commands) => Ok(Outcome::Batch(
+            commands
+                .into_iter()
+                .map(|command| match command {
+                    Command::Batch(_) => Err(Rejection::Invalid(ValidationError::new(
+                        "command",
+                        "batch",
+                        "a batch may not contain a batch",
+                    ))),
+                    command => apply(state, Request { at_ms, command }),
+                })
+                .collect(),
+        )),
         Command::RemoveModelVersion { model, version } => {
             let users = users_of_model(state, &model, Some(&version));
             let Some(m) = state.models.get_mut(&model) else {

@@ -246,6 +246,17 @@ fn arb_spec() -> impl Strategy<Value = ModelVersionSpec> {
 }
 
 fn arb_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        6 => arb_single(),
+        1 => prop::collection::vec(
+            prop_oneof![4 => arb_single(), 1 => Just(Command::Batch(Vec::new()))],
+            0..6
+        )
+        .prop_map(Command::Batch),
+    ]
+}
+
+fn arb_single() -> impl Strategy<Value = Command> {
     let name = prop::sample::select(vec!["a", "b", "llama", "Bad_Name", ""]);
     let version = prop::sample::select(vec!["v1", "v2", "v3", "v9"]);
     prop_oneof![
@@ -288,6 +299,34 @@ proptest! {
             }
             prop_assert_eq!(check_invariants(&state), Ok(()));
         }
+    }
+
+    /// A batch applies exactly like its commands one after another; a batch
+    /// inside a batch is refused on its own.
+    #[test]
+    fn batch_equals_sequence(
+        prefix in prop::collection::vec(arb_single(), 0..20),
+        batch in prop::collection::vec(arb_single(), 0..10),
+    ) {
+        let mut a = ClusterState::default();
+        for c in &prefix {
+            let _ = apply(&mut a, Request { at_ms: 1, command: c.clone() });
+        }
+        let mut b = a.clone();
+        let singles: Vec<_> = batch
+            .iter()
+            .map(|c| apply(&mut a, Request { at_ms: 2, command: c.clone() }))
+            .collect();
+        let mut with_nested = batch.clone();
+        with_nested.push(Command::Batch(vec![]));
+        let Ok(Outcome::Batch(mut results)) =
+            apply(&mut b, Request { at_ms: 2, command: Command::Batch(with_nested) })
+        else {
+            panic!("a batch always has an outcome");
+        };
+        prop_assert!(matches!(results.pop(), Some(Err(Rejection::Invalid(_)))));
+        prop_assert_eq!(results, singles);
+        prop_assert_eq!(a, b);
     }
 
     /// Applying the same log twice gives the same state and the same answers.
@@ -474,4 +513,25 @@ fn state_fixture_stays_readable() {
     let stored = fixture("state-v1.postcard", &fresh);
     let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
     assert_eq!(decoded, state);
+}
+
+/// Batched log entries (appended as a new `Command` variant) stay readable.
+#[test]
+fn batch_fixture_stays_readable() {
+    let commands: Vec<Command> = fixture_requests().into_iter().map(|r| r.command).collect();
+    let batch = Request {
+        at_ms: 1_700_000_005_000,
+        command: Command::Batch(commands),
+    };
+    let fresh = postcard::to_stdvec(&batch).unwrap();
+    let stored = fixture("request-batch-v1.postcard", &fresh);
+    let decoded: Request = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, batch);
+    let mut state = ClusterState::default();
+    let Ok(Outcome::Batch(results)) = apply(&mut state, decoded) else {
+        panic!("a batch has a batch outcome");
+    };
+    assert_eq!(results.len(), 5);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(state.models.len(), 1);
 }

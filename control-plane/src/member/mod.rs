@@ -3,7 +3,8 @@
 //!
 //! * Writes: on the leader, `client_write`; on a follower, forwarded to the
 //!   leader's `Raft.Propose`. While no leader is known the call waits, up to
-//!   the write timeout, then answers `Unavailable`.
+//!   the write timeout, then answers `Unavailable`. Both directions batch
+//!   concurrent writes (`batching`).
 //! * Linearizable reads: the leader confirms its leadership (read index); a
 //!   follower asks the leader for the read index and waits until it has
 //!   applied that far. Stale reads answer from the local state at once.
@@ -15,16 +16,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_proto::grpc;
 use berth_proto::v1::raft_client::RaftClient;
-use berth_proto::v1::{JoinRequest, RaftPayload, ReadIndexRequest};
+use berth_proto::v1::{JoinRequest, ReadIndexRequest};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::raft::state_machine::{StateView, members};
-use crate::raft::{NodeId, Raft, decode, encode};
-use crate::state::{Command, Outcome, Rejection, Request};
+use crate::raft::{NodeId, Raft};
+use crate::state::{Command, Outcome, Rejection};
+
+mod batching;
+
+use batching::Forwarded;
+pub use batching::{Forwarder, Proposer};
 
 /// Why a call could not be served. `api::status` maps each to a gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +57,7 @@ pub enum MemberError {
 }
 
 /// The answer to a forwarded write, as sent back by the leader.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ProposeReply {
     /// Applied (or rejected by the state machine) at the leader.
     Applied(Result<Outcome, Rejection>),
@@ -114,9 +121,13 @@ pub struct Member {
     pub membership_lock: Arc<tokio::sync::Mutex<()>>,
     /// Connections to the leader (and other members) for forwarding.
     pub peers: PeerClients,
+    /// Batches this member's proposals while it leads.
+    pub proposer: Proposer,
+    /// Batches the writes this member forwards while it follows.
+    pub forwarder: Forwarder,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -226,22 +237,23 @@ impl Member {
                 }
                 continue;
             }
-            let data = encode(&command).map_err(|e| MemberError::Internal(e.to_string()))?;
-            let mut req = tonic::Request::new(RaftPayload { data });
-            req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            match self.peers.get(&addr)?.propose(req).await {
-                Ok(reply) => match decode::<ProposeReply>(&reply.into_inner().data) {
-                    Ok(ProposeReply::Applied(r)) => return r.map_err(MemberError::Rejected),
-                    Ok(ProposeReply::NotLeader) => self.backoff(deadline).await?,
-                    Ok(ProposeReply::Failed(e)) => return Err(MemberError::Unavailable(e)),
-                    Err(e) => return Err(MemberError::Internal(format!("leader's reply: {e}"))),
-                },
-                // Unavailable: the connection failed, so the write was not sent.
-                Err(s) if s.code() == tonic::Code::Unavailable => self.backoff(deadline).await?,
-                Err(s) => {
+            match self
+                .forwarder
+                .forward(command.clone(), &addr, deadline)
+                .await
+            {
+                Forwarded::Reply(ProposeReply::Applied(r)) => {
+                    return r.map_err(MemberError::Rejected);
+                }
+                Forwarded::Reply(ProposeReply::NotLeader) | Forwarded::Unreachable => {
+                    self.backoff(deadline).await?
+                }
+                Forwarded::Reply(ProposeReply::Failed(e)) => {
+                    return Err(MemberError::Unavailable(e));
+                }
+                Forwarded::Failed(e) => {
                     return Err(MemberError::Unavailable(format!(
-                        "forwarding to leader {leader} at {addr} failed ({}); the write may or may not have been applied",
-                        s.message()
+                        "forwarding to leader {leader} at {addr} failed ({e}); the write may or may not have been applied"
                     )));
                 }
             }
@@ -252,16 +264,13 @@ impl Member {
     /// by the `Raft.Propose` handler for writes forwarded by followers.
     pub async fn propose_local(&self, command: Command, deadline: Instant) -> ProposeReply {
         let kind = command.kind();
-        let request = Request {
-            at_ms: now_ms(),
-            command,
-        };
-        match tokio::time::timeout_at(deadline, self.raft.client_write(request)).await {
-            Ok(Ok(resp)) => ProposeReply::Applied(resp.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                ProposeReply::NotLeader
-            }
-            Ok(Err(e)) => ProposeReply::Failed(format!("write {kind} failed: {e}")),
+        let (reply, answer) = oneshot::channel();
+        if !self.proposer.submit(command, reply).await {
+            return ProposeReply::Failed("this member is shutting down".into());
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => ProposeReply::Failed("this member is shutting down".into()),
             Err(_) => ProposeReply::Failed(format!(
                 "write {kind} was not committed in {:?}: is a majority of members up? it may still be applied",
                 self.request_timeout
