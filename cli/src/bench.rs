@@ -45,7 +45,7 @@ pub struct FailoverArgs {
     #[arg(long, default_value_t = 20)]
     trials: usize,
     /// Election timeout of the members (default: berth-control's).
-    #[arg(long, default_value = "400ms")]
+    #[arg(long, default_value = "150ms")]
     election_timeout: String,
 }
 
@@ -236,6 +236,8 @@ pub struct FailoverTrial {
     pub killed: u64,
     /// The leader elected after it.
     pub new_leader: u64,
+    /// Kill → a member reports itself leader, ms.
+    pub elected_ms: f64,
     /// Kill → first acknowledged write that started after the kill, ms.
     pub recovery_ms: f64,
     /// Longest interval between two acknowledged writes around the kill, ms.
@@ -325,6 +327,8 @@ async fn failover(a: FailoverArgs, out: OutputFormat) -> Result<(), CliError> {
         }
         let killed_at = Instant::now();
         cluster.kill(leader)?;
+        let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        let elected_ms = killed_at.elapsed().as_secs_f64() * 1000.0;
         // Wait for the first write that started after the kill.
         let until = Instant::now() + Duration::from_secs(30);
         let recovered = loop {
@@ -354,17 +358,17 @@ async fn failover(a: FailoverArgs, out: OutputFormat) -> Result<(), CliError> {
                 .max()
                 .unwrap_or_default()
         };
-        let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
         let t = FailoverTrial {
             trial,
             killed: leader,
             new_leader,
+            elected_ms,
             recovery_ms: (recovered - killed_at).as_secs_f64() * 1000.0,
             longest_gap_ms: longest_gap.as_secs_f64() * 1000.0,
         };
         eprintln!(
-            "trial {trial}/{}: killed leader {leader}, new leader {new_leader}, recovery {:.0} ms, longest gap {:.0} ms",
-            a.trials, t.recovery_ms, t.longest_gap_ms
+            "trial {trial}/{}: killed leader {leader}, new leader {new_leader} after {:.0} ms, recovery {:.0} ms, longest gap {:.0} ms",
+            a.trials, t.elected_ms, t.recovery_ms, t.longest_gap_ms
         );
         trials.push(t);
         cluster.restart(leader)?;
@@ -398,6 +402,7 @@ async fn failover(a: FailoverArgs, out: OutputFormat) -> Result<(), CliError> {
                     r.trial.to_string(),
                     r.killed.to_string(),
                     r.new_leader.to_string(),
+                    format!("{:.0}", r.elected_ms),
                     format!("{:.0}", r.recovery_ms),
                     format!("{:.0}", r.longest_gap_ms),
                 ]);

@@ -64,8 +64,8 @@ pub struct MemberOptions {
 impl Default for MemberOptions {
     fn default() -> Self {
         Self {
-            election_timeout: "400ms".into(),
-            heartbeat_interval: "100ms".into(),
+            election_timeout: "150ms".into(),
+            heartbeat_interval: "50ms".into(),
             snapshot_every: 10_000,
         }
     }
@@ -264,10 +264,13 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Asks running members for the leader until one reports it.
+    /// Asks every running member and returns the one that says it leads
+    /// in the highest term (a restarted ex-leader may briefly claim an old
+    /// term; a follower's idea of the leader may be stale right after a kill).
     pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
+            let mut best: Option<(u64, u64)> = None;
             for m in &self.members {
                 if m.child.is_none() {
                     continue;
@@ -279,11 +282,14 @@ impl LocalCluster {
                     })
                     .await;
                 if let Ok(s) = status
-                    && let Some(id) = s.leader_id
-                    && self.members.iter().any(|m| m.id == id && m.child.is_some())
+                    && s.leader_id == Some(s.answered_by)
+                    && best.is_none_or(|(term, _)| s.term > term)
                 {
-                    return Ok(id);
+                    best = Some((s.term, s.answered_by));
                 }
+            }
+            if let Some((_, id)) = best {
+                return Ok(id);
             }
             if Instant::now() > deadline {
                 bail!(
@@ -291,7 +297,7 @@ impl LocalCluster {
                     self.root_path.as_path().display()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -16,10 +16,10 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "berth-control-data";
-/// Default minimum election timeout (the maximum is twice it).
-pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(400);
+/// Default minimum election timeout T (the maximum is 2T).
+pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(150);
 /// Default leader heartbeat interval.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
 /// Default number of log entries between snapshots.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
 /// Default time a request waits for a leader or a commit.
@@ -66,10 +66,10 @@ pub struct Flags {
     /// Serve plaintext gRPC (the only mode until TLS lands; without it a warning is logged).
     #[arg(long, env = "BERTH_INSECURE")]
     pub insecure: bool,
-    /// Minimum election timeout; the maximum is twice it [default: 400ms].
+    /// Minimum election timeout T; the maximum is 2T [default: 150ms].
     #[arg(long, env = "BERTH_ELECTION_TIMEOUT", value_name = "DURATION")]
     pub election_timeout: Option<String>,
-    /// Leader heartbeat interval [default: 100ms].
+    /// Leader heartbeat interval, at most a third of the election timeout [default: 50ms].
     #[arg(long, env = "BERTH_HEARTBEAT_INTERVAL", value_name = "DURATION")]
     pub heartbeat_interval: Option<String>,
     /// Build a snapshot and compact the log every N entries [default: 10000].
