@@ -109,7 +109,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
     out!("Ctrl-C stops everything.");
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        server::wait_for_signal().await;
         eprintln!("stopping…");
         stop.cancel();
     });

@@ -37,24 +37,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let running = server::start(config, shutdown.clone()).await?;
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        server::wait_for_signal().await;
         tracing::info!("shutting down");
         signal.cancel();
     });
     running.wait().await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
