@@ -27,7 +27,7 @@ use tonic::service::Routes;
 use crate::api::admin::AdminService;
 use crate::api::raft::RaftService;
 use crate::config::Config;
-use crate::member::{Forwarder, Member, PeerClients, Proposer};
+use crate::member::{Forwarder, Member, PeerClients, Proposer, detector};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
@@ -204,15 +204,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let grpc_addr = listener.local_addr().context("read bound address")?;
     identity.save(&config.data_dir)?;
 
-    let raft = Raft::new(
-        identity.id,
-        Arc::new(raft_config(&config)?),
-        Network,
-        log,
-        sm,
-    )
-    .await
-    .context("start raft")?;
+    let timing = raft_config(&config)?;
+    let lease = Duration::from_millis(timing.election_timeout_max);
+    let raft = Raft::new(identity.id, Arc::new(timing), Network, log, sm)
+        .await
+        .context("start raft")?;
     let tasks = TaskTracker::new();
     let peers = PeerClients::default();
     let member = Member {
@@ -224,7 +220,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         peers: peers.clone(),
         proposer: Proposer::start(raft.clone(), &tasks, shutdown.clone()),
         forwarder: Forwarder::start(peers, &tasks, shutdown.clone()),
+        contact: Default::default(),
     };
+    detector::start(
+        member.clone(),
+        lease,
+        config.heartbeat_interval,
+        &tasks,
+        shutdown.clone(),
+    );
 
     let routes = Routes::new(AdminServer::new(AdminService::new(member.clone()))).add_service(
         RaftServer::new(RaftService::new(member.clone()))

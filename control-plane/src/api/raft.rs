@@ -5,7 +5,9 @@ use berth_proto::v1::raft_server::Raft as RaftRpc;
 use berth_proto::v1::{
     JoinRequest, JoinResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -45,7 +47,17 @@ impl RaftRpc for RaftService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode_payload(request.get_ref())?;
-        encode_payload(&self.member.raft.append_entries(req).await)
+        let reply = self.member.raft.append_entries(req).await;
+        // Only a leader this member accepts counts as contact.
+        if matches!(
+            reply,
+            Ok(AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict)
+        ) {
+            self.member.contact.touch();
+        }
+        encode_payload(&reply)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

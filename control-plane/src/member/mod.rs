@@ -29,6 +29,7 @@ use crate::raft::{NodeId, Raft};
 use crate::state::{Command, Outcome, Rejection};
 
 mod batching;
+pub mod detector;
 
 use batching::Forwarded;
 pub use batching::{Forwarder, Proposer};
@@ -125,6 +126,8 @@ pub struct Member {
     pub proposer: Proposer,
     /// Batches the writes this member forwards while it follows.
     pub forwarder: Forwarder,
+    /// When this member last heard from a leader (see `detector`).
+    pub contact: detector::LeaderContact,
 }
 
 pub(crate) fn now_ms() -> u64 {
