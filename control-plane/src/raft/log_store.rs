@@ -179,9 +179,33 @@ impl LogStore {
     }
 }
 
+/// How long a lone committed-index update may wait for a durable write to
+/// travel with.
+const COMMITTED_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The writer thread: one transaction and one fsync per drained batch.
+/// Committed-index updates do not need durability, so they ride along with
+/// the next durable batch instead of costing a transaction of their own
+/// (written alone only after `COMMITTED_LINGER` of quiet).
 fn writer(db: &Database, rx: &Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+    let mut lingering: Option<Op> = None;
+    loop {
+        let first = match &lingering {
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            },
+            Some(_) => match rx.recv_timeout(COMMITTED_LINGER) {
+                Ok(op) => op,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let batch: Vec<Op> = lingering.take().into_iter().collect();
+                    let result = write_batch(db, &batch, false);
+                    finish(batch, result);
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -189,25 +213,41 @@ fn writer(db: &Database, rx: &Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let durable = batch
-            .iter()
-            .any(|op| !matches!(op, Op::Meta { done: None, .. }));
-        let result = write_batch(db, &batch, durable).map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "raft log write failed; this member will stop");
-        }
+        // Keep only the newest committed index; hold it back if nothing
+        // durable is being written now.
+        let mut durable = Vec::with_capacity(batch.len());
         for op in batch {
             match op {
-                Op::Append { callback, .. } => {
-                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
-                }
-                Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+                Op::Meta { done: None, .. } => lingering = Some(op),
+                op => durable.push(op),
+            }
+        }
+        if durable.is_empty() {
+            continue;
+        }
+        durable.extend(lingering.take());
+        let result = write_batch(db, &durable, true);
+        finish(durable, result);
+    }
+}
+
+/// Reports a batch's result to everyone waiting on it.
+fn finish(batch: Vec<Op>, result: Result<(), redb::Error>) {
+    let result = result.map_err(|e| e.to_string());
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "raft log write failed; this member will stop");
+    }
+    for op in batch {
+        match op {
+            Op::Append { callback, .. } => {
+                callback.log_io_completed(result.clone().map_err(std::io::Error::other))
+            }
+            Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+                let _ = done.send(result.clone());
+            }
+            Op::Meta { done, .. } => {
+                if let Some(done) = done {
                     let _ = done.send(result.clone());
-                }
-                Op::Meta { done, .. } => {
-                    if let Some(done) = done {
-                        let _ = done.send(result.clone());
-                    }
                 }
             }
         }
