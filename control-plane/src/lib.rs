@@ -7,5 +7,6 @@ pub mod api;
 pub mod config;
 pub mod member;
 pub mod raft;
+pub mod scheduler;
 pub mod server;
 pub mod state;

@@ -1,0 +1,530 @@
+//! Placement: which node and which GPUs each pending replica gets.
+//!
+//! Pure and deterministic: `schedule` reads a `Cluster` snapshot and the
+//! pending `Request`s and returns a `Plan`; no I/O, no clock, no
+//! randomness, and maps are `BTreeMap`s, so the same input gives the same
+//! plan everywhere (the control plane and `berth sim` share this code).
+//!
+//! For each request, in queue order: filter the nodes (ready, selector, GPU
+//! model, CPU, memory, GPU fit), score the survivors, bind to the best one,
+//! and account the bind before the next request. GPU rules: a replica with
+//! `gpus = 1` and a share below a whole GPU (`gpu_milli < 1000`, or GPU
+//! memory below the GPU's) may share a GPU while both sums fit; a replica
+//! with N GPUs gets N whole GPUs on one node, all or nothing, preferring
+//! GPUs in one locality group (NVLink domain, PCIe switch or NUMA node).
+//! A request left pending gets an `Explanation`: per filter, how many
+//! nodes it excluded.
+//!
+//! Not yet here (see ARCHITECTURE.md): preemption.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use berth_common::resources::WHOLE_GPU_MILLI;
+use berth_common::{Labels, Resources};
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod tests;
+
+/// One GPU of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    /// Index on its node (what `CUDA_VISIBLE_DEVICES` uses).
+    pub index: u32,
+    /// Model name, e.g. `A100-80GB`.
+    pub model: String,
+    /// Total memory, MiB.
+    pub memory_mib: u64,
+    /// Locality group (GPUs in one group talk fastest); `None` when unknown.
+    pub locality: Option<u32>,
+}
+
+/// What is allocated on one GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuUse {
+    /// Compute share in thousandths.
+    pub milli: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+}
+
+impl GpuUse {
+    fn is_free(&self) -> bool {
+        self.milli == 0 && self.memory_mib == 0
+    }
+}
+
+/// A node as the scheduler sees it: capacity plus what is allocated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique name.
+    pub name: String,
+    /// Whether new replicas may land here (`ready`, not down, cordoned,
+    /// draining, drained or quarantined); the text is the state's name.
+    pub schedulable: bool,
+    /// The node's state, for explanations.
+    pub state: String,
+    /// Labels for selectors.
+    pub labels: Labels,
+    /// CPU capacity, millicores.
+    pub cpu_milli: u64,
+    /// Memory capacity, MiB.
+    pub memory_mib: u64,
+    /// GPUs by index.
+    pub gpus: Vec<Gpu>,
+    /// Allocated CPU, millicores.
+    pub used_cpu_milli: u64,
+    /// Allocated memory, MiB.
+    pub used_memory_mib: u64,
+    /// Allocated share of each GPU, by index (absent = free).
+    pub used_gpus: BTreeMap<u32, GpuUse>,
+}
+
+impl Node {
+    fn gpu_use(&self, index: u32) -> GpuUse {
+        self.used_gpus.get(&index).copied().unwrap_or_default()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.used_cpu_milli == 0
+            && self.used_memory_mib == 0
+            && self.used_gpus.values().all(GpuUse::is_free)
+    }
+}
+
+/// The cluster snapshot: nodes by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Every node.
+    pub nodes: BTreeMap<String, Node>,
+}
+
+/// A replica waiting for a place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Replica id.
+    pub id: String,
+    /// What it needs (GPU memory and share per GPU).
+    pub resources: Resources,
+    /// Labels the node must carry.
+    pub selector: Labels,
+    /// GPU model the node's GPUs must be, if any.
+    pub gpu_model: Option<String>,
+    /// Higher goes first (queue order `priority`).
+    pub priority: i32,
+    /// Arrival order (queue order `fifo`, ties elsewhere).
+    pub arrival: u64,
+}
+
+/// One GPU's part of a bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuShare {
+    /// GPU index on the node.
+    pub index: u32,
+    /// Compute share, thousandths.
+    pub milli: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+}
+
+/// A placement decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    /// Replica id.
+    pub replica: String,
+    /// Node name.
+    pub node: String,
+    /// GPUs given, empty for a CPU-only replica.
+    pub gpus: Vec<GpuShare>,
+}
+
+/// Why a node was excluded, in filter order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Exclusion {
+    /// Node not schedulable (its state).
+    NotReady(String),
+    /// A selector label missing or different.
+    Selector(String),
+    /// No GPU of the requested model.
+    GpuModel(String),
+    /// Not enough free CPU.
+    Cpu,
+    /// Not enough free memory.
+    Memory,
+    /// Fewer GPUs in total than requested.
+    GpuCount,
+    /// GPUs exist but too few are free (whole GPUs, or room on one GPU).
+    GpuFree,
+    /// No single GPU has enough memory, even empty.
+    GpuMemory,
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exclusion::NotReady(s) => write!(f, "node {s}"),
+            Exclusion::Selector(s) => write!(f, "selector {s} not matched"),
+            Exclusion::GpuModel(m) => write!(f, "no {m} GPU"),
+            Exclusion::Cpu => f.write_str("not enough free CPU"),
+            Exclusion::Memory => f.write_str("not enough free memory"),
+            Exclusion::GpuCount => f.write_str("fewer GPUs than requested"),
+            Exclusion::GpuFree => {
+                f.write_str("not enough free GPUs or free room on any single GPU")
+            }
+            Exclusion::GpuMemory => f.write_str("no GPU with that much memory"),
+        }
+    }
+}
+
+/// Why a request stayed pending: per exclusion, how many nodes it excluded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// Nodes excluded per reason.
+    pub excluded: BTreeMap<Exclusion, u32>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.excluded.is_empty() {
+            return f.write_str("no nodes");
+        }
+        let parts: Vec<String> = self
+            .excluded
+            .iter()
+            .map(|(why, n)| format!("{n} node{}: {why}", if *n == 1 { "" } else { "s" }))
+            .collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// The scheduler's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Placements, in the order they were decided.
+    pub binds: Vec<Bind>,
+    /// Requests left pending, with why.
+    pub pending: Vec<(String, Explanation)>,
+}
+
+/// How nodes are ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Policy {
+    /// Fragmentation-aware (the default): keep whole GPUs and whole nodes
+    /// free for large replicas, then pack.
+    #[default]
+    Default,
+    /// Prefer the fullest nodes.
+    Binpack,
+    /// Prefer the emptiest nodes.
+    Spread,
+}
+
+/// Queue order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum QueueOrder {
+    /// Higher priority first, then arrival.
+    #[default]
+    Priority,
+    /// Arrival order.
+    Fifo,
+    /// Smallest GPU need first, then CPU and memory.
+    SmallestFirst,
+}
+
+/// Weights of the resource dimensions in the utilization score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Weights {
+    /// GPU compute.
+    pub gpu: u32,
+    /// GPU memory.
+    pub gpu_memory: u32,
+    /// CPU.
+    pub cpu: u32,
+    /// Memory.
+    pub memory: u32,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            gpu: 4,
+            gpu_memory: 2,
+            cpu: 1,
+            memory: 1,
+        }
+    }
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// Node ranking.
+    pub policy: Policy,
+    /// Queue order.
+    pub queue: QueueOrder,
+    /// Dimension weights.
+    pub weights: Weights,
+}
+
+/// A node's rank for one request: compared field by field, lower is
+/// better, node name last so ties break the same way everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Score {
+    /// Policy-specific keys, most important first.
+    pub keys: [i64; 3],
+    /// The node.
+    pub node: String,
+}
+
+/// Places `requests` on `cluster` and returns the plan; `cluster` is not
+/// changed (apply the plan with `Cluster::apply`).
+pub fn schedule(cluster: &Cluster, requests: &[Request], config: &Config) -> Plan {
+    let mut work = cluster.clone();
+    let mut queue: Vec<&Request> = requests.iter().collect();
+    sort_queue(&mut queue, config.queue);
+    let mut plan = Plan::default();
+    for request in queue {
+        match place(&work, request, config) {
+            Ok(bind) => {
+                work.apply(request, &bind);
+                plan.binds.push(bind);
+            }
+            Err(why) => plan.pending.push((request.id.clone(), why)),
+        }
+    }
+    plan
+}
+
+fn sort_queue(queue: &mut [&Request], order: QueueOrder) {
+    match order {
+        QueueOrder::Priority => queue.sort_by(|a, b| {
+            (Reverse(a.priority), a.arrival, &a.id).cmp(&(Reverse(b.priority), b.arrival, &b.id))
+        }),
+        QueueOrder::Fifo => queue.sort_by(|a, b| (a.arrival, &a.id).cmp(&(b.arrival, &b.id))),
+        QueueOrder::SmallestFirst => queue.sort_by_key(|r| {
+            let g = &r.resources;
+            (
+                u64::from(g.gpus) * u64::from(g.gpu_milli),
+                u64::from(g.gpus) * g.gpu_memory_mib,
+                g.cpu_milli,
+                g.memory_mib,
+                r.arrival,
+                r.id.clone(),
+            )
+        }),
+    }
+}
+
+impl Cluster {
+    /// Accounts `bind` of `request` (no checks: `schedule` made it fit).
+    pub fn apply(&mut self, request: &Request, bind: &Bind) {
+        if let Some(node) = self.nodes.get_mut(&bind.node) {
+            node.used_cpu_milli += u64::from(request.resources.cpu_milli);
+            node.used_memory_mib += request.resources.memory_mib;
+            for g in &bind.gpus {
+                let u = node.used_gpus.entry(g.index).or_default();
+                u.milli += g.milli;
+                u.memory_mib += g.memory_mib;
+            }
+        }
+    }
+
+    /// Releases what `bind` of `request` took.
+    pub fn release(&mut self, request: &Request, bind: &Bind) {
+        if let Some(node) = self.nodes.get_mut(&bind.node) {
+            node.used_cpu_milli = node
+                .used_cpu_milli
+                .saturating_sub(u64::from(request.resources.cpu_milli));
+            node.used_memory_mib = node
+                .used_memory_mib
+                .saturating_sub(request.resources.memory_mib);
+            for g in &bind.gpus {
+                if let Some(u) = node.used_gpus.get_mut(&g.index) {
+                    u.milli = u.milli.saturating_sub(g.milli);
+                    u.memory_mib = u.memory_mib.saturating_sub(g.memory_mib);
+                    if u.is_free() {
+                        node.used_gpus.remove(&g.index);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Chooses the node and GPUs for one request, or says why none fits.
+fn place(cluster: &Cluster, request: &Request, config: &Config) -> Result<Bind, Explanation> {
+    let mut why = Explanation::default();
+    let mut best: Option<(Score, Vec<GpuShare>)> = None;
+    for node in cluster.nodes.values() {
+        match fit(node, request, config.policy) {
+            Ok(gpus) => {
+                let score = score(node, request, &gpus, config);
+                if best.as_ref().is_none_or(|(b, _)| score < *b) {
+                    best = Some((score, gpus));
+                }
+            }
+            Err(e) => *why.excluded.entry(e).or_default() += 1,
+        }
+    }
+    match best {
+        Some((score, gpus)) => Ok(Bind {
+            replica: request.id.clone(),
+            node: score.node,
+            gpus,
+        }),
+        None => Err(why),
+    }
+}
+
+/// The filters, in order; on success, the GPUs this node would give.
+fn fit(node: &Node, request: &Request, policy: Policy) -> Result<Vec<GpuShare>, Exclusion> {
+    if !node.schedulable {
+        return Err(Exclusion::NotReady(node.state.clone()));
+    }
+    for (k, v) in &request.selector {
+        if node.labels.get(k) != Some(v) {
+            return Err(Exclusion::Selector(format!("{k}={v}")));
+        }
+    }
+    let r = &request.resources;
+    let candidates: Vec<&Gpu> = node
+        .gpus
+        .iter()
+        .filter(|g| request.gpu_model.as_ref().is_none_or(|m| &g.model == m))
+        .collect();
+    if r.gpus > 0
+        && let Some(m) = &request.gpu_model
+        && candidates.is_empty()
+    {
+        return Err(Exclusion::GpuModel(m.clone()));
+    }
+    if node.used_cpu_milli + u64::from(r.cpu_milli) > node.cpu_milli {
+        return Err(Exclusion::Cpu);
+    }
+    if node.used_memory_mib + r.memory_mib > node.memory_mib {
+        return Err(Exclusion::Memory);
+    }
+    if r.gpus == 0 {
+        return Ok(Vec::new());
+    }
+    if candidates.len() < r.gpus as usize {
+        return Err(Exclusion::GpuCount);
+    }
+    let need_mem = |g: &Gpu| {
+        if r.gpu_memory_mib == 0 {
+            g.memory_mib
+        } else {
+            r.gpu_memory_mib
+        }
+    };
+    if candidates.iter().all(|g| need_mem(g) > g.memory_mib) {
+        return Err(Exclusion::GpuMemory);
+    }
+    let shares = |g: &Gpu| GpuShare {
+        index: g.index,
+        milli: r.gpu_milli,
+        memory_mib: need_mem(g),
+    };
+    if r.gpus == 1 {
+        let fits: Vec<&Gpu> = candidates
+            .iter()
+            .copied()
+            .filter(|g| {
+                let u = node.gpu_use(g.index);
+                u.milli + r.gpu_milli <= WHOLE_GPU_MILLI
+                    && u.memory_mib + need_mem(g) <= g.memory_mib
+            })
+            .collect();
+        // Which GPU on this node: spread takes the emptiest, the others the
+        // fullest that fits (best fit keeps whole GPUs free).
+        let chosen = match policy {
+            Policy::Spread => fits.iter().min_by_key(|g| {
+                (
+                    node.gpu_use(g.index).milli,
+                    node.gpu_use(g.index).memory_mib,
+                    g.index,
+                )
+            }),
+            Policy::Default | Policy::Binpack => fits.iter().min_by_key(|g| {
+                let u = node.gpu_use(g.index);
+                (
+                    WHOLE_GPU_MILLI - u.milli - r.gpu_milli,
+                    g.memory_mib - u.memory_mib - need_mem(g),
+                    g.index,
+                )
+            }),
+        };
+        return chosen.map(|g| vec![shares(g)]).ok_or(Exclusion::GpuFree);
+    }
+    // Several GPUs: whole free GPUs, all on this node, preferring one
+    // locality group (the smallest group that holds them all).
+    let free: Vec<&Gpu> = candidates
+        .iter()
+        .copied()
+        .filter(|g| node.gpu_use(g.index).is_free() && need_mem(g) <= g.memory_mib)
+        .collect();
+    if free.len() < r.gpus as usize {
+        return Err(Exclusion::GpuFree);
+    }
+    let mut groups: BTreeMap<Option<u32>, Vec<&Gpu>> = BTreeMap::new();
+    for g in &free {
+        groups.entry(g.locality).or_default().push(g);
+    }
+    let n = r.gpus as usize;
+    let chosen: Vec<&Gpu> = match groups
+        .iter()
+        .filter(|(k, v)| k.is_some() && v.len() >= n)
+        .min_by_key(|(k, v)| (v.len(), **k))
+    {
+        Some((_, group)) => group.iter().take(n).copied().collect(),
+        None => free.iter().take(n).copied().collect(),
+    };
+    Ok(chosen.into_iter().map(shares).collect())
+}
+
+/// Utilization of each dimension after the bind, in thousandths, weighted.
+fn weighted_use(node: &Node, request: &Request, gpus: &[GpuShare], w: &Weights) -> i64 {
+    let r = &request.resources;
+    let per_mille = |used: u64, total: u64| (used * 1000).checked_div(total).unwrap_or(0) as i64;
+    let gpu_total = node.gpus.len() as u64 * u64::from(WHOLE_GPU_MILLI);
+    let gpu_used: u64 = node
+        .used_gpus
+        .values()
+        .map(|u| u64::from(u.milli))
+        .sum::<u64>()
+        + gpus.iter().map(|g| u64::from(g.milli)).sum::<u64>();
+    let mem_total: u64 = node.gpus.iter().map(|g| g.memory_mib).sum();
+    let mem_used: u64 = node.used_gpus.values().map(|u| u.memory_mib).sum::<u64>()
+        + gpus.iter().map(|g| g.memory_mib).sum::<u64>();
+    i64::from(w.gpu) * per_mille(gpu_used, gpu_total)
+        + i64::from(w.gpu_memory) * per_mille(mem_used, mem_total)
+        + i64::from(w.cpu) * per_mille(node.used_cpu_milli + u64::from(r.cpu_milli), node.cpu_milli)
+        + i64::from(w.memory) * per_mille(node.used_memory_mib + r.memory_mib, node.memory_mib)
+}
+
+fn score(node: &Node, request: &Request, gpus: &[GpuShare], config: &Config) -> Score {
+    let packed = weighted_use(node, request, gpus, &config.weights);
+    let keys = match config.policy {
+        Policy::Binpack => [-packed, 0, 0],
+        Policy::Spread => [packed, 0, 0],
+        Policy::Default => {
+            // 1. keep GPU nodes for GPU work: a CPU-only replica prefers a
+            //    node without GPUs; 2. do not break a whole free GPU for a
+            //    share of one when a partly used GPU fits; 3. do not open an
+            //    empty node when a used one fits; then pack.
+            let wrong_class = i64::from(request.resources.gpus == 0 && !node.gpus.is_empty());
+            let breaks_whole = gpus
+                .iter()
+                .filter(|g| g.milli < WHOLE_GPU_MILLI && node.gpu_use(g.index).is_free())
+                .count() as i64;
+            let opens_node = i64::from(node.is_empty());
+            [wrong_class * 2 + breaks_whole, opens_node, -packed]
+        }
+    };
+    Score {
+        keys,
+        node: node.name.clone(),
+    }
+}

@@ -1,0 +1,382 @@
+//! Scheduler tests: data-driven scenarios (`testdata/scheduler/*.txt`,
+//! refreshed with `UPDATE_EXPECT=1`) and property tests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use berth_common::units::{parse_cpu_milli, parse_size_mib};
+use proptest::prelude::*;
+
+use super::*;
+
+fn kv(text: &str) -> (String, String) {
+    let (k, v) = text.split_once('=').expect("key=value");
+    (k.to_string(), v.to_string())
+}
+
+/// `4xA100:80GiB`
+fn parse_gpus(spec: &str) -> Vec<Gpu> {
+    let (count, rest) = spec.split_once('x').expect("NxMODEL:MEM");
+    let (model, mem) = rest.split_once(':').expect("NxMODEL:MEM");
+    let mem = parse_size_mib("gpu", mem).unwrap();
+    (0..count.parse::<u32>().unwrap())
+        .map(|i| Gpu {
+            index: i,
+            model: model.into(),
+            memory_mib: mem,
+            locality: None,
+        })
+        .collect()
+}
+
+fn parse_node(words: &[&str]) -> Node {
+    let mut node = Node {
+        name: words[0].into(),
+        schedulable: true,
+        state: "ready".into(),
+        labels: Labels::new(),
+        cpu_milli: 32_000,
+        memory_mib: 256 * 1024,
+        gpus: Vec::new(),
+        used_cpu_milli: 0,
+        used_memory_mib: 0,
+        used_gpus: BTreeMap::new(),
+    };
+    for w in &words[1..] {
+        let (k, v) = kv(w);
+        match k.as_str() {
+            "cpu" => node.cpu_milli = u64::from(parse_cpu_milli(&k, &v).unwrap()),
+            "mem" => node.memory_mib = parse_size_mib(&k, &v).unwrap(),
+            "gpus" => node.gpus = parse_gpus(&v),
+            "locality" => {
+                for (g, l) in node.gpus.iter_mut().zip(v.split(',')) {
+                    g.locality = Some(l.parse().unwrap());
+                }
+            }
+            "label" => {
+                let (lk, lv) = kv(&v);
+                node.labels.insert(lk, lv);
+            }
+            "state" => {
+                node.schedulable = v == "ready";
+                node.state = v;
+            }
+            other => panic!("unknown node key {other}"),
+        }
+    }
+    node
+}
+
+fn parse_request(words: &[&str]) -> Request {
+    let mut r = Request {
+        id: words[0].into(),
+        resources: Resources {
+            cpu_milli: 1000,
+            memory_mib: 1024,
+            gpus: 0,
+            gpu_memory_mib: 0,
+            gpu_milli: 0,
+        },
+        selector: Labels::new(),
+        gpu_model: None,
+        priority: 0,
+        arrival: 0,
+    };
+    for w in &words[1..] {
+        let (k, v) = kv(w);
+        match k.as_str() {
+            "gpus" => r.resources.gpus = v.parse().unwrap(),
+            "gpu_mem" => r.resources.gpu_memory_mib = parse_size_mib(&k, &v).unwrap(),
+            "share" => r.resources.gpu_milli = v.parse().unwrap(),
+            "cpu" => r.resources.cpu_milli = parse_cpu_milli(&k, &v).unwrap(),
+            "mem" => r.resources.memory_mib = parse_size_mib(&k, &v).unwrap(),
+            "prio" => r.priority = v.parse().unwrap(),
+            "at" => r.arrival = v.parse().unwrap(),
+            "model" => r.gpu_model = Some(v),
+            "sel" => {
+                let (sk, sv) = kv(&v);
+                r.selector.insert(sk, sv);
+            }
+            other => panic!("unknown request key {other}"),
+        }
+    }
+    if r.resources.gpus > 0 && r.resources.gpu_milli == 0 {
+        r.resources.gpu_milli = 1000;
+    }
+    r
+}
+
+fn render_bind(b: &Bind) -> String {
+    let gpus: Vec<String> = b
+        .gpus
+        .iter()
+        .map(|g| format!("{}:{}m/{}MiB", g.index, g.milli, g.memory_mib))
+        .collect();
+    if gpus.is_empty() {
+        format!("bind {} -> {}\n", b.replica, b.node)
+    } else {
+        format!(
+            "bind {} -> {} gpus [{}]\n",
+            b.replica,
+            b.node,
+            gpus.join(" ")
+        )
+    }
+}
+
+#[derive(Default)]
+struct World {
+    cluster: Cluster,
+    queued: Vec<Request>,
+    placed: BTreeMap<String, (Request, Bind)>,
+}
+
+impl World {
+    fn run(&mut self, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[0] {
+            "node" => {
+                let n = parse_node(&words[1..]);
+                self.cluster.nodes.insert(n.name.clone(), n);
+                String::new()
+            }
+            "req" => {
+                self.queued.push(parse_request(&words[1..]));
+                String::new()
+            }
+            "release" => {
+                let (r, b) = self.placed.remove(words[1]).expect("placed replica");
+                self.cluster.release(&r, &b);
+                format!("released {}\n", words[1])
+            }
+            "schedule" => {
+                let mut config = Config::default();
+                for w in &words[1..] {
+                    let (k, v) = kv(w);
+                    match (k.as_str(), v.as_str()) {
+                        ("policy", "binpack") => config.policy = Policy::Binpack,
+                        ("policy", "spread") => config.policy = Policy::Spread,
+                        ("policy", "default") => config.policy = Policy::Default,
+                        ("queue", "fifo") => config.queue = QueueOrder::Fifo,
+                        ("queue", "priority") => config.queue = QueueOrder::Priority,
+                        ("queue", "smallest-first") => config.queue = QueueOrder::SmallestFirst,
+                        _ => panic!("unknown schedule option {w}"),
+                    }
+                }
+                let requests = std::mem::take(&mut self.queued);
+                let plan = schedule(&self.cluster, &requests, &config);
+                let mut out = String::new();
+                for b in &plan.binds {
+                    let r = requests.iter().find(|r| r.id == b.replica).unwrap().clone();
+                    self.cluster.apply(&r, b);
+                    self.placed.insert(r.id.clone(), (r, b.clone()));
+                    out.push_str(&render_bind(b));
+                }
+                for (id, why) in &plan.pending {
+                    out.push_str(&format!("pending {id}: {why}\n"));
+                }
+                check_no_overcommit(&self.cluster).unwrap();
+                out
+            }
+            other => panic!("unknown scenario command {other}"),
+        }
+    }
+}
+
+/// No GPU's share or memory, no node's CPU or memory over capacity.
+fn check_no_overcommit(cluster: &Cluster) -> Result<(), String> {
+    for n in cluster.nodes.values() {
+        if n.used_cpu_milli > n.cpu_milli || n.used_memory_mib > n.memory_mib {
+            return Err(format!("node {} over CPU or memory", n.name));
+        }
+        for (i, u) in &n.used_gpus {
+            let g = n.gpus.iter().find(|g| g.index == *i).ok_or("unknown GPU")?;
+            if u.milli > WHOLE_GPU_MILLI || u.memory_mib > g.memory_mib {
+                return Err(format!("node {} GPU {i} over-committed: {u:?}", n.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn scenarios() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/scheduler");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("testdata/scheduler exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut world = World::default();
+        let mut actual = String::new();
+        for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+            let input = block.split("\n----").next().unwrap().trim_end();
+            actual.push_str(input);
+            actual.push_str("\n----\n");
+            for line in input
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            {
+                actual.push_str(&world.run(line));
+            }
+            actual.push('\n');
+        }
+        expect_test::ExpectFile {
+            path: file.clone(),
+            position: file!(),
+        }
+        .assert_eq(&actual);
+    }
+}
+
+// ---- property tests --------------------------------------------------------
+
+fn arb_node(i: usize) -> impl Strategy<Value = Node> {
+    (
+        prop::sample::select(vec![0usize, 1, 2, 4, 8]),
+        prop::sample::select(vec!["A100", "H100"]),
+        prop::sample::select(vec![40 * 1024u64, 80 * 1024]),
+        prop::sample::select(vec![8_000u64, 32_000, 96_000]),
+        prop::sample::select(vec![32 * 1024u64, 256 * 1024]),
+        any::<bool>(),
+    )
+        .prop_map(move |(gpus, model, mem, cpu, ram, ready)| Node {
+            name: format!("n{i:02}"),
+            schedulable: ready,
+            state: if ready { "ready" } else { "cordoned" }.into(),
+            labels: Labels::from([(
+                "zone".to_string(),
+                if i.is_multiple_of(2) { "a" } else { "b" }.to_string(),
+            )]),
+            cpu_milli: cpu,
+            memory_mib: ram,
+            gpus: (0..gpus as u32)
+                .map(|g| Gpu {
+                    index: g,
+                    model: model.into(),
+                    memory_mib: mem,
+                    locality: Some(g / 2),
+                })
+                .collect(),
+            used_cpu_milli: 0,
+            used_memory_mib: 0,
+            used_gpus: BTreeMap::new(),
+        })
+}
+
+fn arb_cluster() -> impl Strategy<Value = Cluster> {
+    (1usize..6)
+        .prop_flat_map(|n| (0..n).map(arb_node).collect::<Vec<_>>())
+        .prop_map(|nodes| Cluster {
+            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+        })
+}
+
+fn arb_request(i: usize) -> impl Strategy<Value = Request> {
+    (
+        prop::sample::select(vec![0u32, 1, 1, 1, 2, 4, 8]),
+        prop::sample::select(vec![250u32, 500, 1000]),
+        prop::sample::select(vec![0u64, 10 * 1024, 30 * 1024, 60 * 1024]),
+        prop::sample::select(vec![500u32, 2000, 16_000]),
+        prop::sample::select(vec![512u64, 8 * 1024, 64 * 1024]),
+        -2i32..3,
+        prop::option::of(prop::sample::select(vec!["A100", "H100"])),
+        any::<bool>(),
+    )
+        .prop_map(
+            move |(gpus, milli, gmem, cpu, mem, prio, model, sel)| Request {
+                id: format!("r{i:03}"),
+                resources: Resources {
+                    cpu_milli: cpu,
+                    memory_mib: mem,
+                    gpus,
+                    gpu_memory_mib: if gpus == 0 { 0 } else { gmem },
+                    gpu_milli: match gpus {
+                        0 => 0,
+                        1 => milli,
+                        _ => 1000,
+                    },
+                },
+                selector: if sel {
+                    Labels::from([("zone".to_string(), "a".to_string())])
+                } else {
+                    Labels::new()
+                },
+                gpu_model: model.filter(|_| gpus > 0).map(String::from),
+                priority: prio,
+                arrival: i as u64,
+            },
+        )
+}
+
+fn arb_requests() -> impl Strategy<Value = Vec<Request>> {
+    (0usize..30).prop_flat_map(|n| (0..n).map(arb_request).collect::<Vec<_>>())
+}
+
+fn arb_config() -> impl Strategy<Value = Config> {
+    (
+        prop::sample::select(vec![Policy::Default, Policy::Binpack, Policy::Spread]),
+        prop::sample::select(vec![
+            QueueOrder::Priority,
+            QueueOrder::Fifo,
+            QueueOrder::SmallestFirst,
+        ]),
+    )
+        .prop_map(|(policy, queue)| Config {
+            policy,
+            queue,
+            weights: Weights::default(),
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Nothing is ever over-committed, every replica is bound or explained
+    /// exactly once, and a multi-GPU replica gets all its GPUs on one node.
+    #[test]
+    fn plans_never_overcommit(cluster in arb_cluster(), requests in arb_requests(), config in arb_config()) {
+        let plan = schedule(&cluster, &requests, &config);
+        let mut after = cluster.clone();
+        for b in &plan.binds {
+            let r = requests.iter().find(|r| r.id == b.replica).unwrap();
+            prop_assert_eq!(b.gpus.len(), r.resources.gpus as usize, "all or nothing");
+            let mut idx: Vec<u32> = b.gpus.iter().map(|g| g.index).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            prop_assert_eq!(idx.len(), b.gpus.len(), "distinct GPUs");
+            let node = &cluster.nodes[&b.node];
+            prop_assert!(node.schedulable);
+            for (k, v) in &r.selector {
+                prop_assert_eq!(node.labels.get(k), Some(v));
+            }
+            after.apply(r, b);
+        }
+        prop_assert_eq!(check_no_overcommit(&after), Ok(()));
+        prop_assert_eq!(plan.binds.len() + plan.pending.len(), requests.len());
+    }
+
+    /// The same input gives the same plan.
+    #[test]
+    fn deterministic(cluster in arb_cluster(), requests in arb_requests(), config in arb_config()) {
+        prop_assert_eq!(schedule(&cluster, &requests, &config), schedule(&cluster, &requests, &config));
+    }
+
+    /// A replica that fits some empty, ready node is never reported
+    /// unplaceable on an empty cluster.
+    #[test]
+    fn fits_empty_is_placed(cluster in arb_cluster(), request in arb_request(0), config in arb_config()) {
+        let fits_somewhere = cluster.nodes.values().any(|n| fit(n, &request, config.policy).is_ok());
+        let plan = schedule(&cluster, std::slice::from_ref(&request), &config);
+        prop_assert_eq!(plan.binds.len() == 1, fits_somewhere);
+        if !fits_somewhere {
+            let (_, why) = &plan.pending[0];
+            let excluded: u32 = why.excluded.values().sum();
+            prop_assert_eq!(excluded as usize, cluster.nodes.len(), "every node is accounted for");
+        }
+    }
+}
