@@ -15,7 +15,9 @@
 //! A request left pending gets an `Explanation`: per filter, how many
 //! nodes it excluded.
 //!
-//! Not yet here (see ARCHITECTURE.md): preemption.
+//! Preemption (when enabled): a request that fits nowhere may evict
+//! lower-priority replicas; the node needing the fewest evictions (then the
+//! lowest evicted priorities) wins, and each eviction says why.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -94,11 +96,23 @@ impl Node {
     }
 }
 
-/// The cluster snapshot: nodes by name.
+/// A replica that holds resources: what it asked for and where it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    /// The request it was placed for.
+    pub request: Request,
+    /// Where it went.
+    pub bind: Bind,
+}
+
+/// The cluster snapshot: nodes by name, and the replicas placed on them
+/// (by replica id), whose resources the nodes' `used_*` fields include.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
     /// Every node.
     pub nodes: BTreeMap<String, Node>,
+    /// Every placed replica.
+    pub placed: BTreeMap<String, Placed>,
 }
 
 /// A replica waiting for a place.
@@ -199,11 +213,24 @@ impl fmt::Display for Explanation {
     }
 }
 
+/// A replica evicted to make room for a higher-priority one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Eviction {
+    /// The evicted replica.
+    pub replica: String,
+    /// Its node.
+    pub node: String,
+    /// Why, for the event log.
+    pub reason: String,
+}
+
 /// The scheduler's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// Placements, in the order they were decided.
     pub binds: Vec<Bind>,
+    /// Replicas evicted (preemption), before the binds that needed them.
+    pub evictions: Vec<Eviction>,
     /// Requests left pending, with why.
     pub pending: Vec<(String, Explanation)>,
 }
@@ -266,6 +293,8 @@ pub struct Config {
     pub queue: QueueOrder,
     /// Dimension weights.
     pub weights: Weights,
+    /// Whether a request that fits nowhere may evict lower-priority replicas.
+    pub preemption: bool,
 }
 
 /// A node's rank for one request: compared field by field, lower is
@@ -279,22 +308,176 @@ pub struct Score {
 }
 
 /// Places `requests` on `cluster` and returns the plan; `cluster` is not
-/// changed (apply the plan with `Cluster::apply`).
+/// changed.
 pub fn schedule(cluster: &Cluster, requests: &[Request], config: &Config) -> Plan {
     let mut work = cluster.clone();
+    schedule_in_place(&mut work, requests, config)
+}
+
+/// Places `requests` in queue order, applying each bind (and eviction) to
+/// `cluster` as it goes.
+pub fn schedule_in_place(cluster: &mut Cluster, requests: &[Request], config: &Config) -> Plan {
     let mut queue: Vec<&Request> = requests.iter().collect();
     sort_queue(&mut queue, config.queue);
     let mut plan = Plan::default();
     for request in queue {
-        match place(&work, request, config) {
-            Ok(bind) => {
-                work.apply(request, &bind);
+        match place_one(cluster, request, config) {
+            Ok((bind, evictions)) => {
+                plan.evictions.extend(evictions);
                 plan.binds.push(bind);
             }
             Err(why) => plan.pending.push((request.id.clone(), why)),
         }
     }
     plan
+}
+
+/// Places one request, applying the bind (and any evictions) to `cluster`.
+pub fn place_one(
+    cluster: &mut Cluster,
+    request: &Request,
+    config: &Config,
+) -> Result<(Bind, Vec<Eviction>), Explanation> {
+    match place(cluster, request, config) {
+        Ok(bind) => {
+            cluster.apply(request, &bind);
+            Ok((bind, Vec::new()))
+        }
+        Err(why) => {
+            if !config.preemption {
+                return Err(why);
+            }
+            let Some((node, victims, gpus)) = preempt(cluster, request, config) else {
+                return Err(why);
+            };
+            let mut evictions = Vec::new();
+            for v in victims {
+                if let Some(p) = cluster.release(&v) {
+                    evictions.push(Eviction {
+                        reason: format!(
+                            "preempted by {} (priority {} > {})",
+                            request.id, request.priority, p.request.priority
+                        ),
+                        replica: v,
+                        node: node.clone(),
+                    });
+                }
+            }
+            let bind = Bind {
+                replica: request.id.clone(),
+                node,
+                gpus,
+            };
+            cluster.apply(request, &bind);
+            Ok((bind, evictions))
+        }
+    }
+}
+
+/// Frees what `placed` holds on `node`.
+fn release_on(node: &mut Node, placed: &Placed) {
+    let r = &placed.request.resources;
+    node.used_cpu_milli = node.used_cpu_milli.saturating_sub(u64::from(r.cpu_milli));
+    node.used_memory_mib = node.used_memory_mib.saturating_sub(r.memory_mib);
+    for g in &placed.bind.gpus {
+        if let Some(u) = node.used_gpus.get_mut(&g.index) {
+            u.milli = u.milli.saturating_sub(g.milli);
+            u.memory_mib = u.memory_mib.saturating_sub(g.memory_mib);
+            if u.is_free() {
+                node.used_gpus.remove(&g.index);
+            }
+        }
+    }
+}
+
+/// A way to make room: evict `victims` on `node`, then bind `gpus` there.
+struct Room {
+    /// Fewest victims, then lowest priorities, then node name.
+    key: (usize, i64, String),
+    victims: Vec<String>,
+    gpus: Vec<GpuShare>,
+}
+
+/// Finds the node where evicting the fewest, lowest-priority replicas makes
+/// room for `request`: returns the node, the victims and the GPUs.
+fn preempt(
+    cluster: &Cluster,
+    request: &Request,
+    config: &Config,
+) -> Option<(String, Vec<String>, Vec<GpuShare>)> {
+    let mut best: Option<Room> = None;
+    for node in cluster.nodes.values() {
+        let mut victims: Vec<&Placed> = cluster
+            .placed
+            .values()
+            .filter(|p| p.bind.node == node.name && p.request.priority < request.priority)
+            .collect();
+        if victims.is_empty() {
+            continue;
+        }
+        // Lowest priority first; among equals the biggest, so fewer go.
+        victims.sort_by_key(|p| {
+            let r = &p.request.resources;
+            (
+                p.request.priority,
+                Reverse(u64::from(r.gpus) * u64::from(r.gpu_milli)),
+                Reverse(r.cpu_milli),
+                p.request.id.clone(),
+            )
+        });
+        let mut trial = node.clone();
+        let mut chosen: Vec<&Placed> = Vec::new();
+        let mut fits = false;
+        for v in victims {
+            release_on(&mut trial, v);
+            chosen.push(v);
+            if fit(&trial, request, config.policy).is_ok() {
+                fits = true;
+                break;
+            }
+        }
+        if !fits {
+            continue;
+        }
+        // Put back every victim that turns out not to be needed.
+        let mut i = 0;
+        while i < chosen.len() {
+            let mut without = node.clone();
+            for (j, v) in chosen.iter().enumerate() {
+                if j != i {
+                    release_on(&mut without, v);
+                }
+            }
+            if fit(&without, request, config.policy).is_ok() {
+                chosen.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        let mut freed = node.clone();
+        for v in &chosen {
+            release_on(&mut freed, v);
+        }
+        let Ok(gpus) = fit(&freed, request, config.policy) else {
+            continue;
+        };
+        let key = (
+            chosen.len(),
+            chosen
+                .iter()
+                .map(|p| i64::from(p.request.priority))
+                .sum::<i64>(),
+            node.name.clone(),
+        );
+        if best.as_ref().is_none_or(|b| key < b.key) {
+            best = Some(Room {
+                key,
+                victims: chosen.iter().map(|p| p.request.id.clone()).collect(),
+                gpus,
+            });
+        }
+    }
+    best.map(|b| (b.key.2, b.victims, b.gpus))
 }
 
 fn sort_queue(queue: &mut [&Request], order: QueueOrder) {
@@ -328,28 +511,23 @@ impl Cluster {
                 u.milli += g.milli;
                 u.memory_mib += g.memory_mib;
             }
+            self.placed.insert(
+                request.id.clone(),
+                Placed {
+                    request: request.clone(),
+                    bind: bind.clone(),
+                },
+            );
         }
     }
 
-    /// Releases what `bind` of `request` took.
-    pub fn release(&mut self, request: &Request, bind: &Bind) {
-        if let Some(node) = self.nodes.get_mut(&bind.node) {
-            node.used_cpu_milli = node
-                .used_cpu_milli
-                .saturating_sub(u64::from(request.resources.cpu_milli));
-            node.used_memory_mib = node
-                .used_memory_mib
-                .saturating_sub(request.resources.memory_mib);
-            for g in &bind.gpus {
-                if let Some(u) = node.used_gpus.get_mut(&g.index) {
-                    u.milli = u.milli.saturating_sub(g.milli);
-                    u.memory_mib = u.memory_mib.saturating_sub(g.memory_mib);
-                    if u.is_free() {
-                        node.used_gpus.remove(&g.index);
-                    }
-                }
-            }
+    /// Releases what replica `id` holds; returns it if it was placed.
+    pub fn release(&mut self, id: &str) -> Option<Placed> {
+        let placed = self.placed.remove(id)?;
+        if let Some(node) = self.nodes.get_mut(&placed.bind.node) {
+            release_on(node, &placed);
         }
+        Some(placed)
     }
 }
 

@@ -128,7 +128,6 @@ fn render_bind(b: &Bind) -> String {
 struct World {
     cluster: Cluster,
     queued: Vec<Request>,
-    placed: BTreeMap<String, (Request, Bind)>,
 }
 
 impl World {
@@ -145,8 +144,7 @@ impl World {
                 String::new()
             }
             "release" => {
-                let (r, b) = self.placed.remove(words[1]).expect("placed replica");
-                self.cluster.release(&r, &b);
+                self.cluster.release(words[1]).expect("placed replica");
                 format!("released {}\n", words[1])
             }
             "schedule" => {
@@ -160,16 +158,20 @@ impl World {
                         ("queue", "fifo") => config.queue = QueueOrder::Fifo,
                         ("queue", "priority") => config.queue = QueueOrder::Priority,
                         ("queue", "smallest-first") => config.queue = QueueOrder::SmallestFirst,
+                        ("preemption", "on") => config.preemption = true,
                         _ => panic!("unknown schedule option {w}"),
                     }
                 }
                 let requests = std::mem::take(&mut self.queued);
-                let plan = schedule(&self.cluster, &requests, &config);
+                let plan = schedule_in_place(&mut self.cluster, &requests, &config);
                 let mut out = String::new();
+                for e in &plan.evictions {
+                    out.push_str(&format!(
+                        "evict {} on {}: {}\n",
+                        e.replica, e.node, e.reason
+                    ));
+                }
                 for b in &plan.binds {
-                    let r = requests.iter().find(|r| r.id == b.replica).unwrap().clone();
-                    self.cluster.apply(&r, b);
-                    self.placed.insert(r.id.clone(), (r, b.clone()));
                     out.push_str(&render_bind(b));
                 }
                 for (id, why) in &plan.pending {
@@ -273,6 +275,7 @@ fn arb_cluster() -> impl Strategy<Value = Cluster> {
         .prop_flat_map(|n| (0..n).map(arb_node).collect::<Vec<_>>())
         .prop_map(|nodes| Cluster {
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            placed: BTreeMap::new(),
         })
 }
 
@@ -325,11 +328,13 @@ fn arb_config() -> impl Strategy<Value = Config> {
             QueueOrder::Fifo,
             QueueOrder::SmallestFirst,
         ]),
+        any::<bool>(),
     )
-        .prop_map(|(policy, queue)| Config {
+        .prop_map(|(policy, queue, preemption)| Config {
             policy,
             queue,
             weights: Weights::default(),
+            preemption,
         })
 }
 
@@ -340,8 +345,8 @@ proptest! {
     /// exactly once, and a multi-GPU replica gets all its GPUs on one node.
     #[test]
     fn plans_never_overcommit(cluster in arb_cluster(), requests in arb_requests(), config in arb_config()) {
-        let plan = schedule(&cluster, &requests, &config);
         let mut after = cluster.clone();
+        let plan = schedule_in_place(&mut after, &requests, &config);
         for b in &plan.binds {
             let r = requests.iter().find(|r| r.id == b.replica).unwrap();
             prop_assert_eq!(b.gpus.len(), r.resources.gpus as usize, "all or nothing");
@@ -354,16 +359,45 @@ proptest! {
             for (k, v) in &r.selector {
                 prop_assert_eq!(node.labels.get(k), Some(v));
             }
-            after.apply(r, b);
         }
         prop_assert_eq!(check_no_overcommit(&after), Ok(()));
         prop_assert_eq!(plan.binds.len() + plan.pending.len(), requests.len());
+        // Evictions only ever hit lower priorities, and the evicted are gone.
+        for e in &plan.evictions {
+            prop_assert!(!after.placed.contains_key(&e.replica));
+        }
+        // The usage the nodes record is exactly the sum of the placed replicas.
+        let mut rebuilt = cluster.clone();
+        for p in after.placed.values() {
+            rebuilt.apply(&p.request, &p.bind);
+        }
+        prop_assert_eq!(&rebuilt.nodes, &after.nodes);
     }
 
     /// The same input gives the same plan.
     #[test]
     fn deterministic(cluster in arb_cluster(), requests in arb_requests(), config in arb_config()) {
         prop_assert_eq!(schedule(&cluster, &requests, &config), schedule(&cluster, &requests, &config));
+    }
+
+    /// Preemption evicts only lower priorities and only when the request
+    /// fits nowhere without it.
+    #[test]
+    fn preemption_is_a_last_resort(cluster in arb_cluster(), requests in arb_requests(), late in arb_request(999)) {
+        let config = Config { preemption: true, ..Config::default() };
+        let mut work = cluster.clone();
+        schedule_in_place(&mut work, &requests, &Config::default());
+        let fits_without = work.nodes.values().any(|n| fit(n, &late, config.policy).is_ok());
+        let before = work.clone();
+        let plan = schedule_in_place(&mut work, std::slice::from_ref(&late), &config);
+        if fits_without {
+            prop_assert!(plan.evictions.is_empty());
+        }
+        for e in &plan.evictions {
+            let victim = &before.placed[&e.replica];
+            prop_assert!(victim.request.priority < late.priority, "{}", e.reason);
+        }
+        prop_assert_eq!(check_no_overcommit(&work), Ok(()));
     }
 
     /// A replica that fits some empty, ready node is never reported
