@@ -21,6 +21,7 @@ pub mod dev;
 pub mod local;
 pub mod model;
 pub mod output;
+pub mod sim;
 
 use client::{CliError, Client};
 use output::OutputFormat;
@@ -62,6 +63,8 @@ enum Command {
     /// Load and failover benchmarks against a real cluster.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Replay a cluster and workload trace through the scheduler (`sim generate` makes one).
+    Sim(sim::SimArgs),
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
             Command::Model(c) => model::run(c, &client, out).await,
             Command::Dev(a) => dev::run(a).await,
             Command::Bench(c) => bench::run(c, &cli.server, out).await,
+            Command::Sim(a) => sim::run(a, out),
         }
     });
     match result {

@@ -276,6 +276,7 @@ fn arb_cluster() -> impl Strategy<Value = Cluster> {
         .prop_map(|nodes| Cluster {
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
             placed: BTreeMap::new(),
+            scan_from: None,
         })
 }
 

@@ -1,0 +1,140 @@
+//! `cargo bench -p berth-control-plane --bench placement`: the wall time of
+//! one placement decision on a 5,000-node × 8-GPU cluster at 50 %
+//! occupancy, for each policy. Prints figures; asserts nothing.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use berth_common::{Labels, Resources};
+use berth_control_plane::scheduler::{
+    Cluster, Config, Gpu, GpuShare, Node, Policy, Request, place_one,
+};
+
+const NODES: usize = 5_000;
+const GPUS: u32 = 8;
+const DECISIONS: usize = 4_000;
+
+fn request(id: String, gpus: u32, milli: u32, gpu_mem: u64, cpu: u32) -> Request {
+    Request {
+        id,
+        resources: Resources {
+            cpu_milli: cpu,
+            memory_mib: 16 * 1024,
+            gpus,
+            gpu_memory_mib: gpu_mem,
+            gpu_milli: milli,
+        },
+        selector: Labels::new(),
+        gpu_model: None,
+        priority: 0,
+        arrival: 0,
+    }
+}
+
+/// Half of every node's GPUs, CPU and memory are taken: three whole GPUs
+/// and two half GPUs of eight, half the CPU.
+fn half_full_cluster() -> Cluster {
+    let mut cluster = Cluster::default();
+    for n in 0..NODES {
+        let name = format!("node-{n:05}");
+        cluster.nodes.insert(
+            name.clone(),
+            Node {
+                name: name.clone(),
+                schedulable: true,
+                state: "ready".into(),
+                labels: Labels::new(),
+                cpu_milli: 128_000,
+                memory_mib: 1024 * 1024,
+                gpus: (0..GPUS)
+                    .map(|index| Gpu {
+                        index,
+                        model: "H100-80GB".into(),
+                        memory_mib: 81_920,
+                        locality: Some(index / 2),
+                    })
+                    .collect(),
+                used_cpu_milli: 0,
+                used_memory_mib: 0,
+                used_gpus: BTreeMap::new(),
+            },
+        );
+        // Rotate which GPUs are busy so nodes differ.
+        let base = (n % 4) as u32 * 2;
+        let whole: Vec<GpuShare> = (0..3)
+            .map(|k| GpuShare {
+                index: (base + k) % GPUS,
+                milli: 1000,
+                memory_mib: 81_920,
+            })
+            .collect();
+        let r = request(format!("fill-{n}-a"), 3, 1000, 0, 48_000);
+        cluster.apply(
+            &r,
+            &berth_control_plane::scheduler::Bind {
+                replica: r.id.clone(),
+                node: name.clone(),
+                gpus: whole,
+            },
+        );
+        for k in 3..5 {
+            let r = request(format!("fill-{n}-{k}"), 1, 500, 40_960, 8_000);
+            cluster.apply(
+                &r,
+                &berth_control_plane::scheduler::Bind {
+                    replica: r.id.clone(),
+                    node: name.clone(),
+                    gpus: vec![GpuShare {
+                        index: (base + k) % GPUS,
+                        milli: 500,
+                        memory_mib: 40_960,
+                    }],
+                },
+            );
+        }
+    }
+    cluster
+}
+
+fn main() {
+    let mut cluster = half_full_cluster();
+    println!(
+        "placement decision, {NODES} nodes × {GPUS} GPUs, 50 % allocated, {DECISIONS} decisions per policy"
+    );
+    for policy in [
+        Policy::Default,
+        Policy::Binpack,
+        Policy::Spread,
+        Policy::FirstFit,
+        Policy::BestFit,
+    ] {
+        let config = Config {
+            policy,
+            ..Config::default()
+        };
+        let mut times = Vec::with_capacity(DECISIONS);
+        for i in 0..DECISIONS {
+            let r = match i % 5 {
+                0 => request(format!("b{i}"), 1, 250, 10_240, 2_000),
+                1 => request(format!("b{i}"), 1, 1000, 0, 8_000),
+                2 => request(format!("b{i}"), 2, 1000, 0, 16_000),
+                3 => request(format!("b{i}"), 0, 0, 0, 4_000),
+                _ => request(format!("b{i}"), 1, 500, 20_480, 4_000),
+            };
+            let t = Instant::now();
+            let placed = place_one(&mut cluster, &r, &config);
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            if placed.is_ok() {
+                // Keep the cluster at 50 %: undo, untimed.
+                cluster.release(&r.id);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{policy:?}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+            times[times.len() / 2],
+            times[times.len() * 99 / 100],
+            times[times.len() - 1]
+        );
+    }
+}
