@@ -280,18 +280,16 @@ const GPU_MODELS: [(&str, u64, u64); 4] = [
 /// with `gpus_per_node` GPUs of mixed models; tasks 20 % CPU-only, 30 %
 /// GPU shares of 100–750 thousandths, 30 % one whole GPU, 12 % two, 6 %
 /// four, 2 % eight; priorities 0–3; 70 % short (1–10 min) and 30 % long
-/// (1–10 h) runs; Poisson arrivals that keep the cluster busy.
+/// (1–10 h) runs; Poisson arrivals over one hour.
 pub fn generate(nodes: usize, gpus_per_node: u32, tasks: usize, seed: u64) -> (String, String) {
     let mut rng = SplitMix64::new(seed);
     let mut cluster = format!("{CLUSTER_HEADER}\n");
-    let mut gpu_nodes = 0u64;
     for i in 0..nodes {
         let cpu_only = rng.below(10) == 0;
         if cpu_only || gpus_per_node == 0 {
             let _ = writeln!(cluster, "cpu-{i:05},64000,262144,0,,0");
             continue;
         }
-        gpu_nodes += 1;
         let mut pick = rng.below(100);
         let (model, mem, _) = GPU_MODELS
             .iter()
@@ -312,11 +310,10 @@ pub fn generate(nodes: usize, gpus_per_node: u32, tasks: usize, seed: u64) -> (S
             "gpu-{i:05},{cpu},{ram},{gpus_per_node},{model},{mem}"
         );
     }
-    let total_gpus = (gpu_nodes * u64::from(gpus_per_node)).max(1) as f64;
-    // Mean GPU demand per task is about 1.2 GPUs and the mean run about 3 h,
-    // so this rate offers roughly 1.1 × the cluster's GPUs.
-    let mean_duration = 0.7 * 330.0 + 0.3 * 19_800.0;
-    let rate = 1.1 * total_gpus / (1.2 * mean_duration);
+    // Arrivals spread over one hour: with 30 % of tasks running for hours,
+    // a trace larger than the cluster builds a queue (replay mode) and
+    // fills it (fill mode).
+    let rate = tasks as f64 / 3_600.0;
     let mut workload = format!("{WORKLOAD_HEADER}\n");
     let mut t = 0.0f64;
     for i in 0..tasks {
