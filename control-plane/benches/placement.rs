@@ -2,7 +2,6 @@
 //! one placement decision on a 5,000-node × 8-GPU cluster at 50 %
 //! occupancy, for each policy. Prints figures; asserts nothing.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use berth_common::{Labels, Resources};
@@ -52,11 +51,11 @@ fn half_full_cluster() -> Cluster {
                         model: "H100-80GB".into(),
                         memory_mib: 81_920,
                         locality: Some(index / 2),
+                        used: Default::default(),
                     })
                     .collect(),
                 used_cpu_milli: 0,
                 used_memory_mib: 0,
-                used_gpus: BTreeMap::new(),
             },
         );
         // Rotate which GPUs are busy so nodes differ.

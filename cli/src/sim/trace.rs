@@ -186,11 +186,11 @@ pub fn parse_cluster(file: &str, text: &str) -> Result<Vec<Node>, TraceError> {
                     memory_mib: gpu_memory_mib,
                     // Pairs share a locality group, as on common 8-GPU boards.
                     locality: Some(index / 2),
+                    used: Default::default(),
                 })
                 .collect(),
             used_cpu_milli: 0,
             used_memory_mib: 0,
-            used_gpus: BTreeMap::new(),
         });
     }
     Ok(nodes)

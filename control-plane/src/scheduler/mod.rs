@@ -41,6 +41,8 @@ pub struct Gpu {
     pub memory_mib: u64,
     /// Locality group (GPUs in one group talk fastest); `None` when unknown.
     pub locality: Option<u32>,
+    /// What is allocated on it.
+    pub used: GpuUse,
 }
 
 /// What is allocated on one GPU.
@@ -80,19 +82,28 @@ pub struct Node {
     pub used_cpu_milli: u64,
     /// Allocated memory, MiB.
     pub used_memory_mib: u64,
-    /// Allocated share of each GPU, by index (absent = free).
-    pub used_gpus: BTreeMap<u32, GpuUse>,
 }
 
 impl Node {
     fn gpu_use(&self, index: u32) -> GpuUse {
-        self.used_gpus.get(&index).copied().unwrap_or_default()
+        self.gpus
+            .iter()
+            .find(|g| g.index == index)
+            .map(|g| g.used)
+            .unwrap_or_default()
+    }
+
+    fn gpu_mut(&mut self, index: u32) -> Option<&mut GpuUse> {
+        self.gpus
+            .iter_mut()
+            .find(|g| g.index == index)
+            .map(|g| &mut g.used)
     }
 
     fn is_empty(&self) -> bool {
         self.used_cpu_milli == 0
             && self.used_memory_mib == 0
-            && self.used_gpus.values().all(GpuUse::is_free)
+            && self.gpus.iter().all(|g| g.used.is_free())
     }
 }
 
@@ -390,12 +401,9 @@ fn release_on(node: &mut Node, placed: &Placed) {
     node.used_cpu_milli = node.used_cpu_milli.saturating_sub(u64::from(r.cpu_milli));
     node.used_memory_mib = node.used_memory_mib.saturating_sub(r.memory_mib);
     for g in &placed.bind.gpus {
-        if let Some(u) = node.used_gpus.get_mut(&g.index) {
+        if let Some(u) = node.gpu_mut(g.index) {
             u.milli = u.milli.saturating_sub(g.milli);
             u.memory_mib = u.memory_mib.saturating_sub(g.memory_mib);
-            if u.is_free() {
-                node.used_gpus.remove(&g.index);
-            }
         }
     }
 }
@@ -518,9 +526,10 @@ impl Cluster {
             node.used_cpu_milli += u64::from(request.resources.cpu_milli);
             node.used_memory_mib += request.resources.memory_mib;
             for g in &bind.gpus {
-                let u = node.used_gpus.entry(g.index).or_default();
-                u.milli += g.milli;
-                u.memory_mib += g.memory_mib;
+                if let Some(u) = node.gpu_mut(g.index) {
+                    u.milli += g.milli;
+                    u.memory_mib += g.memory_mib;
+                }
             }
             self.placed.insert(
                 request.id.clone(),
@@ -660,7 +669,7 @@ fn fit(node: &Node, request: &Request, policy: Policy) -> Result<Vec<GpuShare>, 
     };
     if r.gpus == 1 {
         let mut fits = node.gpus.iter().filter(model_ok).filter(|g| {
-            let u = node.gpu_use(g.index);
+            let u = g.used;
             u.milli + r.gpu_milli <= WHOLE_GPU_MILLI && u.memory_mib + need_mem(g) <= g.memory_mib
         });
         // Which GPU on this node: spread takes the emptiest, first-fit the
@@ -668,12 +677,12 @@ fn fit(node: &Node, request: &Request, policy: Policy) -> Result<Vec<GpuShare>, 
         // GPUs free).
         let chosen = match policy {
             Policy::Spread => fits.min_by_key(|g| {
-                let u = node.gpu_use(g.index);
+                let u = g.used;
                 (u.milli, u.memory_mib, g.index)
             }),
             Policy::FirstFit => fits.next(),
             Policy::Default | Policy::Binpack | Policy::BestFit => fits.min_by_key(|g| {
-                let u = node.gpu_use(g.index);
+                let u = g.used;
                 (
                     WHOLE_GPU_MILLI - u.milli - r.gpu_milli,
                     g.memory_mib - u.memory_mib - need_mem(g),
@@ -689,7 +698,7 @@ fn fit(node: &Node, request: &Request, policy: Policy) -> Result<Vec<GpuShare>, 
         .gpus
         .iter()
         .filter(model_ok)
-        .filter(|g| node.gpu_use(g.index).is_free() && need_mem(g) <= g.memory_mib)
+        .filter(|g| g.used.is_free() && need_mem(g) <= g.memory_mib)
         .collect();
     if free.len() < r.gpus as usize {
         return Err(Exclusion::GpuFree);
@@ -716,13 +725,13 @@ fn weighted_use(node: &Node, request: &Request, gpus: &[GpuShare], w: &Weights) 
     let per_mille = |used: u64, total: u64| (used * 1000).checked_div(total).unwrap_or(0) as i64;
     let gpu_total = node.gpus.len() as u64 * u64::from(WHOLE_GPU_MILLI);
     let gpu_used: u64 = node
-        .used_gpus
-        .values()
-        .map(|u| u64::from(u.milli))
+        .gpus
+        .iter()
+        .map(|g| u64::from(g.used.milli))
         .sum::<u64>()
         + gpus.iter().map(|g| u64::from(g.milli)).sum::<u64>();
     let mem_total: u64 = node.gpus.iter().map(|g| g.memory_mib).sum();
-    let mem_used: u64 = node.used_gpus.values().map(|u| u.memory_mib).sum::<u64>()
+    let mem_used: u64 = node.gpus.iter().map(|g| g.used.memory_mib).sum::<u64>()
         + gpus.iter().map(|g| g.memory_mib).sum::<u64>();
     i64::from(w.gpu) * per_mille(gpu_used, gpu_total)
         + i64::from(w.gpu_memory) * per_mille(mem_used, mem_total)
@@ -740,7 +749,7 @@ fn score<'a>(node: &'a Node, request: &Request, gpus: &[GpuShare], config: &Conf
             let gpu_free: u64 = node
                 .gpus
                 .iter()
-                .map(|g| u64::from(WHOLE_GPU_MILLI - node.gpu_use(g.index).milli))
+                .map(|g| u64::from(WHOLE_GPU_MILLI - g.used.milli))
                 .sum::<u64>()
                 - gpus.iter().map(|g| u64::from(g.milli)).sum::<u64>();
             let cpu_free =

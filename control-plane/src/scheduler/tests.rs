@@ -25,6 +25,7 @@ fn parse_gpus(spec: &str) -> Vec<Gpu> {
             model: model.into(),
             memory_mib: mem,
             locality: None,
+            used: Default::default(),
         })
         .collect()
 }
@@ -40,7 +41,6 @@ fn parse_node(words: &[&str]) -> Node {
         gpus: Vec::new(),
         used_cpu_milli: 0,
         used_memory_mib: 0,
-        used_gpus: BTreeMap::new(),
     };
     for w in &words[1..] {
         let (k, v) = kv(w);
@@ -191,10 +191,13 @@ fn check_no_overcommit(cluster: &Cluster) -> Result<(), String> {
         if n.used_cpu_milli > n.cpu_milli || n.used_memory_mib > n.memory_mib {
             return Err(format!("node {} over CPU or memory", n.name));
         }
-        for (i, u) in &n.used_gpus {
-            let g = n.gpus.iter().find(|g| g.index == *i).ok_or("unknown GPU")?;
+        for g in &n.gpus {
+            let u = g.used;
             if u.milli > WHOLE_GPU_MILLI || u.memory_mib > g.memory_mib {
-                return Err(format!("node {} GPU {i} over-committed: {u:?}", n.name));
+                return Err(format!(
+                    "node {} GPU {} over-committed: {u:?}",
+                    n.name, g.index
+                ));
             }
         }
     }
@@ -262,11 +265,11 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
                     model: model.into(),
                     memory_mib: mem,
                     locality: Some(g / 2),
+                    used: Default::default(),
                 })
                 .collect(),
             used_cpu_milli: 0,
             used_memory_mib: 0,
-            used_gpus: BTreeMap::new(),
         })
 }
 
