@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod config;
+#[cfg(test)]
+mod datadriven;
 pub mod member;
 pub mod raft;
 pub mod scheduler;

@@ -2,7 +2,6 @@
 //! refreshed with `UPDATE_EXPECT=1`) and property tests.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use berth_common::units::{parse_cpu_milli, parse_size_mib};
 use proptest::prelude::*;
@@ -204,38 +203,10 @@ fn check_no_overcommit(cluster: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs `testdata/scheduler/*.txt`.
 #[test]
 fn scenarios() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/scheduler");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("testdata/scheduler exists")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty());
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let mut world = World::default();
-        let mut actual = String::new();
-        for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-            let input = block.split("\n----").next().unwrap().trim_end();
-            actual.push_str(input);
-            actual.push_str("\n----\n");
-            for line in input
-                .lines()
-                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            {
-                actual.push_str(&world.run(line));
-            }
-            actual.push('\n');
-        }
-        expect_test::ExpectFile {
-            path: file.clone(),
-            position: file!(),
-        }
-        .assert_eq(&actual);
-    }
+    crate::datadriven::check("scheduler", |world: &mut World, line| world.run(line));
 }
 
 // ---- property tests --------------------------------------------------------

@@ -173,40 +173,30 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
     }
 }
 
-/// Runs every `testdata/state/*.txt` file: blocks of `command` lines, each
-/// followed by `----` and the expected output, separated by blank lines.
+/// Scenario state: the cluster state and the clock the lines advance.
+struct Scenario {
+    state: ClusterState,
+    at_ms: u64,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            state: ClusterState::default(),
+            at_ms: 1_000,
+        }
+    }
+}
+
+/// Runs `testdata/state/*.txt`; the invariants are checked after every line.
 #[test]
 fn scenarios() {
-    let dir = testdata().join("state");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("testdata/state exists")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty());
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let mut state = ClusterState::default();
-        let mut actual = String::new();
-        let mut at_ms = 1_000;
-        for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-            let input = block.split("\n----").next().unwrap().trim_end();
-            actual.push_str(input);
-            actual.push_str("\n----\n");
-            for line in input.lines().filter(|l| !l.starts_with('#')) {
-                actual.push_str(&run_line(&mut state, at_ms, line));
-                at_ms += 1_000;
-                check_invariants(&state).unwrap();
-            }
-            actual.push('\n');
-        }
-        expect_test::ExpectFile {
-            path: file.clone(),
-            position: file!(),
-        }
-        .assert_eq(&actual);
-    }
+    crate::datadriven::check("state", |s: &mut Scenario, line| {
+        let out = run_line(&mut s.state, s.at_ms, line);
+        s.at_ms += 1_000;
+        check_invariants(&s.state).unwrap();
+        out
+    });
 }
 
 // ---- property tests --------------------------------------------------------
