@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use berth_proto::grpc;
 use berth_proto::v1::raft_client::RaftClient;
 use berth_proto::v1::{JoinRequest, ReadIndexRequest};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -291,15 +291,13 @@ impl Member {
         loop {
             let (leader, addr) = self.leader(deadline).await?;
             let index = if leader == self.id {
-                match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
-                    Ok(Ok(_)) => return Ok(()),
-                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                match tokio::time::timeout_at(deadline, self.read_index()).await {
+                    Ok(Ok(index)) => index,
+                    Ok(Err(MemberError::Unavailable(_))) => {
                         self.backoff(deadline).await?;
                         continue;
                     }
-                    Ok(Err(e)) => {
-                        return Err(MemberError::Unavailable(format!("read barrier: {e}")));
-                    }
+                    Ok(Err(e)) => return Err(e),
                     Err(_) => return Err(MemberError::Unavailable(NO_LEADER.into())),
                 }
             } else {
@@ -328,10 +326,19 @@ impl Member {
         }
     }
 
-    /// The read index for a follower's linearizable read; only on the leader.
+    /// The index a linearizable read must see applied; only on the leader.
+    ///
+    /// openraft's read index is max(committed, the leader's first entry in
+    /// its term). A leader restored after a restart keeps its old term, so
+    /// that first entry can be far behind, and its committed index is not
+    /// durable: entries acknowledged before the crash may not be committed
+    /// again yet. Every acknowledged write is in the leader's log, so the
+    /// read also waits for the leader's last log index (taken before
+    /// leadership is confirmed) to be applied.
     pub async fn read_index(&self) -> Result<Option<u64>, MemberError> {
+        let last = self.raft.metrics().borrow().last_log_index;
         match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+            Ok((read, _applied)) => Ok(read.map(|l| l.index).max(last)),
             Err(e) => Err(MemberError::Unavailable(format!("not the leader: {e}"))),
         }
     }
