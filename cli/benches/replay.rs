@@ -16,13 +16,7 @@ fn main() {
         tasks.len()
     );
     for no_departures in [true, false] {
-        for policy in [
-            Policy::Default,
-            Policy::Binpack,
-            Policy::Spread,
-            Policy::FirstFit,
-            Policy::BestFit,
-        ] {
+        for policy in Policy::ALL {
             let options = replay::Options {
                 config: Config {
                     policy,

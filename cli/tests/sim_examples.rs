@@ -18,13 +18,7 @@ fn example_traces_give_stable_figures() {
         let (nodes, tasks) = trace::load(&dir.join("cluster.csv"), &dir.join("workload.csv"))
             .expect("example parses");
         for no_departures in [false, true] {
-            for policy in [
-                Policy::Default,
-                Policy::Binpack,
-                Policy::Spread,
-                Policy::FirstFit,
-                Policy::BestFit,
-            ] {
+            for policy in Policy::ALL {
                 let options = replay::Options {
                     config: Config {
                         policy,

@@ -100,13 +100,7 @@ fn main() {
     println!(
         "placement decision, {NODES} nodes × {GPUS} GPUs, 50 % allocated, {DECISIONS} decisions per policy"
     );
-    for policy in [
-        Policy::Default,
-        Policy::Binpack,
-        Policy::Spread,
-        Policy::FirstFit,
-        Policy::BestFit,
-    ] {
+    for policy in Policy::ALL {
         let config = Config {
             policy,
             ..Config::default()

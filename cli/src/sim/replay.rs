@@ -160,7 +160,7 @@ pub fn replay(
         }
         // One scheduling cycle over the queue, in queue order.
         let mut queue: Vec<&Request> = waiting.iter().map(|&i| &requests[i]).collect();
-        sort_requests(&mut queue, &options.config);
+        scheduler::sort_queue(&mut queue, options.config.queue);
         let queue: Vec<usize> = queue.iter().map(|r| by_id[r.id.as_str()]).collect();
         let mut failed_in_row = 0usize;
         let mut still_waiting = Vec::new();
@@ -235,8 +235,4 @@ pub fn replay(
         decision_us_p99: percentile(&decisions, 0.99),
         wall_s: started.elapsed().as_secs_f64(),
     }
-}
-
-fn sort_requests(queue: &mut [&Request], config: &Config) {
-    scheduler::sort_queue(queue, config.queue);
 }

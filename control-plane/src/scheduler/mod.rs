@@ -267,6 +267,17 @@ pub enum Policy {
     BestFit,
 }
 
+impl Policy {
+    /// Every policy, for comparisons (`berth sim`, benchmarks).
+    pub const ALL: [Policy; 5] = [
+        Policy::Default,
+        Policy::Binpack,
+        Policy::Spread,
+        Policy::FirstFit,
+        Policy::BestFit,
+    ];
+}
+
 /// Queue order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum QueueOrder {
