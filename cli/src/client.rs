@@ -46,7 +46,7 @@ impl CliError {
                 "no control-plane member answered at {servers}; is berth-control running? set --server or BERTH_SERVER (start one with `berth dev`)"
             ),
             Code::Unavailable => "the cluster may be electing a leader or have lost a majority; retry, and check `berth cluster status`".into(),
-            Code::NotFound => "list what exists with `berth model list` or `berth cluster members`".into(),
+            Code::NotFound => "list what exists with `berth model list`, `berth node list` or `berth cluster members`".into(),
             Code::AlreadyExists => "pick another name or version, or inspect it with `berth model show NAME`".into(),
             Code::InvalidArgument => "fix the named field and retry; `berth <command> --help` lists the rules".into(),
             Code::FailedPrecondition => "the request is valid but the cluster's state does not allow it now".into(),
@@ -82,6 +82,11 @@ impl Client {
             members,
             servers: servers.to_string(),
         }
+    }
+
+    /// The addresses, as given.
+    pub fn servers(&self) -> &str {
+        &self.servers
     }
 
     /// Calls `f` on each member in turn until one answers.

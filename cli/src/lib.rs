@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod dev;
 pub mod local;
 pub mod model;
+pub mod node;
 pub mod output;
 pub mod sim;
 
@@ -58,6 +59,17 @@ enum Command {
     /// The model registry: models and their versions.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Nodes (GPU machines running berth-agent): state and inventory.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Run the demo model server (a small real HTTP server that runtime demo starts).
+    DemoModel(berth_node_agent::demo_model::DemoArgs),
+    /// Internal: own one replica process (the agent runs this when it is `berth`, as in `berth dev`).
+    #[command(hide = true)]
+    Shim {
+        /// The replica's directory.
+        dir: std::path::PathBuf,
+    },
     /// Run a local control plane in this process, with the demo model registered.
     Dev(dev::DevArgs),
     /// Load and failover benchmarks against a real cluster.
@@ -70,6 +82,9 @@ enum Command {
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Shim { dir } = &cli.command {
+        return berth_node_agent::supervisor::shim::main(dir);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -84,6 +99,11 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Cluster(c) => cluster::run(c, &client, out).await,
             Command::Model(c) => model::run(c, &client, out).await,
+            Command::Node(c) => node::run(c, &client, out).await,
+            Command::DemoModel(a) => berth_node_agent::demo_model::run(a)
+                .await
+                .map_err(CliError::Other),
+            Command::Shim { .. } => Ok(()),
             Command::Dev(a) => dev::run(a).await,
             Command::Bench(c) => bench::run(c, &cli.server, out).await,
             Command::Sim(a) => sim::run(a, out),

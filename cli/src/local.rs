@@ -344,3 +344,182 @@ impl Drop for LocalCluster {
         }
     }
 }
+
+/// Options for a local agent's command line.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `--node-name`.
+    pub node: String,
+    /// `--simulate-gpus`, if any.
+    pub simulate_gpus: Option<String>,
+    /// `--control` addresses (comma-separated); None: standalone.
+    pub control: Option<String>,
+    /// More flags.
+    pub extra: Vec<String>,
+}
+
+impl AgentOptions {
+    /// A standalone agent with two simulated A100s.
+    pub fn standalone(node: &str) -> Self {
+        AgentOptions {
+            node: node.into(),
+            simulate_gpus: Some("2xA100-80GB".into()),
+            control: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A real `berth-agent` process on a free loopback port with its own data
+/// dir. Dropping it kills the agent and every replica it started (their
+/// shims outlive the agent by design, so they are killed through the
+/// replica directories).
+pub struct LocalAgent {
+    /// The node's name.
+    pub node: String,
+    /// The Agent gRPC address.
+    pub addr: String,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Where its output goes.
+    pub log_path: PathBuf,
+    args: Vec<String>,
+    binary: PathBuf,
+    child: Option<Child>,
+    _root: Option<tempfile::TempDir>,
+}
+
+impl LocalAgent {
+    /// Starts an agent in a new temporary directory.
+    pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        let root = tempfile::Builder::new()
+            .prefix("berth-agent-")
+            .tempdir()
+            .context("create agent dir")?;
+        let path = root.path().to_path_buf();
+        let mut agent = Self::start_in(&path, options)?;
+        agent._root = Some(root);
+        Ok(agent)
+    }
+
+    /// Starts an agent whose data dir and log live under `dir`.
+    pub fn start_in(dir: &Path, options: AgentOptions) -> anyhow::Result<Self> {
+        let binary = find_binary("berth-agent")?;
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let data_dir = dir.join(format!("agent-{}", options.node));
+        let log_path = dir.join(format!("agent-{}.log", options.node));
+        let mut args = vec![
+            "--insecure".to_string(),
+            "--node-name".into(),
+            options.node.clone(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        if let Some(g) = &options.simulate_gpus {
+            args.extend(["--simulate-gpus".to_string(), g.clone()]);
+        }
+        if let Some(c) = &options.control {
+            args.extend(["--control".to_string(), c.clone()]);
+        }
+        args.extend(options.extra.iter().cloned());
+        let mut agent = LocalAgent {
+            node: options.node,
+            addr,
+            data_dir,
+            log_path,
+            args,
+            binary,
+            child: None,
+            _root: None,
+        };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process again (after `kill` or `stop`).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("agent {} is running", self.node);
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("open {}", self.log_path.display()))?;
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.binary.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the agent (its replicas keep running) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().context("kill agent")?;
+            c.wait().context("reap agent")?;
+        }
+        Ok(())
+    }
+
+    /// Sends a signal to the agent process (SIGSTOP, SIGCONT, …).
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("the agent is not running")?;
+        kill(Pid::from_raw(pid as i32), signal).context("signal the agent")
+    }
+
+    /// The agent's output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Kills every replica process (server group and shim) under the data dir.
+    pub fn kill_replicas(&self) {
+        use berth_node_agent::supervisor::shim::ShimFile;
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("replicas")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(text) = std::fs::read(e.path().join("shim.json")) else {
+                continue;
+            };
+            let Ok(ids) = serde_json::from_slice::<ShimFile>(&text) else {
+                continue;
+            };
+            if ids.server.alive() {
+                let _ =
+                    nix::sys::signal::killpg(Pid::from_raw(ids.server.pid as i32), Signal::SIGKILL);
+            }
+            if ids.shim.alive() {
+                let _ = kill(Pid::from_raw(ids.shim.pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_replicas();
+        if std::env::var_os("BERTH_KEEP_CLUSTER").is_some()
+            && let Some(root) = self._root.take()
+        {
+            eprintln!("keeping agent dir {}", root.keep().display());
+        }
+    }
+}

@@ -7,6 +7,8 @@ pub mod error;
 pub mod fsutil;
 pub mod model;
 pub mod names;
+pub mod node;
+pub mod replica;
 pub mod resources;
 pub mod telemetry;
 pub mod units;
@@ -14,6 +16,8 @@ pub mod units;
 pub use error::ValidationError;
 pub use model::{HealthProbe, Model, ModelVersion, ModelVersionSpec, Runtime};
 pub use names::Labels;
+pub use node::{GpuDevice, GpuSource, Node, NodeInventory, NodeRegistration, NodeState};
+pub use replica::{ReplicaPhase, ReplicaSpec};
 pub use resources::Resources;
 
 /// Id of a control-plane member (the Raft node id).

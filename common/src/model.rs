@@ -111,7 +111,8 @@ impl Runtime {
         }
     }
 
-    fn validate(&self) -> Result<(), ValidationError> {
+    /// Checks the command template of runtime `command`.
+    pub fn validate(&self) -> Result<(), ValidationError> {
         if let Runtime::Command { template } = self {
             if template.trim().is_empty() {
                 return Err(ValidationError::new(

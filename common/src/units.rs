@@ -68,6 +68,19 @@ pub fn format_mib(mib: u64) -> String {
     }
 }
 
+/// Formats MiB for reading at a glance: exact units when they fit
+/// (`20GiB`), else one decimal (`23.5GiB`).
+pub fn format_mib_approx(mib: u64) -> String {
+    if mib < 1024 || mib.is_multiple_of(1024) {
+        return format_mib(mib);
+    }
+    if mib >= 1024 * 1024 {
+        format!("{:.1}TiB", mib as f64 / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1}GiB", mib as f64 / 1024.0)
+    }
+}
+
 /// Formats millicores (`2`, `500m`).
 pub fn format_cpu_milli(milli: u32) -> String {
     if milli.is_multiple_of(1000) {
@@ -101,6 +114,9 @@ mod tests {
         }
         assert_eq!(format_mib(20 * 1024), "20GiB");
         assert_eq!(format_mib(1500), "1500MiB");
+        assert_eq!(format_mib_approx(24105), "23.5GiB");
+        assert_eq!(format_mib_approx(81920), "80GiB");
+        assert_eq!(format_mib_approx(512), "512MiB");
     }
 
     #[test]

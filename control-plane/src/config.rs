@@ -26,6 +26,8 @@ pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time `--join` keeps trying to reach the cluster.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default time a node may miss heartbeats before it is marked down.
+pub const DEFAULT_NODE_GRACE: Duration = crate::reconciler::nodes::DEFAULT_NODE_GRACE;
 
 /// Command-line flags of `berth-control`. Every flag can also be set in the
 /// `--config` TOML file under the same name with `_` for `-`.
@@ -81,6 +83,9 @@ pub struct Flags {
     /// How long --join keeps trying to reach the cluster [default: 15s].
     #[arg(long, env = "BERTH_JOIN_TIMEOUT", value_name = "DURATION")]
     pub join_timeout: Option<String>,
+    /// How long a node may miss heartbeats before it is marked down [default: 5s].
+    #[arg(long, env = "BERTH_NODE_GRACE", value_name = "DURATION")]
+    pub node_grace: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -103,6 +108,7 @@ struct FileConfig {
     snapshot_every: Option<u64>,
     request_timeout: Option<String>,
     join_timeout: Option<String>,
+    node_grace: Option<String>,
     log_format: Option<String>,
 }
 
@@ -135,6 +141,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long `--join` keeps trying.
     pub join_timeout: Duration,
+    /// How long a node may miss heartbeats before it is down.
+    pub node_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -156,6 +164,7 @@ impl Config {
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
+            node_grace: DEFAULT_NODE_GRACE,
             log_format: LogFormat::Text,
         }
     }
@@ -227,6 +236,12 @@ impl Config {
                 file.join_timeout,
                 DEFAULT_JOIN_TIMEOUT,
             )?,
+            node_grace: dur(
+                "node_grace",
+                flags.node_grace,
+                file.node_grace,
+                DEFAULT_NODE_GRACE,
+            )?,
             log_format: flags
                 .log_format
                 .or(file.log_format)
@@ -257,6 +272,12 @@ impl Config {
                 "election_timeout {:?} is invalid: it must be at least 3 heartbeat intervals ({:?})",
                 self.election_timeout,
                 self.heartbeat_interval * 3
+            ));
+        }
+        if self.node_grace < Duration::from_millis(500) {
+            return Err(format!(
+                "node_grace {:?} is invalid: it must be at least 500ms (agents heartbeat every second by default)",
+                self.node_grace
             ));
         }
         if self.snapshot_every == 0 {

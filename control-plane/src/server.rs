@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use berth_proto::grpc;
 use berth_proto::v1::JoinRequest;
 use berth_proto::v1::admin_server::AdminServer;
+use berth_proto::v1::node_registry_server::NodeRegistryServer;
 use berth_proto::v1::raft_client::RaftClient;
 use berth_proto::v1::raft_server::RaftServer;
 use openraft::{BasicNode, SnapshotPolicy};
@@ -26,12 +27,14 @@ use tonic::service::Routes;
 
 use crate::api::admin::AdminService;
 use crate::api::raft::RaftService;
+use crate::api::registry::RegistryService;
 use crate::config::Config;
 use crate::member::{Forwarder, Member, PeerClients, Proposer, detector};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{NodeId, Raft};
+use crate::reconciler::nodes::NodeTracker;
 
 mod http;
 
@@ -230,14 +233,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     );
 
-    let routes = Routes::new(AdminServer::new(AdminService::new(member.clone()))).add_service(
+    let nodes = NodeTracker::new(member.clone(), config.node_grace);
+    nodes.start(&tasks, shutdown.clone());
+    let routes = Routes::new(AdminServer::new(AdminService::new(
+        member.clone(),
+        nodes.clone(),
+    )))
+    .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))
+    .add_service(
         RaftServer::new(RaftService::new(member.clone()))
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
     );
     let stop = shutdown.clone();
     tasks.spawn(async move {
-        let services = ["berth.v1.Admin", "berth.v1.Raft"];
+        let services = ["berth.v1.Admin", "berth.v1.NodeRegistry", "berth.v1.Raft"];
         if let Err(e) =
             grpc::serve(listener, routes, &services, stop.clone().cancelled_owned()).await
         {

@@ -1,7 +1,14 @@
-//! Berth's node agent: GPU/CPU inventory, registration and heartbeats, and
-//! the replica supervisor. Not built yet (see the issue "Node agent"); the
-//! crate exists so the workspace has its final shape and the binary tells
-//! an operator so plainly instead of doing nothing.
+//! Berth's node agent: reports what the machine has (`inventory`: GPUs
+//! through NVML or simulated, CPU, memory, disks, network through sysinfo),
+//! registers and heartbeats to the control plane (`registration`), and runs
+//! model replicas (`supervisor`, each through a shim that outlives the
+//! agent) on orders from the Agent gRPC service (`api`). `demo_model` is the
+//! small real HTTP model server behind runtime `demo`.
 
-/// What `berth-agent` says until it is built.
-pub const NOT_YET: &str = "berth-agent is not implemented yet: this Berth build runs the control plane only (berth-control, berth dev)";
+pub mod api;
+pub mod config;
+pub mod demo_model;
+pub mod inventory;
+pub mod registration;
+pub mod server;
+pub mod supervisor;

@@ -9,19 +9,21 @@ use berth_proto::v1::admin_server::Admin;
 use berth_proto::v1::{self as pb};
 use tonic::{Request, Response, Status};
 
-use super::status;
+use super::{nodes, status};
 use crate::member::{Member, MemberError};
+use crate::reconciler::nodes::NodeTracker;
 use crate::state::{Command, ObjectKind, Outcome, Rejection};
 
 /// The Admin service of one member.
 pub struct AdminService {
     member: Member,
+    nodes: NodeTracker,
 }
 
 impl AdminService {
-    /// Serves Admin calls through `member`.
-    pub fn new(member: Member) -> Self {
-        Self { member }
+    /// Serves Admin calls through `member`; node calls through `nodes`.
+    pub fn new(member: Member, nodes: NodeTracker) -> Self {
+        Self { member, nodes }
     }
 
     fn status_response(&self) -> pb::ClusterStatusResponse {
@@ -182,5 +184,25 @@ impl Admin for AdminService {
             version: req.version,
         })
         .await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        nodes::list(&self.nodes, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::GetNodeResponse>, Status> {
+        nodes::get(&self.nodes, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

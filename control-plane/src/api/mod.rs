@@ -1,5 +1,5 @@
-//! gRPC services of a member: `Admin` (for people and tools) and `Raft`
-//! (member to member). Handlers translate protobuf to domain types, call
+//! gRPC services of a member: `Admin` (for people and tools), `NodeRegistry`
+//! (for agents) and `Raft` (member to member). Handlers translate protobuf to domain types, call
 //! `Member`, and map errors to status codes in one place (`status`).
 
 use tonic::Status;
@@ -8,7 +8,9 @@ use crate::member::MemberError;
 use crate::state::Rejection;
 
 pub mod admin;
+mod nodes;
 pub mod raft;
+pub mod registry;
 
 /// The one mapping from Berth errors to gRPC status codes.
 pub fn status(e: MemberError) -> Status {

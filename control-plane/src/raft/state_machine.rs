@@ -3,7 +3,8 @@
 //!
 //! Snapshot file format (also the bytes sent to a lagging follower):
 //! `b"BERTHSNP"`, a little-endian `u32` format version, then the postcard
-//! encoding of `SnapshotBody`. A reader refuses versions it does not know.
+//! encoding of `SnapshotBody`. Version 2 added nodes; version 1 (models
+//! only) is still read and converted. A reader refuses versions it does not know.
 //! After a restart the snapshot is loaded and openraft re-applies the log
 //! from there up to the committed index (saved by the log store).
 
@@ -21,12 +22,13 @@ use super::{
     Entry, LogId, NodeId, Response, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
     decode, encode,
 };
+use crate::state::legacy::ClusterStateV1;
 use crate::state::{self, ClusterState, Outcome};
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
-/// The snapshot format this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// The snapshot format this build writes (it also reads every earlier one).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What a snapshot holds after its header.
@@ -38,6 +40,13 @@ pub struct SnapshotBody {
     pub state: ClusterState,
 }
 
+/// Format 1 of the body: a state without nodes.
+#[derive(Debug, Clone, Deserialize)]
+struct SnapshotBodyV1 {
+    meta: SnapshotMeta,
+    state: ClusterStateV1,
+}
+
 /// Why a snapshot could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -46,7 +55,7 @@ pub enum SnapshotError {
     BadMagic,
     /// Written by a newer (or unknown) format.
     #[error(
-        "snapshot format version {0} is unknown: this build reads version {SNAPSHOT_FORMAT_VERSION}; upgrade berth-control"
+        "snapshot format version {0} is unknown: this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}; upgrade berth-control"
     )]
     UnknownVersion(u32),
     /// The body does not decode.
@@ -78,10 +87,17 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
         .ok_or(SnapshotError::BadMagic)?;
     let (version, body) = rest.split_at_checked(4).ok_or(SnapshotError::BadMagic)?;
     let version = u32::from_le_bytes([version[0], version[1], version[2], version[3]]);
-    if version != SNAPSHOT_FORMAT_VERSION {
-        return Err(SnapshotError::UnknownVersion(version));
+    match version {
+        1 => {
+            let v1: SnapshotBodyV1 = decode(body)?;
+            Ok(SnapshotBody {
+                meta: v1.meta,
+                state: v1.state.into(),
+            })
+        }
+        SNAPSHOT_FORMAT_VERSION => Ok(decode(body)?),
+        _ => Err(SnapshotError::UnknownVersion(version)),
     }
-    Ok(decode(body)?)
 }
 
 /// The applied state and where it stands in the log.

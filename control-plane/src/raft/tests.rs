@@ -68,13 +68,11 @@ fn log_entry_fixtures_stay_readable() {
     assert_eq!(format!("{decoded:?}"), format!("{entries:?}"));
 }
 
-/// Snapshots written by earlier versions stay readable.
-#[test]
-fn snapshot_fixture_stays_readable() {
-    let entries = fixture_entries();
+/// The snapshot of the state a log leads to.
+fn snapshot_of(entries: &[Entry], snapshot_id: &str) -> SnapshotBody {
     let mut state = crate::state::ClusterState::default();
     let mut membership = StoredMembership::default();
-    for e in &entries {
+    for e in entries {
         match &e.payload {
             EntryPayload::Normal(r) => {
                 let _ = crate::state::apply(&mut state, r.clone());
@@ -85,16 +83,45 @@ fn snapshot_fixture_stays_readable() {
             EntryPayload::Blank => {}
         }
     }
-    let body = SnapshotBody {
+    SnapshotBody {
         meta: SnapshotMeta {
             last_log_id: entries.last().map(|e| e.log_id),
             last_membership: membership,
-            snapshot_id: "2-7-0".into(),
+            snapshot_id: snapshot_id.into(),
         },
         state,
-    };
+    }
+}
+
+/// Snapshots written in format 1 (models only) stay readable.
+#[test]
+fn snapshot_fixture_stays_readable() {
+    let body = snapshot_of(&fixture_entries(), "2-7-0");
+    // Only read: format 1 is never written again.
+    let stored = fixture("snapshot-v1.bin", &[]);
+    assert_eq!(&stored[8..12], &1u32.to_le_bytes());
+    assert_eq!(decode_snapshot(&stored).unwrap(), body);
+}
+
+/// Snapshots in format 2 (models and nodes) stay readable.
+#[test]
+fn snapshot_v2_fixture_stays_readable() {
+    let mut entries = fixture_entries();
+    let next = entries.len() as u64 + 1;
+    for (i, r) in crate::state::tests::fixture_requests_v2()
+        .into_iter()
+        .enumerate()
+    {
+        entries.push(Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), next + i as u64),
+            payload: EntryPayload::Normal(r),
+        });
+    }
+    let body = snapshot_of(&entries, "3-12-0");
+    assert_eq!(body.state.nodes.len(), 2);
     let fresh = encode_snapshot(&body).unwrap();
-    let stored = fixture("snapshot-v1.bin", &fresh);
+    let stored = fixture("snapshot-v2.bin", &fresh);
+    assert_eq!(&stored[8..12], &2u32.to_le_bytes());
     assert_eq!(decode_snapshot(&stored).unwrap(), body);
 }
 

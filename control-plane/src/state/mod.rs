@@ -12,17 +12,24 @@
 
 use std::collections::BTreeMap;
 
-use berth_common::{Model, ModelVersion, ModelVersionSpec, ValidationError};
+use berth_common::{
+    Model, ModelVersion, ModelVersionSpec, Node, NodeRegistration, NodeState, ValidationError,
+};
 use serde::{Deserialize, Serialize};
 
+pub mod legacy;
+mod nodes;
 #[cfg(test)]
 pub(crate) mod tests;
 
-/// Everything the control plane agrees on. Today: the model registry.
+/// Everything the control plane agrees on: the model registry and the nodes.
+/// A new field here is a new snapshot format (see `legacy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Models by name.
     pub models: BTreeMap<String, Model>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 /// A change to the cluster state, as written to the Raft log.
@@ -58,6 +65,21 @@ pub enum Command {
     /// has its own outcome (the leader batches concurrent writes this way,
     /// one fsync for many). A batch may not contain a batch.
     Batch(Vec<Command>),
+    /// Records a node as its agent registered it (new, or updated: address,
+    /// labels, inventory; a new agent instance is a new epoch). A node that
+    /// was down is ready again.
+    RegisterNode(NodeRegistration),
+    /// A node state transition observed by the leader (heartbeats missed
+    /// past the grace period, or back). Refused when `instance` is not the
+    /// node's current agent: a stale observation changes nothing.
+    SetNodeState {
+        /// The node.
+        name: String,
+        /// The new state.
+        state: NodeState,
+        /// The agent instance the observation was about.
+        instance: String,
+    },
 }
 
 impl Command {
@@ -69,6 +91,8 @@ impl Command {
             Command::AddModelVersion { .. } => "add_model_version",
             Command::RemoveModelVersion { .. } => "remove_model_version",
             Command::Batch(_) => "batch",
+            Command::RegisterNode(_) => "register_node",
+            Command::SetNodeState { .. } => "set_node_state",
         }
     }
 }
@@ -93,6 +117,9 @@ pub enum Outcome {
     Deleted,
     /// The outcome of each command of a `Command::Batch`, in order.
     Batch(Vec<Result<Outcome, Rejection>>),
+    /// The node as it is after the command (boxed: it is large; the
+    /// encoding is the same as unboxed).
+    Node(Box<Node>),
 }
 
 /// The kinds of object a rejection can name.
@@ -102,6 +129,8 @@ pub enum ObjectKind {
     Model,
     /// A version of a model.
     ModelVersion,
+    /// A node.
+    Node,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -109,6 +138,7 @@ impl std::fmt::Display for ObjectKind {
         f.write_str(match self {
             ObjectKind::Model => "model",
             ObjectKind::ModelVersion => "model version",
+            ObjectKind::Node => "node",
         })
     }
 }
@@ -217,6 +247,12 @@ pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
                 })
                 .collect(),
         )),
+        Command::RegisterNode(registration) => nodes::register(state, registration, at_ms),
+        Command::SetNodeState {
+            name,
+            state: to,
+            instance,
+        } => nodes::set_state(state, &name, to, &instance, at_ms),
         Command::RemoveModelVersion { model, version } => {
             let users = users_of_model(state, &model, Some(&version));
             let Some(m) = state.models.get_mut(&model) else {
@@ -281,5 +317,5 @@ pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
                 .map_err(|e| format!("model {name:?} version {v:?}: {e}"))?;
         }
     }
-    Ok(())
+    nodes::check_invariants(state)
 }

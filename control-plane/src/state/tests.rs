@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use berth_common::units::{parse_cpu_milli, parse_size_mib};
-use berth_common::{HealthProbe, Labels, ModelVersionSpec, Resources, Runtime};
+use berth_common::{
+    GpuDevice, GpuSource, HealthProbe, Labels, ModelVersionSpec, NodeInventory, Resources, Runtime,
+};
 use proptest::prelude::*;
 
 use super::*;
@@ -26,6 +28,42 @@ fn demo_spec(version: &str) -> ModelVersionSpec {
             path: "/health".into(),
         },
         labels: Labels::new(),
+    }
+}
+
+fn inventory(gpus: u32) -> NodeInventory {
+    NodeInventory {
+        gpu_source: GpuSource::Simulated {
+            spec: format!("{gpus}xA100-80GB"),
+        },
+        gpus: (0..gpus)
+            .map(|i| GpuDevice {
+                index: i,
+                uuid: format!("GPU-simulated-{i}"),
+                model: "A100-80GB".into(),
+                memory_mib: 80 * 1024,
+                pci_bus_id: String::new(),
+                locality: Some(0),
+                mig_enabled: false,
+            })
+            .collect(),
+        cpu_model: "test cpu".into(),
+        cpu_milli: 16_000,
+        memory_mib: 64 * 1024,
+        hostname: "host".into(),
+        os: "linux".into(),
+        cgroups: "unavailable: test".into(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
+fn registration(name: &str, instance: &str, gpus: u32) -> NodeRegistration {
+    NodeRegistration {
+        name: name.into(),
+        addr: "127.0.0.1:7500".into(),
+        labels: Labels::new(),
+        inventory: inventory(gpus),
+        instance: instance.into(),
     }
 }
 
@@ -108,10 +146,50 @@ fn render_state(state: &ClusterState) -> String {
             ));
         }
     }
+    for n in state.nodes.values() {
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "node {} state={} epoch={} instance={} addr={} gpus={} labels=[{}] registered={} since={}\n",
+            n.name,
+            n.state,
+            n.epoch,
+            n.instance,
+            n.addr,
+            n.inventory.gpus.len(),
+            labels.join(","),
+            n.registered_at_ms,
+            n.state_since_ms
+        ));
+    }
     if out.is_empty() {
         out.push_str("(empty)\n");
     }
     out
+}
+
+/// `register-node NAME [instance=I] [addr=A] [gpus=N] [label=k=v]..`
+fn registration_from_args(name: &str, args: &[String]) -> Result<NodeRegistration, String> {
+    let mut r = registration(name, "i1", 2);
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or(format!("bad arg {a}"))?;
+        match k {
+            "instance" => r.instance = v.into(),
+            "addr" => r.addr = v.into(),
+            "gpus" => r.inventory = inventory(v.parse().map_err(|_| "gpus")?),
+            "gpu-index" => {
+                let i: u32 = v.parse().map_err(|_| "gpu-index")?;
+                if let Some(g) = r.inventory.gpus.first_mut() {
+                    g.index = i;
+                }
+            }
+            "label" => {
+                let (lk, lv) = v.split_once('=').ok_or("label needs k=v")?;
+                r.labels.insert(lk.into(), lv.into());
+            }
+            _ => return Err(format!("unknown arg {k}")),
+        }
+    }
+    Ok(r)
 }
 
 /// Runs one scenario line against `state` and describes what happened.
@@ -156,6 +234,23 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         "delete" => Command::DeleteModel {
             name: rest[0].clone(),
         },
+        "register-node" => match registration_from_args(&rest[0], &rest[1..]) {
+            Ok(r) => Command::RegisterNode(r),
+            Err(e) => return format!("input error: {e}\n"),
+        },
+        "node-state" => Command::SetNodeState {
+            name: rest[0].clone(),
+            state: match rest[1].as_str() {
+                "ready" => NodeState::Ready,
+                "down" => NodeState::Down,
+                other => panic!("unknown node state {other}"),
+            },
+            instance: rest
+                .get(2)
+                .and_then(|a| a.strip_prefix("instance="))
+                .unwrap_or("i1")
+                .to_string(),
+        },
         other => panic!("unknown scenario command {other}"),
     };
     let before = state.clone();
@@ -165,6 +260,9 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
             m.name,
             m.versions.keys().cloned().collect::<Vec<_>>().join(", ")
         ),
+        Ok(Outcome::Node(n)) => {
+            format!("ok: node {} state={} epoch={}\n", n.name, n.state, n.epoch)
+        }
         Ok(o) => format!("ok: {o:?}\n"),
         Err(r) => {
             assert_eq!(&before, state, "a rejected command changed the state");
@@ -263,6 +361,30 @@ fn arb_single() -> impl Strategy<Value = Command> {
         (name, version).prop_map(|(n, v)| Command::RemoveModelVersion {
             model: n.into(),
             version: v.into()
+        }),
+        arb_node_command(),
+    ]
+}
+
+fn arb_node_command() -> impl Strategy<Value = Command> {
+    let node = prop::sample::select(vec!["gpu-1", "gpu-2", "Bad_Node"]);
+    let instance = prop::sample::select(vec!["i1", "i2", ""]);
+    prop_oneof![
+        (node.clone(), instance.clone(), 0u32..4, any::<bool>()).prop_map(|(n, i, g, bad)| {
+            let mut r = registration(n, i, g);
+            if bad && g > 0 {
+                r.inventory.gpus[0].memory_mib = 0;
+            }
+            Command::RegisterNode(r)
+        }),
+        (node, instance, any::<bool>()).prop_map(|(n, i, down)| Command::SetNodeState {
+            name: n.into(),
+            state: if down {
+                NodeState::Down
+            } else {
+                NodeState::Ready
+            },
+            instance: i.into(),
         }),
     ]
 }
@@ -494,13 +616,82 @@ fn request_fixtures_stay_readable() {
     assert_eq!(decoded, requests);
 }
 
-/// A state encoded by an earlier version still decodes to the same state.
+/// A state encoded in snapshot format 1 (models only) still decodes, into
+/// the same models and no nodes.
 #[test]
 fn state_fixture_stays_readable() {
     let (state, _) = replay(&fixture_requests());
     assert_eq!(state.models.len(), 1);
-    let fresh = postcard::to_stdvec(&state).unwrap();
+    let fresh = postcard::to_stdvec(&legacy::ClusterStateV1 {
+        models: state.models.clone(),
+    })
+    .unwrap();
     let stored = fixture("state-v1.postcard", &fresh);
+    let decoded: legacy::ClusterStateV1 = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(ClusterState::from(decoded), state);
+}
+
+/// Node commands (appended in format 2), one of each kind and transition.
+pub(crate) fn fixture_requests_v2() -> Vec<Request> {
+    let mut labelled = registration("gpu-1", "a1", 2);
+    labelled.labels.insert("zone".into(), "eu-1".into());
+    vec![
+        Request {
+            at_ms: 1_700_000_010_000,
+            command: Command::RegisterNode(labelled.clone()),
+        },
+        Request {
+            at_ms: 1_700_000_011_000,
+            command: Command::RegisterNode(registration("cpu-1", "c1", 0)),
+        },
+        Request {
+            at_ms: 1_700_000_012_000,
+            command: Command::SetNodeState {
+                name: "gpu-1".into(),
+                state: NodeState::Down,
+                instance: "a1".into(),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_013_000,
+            command: Command::RegisterNode(NodeRegistration {
+                instance: "a2".into(),
+                ..labelled
+            }),
+        },
+        Request {
+            at_ms: 1_700_000_014_000,
+            command: Command::SetNodeState {
+                name: "cpu-1".into(),
+                state: NodeState::Ready,
+                instance: "c1".into(),
+            },
+        },
+    ]
+}
+
+/// Node log entries stay readable.
+#[test]
+fn node_request_fixtures_stay_readable() {
+    let requests = fixture_requests_v2();
+    let fresh = postcard::to_stdvec(&requests).unwrap();
+    let stored = fixture("requests-v2.postcard", &fresh);
+    let decoded: Vec<Request> = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, requests);
+}
+
+/// A format-2 state (models and nodes) stays readable.
+#[test]
+fn state_v2_fixture_stays_readable() {
+    let mut log = fixture_requests();
+    log.extend(fixture_requests_v2());
+    let (state, outcomes) = replay(&log);
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(state.nodes.len(), 2);
+    assert_eq!(state.nodes["gpu-1"].epoch, 2);
+    assert_eq!(state.nodes["gpu-1"].state, NodeState::Ready);
+    let fresh = postcard::to_stdvec(&state).unwrap();
+    let stored = fixture("state-v2.postcard", &fresh);
     let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
     assert_eq!(decoded, state);
 }

@@ -1,5 +1,6 @@
 //! Protobuf ⇄ domain conversions. Inbound conversions validate and fill the
-//! documented defaults; outbound ones cannot fail.
+//! documented defaults; outbound ones cannot fail. Models here; nodes in
+//! `node`, replicas in `replica`.
 
 use berth_common::names::DEFAULT_VERSION;
 use berth_common::{
@@ -7,6 +8,12 @@ use berth_common::{
 };
 
 use crate::v1;
+
+mod node;
+mod replica;
+
+pub use node::{inventory_from_proto, registration_from_proto};
+pub use replica::{replica_spec_from_proto, runtime_from_parts};
 
 impl From<Resources> for v1::Resources {
     fn from(r: Resources) -> Self {

@@ -1,0 +1,175 @@
+//! The Admin calls about nodes: `ListNodes` and `GetNode`. The node records
+//! come from the replicated state; heartbeat readings (age, free GPU
+//! memory, replica phases) only the leader has, so a follower asks the
+//! leader. `stale` answers from the contacted member alone, without
+//! readings. `GetNode` also asks the node's agent for its whole inventory.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use berth_common::Node;
+use berth_proto::grpc;
+use berth_proto::v1::admin_client::AdminClient;
+use berth_proto::v1::agent_client::AgentClient;
+use berth_proto::v1::{self as pb};
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::registry::redirect;
+use super::status;
+use crate::reconciler::nodes::{NodeTracker, NotHere, Observation};
+use crate::state::{ObjectKind, Rejection};
+
+/// How long `GetNode` waits for the agent's inventory.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+enum Route {
+    /// Answer here (with readings when `readings`).
+    Here { readings: bool },
+    /// Ask the leader at this address.
+    Leader(String),
+}
+
+async fn route(nodes: &NodeTracker, stale: bool) -> Result<Route, Status> {
+    if stale {
+        return Ok(Route::Here { readings: false });
+    }
+    match nodes.leader_here() {
+        Ok(_) => {
+            nodes.member.read_barrier(false).await.map_err(status)?;
+            Ok(Route::Here { readings: true })
+        }
+        Err(NotHere::Leader(addr)) => Ok(Route::Leader(addr)),
+        Err(e) => Err(redirect(e)),
+    }
+}
+
+fn leader_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, Status> {
+    grpc::channel(addr)
+        .map(AdminClient::new)
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// `ListNodes`.
+pub(super) async fn list(
+    nodes: &NodeTracker,
+    req: pb::ListNodesRequest,
+) -> Result<pb::ListNodesResponse, Status> {
+    let readings = match route(nodes, req.stale).await? {
+        Route::Leader(addr) => {
+            return leader_client(&addr)?
+                .list_nodes(req)
+                .await
+                .map(tonic::Response::into_inner);
+        }
+        Route::Here { readings } => readings,
+    };
+    let observed = if readings {
+        nodes.observations()
+    } else {
+        HashMap::new()
+    };
+    let now = Instant::now();
+    let applied = nodes.member.state.read();
+    Ok(pb::ListNodesResponse {
+        nodes: applied
+            .state
+            .nodes
+            .values()
+            .map(|n| summary(n, observed.get(&n.name), now))
+            .collect(),
+    })
+}
+
+/// `GetNode`.
+pub(super) async fn get(
+    nodes: &NodeTracker,
+    req: pb::GetNodeRequest,
+) -> Result<pb::GetNodeResponse, Status> {
+    let readings = match route(nodes, req.stale).await? {
+        Route::Leader(addr) => {
+            return leader_client(&addr)?
+                .get_node(req)
+                .await
+                .map(tonic::Response::into_inner);
+        }
+        Route::Here { readings } => readings,
+    };
+    let node = nodes
+        .member
+        .state
+        .read()
+        .state
+        .nodes
+        .get(&req.name)
+        .cloned()
+        .ok_or_else(|| {
+            status(
+                Rejection::NotFound {
+                    kind: ObjectKind::Node,
+                    name: req.name.clone(),
+                }
+                .into(),
+            )
+        })?;
+    let observation = if readings {
+        nodes.observations().remove(&node.name)
+    } else {
+        None
+    };
+    let (live, live_error) = match live_inventory(&node.addr).await {
+        Ok(inv) => (Some(inv), String::new()),
+        Err(e) => (None, e),
+    };
+    Ok(pb::GetNodeResponse {
+        node: Some(summary(&node, observation.as_ref(), Instant::now())),
+        registered: Some((&node.inventory).into()),
+        live,
+        live_error,
+        replicas: observation.map(|o| o.report.replicas).unwrap_or_default(),
+    })
+}
+
+async fn live_inventory(addr: &str) -> Result<pb::Inventory, String> {
+    let channel = grpc::channel(addr).map_err(|e| e.to_string())?;
+    let mut req = tonic::Request::new(pb::GetInventoryRequest {});
+    req.set_timeout(AGENT_TIMEOUT);
+    AgentClient::new(channel)
+        .get_inventory(req)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("the agent at {addr} did not answer: {}", s.message()))
+}
+
+fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::NodeSummary {
+    let total = node.inventory.gpu_memory_mib();
+    let mut models: Vec<String> = node
+        .inventory
+        .gpus
+        .iter()
+        .map(|g| g.model.clone())
+        .collect();
+    models.dedup();
+    pb::NodeSummary {
+        name: node.name.clone(),
+        state: node.state.as_str().into(),
+        addr: node.addr.clone(),
+        labels: node.labels.clone().into_iter().collect(),
+        simulated: node.inventory.simulated(),
+        gpus: node.inventory.gpus.len() as u32,
+        gpu_memory_total_mib: total,
+        gpu_memory_free_mib: observed.map(|o| {
+            let used: u64 = o.report.gpus.iter().map(|g| g.memory_used_mib).sum();
+            total.saturating_sub(used)
+        }),
+        cpu_milli: node.inventory.cpu_milli,
+        memory_mib: node.inventory.memory_mib,
+        last_heartbeat_age_s: observed.map(|o| now.saturating_duration_since(o.at).as_secs_f64()),
+        epoch: node.epoch,
+        state_since_ms: node.state_since_ms,
+        registered_at_ms: node.registered_at_ms,
+        gpu_models: models,
+        replicas: observed.map_or(0, |o| o.report.replicas.len() as u32),
+        gpu_source: node.inventory.gpu_source.to_string(),
+    }
+}

@@ -1,0 +1,86 @@
+//! `berth.v1.NodeRegistry`: agents register their node and heartbeat. Both
+//! calls are served by the leader (heartbeats live in its memory); another
+//! member answers `FailedPrecondition` with the leader's address in the
+//! `berth-leader` metadata, or `Unavailable` when there is no leader.
+
+use berth_proto::convert::registration_from_proto;
+use berth_proto::grpc::invalid_argument;
+use berth_proto::v1::node_registry_server::NodeRegistry;
+use berth_proto::v1::{self as pb};
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::reconciler::nodes::{NodeTracker, NotHere};
+
+/// The metadata key carrying the leader's address.
+pub const LEADER_KEY: &str = "berth-leader";
+
+/// The NodeRegistry service of one member.
+pub struct RegistryService {
+    nodes: NodeTracker,
+}
+
+impl RegistryService {
+    /// Serves registry calls through `nodes`.
+    pub fn new(nodes: NodeTracker) -> Self {
+        RegistryService { nodes }
+    }
+
+    fn leader(&self) -> Result<String, Status> {
+        self.nodes.leader_here().map_err(redirect)
+    }
+}
+
+/// The answer of a member that does not lead.
+pub fn redirect(not_here: NotHere) -> Status {
+    match not_here {
+        NotHere::Leader(addr) => {
+            let mut s = Status::failed_precondition(format!(
+                "this member does not lead; the leader is at {addr}"
+            ));
+            if let Ok(v) = MetadataValue::try_from(addr.as_str()) {
+                s.metadata_mut().insert(LEADER_KEY, v);
+            }
+            s
+        }
+        NotHere::NoLeader => Status::unavailable(
+            "no leader: the cluster has not elected one (is a majority of members up?); retry in a moment",
+        ),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeRegistry for RegistryService {
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().node))]
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let leader_addr = self.leader()?;
+        let registration =
+            registration_from_proto(request.into_inner()).map_err(|e| invalid_argument(&e))?;
+        let node = self.nodes.register(registration).await.map_err(status)?;
+        Ok(Response::new(pb::RegisterResponse {
+            epoch: node.epoch,
+            state: node.state.as_str().into(),
+            leader_addr,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.leader()?;
+        let epoch = self
+            .nodes
+            .heartbeat(request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            registered: epoch.is_some(),
+            epoch: epoch.unwrap_or(0),
+        }))
+    }
+}

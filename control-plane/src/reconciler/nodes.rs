@@ -1,0 +1,251 @@
+//! Node liveness. Intent and observation are kept apart: the node records
+//! (state, epoch, inventory) are replicated through Raft; the heartbeats are
+//! observations held only in the leader's memory (`Observed`) and never
+//! logged. Only transitions are proposed: `ready` → `down` when a node's
+//! last heartbeat is older than the grace period, `down` → `ready` when it
+//! heartbeats again.
+//!
+//! A new leader has no heartbeats yet, so it counts every node's grace from
+//! the moment it became leader: a healthy node, whose agent finds the new
+//! leader within a heartbeat or two, is never marked down by a leader
+//! change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_common::{NodeRegistration, NodeState};
+use berth_proto::v1 as pb;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::member::{Member, MemberError};
+use crate::state::{Command, Outcome};
+
+/// Default time without heartbeats before a node is marked down.
+pub const DEFAULT_NODE_GRACE: Duration = Duration::from_secs(5);
+
+/// The last heartbeat of a node, as the leader received it.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// When it arrived.
+    pub at: Instant,
+    /// The agent instance that sent it.
+    pub instance: String,
+    /// What it said (empty until the first heartbeat after registration).
+    pub report: pb::HeartbeatRequest,
+}
+
+/// Node liveness on this member: meaningful while it leads.
+#[derive(Clone)]
+pub struct NodeTracker {
+    /// The member (Raft + state).
+    pub member: Member,
+    /// How long a node may stay silent before it is down.
+    pub grace: Duration,
+    observed: Arc<Mutex<HashMap<String, Observation>>>,
+    /// The term this member leads in and since when; None while it follows.
+    leading: Arc<Mutex<Option<(u64, Instant)>>>,
+}
+
+/// Why a registry call is not served here.
+#[derive(Debug)]
+pub enum NotHere {
+    /// Another member leads; its address.
+    Leader(String),
+    /// No leader is known.
+    NoLeader,
+}
+
+impl NodeTracker {
+    /// A tracker for `member`.
+    pub fn new(member: Member, grace: Duration) -> Self {
+        NodeTracker {
+            member,
+            grace,
+            observed: Arc::default(),
+            leading: Arc::default(),
+        }
+    }
+
+    /// The last heartbeat of every node (empty on a follower).
+    pub fn observations(&self) -> HashMap<String, Observation> {
+        self.observed.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    fn observe(&self, node: &str, o: Observation) {
+        if let Ok(mut m) = self.observed.lock() {
+            m.insert(node.to_string(), o);
+        }
+    }
+
+    /// This member's own address when it leads, or where the leader is.
+    pub fn leader_here(&self) -> Result<String, NotHere> {
+        match self.member.view().leader {
+            Some((id, addr)) if id == self.member.id => Ok(addr),
+            Some((_, addr)) => Err(NotHere::Leader(addr)),
+            None => Err(NotHere::NoLeader),
+        }
+    }
+
+    /// When this member started leading in its current term (grace starts there).
+    fn leading_since(&self, term: u64) -> Instant {
+        let mut l = self.leading.lock().unwrap_or_else(|p| p.into_inner());
+        match *l {
+            Some((t, at)) if t == term => at,
+            _ => {
+                let now = Instant::now();
+                *l = Some((term, now));
+                // Heartbeats received under an earlier term are not this
+                // leadership's observations.
+                if let Ok(mut o) = self.observed.lock() {
+                    o.clear();
+                }
+                now
+            }
+        }
+    }
+
+    /// Records a registration through Raft; the grace starts now.
+    pub async fn register(
+        &self,
+        registration: NodeRegistration,
+    ) -> Result<berth_common::Node, MemberError> {
+        let name = registration.name.clone();
+        let existing = self.member.state.read().state.nodes.get(&name).cloned();
+        if let Some(n) = existing
+            && n.instance != registration.instance
+            && n.addr != registration.addr
+            && n.state == NodeState::Ready
+            && self
+                .observations()
+                .get(&name)
+                .is_some_and(|o| o.instance == n.instance && o.at.elapsed() < self.grace)
+        {
+            return Err(MemberError::FailedPrecondition(format!(
+                "node name {name:?} is taken by another agent at {}, which is heartbeating: give this agent another --node-name",
+                n.addr
+            )));
+        }
+        let instance = registration.instance.clone();
+        match self
+            .member
+            .write(Command::RegisterNode(registration))
+            .await?
+        {
+            Outcome::Node(node) => {
+                self.observe(
+                    &name,
+                    Observation {
+                        at: Instant::now(),
+                        instance,
+                        report: pb::HeartbeatRequest::default(),
+                    },
+                );
+                tracing::info!(node = %name, epoch = node.epoch, addr = %node.addr, "node registered");
+                Ok(*node)
+            }
+            other => Err(MemberError::Internal(format!(
+                "unexpected outcome {other:?}"
+            ))),
+        }
+    }
+
+    /// Records a heartbeat. `Ok(None)`: the node or this agent instance is
+    /// unknown, the agent must register. A node that was down is ready again.
+    pub async fn heartbeat(
+        &self,
+        report: pb::HeartbeatRequest,
+    ) -> Result<Option<u64>, MemberError> {
+        let node = self
+            .member
+            .state
+            .read()
+            .state
+            .nodes
+            .get(&report.node)
+            .cloned();
+        let Some(node) = node else { return Ok(None) };
+        if node.instance != report.instance {
+            return Ok(None);
+        }
+        let name = report.node.clone();
+        self.observe(
+            &name,
+            Observation {
+                at: Instant::now(),
+                instance: report.instance.clone(),
+                report,
+            },
+        );
+        if node.state == NodeState::Down {
+            tracing::info!(node = %name, "node is heartbeating again: ready");
+            self.member
+                .write(Command::SetNodeState {
+                    name,
+                    state: NodeState::Ready,
+                    instance: node.instance,
+                })
+                .await?;
+        }
+        Ok(Some(node.epoch))
+    }
+
+    /// One pass of the liveness check; only the leader acts.
+    async fn check(&self) {
+        let view = self.member.view();
+        if view.leader.as_ref().map(|l| l.0) != Some(self.member.id) {
+            if let Ok(mut l) = self.leading.lock() {
+                *l = None;
+            }
+            return;
+        }
+        let since = self.leading_since(view.term);
+        let now = Instant::now();
+        let ready: Vec<(String, String)> = self
+            .member
+            .state
+            .read()
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Ready)
+            .map(|n| (n.name.clone(), n.instance.clone()))
+            .collect();
+        let observed = self.observations();
+        for (name, instance) in ready {
+            let last = observed
+                .get(&name)
+                .filter(|o| o.instance == instance)
+                .map_or(since, |o| o.at.max(since));
+            let silent = now.saturating_duration_since(last);
+            if silent <= self.grace {
+                continue;
+            }
+            tracing::warn!(node = %name, silent_s = silent.as_secs_f64(), "node missed its heartbeats past the grace period: marking it down");
+            let down = Command::SetNodeState {
+                name: name.clone(),
+                state: NodeState::Down,
+                instance,
+            };
+            if let Err(e) = self.member.write(down).await {
+                tracing::warn!(node = %name, error = %e, "could not mark the node down; retrying");
+            }
+        }
+    }
+
+    /// Runs the liveness check until `shutdown`.
+    pub fn start(&self, tasks: &TaskTracker, shutdown: CancellationToken) {
+        let me = self.clone();
+        let every = (self.grace / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => me.check().await,
+                }
+            }
+        });
+    }
+}

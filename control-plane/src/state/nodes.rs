@@ -1,0 +1,101 @@
+//! Node commands: registration and state transitions.
+
+use berth_common::{Node, NodeRegistration, NodeState};
+
+use super::{ClusterState, ObjectKind, Outcome, Rejection};
+
+/// Records a node, or updates it. A new agent instance bumps the epoch; a
+/// node that was down is ready again (its agent is talking).
+pub(super) fn register(
+    state: &mut ClusterState,
+    registration: NodeRegistration,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    registration.validate()?;
+    let NodeRegistration {
+        name,
+        addr,
+        labels,
+        inventory,
+        instance,
+    } = registration;
+    let node = match state.nodes.get(&name) {
+        Some(old) => {
+            let mut node = old.clone();
+            if node.instance != instance {
+                node.epoch += 1;
+                node.instance = instance;
+            }
+            if node.state == NodeState::Down {
+                node.state = NodeState::Ready;
+                node.state_since_ms = at_ms;
+            }
+            node.addr = addr;
+            node.labels = labels;
+            node.inventory = inventory;
+            node
+        }
+        None => Node {
+            name: name.clone(),
+            addr,
+            labels,
+            inventory,
+            instance,
+            epoch: 1,
+            state: NodeState::Ready,
+            registered_at_ms: at_ms,
+            state_since_ms: at_ms,
+        },
+    };
+    state.nodes.insert(name, node.clone());
+    Ok(Outcome::Node(Box::new(node)))
+}
+
+/// Moves a node to `to`, if `instance` is still its agent.
+pub(super) fn set_state(
+    state: &mut ClusterState,
+    name: &str,
+    to: NodeState,
+    instance: &str,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(node) = state.nodes.get_mut(name) else {
+        return Err(Rejection::NotFound {
+            kind: ObjectKind::Node,
+            name: name.to_string(),
+        });
+    };
+    if node.instance != instance {
+        return Err(Rejection::FailedPrecondition(format!(
+            "node {name:?} has a newer agent instance than the one observed; the observation is stale"
+        )));
+    }
+    if node.state != to {
+        node.state = to;
+        node.state_since_ms = at_ms;
+    }
+    Ok(Outcome::Node(Box::new(node.clone())))
+}
+
+/// Node invariants: keyed by name, every record valid.
+pub(super) fn check_invariants(state: &ClusterState) -> Result<(), String> {
+    for (name, node) in &state.nodes {
+        if name != &node.name {
+            return Err(format!("node key {name:?} holds node {:?}", node.name));
+        }
+        if node.epoch == 0 {
+            return Err(format!("node {name:?} has epoch 0"));
+        }
+        let registration = NodeRegistration {
+            name: node.name.clone(),
+            addr: node.addr.clone(),
+            labels: node.labels.clone(),
+            inventory: node.inventory.clone(),
+            instance: node.instance.clone(),
+        };
+        registration
+            .validate()
+            .map_err(|e| format!("node {name:?}: {e}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! `berth.v1.Agent`: the gRPC face of the supervisor and the inventory.
+//! Handlers turn protobuf into domain types (a bad field is
+//! `InvalidArgument` naming it), call the supervisor, and map its errors to
+//! status codes in one place (`status`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::convert::replica_spec_from_proto;
+use berth_proto::grpc::invalid_argument;
+use berth_proto::v1::agent_server::Agent;
+use berth_proto::v1::{self as pb};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::inventory::SharedInventory;
+use crate::supervisor::logs::{FOLLOW_POLL, Follower, tail};
+use crate::supervisor::replica::Status as ReplicaState;
+use crate::supervisor::shim::DEFAULT_GRACE;
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// Lines of log sent first when a request does not say.
+const DEFAULT_TAIL: u32 = 100;
+/// The most lines of log one request may ask for.
+const MAX_TAIL: u32 = 100_000;
+
+/// The one mapping from supervisor errors to gRPC status codes.
+pub fn status(e: SupervisorError) -> Status {
+    match e {
+        SupervisorError::Invalid(v) => invalid_argument(&v),
+        SupervisorError::Precondition(m) => Status::failed_precondition(m),
+        SupervisorError::NotFound(m) => Status::not_found(m),
+        SupervisorError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// A replica's status on the wire.
+pub fn replica_to_proto(s: &ReplicaState) -> pb::ReplicaStatus {
+    let r = &s.record;
+    pb::ReplicaStatus {
+        id: r.spec.id.clone(),
+        generation: r.spec.generation,
+        phase: s.phase.as_str().into(),
+        reason: s.reason.clone(),
+        pid: s.pid.unwrap_or(0),
+        restarts: r.restarts,
+        port: u32::from(r.port),
+        gpus: r.spec.gpus.clone(),
+        exit_code: s.last_exit.as_ref().and_then(|e| e.code),
+        exit_signal: s.last_exit.as_ref().and_then(|e| e.signal),
+        started_at_ms: s.started_at_ms,
+        cpu_milli: r.spec.resources.cpu_milli,
+        memory_mib: r.spec.resources.memory_mib,
+        limits_enforced: s.limits_enforced,
+        model: r.spec.model.clone(),
+        runtime: r.spec.runtime.name().into(),
+        desired: r.desired.as_str().into(),
+        gpu_uuids: s.gpu_uuids.clone(),
+    }
+}
+
+/// The Agent service of this node.
+pub struct AgentService {
+    supervisor: Arc<Supervisor>,
+    inventory: Arc<SharedInventory>,
+    shutdown: CancellationToken,
+}
+
+impl AgentService {
+    /// Serves Agent calls.
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        inventory: Arc<SharedInventory>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        AgentService {
+            supervisor,
+            inventory,
+            shutdown,
+        }
+    }
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    #[tracing::instrument(skip_all, fields(replica = request.get_ref().spec.as_ref().map(|s| s.id.as_str()).unwrap_or("")))]
+    async fn start_replica(
+        &self,
+        request: Request<pb::StartReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        let spec =
+            replica_spec_from_proto(request.into_inner().spec).map_err(|e| invalid_argument(&e))?;
+        let s = self.supervisor.start(spec).await.map_err(status)?;
+        Ok(Response::new(replica_to_proto(&s)))
+    }
+
+    #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]
+    async fn stop_replica(
+        &self,
+        request: Request<pb::StopReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        let req = request.into_inner();
+        let grace = req.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
+        let s = self
+            .supervisor
+            .stop(&req.id, req.generation, grace)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(replica_to_proto(&s)))
+    }
+
+    #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]
+    async fn resize_replica(
+        &self,
+        request: Request<pb::ResizeReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        let req = request.into_inner();
+        let gpus = req.gpus.map(|g| (g.indices, g.gpu_memory_mib, g.gpu_milli));
+        let s = self
+            .supervisor
+            .resize(&req.id, req.generation, req.cpu_milli, req.memory_mib, gpus)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(replica_to_proto(&s)))
+    }
+
+    async fn list_replicas(
+        &self,
+        _request: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let replicas = self.supervisor.list().await;
+        Ok(Response::new(pb::ListReplicasResponse {
+            replicas: replicas.iter().map(replica_to_proto).collect(),
+        }))
+    }
+
+    async fn get_inventory(
+        &self,
+        _request: Request<pb::GetInventoryRequest>,
+    ) -> Result<Response<pb::Inventory>, Status> {
+        let allocations = self.supervisor.allocations().await;
+        Ok(Response::new(self.inventory.refresh(allocations).await))
+    }
+
+    type StreamLogsStream = LogStream;
+
+    #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        let lines = req.tail.unwrap_or(DEFAULT_TAIL);
+        if lines > MAX_TAIL {
+            return Err(Status::invalid_argument(format!(
+                "tail {lines:?} is invalid: must be at most {MAX_TAIL} lines"
+            )));
+        }
+        let dir = self.supervisor.log_dir(&req.id).await.map_err(status)?;
+        // Start following before reading the tail, so nothing written in
+        // between is lost (it may be sent twice at worst).
+        let mut follower = req.follow.then(|| Follower::at_end(&dir));
+        let first = tail(&dir, lines as usize)
+            .map_err(|e| Status::internal(format!("read the log of {}: {e}", req.id)))?;
+        let (tx, rx) = mpsc::channel(16);
+        if !first.is_empty() {
+            let _ = tx.send(Ok(pb::LogChunk { data: first })).await;
+        }
+        if let Some(mut follower) = follower.take() {
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    }
+                    match follower.poll() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) => {
+                            if tx.send(Ok(pb::LogChunk { data })).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(Status::internal(format!("follow the log: {e}"))))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,238 @@
+//! Registration and heartbeats: the agent registers its node with the
+//! control plane (static inventory, labels, address), then heartbeats every
+//! interval with its GPU readings and its replicas' phases.
+//!
+//! Both calls go to the leader. Any member may be asked first: a follower
+//! answers `FailedPrecondition` with the leader's address in the
+//! `berth-leader` metadata, and the agent follows it. When the member asked
+//! does not answer, the agent tries the next address at once, so a leader
+//! change costs one round trip, not a heartbeat interval. A heartbeat
+//! answered `registered = false` (a new leader that lost track, a node
+//! record removed) makes the agent register again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use berth_common::Labels;
+use berth_proto::grpc;
+use berth_proto::v1::node_registry_client::NodeRegistryClient;
+use berth_proto::v1::{self as pb};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::api::replica_to_proto;
+use crate::inventory::{SharedInventory, heartbeat_readings};
+use crate::supervisor::Supervisor;
+
+/// The metadata key a follower puts the leader's address in.
+pub const LEADER_KEY: &str = "berth-leader";
+/// How long one registration or heartbeat call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Counters the agent's /metrics shows.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Heartbeats the leader accepted.
+    pub heartbeats: AtomicU64,
+    /// Heartbeat or registration rounds that reached no leader.
+    pub failures: AtomicU64,
+    /// Whether the node is registered with the current leader.
+    pub registered: AtomicBool,
+}
+
+/// What the loop needs.
+pub struct Registration {
+    /// Control-plane members.
+    pub control: Vec<String>,
+    /// The node's name.
+    pub node: String,
+    /// Where the control plane reaches this agent.
+    pub addr: String,
+    /// Labels.
+    pub labels: Labels,
+    /// This agent process.
+    pub instance: String,
+    /// Heartbeat interval.
+    pub interval: Duration,
+    /// The inventory.
+    pub inventory: Arc<SharedInventory>,
+    /// The supervisor, for replica phases.
+    pub supervisor: Arc<Supervisor>,
+    /// Counters for /metrics.
+    pub counters: Arc<Counters>,
+}
+
+enum Outcome {
+    Done,
+    /// The node must register (again).
+    Unregistered,
+}
+
+struct Loop {
+    reg: Registration,
+    clients: HashMap<String, NodeRegistryClient<Channel>>,
+    next: usize,
+    leader: Option<String>,
+    registered: bool,
+    healthy: Option<bool>,
+}
+
+impl Registration {
+    /// Registers, then heartbeats until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut l = Loop {
+            reg: self,
+            clients: HashMap::new(),
+            next: 0,
+            leader: None,
+            registered: false,
+            healthy: None,
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let result = l.round().await;
+            l.reg
+                .counters
+                .registered
+                .store(l.registered, Ordering::Relaxed);
+            match result {
+                Ok(()) => {
+                    if l.healthy != Some(true) {
+                        tracing::info!(node = %l.reg.node, leader = l.leader.as_deref().unwrap_or(""), "heartbeating to the control-plane leader");
+                    }
+                    l.healthy = Some(true);
+                }
+                Err(e) => {
+                    l.reg.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    if l.healthy != Some(false) {
+                        tracing::warn!(node = %l.reg.node, error = %e, "cannot reach the control-plane leader; retrying every heartbeat (replicas keep running)");
+                    }
+                    l.healthy = Some(false);
+                }
+            }
+        }
+    }
+}
+
+impl Loop {
+    fn client(&mut self, addr: &str) -> Result<NodeRegistryClient<Channel>, String> {
+        if let Some(c) = self.clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = NodeRegistryClient::new(grpc::channel(addr).map_err(|e| e.to_string())?);
+        self.clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// One heartbeat (registering first when needed), trying members until
+    /// one that leads answers.
+    async fn round(&mut self) -> Result<(), String> {
+        if self.reg.control.is_empty() {
+            return Err("no control-plane address".into());
+        }
+        let attempts = self.reg.control.len() * 2 + 2;
+        let mut last = String::from("no control-plane address");
+        for _ in 0..attempts {
+            let addr = match &self.leader {
+                Some(l) => l.clone(),
+                None => {
+                    let a = self.reg.control[self.next % self.reg.control.len()].clone();
+                    self.next += 1;
+                    a
+                }
+            };
+            let result = if self.registered {
+                self.heartbeat(&addr).await
+            } else {
+                self.register(&addr).await
+            };
+            match result {
+                Ok(Outcome::Done) => {
+                    if !self.registered {
+                        self.registered = true;
+                        // Heartbeat right away: the leader learns the phases now.
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Ok(Outcome::Unregistered) => {
+                    self.registered = false;
+                }
+                Err(status) => {
+                    let hint = status
+                        .metadata()
+                        .get(LEADER_KEY)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|v| !v.is_empty() && *v != addr)
+                        .map(String::from);
+                    last = format!("{addr}: {}", status.message());
+                    self.leader = hint;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn register(&mut self, addr: &str) -> Result<Outcome, tonic::Status> {
+        let mut client = self.client(addr).map_err(tonic::Status::invalid_argument)?;
+        let mut req = tonic::Request::new(pb::RegisterRequest {
+            node: self.reg.node.clone(),
+            addr: self.reg.addr.clone(),
+            labels: self.reg.labels.clone().into_iter().collect(),
+            inventory: Some(self.reg.inventory.registration().into()),
+            instance: self.reg.instance.clone(),
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        let resp = client.register(req).await?.into_inner();
+        tracing::info!(node = %self.reg.node, epoch = resp.epoch, state = %resp.state, leader = %addr, "registered with the control plane");
+        self.leader = Some(if resp.leader_addr.is_empty() {
+            addr.to_string()
+        } else {
+            resp.leader_addr
+        });
+        Ok(Outcome::Done)
+    }
+
+    async fn heartbeat(&mut self, addr: &str) -> Result<Outcome, tonic::Status> {
+        let mut client = self.client(addr).map_err(tonic::Status::invalid_argument)?;
+        let latest = self.reg.inventory.latest();
+        let replicas = self.reg.supervisor.list().await;
+        let mut req = tonic::Request::new(pb::HeartbeatRequest {
+            node: self.reg.node.clone(),
+            instance: self.reg.instance.clone(),
+            gpus: heartbeat_readings(&latest),
+            replicas: replicas.iter().map(replica_to_proto).collect(),
+            memory_available_mib: latest.memory_available_mib,
+            cpu_usage_percent: latest.cpu_usage_percent,
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        let resp = client.heartbeat(req).await?.into_inner();
+        if !resp.registered {
+            tracing::info!(node = %self.reg.node, "the leader does not know this agent; registering again");
+            return Ok(Outcome::Unregistered);
+        }
+        self.reg.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+        Ok(Outcome::Done)
+    }
+}
+
+/// A new id for this agent process (the kernel's random uuid).
+pub fn new_instance_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| {
+            format!(
+                "{}-{}",
+                std::process::id(),
+                crate::supervisor::shim::now_ms()
+            )
+        })
+}

@@ -1,0 +1,571 @@
+//! The replica supervisor: starts, stops, resizes and replaces replica
+//! processes on this node, each through its own shim (`shim`), each owned
+//! by one task (`replica`).
+//!
+//! Rules the Agent API relies on:
+//! * Idempotent by id + generation: the same id and generation again starts
+//!   nothing; a lower generation is refused; a higher one replaces the run.
+//!   A stopped replica is not started again with the same generation (a
+//!   late retry must not resurrect it).
+//! * A bad spec starts nothing: unknown GPU index, port in use, missing
+//!   executable, empty command are refused before any process exists.
+//! * Replicas outlive the agent: at start-up every replica directory under
+//!   `<data-dir>/replicas` is re-adopted (running ones keep their pid).
+//!
+//! Layout: `<data-dir>/replicas/<id>/` holds `replica.json`, the shim's
+//! files and `logs/`.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_common::{GpuDevice, ReplicaPhase, ReplicaSpec, ValidationError};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod cgroup;
+mod health;
+pub mod logs;
+pub mod procfs;
+pub mod replica;
+pub mod runtime;
+pub mod shim;
+
+use cgroup::Cgroups;
+use replica::{Desired, Order, Record, ReplicaTask, Status};
+
+/// How long a stopped replica stays listed (with its logs) before it is forgotten.
+pub const STOPPED_RETENTION: Duration = Duration::from_secs(3600);
+
+/// Why an order was refused. `api` maps each to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A field breaks a rule (InvalidArgument).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// Valid, but not possible on this node now (FailedPrecondition).
+    #[error("{0}")]
+    Precondition(String),
+    /// No such replica (NotFound).
+    #[error("{0}")]
+    NotFound(String),
+    /// The agent itself failed (Internal).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What every replica task shares.
+pub struct Context {
+    /// This executable: runs the shims and the demo runtime.
+    pub agent_exe: PathBuf,
+    /// The node's name.
+    pub node: String,
+    /// The node's GPUs.
+    pub devices: Vec<GpuDevice>,
+    /// How limits are applied.
+    pub cgroups: Cgroups,
+    /// Rotate logs at this size.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept.
+    pub log_keep: u32,
+    /// First restart delay.
+    pub backoff_base: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// A run this long resets the back-off.
+    pub stable_after: Duration,
+    /// Health probe interval while running (half of it while starting).
+    pub probe_interval: Duration,
+}
+
+impl Context {
+    /// The uuids of GPUs by index.
+    pub fn gpu_uuids(&self, gpus: &[u32]) -> Vec<String> {
+        gpus.iter()
+            .filter_map(|i| self.devices.iter().find(|d| d.index == *i))
+            .map(|d| d.uuid.clone())
+            .collect()
+    }
+
+    /// The memory of the smallest of these GPUs.
+    pub fn gpu_memory_mib(&self, gpus: &[u32]) -> u64 {
+        gpus.iter()
+            .filter_map(|i| self.devices.iter().find(|d| d.index == *i))
+            .map(|d| d.memory_mib)
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// Settings of the supervisor.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The agent's data directory.
+    pub data_dir: PathBuf,
+    /// Rotate logs at this size.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept.
+    pub log_keep: u32,
+    /// First restart delay.
+    pub backoff_base: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// Health probe interval.
+    pub probe_interval: Duration,
+    /// Stop the replicas when the agent stops (`berth dev`); otherwise they keep running.
+    pub stop_on_shutdown: bool,
+}
+
+struct Handle {
+    orders: mpsc::Sender<Order>,
+    status: watch::Receiver<Status>,
+    dir: PathBuf,
+}
+
+/// The supervisor of this node's replicas.
+pub struct Supervisor {
+    ctx: Arc<Context>,
+    settings: Settings,
+    replicas: Mutex<BTreeMap<String, Handle>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    /// Opens the supervisor and re-adopts the replicas an earlier agent left.
+    pub async fn open(
+        ctx: Context,
+        settings: Settings,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let root = settings.data_dir.join("replicas");
+        std::fs::create_dir_all(&root)
+            .map_err(|e| anyhow::anyhow!("create {}: {e}", root.display()))?;
+        let sup = Arc::new(Supervisor {
+            ctx: Arc::new(ctx),
+            settings,
+            replicas: Mutex::default(),
+            tasks,
+            shutdown,
+        });
+        let mut found = 0;
+        let entries = std::fs::read_dir(&root)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", root.display()))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Some(record) = replica::load_record(&dir) else {
+                tracing::warn!(dir = %dir.display(), "ignoring a replica directory without a readable record");
+                continue;
+            };
+            let mut task = ReplicaTask::new(sup.ctx.clone(), dir.clone(), record.clone());
+            task.adopt();
+            sup.launch(record.spec.id.clone(), dir, task).await;
+            found += 1;
+        }
+        if found > 0 {
+            tracing::info!(
+                replicas = found,
+                "re-adopted the replicas of an earlier agent"
+            );
+        }
+        let me = sup.clone();
+        sup.tasks.spawn(async move { me.forget_stopped().await });
+        Ok(sup)
+    }
+
+    async fn launch(&self, id: String, dir: PathBuf, task: ReplicaTask) {
+        let (orders, rx) = mpsc::channel(8);
+        let status = task.subscribe();
+        let shutdown = self.shutdown.clone();
+        let stop = self.settings.stop_on_shutdown;
+        self.tasks.spawn(task.run(rx, shutdown, stop));
+        self.replicas.lock().await.insert(
+            id,
+            Handle {
+                orders,
+                status,
+                dir,
+            },
+        );
+    }
+
+    /// The node's GPUs.
+    pub fn devices(&self) -> &[GpuDevice] {
+        &self.ctx.devices
+    }
+
+    /// Every replica's status, by id.
+    pub async fn list(&self) -> Vec<Status> {
+        self.replicas
+            .lock()
+            .await
+            .values()
+            .map(|h| h.status.borrow().clone())
+            .collect()
+    }
+
+    /// GPU memory given to running replicas, per GPU (for simulated GPUs).
+    pub async fn allocations(&self) -> Vec<(u32, u64)> {
+        self.list()
+            .await
+            .iter()
+            .filter(|s| s.record.desired == Desired::Running)
+            .flat_map(|s| {
+                let mem = s.record.spec.resources.gpu_memory_mib;
+                s.record.spec.gpus.iter().map(move |g| (*g, mem))
+            })
+            .collect()
+    }
+
+    /// Where a replica's log files are.
+    pub async fn log_dir(&self, id: &str) -> Result<PathBuf, SupervisorError> {
+        self.replicas
+            .lock()
+            .await
+            .get(id)
+            .map(|h| h.dir.join(shim::LOGS_DIR))
+            .ok_or_else(|| not_found(id))
+    }
+
+    fn check_gpus(&self, spec: &ReplicaSpec) -> Result<(), SupervisorError> {
+        let have = self.ctx.devices.len() as u32;
+        if let Some(bad) = spec.gpus.iter().find(|g| **g >= have) {
+            let rule = if have == 0 {
+                format!("node {} has no GPUs", self.ctx.node)
+            } else {
+                format!("node {} has GPUs 0-{}", self.ctx.node, have - 1)
+            };
+            return Err(ValidationError::new("gpus", bad, rule).into());
+        }
+        Ok(())
+    }
+
+    /// Checks that `port` is free, or picks one when it is 0. `keep` is the
+    /// port of the run being replaced, which may be reused.
+    async fn port_for(
+        &self,
+        spec: &ReplicaSpec,
+        keep: Option<u16>,
+    ) -> Result<u16, SupervisorError> {
+        let others: Vec<(String, u16)> = self
+            .list()
+            .await
+            .into_iter()
+            .filter(|s| s.record.desired == Desired::Running && s.record.spec.id != spec.id)
+            .map(|s| (s.record.spec.id, s.record.port))
+            .collect();
+        if spec.port == 0 {
+            if let Some(p) = keep {
+                return Ok(p);
+            }
+            for _ in 0..20 {
+                let port = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| SupervisorError::Internal(format!("pick a free port: {e}")))?
+                    .port();
+                if !others.iter().any(|(_, p)| *p == port) {
+                    return Ok(port);
+                }
+            }
+            return Err(SupervisorError::Internal(
+                "could not pick a free port".into(),
+            ));
+        }
+        let in_use = |why: String| {
+            SupervisorError::Precondition(format!(
+                "port {} is in use on node {} ({why}): pick another port, or 0 to let the agent pick",
+                spec.port, self.ctx.node
+            ))
+        };
+        if let Some((other, _)) = others.iter().find(|(_, p)| *p == spec.port) {
+            return Err(in_use(format!("by replica {other}")));
+        }
+        if keep == Some(spec.port) {
+            return Ok(spec.port);
+        }
+        for ip in [Ipv4Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST] {
+            TcpListener::bind((ip, spec.port)).map_err(|e| in_use(e.to_string()))?;
+        }
+        Ok(spec.port)
+    }
+
+    /// Checks that the spec can be launched here (executable, command).
+    fn check_launch(&self, spec: &ReplicaSpec, port: u16) -> Result<(), SupervisorError> {
+        runtime::launch(
+            spec,
+            port,
+            &self.ctx.agent_exe,
+            &self.ctx.node,
+            &self.ctx.gpu_uuids(&spec.gpus),
+            self.ctx.gpu_memory_mib(&spec.gpus),
+        )
+        .map(|_| ())
+        .map_err(|e| match e {
+            runtime::LaunchError::BadCommand(..) => {
+                SupervisorError::Invalid(ValidationError::new("command", "", e.to_string()))
+            }
+            runtime::LaunchError::Missing { .. } => SupervisorError::Precondition(e.to_string()),
+        })
+    }
+
+    /// Starts a replica (see the module's rules), and answers once its
+    /// process was spawned (or failed to).
+    pub async fn start(&self, spec: ReplicaSpec) -> Result<Status, SupervisorError> {
+        spec.validate()?;
+        self.check_gpus(&spec)?;
+        let existing = {
+            let replicas = self.replicas.lock().await;
+            replicas
+                .get(&spec.id)
+                .map(|h| (h.orders.clone(), h.status.borrow().clone()))
+        };
+        if let Some((orders, current)) = existing {
+            let have = &current.record;
+            if spec.generation < have.spec.generation {
+                return Err(SupervisorError::Precondition(format!(
+                    "generation {} of replica {} is stale: it runs generation {}",
+                    spec.generation, spec.id, have.spec.generation
+                )));
+            }
+            if spec.generation == have.spec.generation {
+                // Port 0 asked the agent to pick: the picked port is the same spec.
+                let asked = ReplicaSpec {
+                    port: if spec.port == 0 {
+                        have.spec.port
+                    } else {
+                        spec.port
+                    },
+                    ..spec.clone()
+                };
+                if asked != have.spec {
+                    return Err(SupervisorError::Precondition(format!(
+                        "replica {} generation {} was started with a different spec: bump the generation to change it",
+                        spec.id, spec.generation
+                    )));
+                }
+                if have.desired == Desired::Stopped {
+                    return Err(SupervisorError::Precondition(format!(
+                        "replica {} generation {} was stopped: start it with a higher generation",
+                        spec.id, spec.generation
+                    )));
+                }
+                return Ok(current);
+            }
+            let keep = Some(have.port);
+            let port = self.port_for(&spec, keep).await?;
+            self.check_launch(&spec, port)?;
+            let record = Record {
+                restarts: 0,
+                port,
+                desired: Desired::Running,
+                stopped_at_ms: None,
+                spec,
+            };
+            return self
+                .ask(&orders, |reply| Order::Replace {
+                    record: Box::new(record),
+                    reply,
+                })
+                .await;
+        }
+        let port = self.port_for(&spec, None).await?;
+        self.check_launch(&spec, port)?;
+        let mut replicas = self.replicas.lock().await;
+        if replicas.contains_key(&spec.id) {
+            return Err(SupervisorError::Precondition(format!(
+                "replica {} is being started by another request; retry",
+                spec.id
+            )));
+        }
+        let dir = self.settings.data_dir.join("replicas").join(&spec.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| SupervisorError::Internal(format!("create {}: {e}", dir.display())))?;
+        let record = Record {
+            spec,
+            port,
+            desired: Desired::Running,
+            restarts: 0,
+            stopped_at_ms: None,
+        };
+        let mut task = ReplicaTask::new(self.ctx.clone(), dir.clone(), record.clone());
+        task.persist()
+            .map_err(|e| SupervisorError::Internal(format!("save the replica record: {e}")))?;
+        task.start().await;
+        let status = task.status();
+        let (orders, rx) = mpsc::channel(8);
+        let watch = task.subscribe();
+        self.tasks
+            .spawn(task.run(rx, self.shutdown.clone(), self.settings.stop_on_shutdown));
+        replicas.insert(
+            record.spec.id.clone(),
+            Handle {
+                orders,
+                status: watch,
+                dir,
+            },
+        );
+        Ok(status)
+    }
+
+    async fn ask(
+        &self,
+        orders: &mpsc::Sender<Order>,
+        order: impl FnOnce(oneshot::Sender<Status>) -> Order,
+    ) -> Result<Status, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        orders
+            .send(order(tx))
+            .await
+            .map_err(|_| SupervisorError::Internal("the agent is shutting down".into()))?;
+        rx.await
+            .map_err(|_| SupervisorError::Internal("the agent is shutting down".into()))
+    }
+
+    fn handle(
+        replicas: &BTreeMap<String, Handle>,
+        id: &str,
+    ) -> Result<(mpsc::Sender<Order>, Status), SupervisorError> {
+        let h = replicas.get(id).ok_or_else(|| not_found(id))?;
+        Ok((h.orders.clone(), h.status.borrow().clone()))
+    }
+
+    /// Stops a replica: SIGTERM, then SIGKILL after `grace`. A `generation`
+    /// above 0 must not be older than the replica's.
+    pub async fn stop(
+        &self,
+        id: &str,
+        generation: u64,
+        grace: Duration,
+    ) -> Result<Status, SupervisorError> {
+        let (orders, current) = Self::handle(&*self.replicas.lock().await, id)?;
+        if generation > 0 && generation < current.record.spec.generation {
+            return Err(SupervisorError::Precondition(format!(
+                "generation {generation} of replica {id} is stale: it runs generation {}",
+                current.record.spec.generation
+            )));
+        }
+        if current.record.desired == Desired::Stopped && current.phase == ReplicaPhase::Stopped {
+            return Ok(current);
+        }
+        self.ask(&orders, |reply| Order::Stop { grace, reply })
+            .await
+    }
+
+    /// Changes CPU and memory limits in place, or restarts on other GPUs.
+    pub async fn resize(
+        &self,
+        id: &str,
+        generation: u64,
+        cpu_milli: u32,
+        memory_mib: u64,
+        gpus: Option<(Vec<u32>, u64, u32)>,
+    ) -> Result<Status, SupervisorError> {
+        let (orders, current) = Self::handle(&*self.replicas.lock().await, id)?;
+        let have = &current.record;
+        let mut spec = have.spec.clone();
+        spec.generation = generation;
+        spec.resources.cpu_milli = cpu_milli;
+        spec.resources.memory_mib = memory_mib;
+        let gpu_change = match gpus {
+            Some((indices, memory, milli)) => {
+                let changed = indices != spec.gpus
+                    || memory != spec.resources.gpu_memory_mib
+                    || milli != spec.resources.gpu_milli;
+                spec.resources.gpus = indices.len() as u32;
+                spec.gpus = indices;
+                spec.resources.gpu_memory_mib = memory;
+                spec.resources.gpu_milli = if milli == 0 && spec.resources.gpus > 0 {
+                    berth_common::resources::WHOLE_GPU_MILLI
+                } else {
+                    milli
+                };
+                changed
+            }
+            None => false,
+        };
+        spec.validate()?;
+        self.check_gpus(&spec)?;
+        if generation == have.spec.generation && spec == have.spec {
+            return Ok(current);
+        }
+        if generation <= have.spec.generation {
+            return Err(SupervisorError::Precondition(format!(
+                "a resize needs a generation above the current {} of replica {id} (got {generation})",
+                have.spec.generation
+            )));
+        }
+        if have.desired == Desired::Stopped {
+            return Err(SupervisorError::Precondition(format!(
+                "replica {id} is stopped: start it again with a new generation instead"
+            )));
+        }
+        let record = Record {
+            spec,
+            ..have.clone()
+        };
+        if gpu_change {
+            // Other GPUs mean another process: restart it on them.
+            return self
+                .ask(&orders, |reply| Order::Replace {
+                    record: Box::new(Record {
+                        restarts: 0,
+                        ..record
+                    }),
+                    reply,
+                })
+                .await;
+        }
+        self.ask(&orders, |reply| Order::Resize {
+            record: Box::new(record),
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets replicas stopped longer than `STOPPED_RETENTION` ago.
+    async fn forget_stopped(&self) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+            let now = shim::now_ms();
+            let mut replicas = self.replicas.lock().await;
+            let old: Vec<String> = replicas
+                .iter()
+                .filter(|(_, h)| {
+                    let s = h.status.borrow();
+                    s.phase == ReplicaPhase::Stopped
+                        && s.record.stopped_at_ms.is_some_and(|t| {
+                            now.saturating_sub(t) > STOPPED_RETENTION.as_millis() as u64
+                        })
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in old {
+                if let Some(h) = replicas.remove(&id) {
+                    tracing::info!(replica = %id, "forgetting a replica stopped over an hour ago");
+                    drop(h.orders);
+                    if let Err(e) = std::fs::remove_dir_all(&h.dir) {
+                        tracing::warn!(replica = %id, error = %e, "cannot remove the replica directory");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn not_found(id: &str) -> SupervisorError {
+    SupervisorError::NotFound(format!(
+        "replica {id:?} is not on this node; list them with ListReplicas"
+    ))
+}
+
+/// The data directory's replica folder (for tests and tools).
+pub fn replicas_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("replicas")
+}
