@@ -97,3 +97,128 @@ pub async fn local_models(addr: &str) -> Option<Vec<String>> {
         .ok()?;
     Some(r.into_inner().models.into_iter().map(|m| m.name).collect())
 }
+
+pub use berth_cli::local::{AgentOptions, LocalAgent};
+use berth_proto::v1::agent_client::AgentClient;
+use std::collections::HashMap;
+
+/// A gRPC Agent client for one agent.
+pub fn agent(addr: &str) -> AgentClient<Channel> {
+    AgentClient::new(berth_proto::grpc::channel(addr).expect("channel"))
+}
+
+/// A spec running the demo model server on simulated GPU `gpu` (or none).
+pub fn demo_spec(id: &str, generation: u64, gpu: Option<u32>) -> berth_proto::v1::ReplicaSpec {
+    berth_proto::v1::ReplicaSpec {
+        id: id.into(),
+        generation,
+        model: "demo".into(),
+        runtime: "demo".into(),
+        source: "builtin:demo".into(),
+        gpus: gpu.into_iter().collect(),
+        resources: Some(berth_proto::v1::Resources {
+            cpu_milli: 500,
+            memory_mib: 256,
+            gpus: u32::from(gpu.is_some()),
+            gpu_memory_mib: if gpu.is_some() { 10 * 1024 } else { 0 },
+            gpu_milli: if gpu.is_some() { 250 } else { 0 },
+        }),
+        ..Default::default()
+    }
+}
+
+/// A spec running `template` (runtime command, TCP health probe).
+pub fn command_spec(id: &str, generation: u64, template: &str) -> berth_proto::v1::ReplicaSpec {
+    berth_proto::v1::ReplicaSpec {
+        id: id.into(),
+        generation,
+        model: "cmd".into(),
+        runtime: "command".into(),
+        command: template.into(),
+        source: "none".into(),
+        health: "tcp".into(),
+        ..Default::default()
+    }
+}
+
+/// Starts a replica, panicking with the status message on failure.
+pub async fn start_replica(
+    addr: &str,
+    spec: berth_proto::v1::ReplicaSpec,
+) -> berth_proto::v1::ReplicaStatus {
+    agent(addr)
+        .start_replica(berth_proto::v1::StartReplicaRequest { spec: Some(spec) })
+        .await
+        .unwrap_or_else(|s| panic!("start replica: {:?}: {}", s.code(), s.message()))
+        .into_inner()
+}
+
+/// One replica's status as the agent lists it (None if the agent does not answer).
+pub async fn replica_status(addr: &str, id: &str) -> Option<berth_proto::v1::ReplicaStatus> {
+    agent(addr)
+        .list_replicas(berth_proto::v1::ListReplicasRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .replicas
+        .into_iter()
+        .find(|r| r.id == id)
+}
+
+/// Waits until the replica's status satisfies `ok`.
+pub async fn wait_replica(
+    addr: &str,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&berth_proto::v1::ReplicaStatus) -> bool,
+) -> berth_proto::v1::ReplicaStatus {
+    wait_until(DEADLINE, &format!("replica {id}: {what}"), || async {
+        replica_status(addr, id).await.filter(|r| ok(r))
+    })
+    .await
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// A process's environment.
+pub fn environ(pid: u32) -> HashMap<String, String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// An HTTP GET on 127.0.0.1:port: status code and body.
+pub async fn http_get(port: u32, path: &str) -> Option<(u16, String)> {
+    http(port, "GET", path, "").await
+}
+
+/// An HTTP request on 127.0.0.1:port with a JSON body: status code and body.
+pub async fn http(port: u32, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
