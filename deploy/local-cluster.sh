@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts a 3-member Berth control plane on this machine (ports 7400, 7410,
-# 7420; data in ${BERTH_LOCAL_DIR:-/tmp/berth-local}) and waits for it.
+# 7420; data in ${BERTH_LOCAL_DIR:-/tmp/berth-local}) and waits for it,
+# then two agents with simulated GPUs (nodes gpu-1 on 7500, gpu-2 on 7510;
+# BERTH_LOCAL_AGENTS=0 leaves them out).
 # Stop it with: deploy/local-cluster.sh stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +10,7 @@ dir=${BERTH_LOCAL_DIR:-/tmp/berth-local}
 bin=${BERTH_BIN_DIR:-target/release}
 
 if [[ "${1:-}" == "stop" ]]; then
-    for i in 1 2 3; do
+    for i in agent-1 agent-2 1 2 3; do
         [[ -f "$dir/$i.pid" ]] && kill "$(cat "$dir/$i.pid")" 2>/dev/null || true
     done
     echo "stopped"
@@ -35,5 +37,22 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 "$bin/berth" cluster status
+if [[ "${BERTH_LOCAL_AGENTS:-1}" != 0 ]]; then
+    agent() {
+        local n=$1 port=$2 gpus=$3
+        "$bin/berth-agent" --control "$BERTH_SERVER" --node-name "gpu-$n" --listen "127.0.0.1:$port" \
+            --data-dir "$dir/agent-$n" --simulate-gpus "$gpus" --insecure >>"$dir/agent-$n.log" 2>&1 &
+        echo $! >"$dir/agent-$n.pid"
+    }
+    agent 1 7500 2xA100-80GB
+    agent 2 7510 4xL4-24GB
+    for _ in $(seq 100); do
+        ready=$("$bin/berth" node list --output json 2>/dev/null | grep -c '"state": "ready"' || true)
+        [[ "$ready" == 2 ]] && break
+        sleep 0.1
+    done
+    echo
+    "$bin/berth" node list
+fi
 echo
 echo "logs in $dir/*.log; use: export BERTH_SERVER=$BERTH_SERVER"

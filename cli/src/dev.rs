@@ -1,5 +1,8 @@
-//! `berth dev`: a whole local control plane in this process, with the demo
-//! model registered, for trying Berth on one machine.
+//! `berth dev`: a whole local Berth in this process: a one-member control
+//! plane with the demo model registered, and one agent with two simulated
+//! GPUs registered as node `dev-node`, for trying Berth on one machine.
+//! The agent runs replicas through `berth shim` and the demo runtime
+//! through `berth demo-model`, and stops them when dev stops.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use berth_control_plane::config::Config;
 use berth_control_plane::server;
+use berth_node_agent::config::Config as AgentConfig;
 use berth_proto::v1 as pb;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +29,16 @@ pub struct DevArgs {
     /// HTTP address for /health and /metrics.
     #[arg(long, default_value = "127.0.0.1:7401")]
     http: SocketAddr,
+    /// gRPC address of the dev agent.
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    agent: SocketAddr,
+    /// Simulated GPUs of the dev agent.
+    #[arg(long, default_value = "2xA100-80GB", value_name = "SPEC")]
+    simulate_gpus: String,
 }
+
+/// The dev agent's node name.
+pub const DEV_NODE: &str = "dev-node";
 
 /// Runs the dev cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
@@ -54,6 +67,18 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         .await
         .with_context(|| format!("start the dev control plane on {} (is another berth running? pick --listen and --http)", args.listen))?;
     let addr = running.grpc_addr.to_string();
+    let mut agent_config = AgentConfig::new(data_dir.join("agent"), args.agent, DEV_NODE);
+    agent_config.control = vec![addr.clone()];
+    agent_config.simulate_gpus = Some(args.simulate_gpus.clone());
+    agent_config.stop_replicas_on_exit = true;
+    let agent = berth_node_agent::server::start(agent_config, shutdown.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "start the dev agent on {} (is another berth running? pick --agent)",
+                args.agent
+            )
+        })?;
     let client = Client::new(&addr);
     let existing = client
         .admin(|mut c| async move { c.list_models(pb::ListModelsRequest { stale: false }).await })
@@ -94,18 +119,23 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         }
     );
     out!("registered model: demo (runtime demo)");
+    out!(
+        "node {DEV_NODE}: agent on {} with {} SIMULATED GPUs",
+        agent.grpc_addr,
+        args.simulate_gpus
+    );
     out!();
     out!("try, in another terminal:");
     out!("  berth{server_flag} cluster status");
     out!("  berth{server_flag} model list");
+    out!("  berth{server_flag} node list");
+    out!("  berth{server_flag} node show {DEV_NODE}");
     out!(
         "  berth{server_flag} model create llama --runtime vllm --source /models/llama-3-8b --gpus 1 --gpu-memory 20GiB"
     );
     out!("  curl http://{}/metrics", args.http);
     out!();
-    out!(
-        "(node agents and deployments are not built yet: this dev cluster runs the control plane only)"
-    );
+    out!("(deployments are not built yet: the dev node runs no replica until they land)");
     out!("Ctrl-C stops everything.");
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -113,6 +143,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         eprintln!("stopping…");
         stop.cancel();
     });
+    agent.wait().await?;
     running.wait().await?;
     drop(temp);
     Ok(())

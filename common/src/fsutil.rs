@@ -1,6 +1,8 @@
-//! Durable file replacement: write a temporary file, fsync it, rename it over
-//! the target, fsync the directory. A crash leaves the old or the new file,
-//! never a torn one.
+//! File replacement: write a temporary file, rename it over the target. A
+//! crash leaves the old or the new file, never a torn one. `write_atomic`
+//! also fsyncs (file, then directory), so the new file survives a power
+//! loss; `replace_atomic` does not, for files that describe processes,
+//! which a power loss ends anyway.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -8,6 +10,15 @@ use std::path::Path;
 
 /// Atomically replaces `path` with `bytes`, durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, bytes, true)
+}
+
+/// Atomically replaces `path` with `bytes`, without waiting for the disk.
+pub fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, bytes, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -16,10 +27,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    if durable {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -34,6 +50,8 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
+        replace_atomic(&p, b"three").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"three");
         assert!(!dir.join(".x.bin.tmp").exists());
         fs::remove_dir_all(&dir).unwrap();
     }

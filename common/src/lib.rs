@@ -3,6 +3,7 @@
 //! Everything here is plain data plus pure checks: no I/O, no clock. A value
 //! that passed `validate()` is safe to store in the replicated state.
 
+pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod model;

@@ -4,11 +4,11 @@
 //! bound.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use berth_common::config::{address_list, duration, read_toml, validate_host_port};
 use berth_common::telemetry::LogFormat;
-use berth_common::units::parse_duration;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -171,17 +171,7 @@ impl Config {
 
     /// Merges flags over the config file over defaults, and validates.
     pub fn load(flags: Flags) -> Result<Self, String> {
-        let file = match &flags.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        let dur =
-            |field: &str, flag: Option<String>, file: Option<String>, default: Duration| match flag
-                .or(file)
-            {
-                Some(text) => parse_duration(field, &text).map_err(|e| e.to_string()),
-                None => Ok(default),
-            };
+        let file: FileConfig = read_toml(flags.config.as_deref())?;
         let config = Config {
             id: flags.id.or(file.id),
             listen: flags.listen.or(file.listen).unwrap_or_else(|| {
@@ -195,26 +185,16 @@ impl Config {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             bootstrap: flags.bootstrap || file.bootstrap.unwrap_or(false),
-            join: flags
-                .join
-                .or(file.join)
-                .map(|j| {
-                    j.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            join: address_list(flags.join.or(file.join)),
             http: flags.http.or(file.http),
             insecure: flags.insecure || file.insecure.unwrap_or(false),
-            election_timeout: dur(
+            election_timeout: duration(
                 "election_timeout",
                 flags.election_timeout,
                 file.election_timeout,
                 DEFAULT_ELECTION_TIMEOUT,
             )?,
-            heartbeat_interval: dur(
+            heartbeat_interval: duration(
                 "heartbeat_interval",
                 flags.heartbeat_interval,
                 file.heartbeat_interval,
@@ -224,19 +204,19 @@ impl Config {
                 .snapshot_every
                 .or(file.snapshot_every)
                 .unwrap_or(DEFAULT_SNAPSHOT_EVERY),
-            request_timeout: dur(
+            request_timeout: duration(
                 "request_timeout",
                 flags.request_timeout,
                 file.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
-            join_timeout: dur(
+            join_timeout: duration(
                 "join_timeout",
                 flags.join_timeout,
                 file.join_timeout,
                 DEFAULT_JOIN_TIMEOUT,
             )?,
-            node_grace: dur(
+            node_grace: duration(
                 "node_grace",
                 flags.node_grace,
                 file.node_grace,
@@ -293,21 +273,6 @@ impl Config {
     }
 }
 
-fn validate_host_port(field: &str, value: &str) -> Result<(), String> {
-    match value.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(format!(
-            "{field} {value:?} is invalid: it must be HOST:PORT, e.g. 10.0.0.5:7400"
-        )),
-    }
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +300,18 @@ mod tests {
         assert_eq!(c.election_timeout, Duration::from_secs(1));
         assert_eq!(c.snapshot_every, 7, "a flag beats the file");
         assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    }
+
+    /// The annotated example in deploy/ stays valid.
+    #[test]
+    fn example_config_loads() {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/control.toml");
+        let c = Config::load(Flags {
+            config: Some(p),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.id, Some(1));
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //! bound.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use berth_common::Labels;
+use berth_common::config::{address_list, duration, read_toml, validate_host_port};
 use berth_common::names::{parse_label, validate_labels, validate_name};
 use berth_common::telemetry::LogFormat;
-use berth_common::units::{parse_duration, parse_size_mib};
+use berth_common::units::parse_size_mib;
 use clap::Args;
 use serde::Deserialize;
 
@@ -199,17 +200,7 @@ impl Config {
 
     /// Merges flags over the config file over defaults, and validates.
     pub fn load(flags: Flags) -> Result<Self, String> {
-        let file = match &flags.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        let dur =
-            |field: &str, flag: Option<String>, file: Option<String>, default: Duration| match flag
-                .or(file)
-            {
-                Some(text) => parse_duration(field, &text).map_err(|e| e.to_string()),
-                None => Ok(default),
-            };
+        let file: FileConfig = read_toml(flags.config.as_deref())?;
         let mut labels = file.labels.unwrap_or_default();
         for l in &flags.labels {
             let (k, v) = parse_label("label", l).map_err(|e| e.to_string())?;
@@ -226,17 +217,7 @@ impl Config {
             None => DEFAULT_LOG_MAX_MIB * 1024 * 1024,
         };
         let config = Config {
-            control: flags
-                .control
-                .or(file.control)
-                .map(|c| {
-                    c.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            control: address_list(flags.control.or(file.control)),
             listen: flags.listen.or(file.listen).unwrap_or_else(|| {
                 DEFAULT_LISTEN
                     .parse()
@@ -251,13 +232,13 @@ impl Config {
             labels,
             insecure: flags.insecure || file.insecure.unwrap_or(false),
             simulate_gpus: flags.simulate_gpus.or(file.simulate_gpus),
-            heartbeat_interval: dur(
+            heartbeat_interval: duration(
                 "heartbeat_interval",
                 flags.heartbeat_interval,
                 file.heartbeat_interval,
                 DEFAULT_HEARTBEAT_INTERVAL,
             )?,
-            inventory_interval: dur(
+            inventory_interval: duration(
                 "inventory_interval",
                 flags.inventory_interval,
                 file.inventory_interval,
@@ -270,19 +251,19 @@ impl Config {
                 .log_files
                 .or(file.log_files)
                 .unwrap_or(DEFAULT_LOG_FILES),
-            restart_backoff: dur(
+            restart_backoff: duration(
                 "restart_backoff",
                 flags.restart_backoff,
                 file.restart_backoff,
                 DEFAULT_RESTART_BACKOFF,
             )?,
-            restart_backoff_max: dur(
+            restart_backoff_max: duration(
                 "restart_backoff_max",
                 flags.restart_backoff_max,
                 file.restart_backoff_max,
                 DEFAULT_RESTART_BACKOFF_MAX,
             )?,
-            probe_interval: dur(
+            probe_interval: duration(
                 "probe_interval",
                 flags.probe_interval,
                 file.probe_interval,
@@ -370,21 +351,6 @@ fn default_node_name() -> Result<String, String> {
     Ok(name)
 }
 
-fn validate_host_port(field: &str, value: &str) -> Result<(), String> {
-    match value.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(format!(
-            "{field} {value:?} is invalid: it must be HOST:PORT, e.g. 10.0.0.5:7400"
-        )),
-    }
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +388,20 @@ mod tests {
         assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
         assert_eq!(c.simulate_gpus.as_deref(), Some("2xA100-80GB"));
         assert_eq!(c.log_max_bytes, 10 * 1024 * 1024);
+    }
+
+    /// The annotated example in deploy/ stays valid.
+    #[test]
+    fn example_config_loads() {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/agent.toml");
+        let c = Config::load(Flags {
+            config: Some(p),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.node_name, "gpu-01");
+        assert_eq!(c.control.len(), 3);
+        assert_eq!(c.labels.get("rack").map(String::as_str), Some("r12"));
     }
 
     #[test]

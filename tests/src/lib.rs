@@ -207,18 +207,5 @@ pub async fn http_get(port: u32, path: &str) -> Option<(u16, String)> {
 
 /// An HTTP request on 127.0.0.1:port with a JSON body: status code and body.
 pub async fn http(port: u32, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
-        .await
-        .ok()?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
+    berth_cli::local::http_request(&format!("127.0.0.1:{port}"), method, path, body).await
 }

@@ -482,3 +482,65 @@ async fn bad_specs_are_refused_and_start_nothing() {
     assert_eq!(dirs, 0, "nothing was created for a refused spec");
     drop(busy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_start_up_errors_are_clear() {
+    let bin = berth_cli::local::find_binary("berth-agent").unwrap();
+    let run = |args: Vec<String>| {
+        let bin = bin.clone();
+        async move {
+            tokio::time::timeout(
+                DEADLINE,
+                tokio::process::Command::new(bin).args(args).output(),
+            )
+            .await
+            .expect("berth-agent exits")
+            .expect("run berth-agent")
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = ["--node-name", "n1", "--data-dir", &data, "--insecure"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    for (args, says) in [
+        (base(&["--simulate-gpus", "lots"]), "simulate_gpus"),
+        (base(&["--node-name", "Bad_Name"]), "--node-name"),
+        (base(&["--label", "novalue"]), "label"),
+        (base(&["--control", "nowhere"]), "HOST:PORT"),
+        (
+            base(&["--heartbeat-interval", "soon"]),
+            "heartbeat_interval",
+        ),
+        (base(&["--bogus-flag"]), "--bogus-flag"),
+    ] {
+        let o = run(args.clone()).await;
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    // One agent per data dir: a second one is refused, naming the dir.
+    let first = LocalAgent::start_in(dir.path(), AgentOptions::standalone("n1")).unwrap();
+    wait_serving(&first).await;
+    let port = berth_cli::local::free_port().unwrap().to_string();
+    let o = run(vec![
+        "--node-name".into(),
+        "n1".into(),
+        "--data-dir".into(),
+        first.data_dir.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--insecure".into(),
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("in use by another berth-agent"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,5 +1,6 @@
-//! `berth dev`: brings up a working control plane with the demo model, and
-//! SIGTERM (like Ctrl-C) stops it cleanly and removes its temporary data.
+//! `berth dev`: brings up a working control plane with the demo model and a
+//! node with simulated GPUs, and SIGTERM (like Ctrl-C) stops it cleanly and
+//! removes its temporary data.
 
 use std::process::Stdio;
 
@@ -11,8 +12,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 async fn dev_serves_the_demo_model_and_cleans_up() {
     let grpc = format!("127.0.0.1:{}", free_port().unwrap());
     let http = format!("127.0.0.1:{}", free_port().unwrap());
+    let agent = format!("127.0.0.1:{}", free_port().unwrap());
     let mut child = tokio::process::Command::new(find_binary("berth").unwrap())
-        .args(["dev", "--listen", &grpc, "--http", &http])
+        .args(["dev", "--listen", &grpc, "--http", &http, "--agent", &agent])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -41,6 +43,18 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
     assert_eq!(models[0]["versions"][0]["runtime"], "demo");
     let status = berth_json(&["--server", &grpc, "cluster", "status"]).await;
     assert_eq!(status["leader_id"], 1);
+    let node = wait_until(DEADLINE, "the dev node is ready", || async {
+        let nodes = berth_json(&["--server", &grpc, "node", "list"]).await;
+        nodes
+            .as_array()
+            .and_then(|n| n.first())
+            .filter(|n| n["state"] == "ready")
+            .cloned()
+    })
+    .await;
+    assert_eq!(node["name"], "dev-node");
+    assert_eq!(node["simulated"], true);
+    assert_eq!(node["gpus"], 2);
 
     let pid = child.id().expect("running") as i32;
     nix::sys::signal::kill(

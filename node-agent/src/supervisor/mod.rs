@@ -382,7 +382,12 @@ impl Supervisor {
             )));
         }
         let dir = self.settings.data_dir.join("replicas").join(&spec.id);
+        // The run files hold the replica's environment (tokens, keys): owner only.
         std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
             .map_err(|e| SupervisorError::Internal(format!("create {}: {e}", dir.display())))?;
         let record = Record {
             spec,

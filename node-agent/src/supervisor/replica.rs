@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shim::{
     self, EXIT_FILE, ExitFile, RUN_FILE, RunFile, SHIM_FILE, STOP_FILE, ShimFile, StopFile, now_ms,
-    read_json, write_json,
+    read_json, write_json, write_run_json,
 };
 use super::{Context, runtime};
 
@@ -288,7 +288,7 @@ impl ReplicaTask {
             log_max_bytes: self.ctx.log_max_bytes,
             log_keep: self.ctx.log_keep,
         };
-        if let Err(e) = write_json(&self.dir.join(RUN_FILE), &run) {
+        if let Err(e) = write_run_json(&self.dir.join(RUN_FILE), &run) {
             return self.failed_to_start(format!("write {RUN_FILE}: {e}"));
         }
         match shim::spawn(&self.ctx.agent_exe, &self.dir).await {
@@ -365,7 +365,7 @@ impl ReplicaTask {
         let Some(mut run) = self.run.take() else {
             return;
         };
-        let _ = write_json(
+        let _ = write_run_json(
             &self.dir.join(STOP_FILE),
             &StopFile {
                 grace_ms: grace.as_millis() as u64,

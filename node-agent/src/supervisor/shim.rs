@@ -23,7 +23,7 @@ use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_common::fsutil::write_atomic;
+use berth_common::fsutil::{replace_atomic, write_atomic};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -97,10 +97,18 @@ pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> 
     serde_json::from_slice(&text).ok()
 }
 
-/// Replaces a JSON file of the replica directory atomically.
+/// Replaces a JSON file of the replica directory atomically and durably.
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     write_atomic(path, &bytes)
+}
+
+/// Replaces a JSON file atomically, not durably: for the files about one
+/// run (`run.json`, `shim.json`, `stop.json`, `exit.json`), whose processes
+/// a power loss ends anyway.
+pub(crate) fn write_run_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    replace_atomic(path, &bytes)
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -143,7 +151,7 @@ pub fn main(dir: &Path) -> ExitCode {
 fn fail(dir: &Path, reason: String) -> ExitCode {
     println!("failed {reason}");
     eprintln!("shim: {reason}");
-    let _ = write_json(
+    let _ = write_run_json(
         &dir.join(EXIT_FILE),
         &ExitFile {
             code: None,
@@ -202,7 +210,7 @@ async fn run(dir: &Path) -> ExitCode {
         server,
         started_at_ms: now_ms(),
     };
-    if let Err(e) = write_json(&dir.join(SHIM_FILE), &record) {
+    if let Err(e) = write_run_json(&dir.join(SHIM_FILE), &record) {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         return fail(dir, format!("write {SHIM_FILE}: {e}"));
     }
@@ -247,7 +255,7 @@ async fn run(dir: &Path) -> ExitCode {
         reason,
         at_ms: now_ms(),
     };
-    if let Err(e) = write_json(&dir.join(EXIT_FILE), &exit) {
+    if let Err(e) = write_run_json(&dir.join(EXIT_FILE), &exit) {
         eprintln!("shim: write {EXIT_FILE}: {e}");
         return ExitCode::FAILURE;
     }

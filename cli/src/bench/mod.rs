@@ -1,6 +1,7 @@
-//! `berth bench writes` (replicated admin writes from N concurrent clients)
-//! and `berth bench failover` (SIGKILL the leader of a local 3-member
-//! cluster while a writer runs). Figures are printed, never asserted.
+//! `berth bench writes` (replicated admin writes from N concurrent clients),
+//! `berth bench failover` (SIGKILL the leader of a local 3-member cluster
+//! while a writer runs), and the agent benchmarks (`agent`). Figures are
+//! printed, never asserted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,8 @@ use crate::client::{CliError, Client};
 use crate::local::{LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
+mod agent;
+
 /// Benchmark subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -25,6 +28,10 @@ pub enum BenchCommand {
     Writes(WritesArgs),
     /// Repeatedly SIGKILL the leader of a local 3-member cluster while a writer runs.
     Failover(FailoverArgs),
+    /// StartReplica → model server spawned, over many starts on a local agent.
+    AgentStart(agent::AgentStartArgs),
+    /// An idle agent's memory and CPU while it heartbeats to a local control plane.
+    AgentIdle(agent::AgentIdleArgs),
 }
 
 /// `bench writes` options.
@@ -54,6 +61,8 @@ pub async fn run(cmd: BenchCommand, servers: &str, out: OutputFormat) -> Result<
     match cmd {
         BenchCommand::Writes(a) => writes(a, servers, out).await,
         BenchCommand::Failover(a) => failover(a, out).await,
+        BenchCommand::AgentStart(a) => agent::agent_start(a, out).await,
+        BenchCommand::AgentIdle(a) => agent::agent_idle(a, out).await,
     }
 }
 

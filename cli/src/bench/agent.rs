@@ -1,0 +1,264 @@
+//! Agent benchmarks: `bench agent-start` (StartReplica → model server
+//! process spawned, over many starts) and `bench agent-idle` (the idle
+//! agent's memory and CPU while it heartbeats). Both start their own real
+//! processes; figures are printed, never asserted.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_common::units::parse_duration;
+use berth_proto::v1 as pb;
+use berth_proto::v1::agent_client::AgentClient;
+use clap::Args;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::percentile;
+use crate::client::{CliError, Client};
+use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
+use crate::output::{OutputFormat, print_json, table};
+
+/// `bench agent-start` options.
+#[derive(Debug, Args)]
+pub struct AgentStartArgs {
+    /// Replicas to start, one after the other.
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+}
+
+/// `bench agent-start` results.
+#[derive(Debug, Serialize)]
+pub struct AgentStartReport {
+    /// Replicas started.
+    pub starts: usize,
+    /// Median StartReplica → process spawned, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Worst, ms.
+    pub max_ms: f64,
+}
+
+async fn wait_serving(addr: &str) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
+    let client = AgentClient::new(berth_proto::grpc::channel(addr)?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if client
+            .clone()
+            .list_replicas(pb::ListReplicasRequest {})
+            .await
+            .is_ok()
+        {
+            return Ok(client);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent did not start within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts `count` replicas (`sleep 3600`) on a fresh standalone agent and
+/// times each StartReplica call, which answers once the shim reports the
+/// model server's pid. The agent and every replica are killed at the end.
+pub async fn agent_start(a: AgentStartArgs, out: OutputFormat) -> Result<(), CliError> {
+    if a.count == 0 {
+        return Err(CliError::Usage("--count must be at least 1".into()));
+    }
+    let agent = LocalAgent::start(AgentOptions::standalone("bench-node"))?;
+    let client = wait_serving(&agent.addr).await?;
+    let mut micros = Vec::with_capacity(a.count);
+    for i in 0..a.count {
+        let spec = pb::ReplicaSpec {
+            id: format!("bench-{i}"),
+            generation: 1,
+            model: "bench".into(),
+            runtime: "command".into(),
+            command: "sleep 3600".into(),
+            source: "none".into(),
+            health: "tcp".into(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let s = client
+            .clone()
+            .start_replica(pb::StartReplicaRequest { spec: Some(spec) })
+            .await
+            .map_err(|s| anyhow::anyhow!("start replica {i}: {}", s.message()))?
+            .into_inner();
+        micros.push(started.elapsed().as_micros() as u64);
+        if s.pid == 0 {
+            return Err(anyhow::anyhow!("replica {i} has no process: {}", s.reason).into());
+        }
+        if i % 50 == 49 {
+            eprintln!("started {} replicas", i + 1);
+        }
+    }
+    micros.sort_unstable();
+    let report = AgentStartReport {
+        starts: micros.len(),
+        p50_ms: percentile(&micros, 0.5),
+        p99_ms: percentile(&micros, 0.99),
+        max_ms: percentile(&micros, 1.0),
+    };
+    drop(agent);
+    match out {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Table => {
+            let mut t = table(&["STARTS", "P50", "P99", "MAX"]);
+            t.add_row(vec![
+                report.starts.to_string(),
+                format!("{:.2} ms", report.p50_ms),
+                format!("{:.2} ms", report.p99_ms),
+                format!("{:.2} ms", report.max_ms),
+            ]);
+            out!("{t}");
+        }
+    }
+    Ok(())
+}
+
+/// `bench agent-idle` options.
+#[derive(Debug, Args)]
+pub struct AgentIdleArgs {
+    /// How long to measure (after the agent registered and settled).
+    #[arg(long, default_value = "60s")]
+    duration: String,
+    /// The agent's simulated GPUs.
+    #[arg(long, default_value = "8xH100-80GB")]
+    simulate_gpus: String,
+    /// The agent's heartbeat interval.
+    #[arg(long, default_value = "1s")]
+    heartbeat_interval: String,
+}
+
+/// `bench agent-idle` results.
+#[derive(Debug, Serialize)]
+pub struct AgentIdleReport {
+    /// Seconds measured.
+    pub duration_s: f64,
+    /// Mean resident memory of the agent process, MiB.
+    pub rss_mib_mean: f64,
+    /// Highest resident memory seen, MiB.
+    pub rss_mib_max: f64,
+    /// CPU time over wall time, percent of one core.
+    pub cpu_percent: f64,
+    /// Heartbeats the leader accepted during the window.
+    pub heartbeats: u64,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `rest` starts at field 3.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+async fn heartbeats(http: &str) -> Option<u64> {
+    let (_, body) = crate::local::http_request(http, "GET", "/metrics", "").await?;
+    body.lines()
+        .find(|l| l.starts_with("berth_agent_heartbeats "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs a one-member control plane and one agent, lets it register and
+/// settle, then samples the agent's RSS every second and its CPU time over
+/// the window.
+pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliError> {
+    let duration =
+        parse_duration("duration", &a.duration).map_err(|e| CliError::Usage(e.to_string()))?;
+    let cluster = LocalCluster::start(1, MemberOptions::default()).await?;
+    let http = format!("127.0.0.1:{}", crate::local::free_port()?);
+    let agent = LocalAgent::start_in(
+        cluster.root(),
+        AgentOptions {
+            node: "idle-node".into(),
+            simulate_gpus: Some(a.simulate_gpus.clone()),
+            control: Some(cluster.servers()),
+            extra: vec![
+                "--heartbeat-interval".into(),
+                a.heartbeat_interval.clone(),
+                "--http".into(),
+                http.clone(),
+            ],
+        },
+    )?;
+    let pid = agent.pid().context("the agent is not running")?;
+    let client = Client::new(&cluster.servers());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = client
+            .admin(|mut c| async move { c.list_nodes(pb::ListNodesRequest { stale: false }).await })
+            .await;
+        if nodes.is_ok_and(|n| n.nodes.iter().any(|n| n.state == "ready")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow::anyhow!("the agent did not register within 30s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("agent registered; settling for 5s, then measuring for {duration:?}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let hb0 = heartbeats(&http).await.unwrap_or(0);
+    let cpu0 = cpu_ticks(pid).context("read the agent's CPU time")?;
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < duration {
+        if let Some(k) = rss_kib(pid) {
+            samples.push(k);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu1 = cpu_ticks(pid).context("read the agent's CPU time")?;
+    let hb1 = heartbeats(&http).await.unwrap_or(0);
+    let mean = samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64;
+    let report = AgentIdleReport {
+        duration_s: wall,
+        rss_mib_mean: mean / 1024.0,
+        rss_mib_max: samples.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        cpu_percent: (cpu1 - cpu0) as f64 / ticks_per_s / wall * 100.0,
+        heartbeats: hb1.saturating_sub(hb0),
+    };
+    drop(agent);
+    drop(cluster);
+    match out {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Table => {
+            let mut t = table(&[
+                "WINDOW",
+                "RSS MEAN",
+                "RSS MAX",
+                "CPU (ONE CORE)",
+                "HEARTBEATS",
+            ]);
+            t.add_row(vec![
+                format!("{:.0}s", report.duration_s),
+                format!("{:.1} MiB", report.rss_mib_mean),
+                format!("{:.1} MiB", report.rss_mib_max),
+                format!("{:.3}%", report.cpu_percent),
+                report.heartbeats.to_string(),
+            ]);
+            out!("{t}");
+        }
+    }
+    Ok(())
+}
