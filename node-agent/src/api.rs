@@ -27,6 +27,8 @@ use crate::supervisor::{Supervisor, SupervisorError};
 const DEFAULT_TAIL: u32 = 100;
 /// The most lines of log one request may ask for.
 const MAX_TAIL: u32 = 100_000;
+/// The longest grace period a stop may ask for.
+const MAX_GRACE_MS: u64 = 3600 * 1000;
 
 /// The one mapping from supervisor errors to gRPC status codes.
 pub fn status(e: SupervisorError) -> Status {
@@ -106,6 +108,11 @@ impl Agent for AgentService {
         request: Request<pb::StopReplicaRequest>,
     ) -> Result<Response<pb::ReplicaStatus>, Status> {
         let req = request.into_inner();
+        if let Some(g) = req.grace_ms.filter(|g| *g > MAX_GRACE_MS) {
+            return Err(Status::invalid_argument(format!(
+                "grace_ms {g:?} is invalid: must be at most {MAX_GRACE_MS} (one hour)"
+            )));
+        }
         let grace = req.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
         let s = self
             .supervisor
@@ -166,7 +173,11 @@ impl Agent for AgentService {
         // Start following before reading the tail, so nothing written in
         // between is lost (it may be sent twice at worst).
         let mut follower = req.follow.then(|| Follower::at_end(&dir));
-        let first = tail(&dir, lines as usize)
+        let read_dir = dir.clone();
+        // Off the agent's one thread: a tail may read rotated files.
+        let first = tokio::task::spawn_blocking(move || tail(&read_dir, lines as usize))
+            .await
+            .map_err(|e| Status::internal(format!("read the log of {}: {e}", req.id)))?
             .map_err(|e| Status::internal(format!("read the log of {}: {e}", req.id)))?;
         let (tx, rx) = mpsc::channel(16);
         if !first.is_empty() {

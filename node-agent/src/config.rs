@@ -33,6 +33,10 @@ pub const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_secs(1);
 pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Default health probe interval.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// The largest log rotation size.
+pub const MAX_LOG_MAX_MIB: u64 = 1024 * 1024;
+/// The longest interval or delay any duration setting may have.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// Command-line flags of `berth-agent`. Every flag can also be set in the
 /// `--config` TOML file under the same name with `_` for `-`.
@@ -212,7 +216,13 @@ impl Config {
         };
         let log_max_bytes = match flags.log_max_size.or(file.log_max_size) {
             Some(text) => {
-                parse_size_mib("log_max_size", &text).map_err(|e| e.to_string())? * 1024 * 1024
+                let mib = parse_size_mib("log_max_size", &text).map_err(|e| e.to_string())?;
+                if mib > MAX_LOG_MAX_MIB {
+                    return Err(format!(
+                        "log_max_size {text:?} is invalid: it must be at most {MAX_LOG_MAX_MIB}MiB"
+                    ));
+                }
+                mib * 1024 * 1024
             }
             None => DEFAULT_LOG_MAX_MIB * 1024 * 1024,
         };
@@ -293,11 +303,12 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval),
             ("inventory_interval", self.inventory_interval),
             ("restart_backoff", self.restart_backoff),
+            ("restart_backoff_max", self.restart_backoff_max),
             ("probe_interval", self.probe_interval),
         ] {
-            if d < Duration::from_millis(10) {
+            if d < Duration::from_millis(10) || d > MAX_DURATION {
                 return Err(format!(
-                    "{field} {d:?} is invalid: it must be at least 10ms"
+                    "{field} {d:?} is invalid: it must be between 10ms and 24h"
                 ));
             }
         }
@@ -455,6 +466,20 @@ mod tests {
                 ..flags()
             })
             .contains("log_max_size")
+        );
+        assert!(
+            bad(Flags {
+                log_max_size: Some("17592186044416".into()),
+                ..flags()
+            })
+            .contains("log_max_size")
+        );
+        assert!(
+            bad(Flags {
+                restart_backoff: Some("500000000000y".into()),
+                ..flags()
+            })
+            .contains("restart_backoff")
         );
         assert!(
             bad(Flags {

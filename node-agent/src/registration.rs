@@ -78,6 +78,7 @@ struct Loop {
     leader: Option<String>,
     registered: bool,
     healthy: Option<bool>,
+    last_error: Option<String>,
 }
 
 impl Registration {
@@ -92,6 +93,7 @@ impl Registration {
             leader: None,
             registered: false,
             healthy: None,
+            last_error: None,
         };
         loop {
             tokio::select! {
@@ -112,10 +114,11 @@ impl Registration {
                 }
                 Err(e) => {
                     l.reg.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    if l.healthy != Some(false) {
+                    if l.healthy != Some(false) || l.last_error.as_deref() != Some(e.as_str()) {
                         tracing::warn!(node = %l.reg.node, error = %e, "cannot reach the control-plane leader; retrying every heartbeat (replicas keep running)");
                     }
                     l.healthy = Some(false);
+                    l.last_error = Some(e);
                 }
             }
         }
@@ -173,6 +176,11 @@ impl Loop {
                         .and_then(|v| v.to_str().ok())
                         .filter(|v| !v.is_empty() && *v != addr)
                         .map(String::from);
+                    if hint.is_none() && refused(&status) {
+                        // The leader answered and said no: another member
+                        // would say the same.
+                        return Err(format!("refused by {addr}: {}", status.message()));
+                    }
                     last = format!("{addr}: {}", status.message());
                     self.leader = hint;
                 }
@@ -222,6 +230,15 @@ impl Loop {
         self.reg.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
         Ok(Outcome::Done)
     }
+}
+
+/// Whether a status is a refusal of the request itself (not "no leader here").
+fn refused(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition | Code::NotFound
+    )
 }
 
 /// A new id for this agent process (the kernel's random uuid).

@@ -544,3 +544,66 @@ async fn agent_start_up_errors_are_clear() {
         stderr(&o)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_are_checked_by_the_replica_itself() {
+    let mut a = standalone("sup-8", &[]);
+    wait_serving(&a).await;
+    start_replica(&a.addr, demo_spec("gen", 2, None)).await;
+
+    // A stop that names a newer generation leaves it as a tombstone: no
+    // start of that generation or older brings the replica back.
+    let stopped = agent(&a.addr)
+        .stop_replica(pb::StopReplicaRequest {
+            id: "gen".into(),
+            generation: 5,
+            grace_ms: Some(5000),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.phase, "stopped");
+    assert_eq!(stopped.generation, 5);
+    for g in [3, 5] {
+        let e = agent(&a.addr)
+            .start_replica(pb::StartReplicaRequest {
+                spec: Some(demo_spec("gen", g, None)),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "generation {g}");
+    }
+    // A stopped replica is not resized back to life.
+    let e = agent(&a.addr)
+        .resize_replica(pb::ResizeReplicaRequest {
+            id: "gen".into(),
+            generation: 6,
+            cpu_milli: 1000,
+            memory_mib: 512,
+            gpus: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("stopped"), "{}", e.message());
+    // A newer start does.
+    let back = start_replica(&a.addr, demo_spec("gen", 6, None)).await;
+    assert!(back.pid > 0 && alive(back.pid));
+
+    // An agent that died while replacing a run (new record saved, old run
+    // still going) replaces the old run when it starts again.
+    a.kill().unwrap();
+    let record = a.data_dir.join("replicas/gen/replica.json");
+    let mut r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    r["spec"]["generation"] = 7.into();
+    std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
+    a.restart().unwrap();
+    wait_serving(&a).await;
+    let replaced = wait_replica(&a.addr, "gen", "the old run replaced", |s| {
+        s.pid != 0 && s.pid != back.pid && s.phase == "running"
+    })
+    .await;
+    assert_eq!(replaced.generation, 7);
+    assert!(!alive(back.pid), "the old generation's process is gone");
+}

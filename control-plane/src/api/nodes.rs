@@ -159,7 +159,11 @@ fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::Nod
         gpus: node.inventory.gpus.len() as u32,
         gpu_memory_total_mib: total,
         gpu_memory_free_mib: observed.map(|o| {
-            let used: u64 = o.report.gpus.iter().map(|g| g.memory_used_mib).sum();
+            let used = o
+                .report
+                .gpus
+                .iter()
+                .fold(0u64, |sum, g| sum.saturating_add(g.memory_used_mib));
             total.saturating_sub(used)
         }),
         cpu_milli: node.inventory.cpu_milli,

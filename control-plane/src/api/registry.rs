@@ -27,8 +27,8 @@ impl RegistryService {
         RegistryService { nodes }
     }
 
-    fn leader(&self) -> Result<String, Status> {
-        self.nodes.leader_here().map_err(redirect)
+    async fn leader(&self) -> Result<String, Status> {
+        self.nodes.leader_confirmed().await.map_err(redirect)
     }
 }
 
@@ -57,7 +57,7 @@ impl NodeRegistry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let leader_addr = self.leader()?;
+        let leader_addr = self.leader().await?;
         let registration =
             registration_from_proto(request.into_inner()).map_err(|e| invalid_argument(&e))?;
         let node = self.nodes.register(registration).await.map_err(status)?;
@@ -72,7 +72,7 @@ impl NodeRegistry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.leader()?;
+        self.leader().await?;
         let epoch = self
             .nodes
             .heartbeat(request.into_inner())

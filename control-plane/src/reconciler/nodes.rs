@@ -8,7 +8,9 @@
 //! A new leader has no heartbeats yet, so it counts every node's grace from
 //! the moment it became leader: a healthy node, whose agent finds the new
 //! leader within a heartbeat or two, is never marked down by a leader
-//! change.
+//! change. A member serves heartbeats only while a quorum confirms it leads
+//! (checked at most every `CONFIRM_EVERY`), so an old leader cut off from
+//! its peers sends the agents away instead of keeping them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +27,10 @@ use crate::state::{Command, Outcome};
 
 /// Default time without heartbeats before a node is marked down.
 pub const DEFAULT_NODE_GRACE: Duration = Duration::from_secs(5);
+/// How long a quorum's confirmation of this member's leadership is trusted.
+const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+/// How long a confirmation may take before this member counts as not leading.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The last heartbeat of a node, as the leader received it.
 #[derive(Debug, Clone)]
@@ -47,6 +53,8 @@ pub struct NodeTracker {
     observed: Arc<Mutex<HashMap<String, Observation>>>,
     /// The term this member leads in and since when; None while it follows.
     leading: Arc<Mutex<Option<(u64, Instant)>>>,
+    /// When a quorum last confirmed this member leads; one confirmation at a time.
+    confirmed: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 /// Why a registry call is not served here.
@@ -66,6 +74,7 @@ impl NodeTracker {
             grace,
             observed: Arc::default(),
             leading: Arc::default(),
+            confirmed: Arc::default(),
         }
     }
 
@@ -86,6 +95,26 @@ impl NodeTracker {
             Some((id, addr)) if id == self.member.id => Ok(addr),
             Some((_, addr)) => Err(NotHere::Leader(addr)),
             None => Err(NotHere::NoLeader),
+        }
+    }
+
+    /// Like `leader_here`, but a quorum must have confirmed the leadership
+    /// within `CONFIRM_EVERY`; concurrent callers share one confirmation.
+    pub async fn leader_confirmed(&self) -> Result<String, NotHere> {
+        let addr = self.leader_here()?;
+        let mut confirmed = self.confirmed.lock().await;
+        if confirmed.is_some_and(|at| at.elapsed() < CONFIRM_EVERY) {
+            return Ok(addr);
+        }
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.member.read_index()).await {
+            Ok(Ok(_)) => {
+                *confirmed = Some(Instant::now());
+                Ok(addr)
+            }
+            _ => {
+                *confirmed = None;
+                Err(NotHere::NoLeader)
+            }
         }
     }
 
@@ -184,7 +213,8 @@ impl NodeTracker {
             self.member
                 .write(Command::SetNodeState {
                     name,
-                    state: NodeState::Ready,
+                    from: NodeState::Down,
+                    to: NodeState::Ready,
                     instance: node.instance,
                 })
                 .await?;
@@ -202,7 +232,6 @@ impl NodeTracker {
             return;
         }
         let since = self.leading_since(view.term);
-        let now = Instant::now();
         let ready: Vec<(String, String)> = self
             .member
             .state
@@ -214,19 +243,31 @@ impl NodeTracker {
             .map(|n| (n.name.clone(), n.instance.clone()))
             .collect();
         let observed = self.observations();
-        for (name, instance) in ready {
+        let silent_for = |observed: &HashMap<String, Observation>, name: &str, instance: &str| {
             let last = observed
-                .get(&name)
+                .get(name)
                 .filter(|o| o.instance == instance)
                 .map_or(since, |o| o.at.max(since));
-            let silent = now.saturating_duration_since(last);
+            Instant::now().saturating_duration_since(last)
+        };
+        let late: Vec<(String, String)> = ready
+            .into_iter()
+            .filter(|(name, instance)| silent_for(&observed, name, instance) > self.grace)
+            .collect();
+        if late.is_empty() || self.leader_confirmed().await.is_err() {
+            return;
+        }
+        for (name, instance) in late {
+            // Look again: a heartbeat may have arrived while leadership was confirmed.
+            let silent = silent_for(&self.observations(), &name, &instance);
             if silent <= self.grace {
                 continue;
             }
             tracing::warn!(node = %name, silent_s = silent.as_secs_f64(), "node missed its heartbeats past the grace period: marking it down");
             let down = Command::SetNodeState {
                 name: name.clone(),
-                state: NodeState::Down,
+                from: NodeState::Ready,
+                to: NodeState::Down,
                 instance,
             };
             if let Err(e) = self.member.write(down).await {

@@ -70,13 +70,16 @@ pub enum Command {
     /// was down is ready again.
     RegisterNode(NodeRegistration),
     /// A node state transition observed by the leader (heartbeats missed
-    /// past the grace period, or back). Refused when `instance` is not the
-    /// node's current agent: a stale observation changes nothing.
+    /// past the grace period, or back). Refused when the node is no longer
+    /// in state `from`, or `instance` is not its current agent: a stale
+    /// observation changes nothing.
     SetNodeState {
         /// The node.
         name: String,
+        /// The state the observation found it in.
+        from: NodeState,
         /// The new state.
-        state: NodeState,
+        to: NodeState,
         /// The agent instance the observation was about.
         instance: String,
     },
@@ -250,9 +253,10 @@ pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::RegisterNode(registration) => nodes::register(state, registration, at_ms),
         Command::SetNodeState {
             name,
-            state: to,
+            from,
+            to,
             instance,
-        } => nodes::set_state(state, &name, to, &instance, at_ms),
+        } => nodes::set_state(state, &name, from, to, &instance, at_ms),
         Command::RemoveModelVersion { model, version } => {
             let users = users_of_model(state, &model, Some(&version));
             let Some(m) = state.models.get_mut(&model) else {

@@ -51,10 +51,12 @@ pub(super) fn register(
     Ok(Outcome::Node(Box::new(node)))
 }
 
-/// Moves a node to `to`, if `instance` is still its agent.
+/// Moves a node from `from` to `to`, if it is still in `from` and
+/// `instance` is still its agent.
 pub(super) fn set_state(
     state: &mut ClusterState,
     name: &str,
+    from: NodeState,
     to: NodeState,
     instance: &str,
     at_ms: u64,
@@ -70,10 +72,14 @@ pub(super) fn set_state(
             "node {name:?} has a newer agent instance than the one observed; the observation is stale"
         )));
     }
-    if node.state != to {
-        node.state = to;
-        node.state_since_ms = at_ms;
+    if node.state != from {
+        return Err(Rejection::FailedPrecondition(format!(
+            "node {name:?} is {}, not {from}: the observation is stale",
+            node.state
+        )));
     }
+    node.state = to;
+    node.state_since_ms = at_ms;
     Ok(Outcome::Node(Box::new(node.clone())))
 }
 

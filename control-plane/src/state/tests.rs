@@ -167,6 +167,14 @@ fn render_state(state: &ClusterState) -> String {
     out
 }
 
+fn node_state(text: &str) -> NodeState {
+    match text {
+        "ready" => NodeState::Ready,
+        "down" => NodeState::Down,
+        other => panic!("unknown node state {other}"),
+    }
+}
+
 /// `register-node NAME [instance=I] [addr=A] [gpus=N] [label=k=v]..`
 fn registration_from_args(name: &str, args: &[String]) -> Result<NodeRegistration, String> {
     let mut r = registration(name, "i1", 2);
@@ -240,13 +248,10 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         },
         "node-state" => Command::SetNodeState {
             name: rest[0].clone(),
-            state: match rest[1].as_str() {
-                "ready" => NodeState::Ready,
-                "down" => NodeState::Down,
-                other => panic!("unknown node state {other}"),
-            },
+            from: node_state(&rest[1]),
+            to: node_state(&rest[2]),
             instance: rest
-                .get(2)
+                .get(3)
                 .and_then(|a| a.strip_prefix("instance="))
                 .unwrap_or("i1")
                 .to_string(),
@@ -377,14 +382,14 @@ fn arb_node_command() -> impl Strategy<Value = Command> {
             }
             Command::RegisterNode(r)
         }),
-        (node, instance, any::<bool>()).prop_map(|(n, i, down)| Command::SetNodeState {
-            name: n.into(),
-            state: if down {
-                NodeState::Down
-            } else {
-                NodeState::Ready
-            },
-            instance: i.into(),
+        (node, instance, any::<bool>(), any::<bool>()).prop_map(|(n, i, down, from_down)| {
+            let state = |d| if d { NodeState::Down } else { NodeState::Ready };
+            Command::SetNodeState {
+                name: n.into(),
+                from: state(from_down),
+                to: state(down),
+                instance: i.into(),
+            }
         }),
     ]
 }
@@ -648,7 +653,8 @@ pub(crate) fn fixture_requests_v2() -> Vec<Request> {
             at_ms: 1_700_000_012_000,
             command: Command::SetNodeState {
                 name: "gpu-1".into(),
-                state: NodeState::Down,
+                from: NodeState::Ready,
+                to: NodeState::Down,
                 instance: "a1".into(),
             },
         },
@@ -663,7 +669,8 @@ pub(crate) fn fixture_requests_v2() -> Vec<Request> {
             at_ms: 1_700_000_014_000,
             command: Command::SetNodeState {
                 name: "cpu-1".into(),
-                state: NodeState::Ready,
+                from: NodeState::Ready,
+                to: NodeState::Down,
                 instance: "c1".into(),
             },
         },
@@ -690,6 +697,7 @@ fn state_v2_fixture_stays_readable() {
     assert_eq!(state.nodes.len(), 2);
     assert_eq!(state.nodes["gpu-1"].epoch, 2);
     assert_eq!(state.nodes["gpu-1"].state, NodeState::Ready);
+    assert_eq!(state.nodes["cpu-1"].state, NodeState::Down);
     let fresh = postcard::to_stdvec(&state).unwrap();
     let stored = fixture("state-v2.postcard", &fresh);
     let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();

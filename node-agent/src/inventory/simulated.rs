@@ -55,7 +55,7 @@ pub fn parse_spec(spec: &str, node: &str) -> Result<Vec<GpuDevice>, ValidationEr
                 "{model:?} is not a GPU model name (letters, digits, '-' and '_')"
             )));
         }
-        if gpus.len() as u32 + count > MAX_SIMULATED {
+        if count > MAX_SIMULATED || gpus.len() as u32 + count > MAX_SIMULATED {
             return Err(err(&format!(
                 "at most {MAX_SIMULATED} GPUs may be simulated"
             )));
@@ -116,6 +116,7 @@ mod tests {
             "2x-80GB",
             "2xA 100-80GB",
             "65xH100-80GB",
+            "1xA-1GB,4294967295xA-1GB",
         ] {
             let e = parse_spec(bad, "n").unwrap_err();
             assert_eq!(e.field, "simulate_gpus", "{bad}");

@@ -33,18 +33,28 @@ async fn run(probe: &HealthProbe, port: u16) -> Result<(), String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake on port {port}: {e}"))?;
-    let connection = tokio::spawn(conn);
+    // Aborted however this function ends (a probe timeout drops it midway).
+    let _connection = AbortOnDrop(tokio::spawn(conn));
     let request = hyper::Request::get(path.as_str())
         .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("build request for {path}: {e}"))?;
-    let result = sender.send_request(request).await;
-    connection.abort();
-    let response = result.map_err(|e| format!("GET {path}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("GET {path}: {e}"))?;
     if response.status().is_success() {
         Ok(())
     } else {
         Err(format!("GET {path} answered {}", response.status()))
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -162,7 +162,7 @@ impl Supervisor {
                 continue;
             };
             let mut task = ReplicaTask::new(sup.ctx.clone(), dir.clone(), record.clone());
-            task.adopt();
+            task.adopt().await;
             sup.launch(record.spec.id.clone(), dir, task).await;
             found += 1;
         }
@@ -305,16 +305,28 @@ impl Supervisor {
         )
         .map(|_| ())
         .map_err(|e| match e {
-            runtime::LaunchError::BadCommand(..) => {
-                SupervisorError::Invalid(ValidationError::new("command", "", e.to_string()))
+            runtime::LaunchError::BadCommand(template, why) => {
+                SupervisorError::Invalid(ValidationError::new("command", template, why))
             }
-            runtime::LaunchError::Missing { .. } => SupervisorError::Precondition(e.to_string()),
+            e @ runtime::LaunchError::Missing { .. } => {
+                SupervisorError::Precondition(e.to_string())
+            }
         })
     }
 
     /// Starts a replica (see the module's rules), and answers once its
-    /// process was spawned (or failed to).
-    pub async fn start(&self, spec: ReplicaSpec) -> Result<Status, SupervisorError> {
+    /// process was spawned (or failed to). The work runs in a task of its
+    /// own: a caller that gives up (an RPC deadline) cannot leave a process
+    /// started but unrecorded.
+    pub async fn start(self: &Arc<Self>, spec: ReplicaSpec) -> Result<Status, SupervisorError> {
+        let me = self.clone();
+        self.tasks
+            .spawn(async move { me.start_now(spec).await })
+            .await
+            .map_err(|e| SupervisorError::Internal(format!("start the replica: {e}")))?
+    }
+
+    async fn start_now(&self, spec: ReplicaSpec) -> Result<Status, SupervisorError> {
         spec.validate()?;
         self.check_gpus(&spec)?;
         let existing = {
@@ -368,6 +380,7 @@ impl Supervisor {
             return self
                 .ask(&orders, |reply| Order::Replace {
                     record: Box::new(record),
+                    revive: true,
                     reply,
                 })
                 .await;
@@ -397,8 +410,7 @@ impl Supervisor {
             stopped_at_ms: None,
         };
         let mut task = ReplicaTask::new(self.ctx.clone(), dir.clone(), record.clone());
-        task.persist()
-            .map_err(|e| SupervisorError::Internal(format!("save the replica record: {e}")))?;
+        task.persist().await?;
         task.start().await;
         let status = task.status();
         let (orders, rx) = mpsc::channel(8);
@@ -419,15 +431,16 @@ impl Supervisor {
     async fn ask(
         &self,
         orders: &mpsc::Sender<Order>,
-        order: impl FnOnce(oneshot::Sender<Status>) -> Order,
+        order: impl FnOnce(replica::Reply) -> Order,
     ) -> Result<Status, SupervisorError> {
+        let gone = || {
+            SupervisorError::Internal(
+                "the replica's task has ended (the agent is shutting down, or the replica was forgotten); retry".into(),
+            )
+        };
         let (tx, rx) = oneshot::channel();
-        orders
-            .send(order(tx))
-            .await
-            .map_err(|_| SupervisorError::Internal("the agent is shutting down".into()))?;
-        rx.await
-            .map_err(|_| SupervisorError::Internal("the agent is shutting down".into()))
+        orders.send(order(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     fn handle(
@@ -446,18 +459,14 @@ impl Supervisor {
         generation: u64,
         grace: Duration,
     ) -> Result<Status, SupervisorError> {
-        let (orders, current) = Self::handle(&*self.replicas.lock().await, id)?;
-        if generation > 0 && generation < current.record.spec.generation {
-            return Err(SupervisorError::Precondition(format!(
-                "generation {generation} of replica {id} is stale: it runs generation {}",
-                current.record.spec.generation
-            )));
-        }
-        if current.record.desired == Desired::Stopped && current.phase == ReplicaPhase::Stopped {
-            return Ok(current);
-        }
-        self.ask(&orders, |reply| Order::Stop { grace, reply })
-            .await
+        let (orders, _) = Self::handle(&*self.replicas.lock().await, id)?;
+        // The replica's task checks the generation against its own record.
+        self.ask(&orders, |reply| Order::Stop {
+            generation,
+            grace,
+            reply,
+        })
+        .await
     }
 
     /// Changes CPU and memory limits in place, or restarts on other GPUs.
@@ -494,38 +503,26 @@ impl Supervisor {
         };
         spec.validate()?;
         self.check_gpus(&spec)?;
-        if generation == have.spec.generation && spec == have.spec {
-            return Ok(current);
-        }
-        if generation <= have.spec.generation {
-            return Err(SupervisorError::Precondition(format!(
-                "a resize needs a generation above the current {} of replica {id} (got {generation})",
-                have.spec.generation
-            )));
-        }
-        if have.desired == Desired::Stopped {
-            return Err(SupervisorError::Precondition(format!(
-                "replica {id} is stopped: start it again with a new generation instead"
-            )));
-        }
-        let record = Record {
-            spec,
-            ..have.clone()
-        };
-        if gpu_change {
-            // Other GPUs mean another process: restart it on them.
+        if !gpu_change {
+            // The replica's task checks the generation against its own record.
             return self
-                .ask(&orders, |reply| Order::Replace {
-                    record: Box::new(Record {
-                        restarts: 0,
-                        ..record
-                    }),
+                .ask(&orders, |reply| Order::Resize {
+                    generation,
+                    cpu_milli,
+                    memory_mib,
                     reply,
                 })
                 .await;
         }
-        self.ask(&orders, |reply| Order::Resize {
+        // Other GPUs mean another process: restart it on them.
+        let record = Record {
+            spec,
+            restarts: 0,
+            ..have.clone()
+        };
+        self.ask(&orders, |reply| Order::Replace {
             record: Box::new(record),
+            revive: false,
             reply,
         })
         .await
@@ -554,8 +551,14 @@ impl Supervisor {
             for id in old {
                 if let Some(h) = replicas.remove(&id) {
                     tracing::info!(replica = %id, "forgetting a replica stopped over an hour ago");
-                    drop(h.orders);
-                    if let Err(e) = std::fs::remove_dir_all(&h.dir) {
+                    // The task ends on Forget even if a caller still holds
+                    // a sender; its directory goes while the map is locked,
+                    // so a new replica of that id cannot lose its own.
+                    let _ = h.orders.send(Order::Forget).await;
+                    let dir = h.dir.clone();
+                    let removed =
+                        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                    if let Ok(Err(e)) = removed {
                         tracing::warn!(replica = %id, error = %e, "cannot remove the replica directory");
                     }
                 }

@@ -2,7 +2,8 @@
 //! health, restart it with exponential back-off when it exits, stop it,
 //! resize it, replace it with a newer generation. The task publishes a
 //! `Status` on a watch channel and takes orders from a mailbox, so orders
-//! for one replica never interleave.
+//! for one replica never interleave, and it checks every order's generation
+//! against its own record (the caller's view may be stale by then).
 //!
 //! What must survive the agent is on disk in the replica's directory:
 //! `replica.json` (the spec, whether it should run, its restart count) and
@@ -13,23 +14,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_common::{ReplicaPhase, ReplicaSpec};
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::procfs::kill_group;
 use super::shim::{
     self, EXIT_FILE, ExitFile, RUN_FILE, RunFile, SHIM_FILE, STOP_FILE, ShimFile, StopFile, now_ms,
     read_json, write_json, write_run_json,
 };
-use super::{Context, runtime};
+use super::{Context, SupervisorError, runtime};
 
 /// The file holding a replica's `Record`.
 pub const RECORD_FILE: &str = "replica.json";
 /// Consecutive failed probes of a running replica before it is `failed`.
 const UNHEALTHY_AFTER: u32 = 3;
+/// How long adoption waits for a starting shim to say who runs.
+const ADOPT_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether the replica should run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +57,8 @@ impl Desired {
 /// What the agent keeps on disk about a replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    /// What to run.
+    /// What to run. After a stop with a higher generation, that generation
+    /// (a tombstone: no older start may bring the replica back).
     pub spec: ReplicaSpec,
     /// The port it listens on (the spec's, or the one the agent picked).
     pub port: u16,
@@ -87,29 +91,45 @@ pub struct Status {
     pub gpu_uuids: Vec<String>,
 }
 
+/// The answer to an order.
+pub type Reply = oneshot::Sender<Result<Status, SupervisorError>>;
+
 /// Orders for a replica's task.
 pub enum Order {
-    /// Stop it (SIGTERM, SIGKILL after `grace`).
+    /// Stop it (SIGTERM, SIGKILL after `grace`). `generation` 0 means any;
+    /// an older one is refused, a newer one is remembered.
     Stop {
+        /// The generation the caller means.
+        generation: u64,
         /// Time between SIGTERM and SIGKILL.
         grace: Duration,
-        /// The status afterwards.
-        reply: oneshot::Sender<Status>,
+        /// The answer.
+        reply: Reply,
     },
-    /// Change CPU and memory limits in place; the record carries the new generation.
+    /// Change CPU and memory limits in place, as generation `generation`.
     Resize {
-        /// The new record.
-        record: Box<Record>,
-        /// The status afterwards.
-        reply: oneshot::Sender<Status>,
+        /// The new generation, above the current one.
+        generation: u64,
+        /// New CPU, millicores.
+        cpu_milli: u32,
+        /// New memory, MiB.
+        memory_mib: u64,
+        /// The answer.
+        reply: Reply,
     },
-    /// Stop the current run and start this one.
+    /// Stop the current run and start `record`, whose generation must be
+    /// above the current one (the same generation and spec is a no-op).
     Replace {
         /// The new record.
         record: Box<Record>,
-        /// The status once the new run started.
-        reply: oneshot::Sender<Status>,
+        /// Whether a stopped replica may be started again this way (a start
+        /// may; a GPU resize may not).
+        revive: bool,
+        /// The answer, once the new run started.
+        reply: Reply,
     },
+    /// The replica was forgotten: end the task.
+    Forget,
 }
 
 /// A run in progress.
@@ -141,6 +161,9 @@ pub struct ReplicaTask {
     dir: PathBuf,
     record: Record,
     run: Option<Run>,
+    /// The generation of the run in progress, when it is not the record's
+    /// (found at adoption): it is replaced before anything else.
+    stale_run: bool,
     phase: ReplicaPhase,
     reason: String,
     last_exit: Option<ExitFile>,
@@ -149,6 +172,12 @@ pub struct ReplicaTask {
     restart_at: Option<Instant>,
     failed_probes: u32,
     status: watch::Sender<Status>,
+}
+
+fn stale(id: &str, asked: u64, have: u64) -> SupervisorError {
+    SupervisorError::Precondition(format!(
+        "generation {asked} of replica {id} is stale: it is at generation {have}"
+    ))
 }
 
 impl ReplicaTask {
@@ -171,6 +200,7 @@ impl ReplicaTask {
             dir,
             record,
             run: None,
+            stale_run: false,
             phase: ReplicaPhase::Pending,
             reason: String::new(),
             last_exit: None,
@@ -192,6 +222,10 @@ impl ReplicaTask {
         self.status.borrow().clone()
     }
 
+    fn id(&self) -> &str {
+        &self.record.spec.id
+    }
+
     fn publish(&self) {
         let started_at_ms = self.run.as_ref().map_or(0, |r| r.ids.started_at_ms);
         self.status.send_replace(Status {
@@ -209,27 +243,62 @@ impl ReplicaTask {
     fn set(&mut self, phase: ReplicaPhase, reason: impl Into<String>) {
         let reason = reason.into();
         if phase != self.phase {
-            tracing::info!(replica = %self.record.spec.id, from = %self.phase, to = %phase, %reason, "replica phase");
+            tracing::info!(replica = %self.id(), from = %self.phase, to = %phase, %reason, "replica phase");
         }
         self.phase = phase;
         self.reason = reason;
         self.publish();
     }
 
-    /// Saves the record.
-    pub fn persist(&self) -> std::io::Result<()> {
-        write_json(&self.dir.join(RECORD_FILE), &self.record)
+    /// Saves the record durably, off the agent's one thread.
+    pub async fn persist(&self) -> Result<(), SupervisorError> {
+        let path = self.dir.join(RECORD_FILE);
+        let record = self.record.clone();
+        let written = tokio::task::spawn_blocking(move || write_json(&path, &record)).await;
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SupervisorError::Internal(format!(
+                "save the record of replica {}: {e}",
+                self.id()
+            ))),
+            Err(e) => Err(SupervisorError::Internal(format!(
+                "save the record of replica {}: {e}",
+                self.id()
+            ))),
+        }
     }
 
-    /// Picks up a run left by an earlier agent: a live shim is adopted as is;
-    /// a finished one has its exit read; a shim that died without saying
-    /// how leaves its server killed, so a restart never runs two.
-    pub fn adopt(&mut self) {
-        let ids = read_json::<ShimFile>(&self.dir.join(SHIM_FILE));
+    async fn persist_or_warn(&self) {
+        if let Err(e) = self.persist().await {
+            tracing::warn!(replica = %self.id(), error = %e, "cannot save the replica record");
+        }
+    }
+
+    /// Picks up a run left by an earlier agent: a live shim is adopted as is
+    /// (or replaced, if it runs an older generation than the record); a
+    /// finished one has its exit read; a shim that died without saying how
+    /// has its server's group killed, so a restart never runs two.
+    pub async fn adopt(&mut self) {
+        let mut ids = read_json::<ShimFile>(&self.dir.join(SHIM_FILE));
+        if ids.is_none() && shim::try_lock(&self.dir).is_none() {
+            // A shim is starting: it writes shim.json in a moment.
+            let deadline = Instant::now() + ADOPT_WAIT;
+            while ids.is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                ids = read_json::<ShimFile>(&self.dir.join(SHIM_FILE));
+            }
+        }
         match ids {
             Some(ids) if ids.shim.alive() => {
-                tracing::info!(replica = %self.record.spec.id, pid = ids.server.pid, "re-adopted a running replica");
+                let run_generation =
+                    read_json::<RunFile>(&self.dir.join(RUN_FILE)).map(|r| r.generation);
                 self.run = Some(Run { ids, child: None });
+                if run_generation != Some(self.record.spec.generation) {
+                    tracing::info!(replica = %self.id(), "a run of an older generation survived the agent; replacing it");
+                    self.stale_run = true;
+                    return;
+                }
+                tracing::info!(replica = %self.id(), pid = ids.server.pid, "re-adopted a running replica");
                 let reason = if self.record.desired == Desired::Running {
                     "re-adopted after an agent restart; waiting for the health probe"
                 } else {
@@ -238,10 +307,9 @@ impl ReplicaTask {
                 self.set(ReplicaPhase::Starting, reason);
             }
             Some(ids) => {
-                if ids.server.alive() {
-                    let _ = killpg(Pid::from_raw(ids.server.pid as i32), Signal::SIGKILL);
-                }
-                self.finished(read_json(&self.dir.join(EXIT_FILE)), Some(ids));
+                kill_group(ids.server);
+                self.finished(read_json(&self.dir.join(EXIT_FILE)), Some(ids))
+                    .await;
             }
             None => {
                 let exit = read_json::<ExitFile>(&self.dir.join(EXIT_FILE));
@@ -267,7 +335,7 @@ impl ReplicaTask {
             self.ctx.gpu_memory_mib(&spec.gpus),
         ) {
             Ok(l) => l,
-            Err(e) => return self.failed_to_start(e.to_string()),
+            Err(e) => return self.failed_to_start(e.to_string()).await,
         };
         let cgroup = match self.ctx.cgroups.apply(
             &spec.id,
@@ -282,6 +350,7 @@ impl ReplicaTask {
         };
         self.limits_enforced = cgroup.is_some();
         let run = RunFile {
+            generation: spec.generation,
             argv: launch.argv,
             env: launch.env,
             cgroup,
@@ -289,7 +358,7 @@ impl ReplicaTask {
             log_keep: self.ctx.log_keep,
         };
         if let Err(e) = write_run_json(&self.dir.join(RUN_FILE), &run) {
-            return self.failed_to_start(format!("write {RUN_FILE}: {e}"));
+            return self.failed_to_start(format!("write {RUN_FILE}: {e}")).await;
         }
         match shim::spawn(&self.ctx.agent_exe, &self.dir).await {
             Ok(s) => {
@@ -305,26 +374,25 @@ impl ReplicaTask {
                     format!("waiting for the health probe ({probe} on port {port})"),
                 );
             }
-            Err(reason) => self.failed_to_start(reason),
+            Err(reason) => self.failed_to_start(reason).await,
         }
     }
 
-    fn failed_to_start(&mut self, reason: String) {
-        tracing::warn!(replica = %self.record.spec.id, %reason, "replica did not start");
-        self.schedule_restart(&format!("did not start: {reason}"), 0);
+    async fn failed_to_start(&mut self, reason: String) {
+        tracing::warn!(replica = %self.id(), %reason, "replica did not start");
+        self.schedule_restart(&format!("did not start: {reason}"), 0)
+            .await;
     }
 
     /// Marks the replica failed and schedules its next run after the back-off.
-    fn schedule_restart(&mut self, what: &str, ran_ms: u64) {
+    async fn schedule_restart(&mut self, what: &str, ran_ms: u64) {
         if ran_ms >= self.ctx.stable_after.as_millis() as u64 {
             self.backoff = self.ctx.backoff_base;
         }
         let delay = self.backoff;
         self.backoff = (self.backoff * 2).min(self.ctx.backoff_max);
         self.record.restarts += 1;
-        if let Err(e) = self.persist() {
-            tracing::warn!(replica = %self.record.spec.id, error = %e, "cannot save the replica record");
-        }
+        self.persist_or_warn().await;
         self.restart_at = Some(Instant::now() + delay);
         self.set(
             ReplicaPhase::Failed,
@@ -336,7 +404,7 @@ impl ReplicaTask {
     }
 
     /// Handles the end of a run.
-    fn finished(&mut self, exit: Option<ExitFile>, ids: Option<ShimFile>) {
+    async fn finished(&mut self, exit: Option<ExitFile>, ids: Option<ShimFile>) {
         let ran_ms = ids.map_or(0, |i| now_ms().saturating_sub(i.started_at_ms));
         let exit = exit.unwrap_or_else(|| ExitFile {
             code: None,
@@ -350,8 +418,8 @@ impl ReplicaTask {
         self.run = None;
         match self.record.desired {
             Desired::Running => {
-                tracing::warn!(replica = %self.record.spec.id, %reason, "replica exited");
-                self.schedule_restart(&reason, ran_ms);
+                tracing::warn!(replica = %self.id(), %reason, "replica exited");
+                self.schedule_restart(&reason, ran_ms).await;
             }
             Desired::Stopped => {
                 self.ctx.cgroups.remove(&self.record.spec.id);
@@ -365,26 +433,25 @@ impl ReplicaTask {
         let Some(mut run) = self.run.take() else {
             return;
         };
+        self.stale_run = false;
         let _ = write_run_json(
             &self.dir.join(STOP_FILE),
             &StopFile {
                 grace_ms: grace.as_millis() as u64,
             },
         );
-        if run.ids.shim.alive() {
-            let _ = kill(Pid::from_raw(run.ids.shim.pid as i32), Signal::SIGTERM);
-        }
+        run.ids.shim.signal(Signal::SIGTERM);
         // The shim sends SIGKILL itself after the grace; this bound only
         // covers a shim that is itself stuck or gone.
         let bound = grace + Duration::from_secs(5);
         if tokio::time::timeout(bound, run.exited()).await.is_err() {
-            tracing::warn!(replica = %self.record.spec.id, "the shim did not end after the grace period; killing it and the server");
-            let _ = killpg(Pid::from_raw(run.ids.server.pid as i32), Signal::SIGKILL);
-            let _ = kill(Pid::from_raw(run.ids.shim.pid as i32), Signal::SIGKILL);
+            tracing::warn!(replica = %self.id(), "the shim did not end after the grace period; killing it and the server");
+            kill_group(run.ids.server);
+            run.ids.shim.signal(Signal::SIGKILL);
             run.exited().await;
-        } else if run.ids.server.alive() {
-            let _ = killpg(Pid::from_raw(run.ids.server.pid as i32), Signal::SIGKILL);
         }
+        // Whatever the shim could not clean up (it was killed) goes now.
+        kill_group(run.ids.server);
         self.last_exit = read_json(&self.dir.join(EXIT_FILE));
     }
 
@@ -418,48 +485,94 @@ impl ReplicaTask {
         }
     }
 
-    async fn order(&mut self, order: Order) {
-        match order {
-            Order::Stop { grace, reply } => {
-                self.record.desired = Desired::Stopped;
-                self.record.stopped_at_ms = Some(now_ms());
-                self.restart_at = None;
-                if let Err(e) = self.persist() {
-                    tracing::warn!(replica = %self.record.spec.id, error = %e, "cannot save the replica record");
-                }
-                self.stop_run(grace).await;
-                self.ctx.cgroups.remove(&self.record.spec.id);
-                self.set(ReplicaPhase::Stopped, "stopped on request");
-                let _ = reply.send(self.status());
-            }
-            Order::Resize { record, reply } => {
-                let r = &record.spec.resources;
-                if let Some(dir) = self.ctx.cgroups.dir(&record.spec.id)
-                    && let Err(e) =
-                        self.ctx
-                            .cgroups
-                            .apply(&record.spec.id, r.cpu_milli, r.memory_mib)
-                {
-                    tracing::warn!(replica = %record.spec.id, cgroup = %dir.display(), error = %e, "cannot change the cgroup limits");
-                }
-                self.record = *record;
-                if let Err(e) = self.persist() {
-                    tracing::warn!(replica = %self.record.spec.id, error = %e, "cannot save the replica record");
-                }
-                self.publish();
-                let _ = reply.send(self.status());
-            }
-            Order::Replace { record, reply } => {
-                self.stop_run(shim::DEFAULT_GRACE).await;
-                self.record = *record;
-                self.backoff = self.ctx.backoff_base;
-                if let Err(e) = self.persist() {
-                    tracing::warn!(replica = %self.record.spec.id, error = %e, "cannot save the replica record");
-                }
-                self.start().await;
-                let _ = reply.send(self.status());
-            }
+    async fn stop(&mut self, generation: u64, grace: Duration) -> Result<Status, SupervisorError> {
+        let have = self.record.spec.generation;
+        if generation > 0 && generation < have {
+            return Err(stale(self.id(), generation, have));
         }
+        if self.record.desired == Desired::Stopped && self.run.is_none() {
+            if generation > have {
+                self.record.spec.generation = generation;
+                self.persist().await?;
+                self.publish();
+            }
+            return Ok(self.status());
+        }
+        self.record.desired = Desired::Stopped;
+        self.record.stopped_at_ms = Some(now_ms());
+        self.record.spec.generation = have.max(generation);
+        self.restart_at = None;
+        self.persist().await?;
+        self.stop_run(grace).await;
+        self.ctx.cgroups.remove(&self.record.spec.id);
+        self.set(ReplicaPhase::Stopped, "stopped on request");
+        Ok(self.status())
+    }
+
+    async fn resize(
+        &mut self,
+        generation: u64,
+        cpu_milli: u32,
+        memory_mib: u64,
+    ) -> Result<Status, SupervisorError> {
+        let have = self.record.spec.generation;
+        let r = self.record.spec.resources;
+        if generation == have && r.cpu_milli == cpu_milli && r.memory_mib == memory_mib {
+            return Ok(self.status());
+        }
+        if generation <= have {
+            return Err(SupervisorError::Precondition(format!(
+                "a resize needs a generation above the current {have} of replica {} (got {generation})",
+                self.id()
+            )));
+        }
+        if self.record.desired == Desired::Stopped {
+            return Err(SupervisorError::Precondition(format!(
+                "replica {} is stopped: start it again with a new generation instead",
+                self.id()
+            )));
+        }
+        self.record.spec.generation = generation;
+        self.record.spec.resources.cpu_milli = cpu_milli;
+        self.record.spec.resources.memory_mib = memory_mib;
+        if let Some(dir) = self.ctx.cgroups.dir(self.id())
+            && let Err(e) = self.ctx.cgroups.apply(self.id(), cpu_milli, memory_mib)
+        {
+            tracing::warn!(replica = %self.id(), cgroup = %dir.display(), error = %e, "cannot change the cgroup limits");
+        }
+        self.persist().await?;
+        self.publish();
+        Ok(self.status())
+    }
+
+    async fn replace(&mut self, record: Record, revive: bool) -> Result<Status, SupervisorError> {
+        let have = &self.record;
+        if record.spec.generation < have.spec.generation
+            || (record.spec.generation == have.spec.generation && record.spec != have.spec)
+        {
+            return Err(stale(
+                self.id(),
+                record.spec.generation,
+                have.spec.generation,
+            ));
+        }
+        if record.spec.generation == have.spec.generation {
+            return Ok(self.status());
+        }
+        if have.desired == Desired::Stopped && !revive {
+            return Err(SupervisorError::Precondition(format!(
+                "replica {} is stopped: start it again with a new generation instead",
+                self.id()
+            )));
+        }
+        // The new record first: an agent that dies during the stop finds
+        // the old run's generation in run.json and replaces it.
+        self.record = record;
+        self.backoff = self.ctx.backoff_base;
+        self.persist().await?;
+        self.stop_run(shim::DEFAULT_GRACE).await;
+        self.start().await;
+        Ok(self.status())
     }
 
     /// Runs the replica until the agent shuts down. With `stop_on_shutdown`
@@ -472,11 +585,14 @@ impl ReplicaTask {
         stop_on_shutdown: bool,
     ) {
         loop {
-            if self.record.desired == Desired::Stopped && self.run.is_some() {
-                // An earlier agent died while stopping it: finish the stop.
+            if self.stale_run || (self.record.desired == Desired::Stopped && self.run.is_some()) {
+                // A run of another generation, or a stop an earlier agent
+                // did not finish.
                 self.stop_run(shim::DEFAULT_GRACE).await;
-                self.ctx.cgroups.remove(&self.record.spec.id);
-                self.set(ReplicaPhase::Stopped, "stopped on request");
+                if self.record.desired == Desired::Stopped {
+                    self.ctx.cgroups.remove(&self.record.spec.id);
+                    self.set(ReplicaPhase::Stopped, "stopped on request");
+                }
             }
             if self.record.desired == Desired::Running
                 && self.run.is_none()
@@ -501,17 +617,25 @@ impl ReplicaTask {
                     return;
                 }
                 order = orders.recv() => match order {
-                    Some(o) => self.order(o).await,
-                    None => return,
+                    Some(Order::Stop { generation, grace, reply }) => {
+                        let _ = reply.send(self.stop(generation, grace).await);
+                    }
+                    Some(Order::Resize { generation, cpu_milli, memory_mib, reply }) => {
+                        let _ = reply.send(self.resize(generation, cpu_milli, memory_mib).await);
+                    }
+                    Some(Order::Replace { record, revive, reply }) => {
+                        let _ = reply.send(self.replace(*record, revive).await);
+                    }
+                    Some(Order::Forget) | None => return,
                 },
                 _ = wait_exit(self.run.as_mut()), if has_run => {
                     let ids = self.run.as_ref().map(|r| r.ids);
                     let exit = read_json(&self.dir.join(EXIT_FILE));
-                    if let Some(ids) = ids && exit.is_none() && ids.server.alive() {
-                        // The shim died but left the server: do not run two.
-                        let _ = killpg(Pid::from_raw(ids.server.pid as i32), Signal::SIGKILL);
+                    if let Some(ids) = ids {
+                        // Whatever the shim could not clean up (it was killed).
+                        kill_group(ids.server);
                     }
-                    self.finished(exit, ids);
+                    self.finished(exit, ids).await;
                 }
                 _ = sleep_until(restart_at), if restart_at.is_some() => {
                     self.restart_at = None;

@@ -16,6 +16,8 @@
 //! SIGTERM it sends SIGTERM to that group and SIGKILL after the grace
 //! period, and when the server exits it kills whatever is left in its group.
 //! It tells the agent `started PID` or `failed REASON` on its stdout, once.
+//! It holds an exclusive lock on `shim.lock` for its whole life, so the
+//! agent never starts a second shim in a directory whose shim still runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ use super::procfs::ProcId;
 /// The agent's instructions for one run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunFile {
+    /// The replica generation this run is of.
+    pub generation: u64,
     /// Program and arguments.
     pub argv: Vec<String>,
     /// The whole environment.
@@ -86,6 +90,7 @@ pub(crate) const SHIM_FILE: &str = "shim.json";
 pub(crate) const STOP_FILE: &str = "stop.json";
 pub(crate) const EXIT_FILE: &str = "exit.json";
 pub(crate) const SHIM_LOG: &str = "shim.log";
+pub(crate) const SHIM_LOCK: &str = "shim.lock";
 /// The directory of the replica's output under its directory.
 pub const LOGS_DIR: &str = "logs";
 /// The grace period when a stop gives none.
@@ -141,15 +146,36 @@ pub fn main(dir: &Path) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            println!("failed start the shim's runtime: {e}");
+            tell_agent(&format!("failed start the shim's runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(run(dir))
 }
 
+/// Tells the agent how the start went. The agent may be gone (its end of
+/// the pipe closed): that is not an error here.
+fn tell_agent(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Takes the directory's shim lock without waiting; None when another
+/// process (a running shim) holds it.
+pub(crate) fn try_lock(dir: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(SHIM_LOCK))
+        .ok()?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
 fn fail(dir: &Path, reason: String) -> ExitCode {
-    println!("failed {reason}");
+    tell_agent(&format!("failed {reason}"));
     eprintln!("shim: {reason}");
     let _ = write_run_json(
         &dir.join(EXIT_FILE),
@@ -165,6 +191,15 @@ fn fail(dir: &Path, reason: String) -> ExitCode {
 }
 
 async fn run(dir: &Path) -> ExitCode {
+    let Some(_lock) = try_lock(dir) else {
+        return fail(dir, format!("another shim still runs in {}", dir.display()));
+    };
+    // Installed before the server starts: a stop that comes at once still
+    // gets its grace period.
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => return fail(dir, format!("install the SIGTERM handler: {e}")),
+    };
     let Some(run) = read_json::<RunFile>(&dir.join(RUN_FILE)) else {
         return fail(dir, format!("cannot read {}", dir.join(RUN_FILE).display()));
     };
@@ -214,7 +249,7 @@ async fn run(dir: &Path) -> ExitCode {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         return fail(dir, format!("write {SHIM_FILE}: {e}"));
     }
-    println!("started {pid}");
+    tell_agent(&format!("started {pid}"));
 
     let mut copies = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -224,16 +259,12 @@ async fn run(dir: &Path) -> ExitCode {
         copies.push(tokio::spawn(copy(err, writer.clone())));
     }
     let group = Pid::from_raw(pid as i32);
-    let (status, stopped) =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                s = child.wait() => (s, false),
-                _ = term.recv() => (stop(dir, &mut child, group).await, true),
-            },
-            Err(_) => (child.wait().await, false),
-        };
+    let (status, stopped) = tokio::select! {
+        s = child.wait() => (s, false),
+        _ = term.recv() => (stop(dir, &mut child, group).await, true),
+    };
     // Whatever the server left in its group (workers) goes with it.
-    let _ = killpg(group, Signal::SIGKILL);
+    super::procfs::kill_group(server);
     for c in copies {
         let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
     }
@@ -308,6 +339,12 @@ pub struct Spawned {
 /// Starts `agent_exe shim DIR` (after `run.json` was written) and waits for
 /// its answer: the server's pid, or why it could not start.
 pub async fn spawn(agent_exe: &Path, dir: &Path) -> Result<Spawned, String> {
+    if try_lock(dir).is_none() {
+        return Err(format!(
+            "a shim of an earlier run still runs in {}",
+            dir.display()
+        ));
+    }
     for stale in [SHIM_FILE, EXIT_FILE, STOP_FILE] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
@@ -339,6 +376,10 @@ pub async fn spawn(agent_exe: &Path, dir: &Path) -> Result<Spawned, String> {
         return Err(reason.to_string());
     }
     if read.is_err() || !line.starts_with("started ") {
+        // The server may run already: never leave it without its shim.
+        if let Some(ids) = read_json::<ShimFile>(&dir.join(SHIM_FILE)) {
+            super::procfs::kill_group(ids.server);
+        }
         let _ = child.start_kill();
         let _ = child.wait().await;
         return Err(format!(
