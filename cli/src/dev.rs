@@ -32,7 +32,7 @@ pub struct DevArgs {
     /// gRPC address of the dev agent.
     #[arg(long, default_value = "127.0.0.1:7500")]
     agent: SocketAddr,
-    /// Simulated GPUs of the dev agent.
+    /// Simulated GPUs of the dev agent; `none` uses this machine's real GPUs through NVML.
     #[arg(long, default_value = "2xA100-80GB", value_name = "SPEC")]
     simulate_gpus: String,
 }
@@ -69,8 +69,10 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
     let addr = running.grpc_addr.to_string();
     let mut agent_config = AgentConfig::new(data_dir.join("agent"), args.agent, DEV_NODE);
     agent_config.control = vec![addr.clone()];
-    agent_config.simulate_gpus = Some(args.simulate_gpus.clone());
+    agent_config.simulate_gpus =
+        Some(args.simulate_gpus.clone()).filter(|s| s != "none" && !s.is_empty());
     agent_config.stop_replicas_on_exit = true;
+    let agent_config_gpus = agent_config.simulate_gpus.clone();
     let agent = berth_node_agent::server::start(agent_config, shutdown.clone())
         .await
         .with_context(|| {
@@ -119,11 +121,16 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         }
     );
     out!("registered model: demo (runtime demo)");
-    out!(
-        "node {DEV_NODE}: agent on {} with {} SIMULATED GPUs",
-        agent.grpc_addr,
-        args.simulate_gpus
-    );
+    match &agent_config_gpus {
+        Some(spec) => out!(
+            "node {DEV_NODE}: agent on {} with {spec} SIMULATED GPUs",
+            agent.grpc_addr
+        ),
+        None => out!(
+            "node {DEV_NODE}: agent on {} with this machine's GPUs (NVML; none if it has no NVIDIA driver)",
+            agent.grpc_addr
+        ),
+    }
     out!();
     out!("try, in another terminal:");
     out!("  berth{server_flag} cluster status");
