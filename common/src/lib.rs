@@ -4,6 +4,7 @@
 //! that passed `validate()` is safe to store in the replicated state.
 
 pub mod config;
+pub mod deployment;
 pub mod error;
 pub mod fsutil;
 pub mod model;
@@ -14,12 +15,16 @@ pub mod resources;
 pub mod telemetry;
 pub mod units;
 
+pub use deployment::{
+    Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, PlacementPolicy, Replica,
+    ReplicaIntent, Revision,
+};
 pub use error::ValidationError;
 pub use model::{HealthProbe, Model, ModelVersion, ModelVersionSpec, Runtime};
 pub use names::Labels;
 pub use node::{GpuDevice, GpuSource, Node, NodeInventory, NodeRegistration, NodeState};
 pub use replica::{ReplicaPhase, ReplicaSpec};
-pub use resources::Resources;
+pub use resources::{ResourceOverrides, Resources};
 
 /// Id of a control-plane member (the Raft node id).
 pub type MemberId = u64;

@@ -108,6 +108,51 @@ impl Resources {
     }
 }
 
+/// Resource fields a deployment sets; the others come from its model version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceOverrides {
+    /// CPU in millicores.
+    pub cpu_milli: Option<u32>,
+    /// Memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// Whole GPUs on one node.
+    pub gpus: Option<u32>,
+    /// GPU memory per GPU, MiB (0 = the whole GPU).
+    pub gpu_memory_mib: Option<u64>,
+    /// Compute share per GPU, thousandths.
+    pub gpu_milli: Option<u32>,
+}
+
+impl ResourceOverrides {
+    /// `base` with these fields set. Asking for GPUs without a share gets
+    /// whole GPUs; asking for none drops the base's GPU memory and share.
+    pub fn over(&self, base: Resources) -> Resources {
+        let mut r = base;
+        if let Some(v) = self.cpu_milli {
+            r.cpu_milli = v;
+        }
+        if let Some(v) = self.memory_mib {
+            r.memory_mib = v;
+        }
+        if let Some(v) = self.gpus {
+            r.gpus = v;
+        }
+        if let Some(v) = self.gpu_memory_mib {
+            r.gpu_memory_mib = v;
+        }
+        if let Some(v) = self.gpu_milli {
+            r.gpu_milli = v;
+        }
+        if r.gpus == 0 {
+            r.gpu_memory_mib = 0;
+            r.gpu_milli = 0;
+        } else if r.gpu_milli == 0 || (r.gpus > 1 && self.gpu_milli.is_none()) {
+            r.gpu_milli = WHOLE_GPU_MILLI;
+        }
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +184,31 @@ mod tests {
                 .unwrap_err()
                 .field,
             "gpu_memory_mib"
+        );
+        let base = gpu(1, 20 * 1024, 500);
+        let none = ResourceOverrides::default();
+        assert_eq!(none.over(base), base);
+        let cpu_only = ResourceOverrides {
+            gpus: Some(0),
+            ..none
+        };
+        assert_eq!(cpu_only.over(base), Resources::default());
+        let two = ResourceOverrides {
+            gpus: Some(2),
+            ..none
+        };
+        assert_eq!(
+            two.over(base).gpu_milli,
+            WHOLE_GPU_MILLI,
+            "2 GPUs are whole GPUs"
+        );
+        let from_cpu = ResourceOverrides {
+            gpus: Some(1),
+            ..none
+        };
+        assert_eq!(
+            from_cpu.over(Resources::default()).gpu_milli,
+            WHOLE_GPU_MILLI
         );
         let big_cpu = Resources {
             cpu_milli: MAX_CPU_MILLI + 1,

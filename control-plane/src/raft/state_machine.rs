@@ -3,8 +3,8 @@
 //!
 //! Snapshot file format (also the bytes sent to a lagging follower):
 //! `b"BERTHSNP"`, a little-endian `u32` format version, then the postcard
-//! encoding of `SnapshotBody`. Version 2 added nodes; version 1 (models
-//! only) is still read and converted. A reader refuses versions it does not know.
+//! encoding of `SnapshotBody`. Version 2 added nodes, deployments and
+//! replicas; version 1 (models only) is still read and converted. A reader refuses versions it does not know.
 //! After a restart the snapshot is loaded and openraft re-applies the log
 //! from there up to the committed index (saved by the log store).
 

@@ -1,6 +1,8 @@
-//! Leader-only loops that compare what should be with what is and act.
-//! Today: node liveness (`nodes`): heartbeats kept in the leader's memory,
-//! `ready` → `down` after missed heartbeats, and back. Deployments and
-//! placements join here with the deployments issue.
+//! Leader-only loops that compare what should be with what is and act:
+//! node liveness (`nodes`: heartbeats kept in the leader's memory, `ready`
+//! → `down` after missed heartbeats, and back) and replicas (`replicas`:
+//! place pending ones through the scheduler (`placement`), start and stop
+//! them on their agents, replace those of lost nodes).
 
 pub mod nodes;
+pub mod placement;

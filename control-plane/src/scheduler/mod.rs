@@ -406,6 +406,25 @@ pub fn place_one(
     }
 }
 
+/// Whether a GPU named `have` is of the model `want`: the same name, or
+/// `want`'s words (letters and digits, any case) appear in `have`'s in
+/// order, so `A100-80GB` matches NVML's `NVIDIA A100-SXM4-80GB` and `h100`
+/// matches `NVIDIA H100 80GB HBM3`, but `A10` does not match `A100-80GB`.
+pub fn gpu_model_matches(have: &str, want: &str) -> bool {
+    if have == want {
+        return true;
+    }
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect()
+    };
+    let want = words(want);
+    let mut have = words(have).into_iter();
+    !want.is_empty() && want.iter().all(|w| have.any(|h| &h == w))
+}
+
 /// Frees what `placed` holds on `node`.
 fn release_on(node: &mut Node, placed: &Placed) {
     let r = &placed.request.resources;
@@ -638,7 +657,7 @@ fn fit(node: &Node, request: &Request, policy: Policy) -> Result<Vec<GpuShare>, 
     let r = &request.resources;
     if r.gpus > 0
         && let Some(m) = &request.gpu_model
-        && !node.gpus.iter().any(|g| &g.model == m)
+        && !node.gpus.iter().any(|g| gpu_model_matches(&g.model, m))
     {
         return Err(Exclusion::GpuModel(m.clone()));
     }
@@ -654,7 +673,12 @@ fn fit(node: &Node, request: &Request, policy: Policy) -> Result<Vec<GpuShare>, 
     if node.gpus.len() < r.gpus as usize {
         return Err(Exclusion::GpuCount);
     }
-    let model_ok = |g: &&Gpu| request.gpu_model.as_ref().is_none_or(|m| &g.model == m);
+    let model_ok = |g: &&Gpu| {
+        request
+            .gpu_model
+            .as_ref()
+            .is_none_or(|m| gpu_model_matches(&g.model, m))
+    };
     let need_mem = |g: &Gpu| {
         if r.gpu_memory_mib == 0 {
             g.memory_mib

@@ -389,3 +389,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn gpu_models_match_by_name_or_by_words_in_order() {
+    assert!(gpu_model_matches("A100-80GB", "A100-80GB"));
+    assert!(gpu_model_matches("NVIDIA A100-SXM4-80GB", "A100-80GB"));
+    assert!(gpu_model_matches("NVIDIA H100 80GB HBM3", "h100"));
+    assert!(!gpu_model_matches("A100-80GB", "A10"));
+    assert!(!gpu_model_matches("NVIDIA A100-SXM4-40GB", "A100-80GB"));
+    assert!(
+        !gpu_model_matches("80GB A100", "A100-80GB"),
+        "words in order"
+    );
+    assert!(!gpu_model_matches("A100-80GB", ""));
+}

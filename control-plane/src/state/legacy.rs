@@ -21,7 +21,7 @@ impl From<ClusterStateV1> for ClusterState {
     fn from(v1: ClusterStateV1) -> Self {
         ClusterState {
             models: v1.models,
-            nodes: BTreeMap::new(),
+            ..ClusterState::default()
         }
     }
 }

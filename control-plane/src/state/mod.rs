@@ -13,23 +13,36 @@
 use std::collections::BTreeMap;
 
 use berth_common::{
-    Model, ModelVersion, ModelVersionSpec, Node, NodeRegistration, NodeState, ValidationError,
+    Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node, NodeRegistration,
+    NodeState, Replica, ValidationError,
 };
 use serde::{Deserialize, Serialize};
 
+pub mod capacity;
+pub mod deployments;
 pub mod legacy;
 mod nodes;
+
+pub use deployments::PlanBind;
 #[cfg(test)]
 pub(crate) mod tests;
 
-/// Everything the control plane agrees on: the model registry and the nodes.
-/// A new field here is a new snapshot format (see `legacy`).
+/// Everything the control plane agrees on: the model registry, the nodes,
+/// the deployments and their replicas' placements. A new field here is a
+/// new snapshot format (see `legacy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Models by name.
     pub models: BTreeMap<String, Model>,
     /// Nodes by name.
     pub nodes: BTreeMap<String, Node>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replicas (placements) by id.
+    pub replicas: BTreeMap<String, Replica>,
+    /// Bumped by every command that succeeds: agents compare the version of
+    /// the desired set they hear with when their replicas were placed.
+    pub version: u64,
 }
 
 /// A change to the cluster state, as written to the Raft log.
@@ -83,6 +96,37 @@ pub enum Command {
         /// The agent instance the observation was about.
         instance: String,
     },
+    /// Creates a deployment and its pending replicas.
+    CreateDeployment {
+        /// Its name.
+        name: String,
+        /// What it asks for (resources left out come from the model version).
+        request: DeploymentRequest,
+    },
+    /// Sets a deployment's replica count.
+    ScaleDeployment {
+        /// The deployment.
+        name: String,
+        /// The new count.
+        replicas: u32,
+    },
+    /// Deletes a deployment; its replicas are stopped and removed.
+    DeleteDeployment {
+        /// The deployment.
+        name: String,
+    },
+    /// Places pending replicas (the scheduler's binds), each re-validated.
+    ApplyPlan(Vec<PlanBind>),
+    /// Forgets a replica being removed, once its agent stopped it.
+    RemoveReplica {
+        /// The replica.
+        id: String,
+    },
+    /// Replaces the replicas of a node that is down with new pending ones.
+    ReplaceLostReplicas {
+        /// The node.
+        node: String,
+    },
 }
 
 impl Command {
@@ -96,6 +140,12 @@ impl Command {
             Command::Batch(_) => "batch",
             Command::RegisterNode(_) => "register_node",
             Command::SetNodeState { .. } => "set_node_state",
+            Command::CreateDeployment { .. } => "create_deployment",
+            Command::ScaleDeployment { .. } => "scale_deployment",
+            Command::DeleteDeployment { .. } => "delete_deployment",
+            Command::ApplyPlan(_) => "apply_plan",
+            Command::RemoveReplica { .. } => "remove_replica",
+            Command::ReplaceLostReplicas { .. } => "replace_lost_replicas",
         }
     }
 }
@@ -123,6 +173,10 @@ pub enum Outcome {
     /// The node as it is after the command (boxed: it is large; the
     /// encoding is the same as unboxed).
     Node(Box<Node>),
+    /// The deployment as it is after the command.
+    Deployment(Box<Deployment>),
+    /// The result of each bind of a plan, in order.
+    Plan(Vec<Result<(), Rejection>>),
 }
 
 /// The kinds of object a rejection can name.
@@ -134,6 +188,10 @@ pub enum ObjectKind {
     ModelVersion,
     /// A node.
     Node,
+    /// A deployment.
+    Deployment,
+    /// A replica.
+    Replica,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -142,6 +200,8 @@ impl std::fmt::Display for ObjectKind {
             ObjectKind::Model => "model",
             ObjectKind::ModelVersion => "model version",
             ObjectKind::Node => "node",
+            ObjectKind::Deployment => "deployment",
+            ObjectKind::Replica => "replica",
         })
     }
 }
@@ -175,6 +235,16 @@ pub enum Rejection {
 
 /// Applies `command` at time `at_ms`. On `Err` the state is unchanged.
 pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Rejection> {
+    let batch = matches!(request.command, Command::Batch(_));
+    let outcome = apply_one(state, request);
+    // A batch's commands count one by one.
+    if outcome.is_ok() && !batch {
+        state.version += 1;
+    }
+    outcome
+}
+
+fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Rejection> {
     let at_ms = request.at_ms;
     match request.command {
         Command::CreateModel { name, version } => {
@@ -250,7 +320,22 @@ pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
                 })
                 .collect(),
         )),
-        Command::RegisterNode(registration) => nodes::register(state, registration, at_ms),
+        Command::RegisterNode(registration) => {
+            let name = registration.name.clone();
+            let outcome = nodes::register(state, registration, at_ms)?;
+            deployments::evict_unfit(state, &name);
+            Ok(outcome)
+        }
+        Command::CreateDeployment { name, request } => {
+            deployments::create(state, name, request, at_ms)
+        }
+        Command::ScaleDeployment { name, replicas } => {
+            deployments::scale(state, &name, replicas, at_ms)
+        }
+        Command::DeleteDeployment { name } => deployments::delete(state, &name),
+        Command::ApplyPlan(binds) => deployments::apply_plan(state, binds),
+        Command::RemoveReplica { id } => deployments::remove_replica(state, &id),
+        Command::ReplaceLostReplicas { node } => deployments::replace_lost(state, &node, at_ms),
         Command::SetNodeState {
             name,
             from,
@@ -285,10 +370,10 @@ pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
     }
 }
 
-/// Deployments that use a model (or one of its versions). Deployments do not
-/// exist yet, so nothing uses a model; this is where the rule will look.
-fn users_of_model(_state: &ClusterState, _model: &str, _version: Option<&str>) -> Vec<String> {
-    Vec::new()
+/// Deployments that use a model (or one of its versions), in any revision
+/// they keep for rollback.
+fn users_of_model(state: &ClusterState, model: &str, version: Option<&str>) -> Vec<String> {
+    deployments::users_of_model(state, model, version)
 }
 
 fn in_use(what: &str, users: &[String]) -> Rejection {
@@ -321,5 +406,6 @@ pub fn check_invariants(state: &ClusterState) -> Result<(), String> {
                 .map_err(|e| format!("model {name:?} version {v:?}: {e}"))?;
         }
     }
-    nodes::check_invariants(state)
+    nodes::check_invariants(state)?;
+    deployments::check_invariants(state)
 }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use berth_common::units::{parse_cpu_milli, parse_size_mib};
 use berth_common::{
-    GpuDevice, GpuSource, HealthProbe, Labels, ModelVersionSpec, NodeInventory, Resources, Runtime,
+    DeploymentRequest, GpuDevice, GpuSlice, GpuSource, HealthProbe, Labels, ModelVersionSpec,
+    NodeInventory, PlacementPolicy, ReplicaIntent, ResourceOverrides, Resources, Runtime,
 };
 use proptest::prelude::*;
 
@@ -161,10 +162,95 @@ fn render_state(state: &ClusterState) -> String {
             n.state_since_ms
         ));
     }
+    for d in state.deployments.values() {
+        let s = &d.spec;
+        out.push_str(&format!(
+            "deployment {} {}:{} replicas={} revision={} cpu_milli={} memory_mib={} gpus={} gpu_memory_mib={} gpu_milli={} policy={} priority={}\n",
+            d.name,
+            s.model,
+            s.version,
+            s.replicas,
+            d.revision,
+            s.resources.cpu_milli,
+            s.resources.memory_mib,
+            s.resources.gpus,
+            s.resources.gpu_memory_mib,
+            s.resources.gpu_milli,
+            s.policy,
+            s.priority
+        ));
+    }
+    for r in state.replicas.values() {
+        let gpus: Vec<String> = r
+            .gpus
+            .iter()
+            .map(|g| format!("{}:{}:{}", g.index, g.milli, g.memory_mib))
+            .collect();
+        out.push_str(&format!(
+            "replica {} {:?} node={} gpus=[{}] gen={} placed_at={}\n",
+            r.id,
+            r.intent,
+            r.node.as_deref().unwrap_or("-"),
+            gpus.join(","),
+            r.generation,
+            r.placed_at
+        ));
+    }
     if out.is_empty() {
         out.push_str("(empty)\n");
     }
     out
+}
+
+/// `deploy NAME model=M [version=V] [replicas=N] [gpus=N] [gpu_memory=S] [gpu_milli=N] [cpu=C] [memory=S] [priority=P]`
+fn deployment_from_args(args: &[String]) -> Result<DeploymentRequest, String> {
+    let mut d = DeploymentRequest {
+        model: String::new(),
+        version: "v1".into(),
+        replicas: 1,
+        resources: ResourceOverrides::default(),
+        policy: PlacementPolicy::Default,
+        selector: Labels::new(),
+        gpu_model: None,
+        priority: 0,
+        max_surge: 1,
+        max_unavailable: 0,
+    };
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or(format!("bad arg {a}"))?;
+        let e = |e: ValidationError| e.to_string();
+        match k {
+            "model" => d.model = v.into(),
+            "version" => d.version = v.into(),
+            "replicas" => d.replicas = v.parse().map_err(|_| "replicas")?,
+            "gpus" => d.resources.gpus = Some(v.parse().map_err(|_| "gpus")?),
+            "gpu_memory" => d.resources.gpu_memory_mib = Some(parse_size_mib(k, v).map_err(e)?),
+            "gpu_milli" => d.resources.gpu_milli = Some(v.parse().map_err(|_| "gpu_milli")?),
+            "cpu" => d.resources.cpu_milli = Some(parse_cpu_milli(k, v).map_err(e)?),
+            "memory" => d.resources.memory_mib = Some(parse_size_mib(k, v).map_err(e)?),
+            "priority" => d.priority = v.parse().map_err(|_| "priority")?,
+            _ => return Err(format!("unknown arg {k}")),
+        }
+    }
+    Ok(d)
+}
+
+/// `gpu=INDEX:MILLI:MEMORY_MIB`
+fn gpu_slices(args: &[String]) -> Vec<GpuSlice> {
+    args.iter()
+        .filter_map(|a| a.strip_prefix("gpu="))
+        .map(|g| {
+            let p: Vec<u64> = g
+                .split(':')
+                .map(|n| n.parse().expect("gpu=I:M:MEM"))
+                .collect();
+            GpuSlice {
+                index: p[0] as u32,
+                milli: p[1] as u32,
+                memory_mib: p[2],
+            }
+        })
+        .collect()
 }
 
 fn node_state(text: &str) -> NodeState {
@@ -256,6 +342,31 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
                 .unwrap_or("i1")
                 .to_string(),
         },
+        "deploy" => match deployment_from_args(&rest[1..]) {
+            Ok(request) => Command::CreateDeployment {
+                name: rest[0].clone(),
+                request,
+            },
+            Err(e) => return format!("input error: {e}\n"),
+        },
+        "scale" => Command::ScaleDeployment {
+            name: rest[0].clone(),
+            replicas: rest[1].parse().expect("scale NAME N"),
+        },
+        "undeploy" => Command::DeleteDeployment {
+            name: rest[0].clone(),
+        },
+        "bind" => Command::ApplyPlan(vec![PlanBind {
+            replica: rest[0].clone(),
+            node: rest[1].clone(),
+            gpus: gpu_slices(&rest[2..]),
+        }]),
+        "remove-replica" => Command::RemoveReplica {
+            id: rest[0].clone(),
+        },
+        "replace-lost" => Command::ReplaceLostReplicas {
+            node: rest[0].clone(),
+        },
         other => panic!("unknown scenario command {other}"),
     };
     let before = state.clone();
@@ -268,6 +379,31 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         Ok(Outcome::Node(n)) => {
             format!("ok: node {} state={} epoch={}\n", n.name, n.state, n.epoch)
         }
+        Ok(Outcome::Deployment(d)) => {
+            let mut ids: Vec<&String> = state
+                .replicas
+                .values()
+                .filter(|r| r.deployment == d.name && r.intent == ReplicaIntent::Run)
+                .map(|r| &r.id)
+                .collect();
+            ids.sort();
+            format!(
+                "ok: deployment {} revision {} replicas [{}]\n",
+                d.name,
+                d.revision,
+                ids.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        Ok(Outcome::Plan(results)) => results
+            .iter()
+            .map(|r| match r {
+                Ok(()) => "ok: bound\n".to_string(),
+                Err(e) => format!("refused: {e}\n"),
+            })
+            .collect(),
         Ok(o) => format!("ok: {o:?}\n"),
         Err(r) => {
             assert_eq!(&before, state, "a rejected command changed the state");
@@ -368,6 +504,70 @@ fn arb_single() -> impl Strategy<Value = Command> {
             version: v.into()
         }),
         arb_node_command(),
+        arb_deployment_command(),
+    ]
+}
+
+fn arb_deployment_command() -> impl Strategy<Value = Command> {
+    let name = prop::sample::select(vec!["d", "e", "Bad_D"]);
+    let replica = prop::sample::select(vec!["d-1", "d-2", "d-3", "e-1", "e-4", "x-1"]);
+    let node = prop::sample::select(vec!["gpu-1", "gpu-2", "nosuch"]);
+    let slice = (
+        0u32..3,
+        prop::sample::select(vec![500u32, 1000]),
+        prop::sample::select(vec![0u64, 20 * 1024, 80 * 1024]),
+    )
+        .prop_map(|(index, milli, memory_mib)| GpuSlice {
+            index,
+            milli,
+            memory_mib,
+        });
+    prop_oneof![
+        (
+            name.clone(),
+            0u32..4,
+            prop::option::of(0u32..3),
+            prop::sample::select(vec!["llama", "a", "nosuch"])
+        )
+            .prop_map(|(n, replicas, gpus, model)| Command::CreateDeployment {
+                name: n.into(),
+                request: DeploymentRequest {
+                    model: model.into(),
+                    version: "v1".into(),
+                    replicas,
+                    resources: ResourceOverrides {
+                        gpus,
+                        ..ResourceOverrides::default()
+                    },
+                    policy: PlacementPolicy::Default,
+                    selector: Labels::new(),
+                    gpu_model: None,
+                    priority: 0,
+                    max_surge: 1,
+                    max_unavailable: 0,
+                },
+            }),
+        (name.clone(), 0u32..5).prop_map(|(n, replicas)| Command::ScaleDeployment {
+            name: n.into(),
+            replicas
+        }),
+        name.prop_map(|n| Command::DeleteDeployment { name: n.into() }),
+        prop::collection::vec(
+            (
+                replica.clone(),
+                node.clone(),
+                prop::collection::vec(slice, 0..3)
+            )
+                .prop_map(|(r, n, gpus)| PlanBind {
+                    replica: r.into(),
+                    node: n.into(),
+                    gpus,
+                }),
+            1..4
+        )
+        .prop_map(Command::ApplyPlan),
+        replica.prop_map(|r| Command::RemoveReplica { id: r.into() }),
+        node.prop_map(|n| Command::ReplaceLostReplicas { node: n.into() }),
     ]
 }
 
@@ -633,7 +833,14 @@ fn state_fixture_stays_readable() {
     .unwrap();
     let stored = fixture("state-v1.postcard", &fresh);
     let decoded: legacy::ClusterStateV1 = postcard::from_bytes(&stored).unwrap();
-    assert_eq!(ClusterState::from(decoded), state);
+    // Format 1 had no version counter: a converted state starts at 0.
+    assert_eq!(
+        ClusterState::from(decoded),
+        ClusterState {
+            version: 0,
+            ..state
+        }
+    );
 }
 
 /// Node commands (appended in format 2), one of each kind and transition.
@@ -677,10 +884,82 @@ pub(crate) fn fixture_requests_v2() -> Vec<Request> {
     ]
 }
 
+/// Deployment commands (appended in format 2), one of each kind.
+pub(crate) fn fixture_requests_v2_deployments() -> Vec<Request> {
+    let request = DeploymentRequest {
+        model: "llama".into(),
+        version: "v2".into(),
+        replicas: 2,
+        resources: ResourceOverrides {
+            gpus: Some(1),
+            gpu_memory_mib: Some(20 * 1024),
+            ..ResourceOverrides::default()
+        },
+        policy: PlacementPolicy::Spread,
+        selector: Labels::from([("zone".to_string(), "eu-1".to_string())]),
+        gpu_model: Some("A100-80GB".into()),
+        priority: 10,
+        max_surge: 1,
+        max_unavailable: 1,
+    };
+    let at = |i: u64| 1_700_000_020_000 + i * 1000;
+    let slice = |index| GpuSlice {
+        index,
+        milli: 1000,
+        memory_mib: 20 * 1024,
+    };
+    let commands = vec![
+        Command::CreateDeployment {
+            name: "chat".into(),
+            request,
+        },
+        Command::ApplyPlan(vec![
+            PlanBind {
+                replica: "chat-1".into(),
+                node: "gpu-1".into(),
+                gpus: vec![slice(1)],
+            },
+            PlanBind {
+                replica: "chat-2".into(),
+                node: "gpu-1".into(),
+                gpus: vec![slice(0)],
+            },
+        ]),
+        Command::ScaleDeployment {
+            name: "chat".into(),
+            replicas: 1,
+        },
+        Command::RemoveReplica {
+            id: "chat-2".into(),
+        },
+        Command::SetNodeState {
+            name: "gpu-1".into(),
+            from: NodeState::Ready,
+            to: NodeState::Down,
+            instance: "a2".into(),
+        },
+        Command::ReplaceLostReplicas {
+            node: "gpu-1".into(),
+        },
+        Command::DeleteDeployment {
+            name: "chat".into(),
+        },
+    ];
+    commands
+        .into_iter()
+        .enumerate()
+        .map(|(i, command)| Request {
+            at_ms: at(i as u64),
+            command,
+        })
+        .collect()
+}
+
 /// Node log entries stay readable.
 #[test]
 fn node_request_fixtures_stay_readable() {
-    let requests = fixture_requests_v2();
+    let mut requests = fixture_requests_v2();
+    requests.extend(fixture_requests_v2_deployments());
     let fresh = postcard::to_stdvec(&requests).unwrap();
     let stored = fixture("requests-v2.postcard", &fresh);
     let decoded: Vec<Request> = postcard::from_bytes(&stored).unwrap();
@@ -692,11 +971,19 @@ fn node_request_fixtures_stay_readable() {
 fn state_v2_fixture_stays_readable() {
     let mut log = fixture_requests();
     log.extend(fixture_requests_v2());
+    log.extend(fixture_requests_v2_deployments());
     let (state, outcomes) = replay(&log);
-    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.is_ok()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(state.version, log.len() as u64);
+    assert!(state.deployments.is_empty() && state.replicas.is_empty());
     assert_eq!(state.nodes.len(), 2);
     assert_eq!(state.nodes["gpu-1"].epoch, 2);
-    assert_eq!(state.nodes["gpu-1"].state, NodeState::Ready);
+    assert_eq!(
+        state.nodes["gpu-1"].state,
+        NodeState::Down,
+        "lost in the deployment fixtures"
+    );
     assert_eq!(state.nodes["cpu-1"].state, NodeState::Down);
     let fresh = postcard::to_stdvec(&state).unwrap();
     let stored = fixture("state-v2.postcard", &fresh);

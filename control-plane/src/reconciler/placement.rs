@@ -1,0 +1,338 @@
+//! From the replicated state to the scheduler and back, purely: ready
+//! nodes and what their placed replicas hold become a `scheduler::Cluster`,
+//! pending replicas become `Request`s (grouped by their deployment's
+//! policy), and the binds become the `PlanBind`s of an `ApplyPlan` command,
+//! which `apply` re-validates. MIG GPUs are left out: Berth does not split
+//! or share them.
+
+use std::collections::BTreeMap;
+
+use berth_common::{GpuSlice, NodeState, PlacementPolicy, Replica, ReplicaIntent};
+
+use crate::scheduler::{
+    self, Bind, Cluster, Config, Explanation, Gpu, GpuShare, GpuUse, Placed, Policy, QueueOrder,
+    Request,
+};
+use crate::state::{ClusterState, PlanBind, capacity};
+
+/// The scheduler's view of the cluster.
+pub fn cluster(state: &ClusterState) -> Cluster {
+    let usage = capacity::usage(state.replicas.values());
+    let mut nodes = BTreeMap::new();
+    for (name, n) in &state.nodes {
+        let used = usage.get(name).cloned().unwrap_or_default();
+        let gpus = n
+            .inventory
+            .gpus
+            .iter()
+            .filter(|g| !g.mig_enabled)
+            .map(|g| {
+                let u = used.gpus.get(&g.index).copied().unwrap_or_default();
+                Gpu {
+                    index: g.index,
+                    model: g.model.clone(),
+                    memory_mib: g.memory_mib,
+                    locality: g.locality,
+                    used: GpuUse {
+                        milli: u.milli,
+                        memory_mib: u.memory_mib,
+                    },
+                }
+            })
+            .collect();
+        nodes.insert(
+            name.clone(),
+            scheduler::Node {
+                name: name.clone(),
+                schedulable: n.state == NodeState::Ready,
+                state: n.state.as_str().to_string(),
+                labels: n.labels.clone(),
+                cpu_milli: n.inventory.cpu_milli,
+                memory_mib: n.inventory.memory_mib,
+                gpus,
+                used_cpu_milli: used.cpu_milli,
+                used_memory_mib: used.memory_mib,
+            },
+        );
+    }
+    let placed = state
+        .replicas
+        .values()
+        .filter_map(|r| {
+            let node = r.node.clone()?;
+            Some((
+                r.id.clone(),
+                Placed {
+                    request: request(state, r),
+                    bind: Bind {
+                        replica: r.id.clone(),
+                        node,
+                        gpus: r
+                            .gpus
+                            .iter()
+                            .map(|g| GpuShare {
+                                index: g.index,
+                                milli: g.milli,
+                                memory_mib: g.memory_mib,
+                            })
+                            .collect(),
+                    },
+                },
+            ))
+        })
+        .collect();
+    Cluster {
+        nodes,
+        placed,
+        scan_from: None,
+    }
+}
+
+/// The scheduler request of a replica.
+fn request(state: &ClusterState, r: &Replica) -> Request {
+    let d = state.deployments.get(&r.deployment);
+    Request {
+        id: r.id.clone(),
+        resources: r.resources,
+        selector: d.map(|d| d.spec.selector.clone()).unwrap_or_default(),
+        gpu_model: d.and_then(|d| d.spec.gpu_model.clone()),
+        priority: d.map_or(0, |d| d.spec.priority),
+        arrival: r.created_at_ms,
+    }
+}
+
+fn policy(p: PlacementPolicy) -> Policy {
+    match p {
+        PlacementPolicy::Default => Policy::Default,
+        PlacementPolicy::Binpack => Policy::Binpack,
+        PlacementPolicy::Spread => Policy::Spread,
+    }
+}
+
+/// What a scheduling pass decided: binds to propose, and why the others wait.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// Placements for an `ApplyPlan`.
+    pub binds: Vec<PlanBind>,
+    /// Replicas left pending, with the scheduler's explanation.
+    pub pending: Vec<(String, Explanation)>,
+}
+
+/// Places every pending replica it can, deployments of each policy in turn
+/// (priority first within one policy), accounting each bind before the next.
+pub fn decide(state: &ClusterState) -> Decision {
+    let mut by_policy: BTreeMap<u8, (PlacementPolicy, Vec<Request>)> = BTreeMap::new();
+    for r in state.replicas.values() {
+        if r.intent != ReplicaIntent::Run || r.node.is_some() {
+            continue;
+        }
+        let p = state
+            .deployments
+            .get(&r.deployment)
+            .map_or(PlacementPolicy::Default, |d| d.spec.policy);
+        by_policy
+            .entry(p as u8)
+            .or_insert_with(|| (p, Vec::new()))
+            .1
+            .push(request(state, r));
+    }
+    let mut out = Decision::default();
+    if by_policy.is_empty() {
+        return out;
+    }
+    let mut cluster = cluster(state);
+    for (p, requests) in by_policy.into_values() {
+        let config = Config {
+            policy: policy(p),
+            queue: QueueOrder::Priority,
+            weights: Default::default(),
+            preemption: false,
+        };
+        let plan = scheduler::schedule_in_place(&mut cluster, &requests, &config);
+        out.binds.extend(plan.binds.into_iter().map(|b| {
+            PlanBind {
+                replica: b.replica,
+                node: b.node,
+                gpus: b
+                    .gpus
+                    .into_iter()
+                    .map(|g| GpuSlice {
+                        index: g.index,
+                        milli: g.milli,
+                        memory_mib: g.memory_mib,
+                    })
+                    .collect(),
+            }
+        }));
+        out.pending.extend(plan.pending);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_common::{
+        DeploymentRequest, GpuDevice, GpuSource, HealthProbe, Labels, ModelVersionSpec,
+        NodeInventory, NodeRegistration, ResourceOverrides, Resources, Runtime,
+    };
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::state::{Command, Outcome, Request as StateRequest, apply, check_invariants};
+
+    fn run(state: &mut ClusterState, command: Command) -> Result<Outcome, crate::state::Rejection> {
+        apply(
+            state,
+            StateRequest {
+                at_ms: 1000,
+                command,
+            },
+        )
+    }
+
+    fn node(name: &str, gpus: u32, cpus: u64, mig: bool) -> Command {
+        Command::RegisterNode(NodeRegistration {
+            name: name.into(),
+            addr: "127.0.0.1:7500".into(),
+            labels: Labels::from([("zone".to_string(), name.to_string())]),
+            inventory: NodeInventory {
+                gpu_source: GpuSource::Simulated {
+                    spec: "test".into(),
+                },
+                gpus: (0..gpus)
+                    .map(|i| GpuDevice {
+                        index: i,
+                        uuid: format!("GPU-{name}-{i}"),
+                        model: "A100-80GB".into(),
+                        memory_mib: 80 * 1024,
+                        pci_bus_id: String::new(),
+                        locality: Some(i / 4),
+                        mig_enabled: mig && i == 0,
+                    })
+                    .collect(),
+                cpu_model: "cpu".into(),
+                cpu_milli: cpus * 1000,
+                memory_mib: 256 * 1024,
+                hostname: name.into(),
+                os: "linux".into(),
+                cgroups: "unavailable".into(),
+                agent_version: "test".into(),
+            },
+            instance: "i".into(),
+        })
+    }
+
+    fn model() -> Command {
+        Command::CreateModel {
+            name: "m".into(),
+            version: ModelVersionSpec {
+                version: "v1".into(),
+                runtime: Runtime::Demo,
+                source: "demo".into(),
+                resources: Resources::default(),
+                env: Default::default(),
+                health: HealthProbe::Tcp,
+                labels: Labels::new(),
+            },
+        }
+    }
+
+    fn deploy(name: &str, replicas: u32, gpus: u32, memory_gib: u64, milli: u32) -> Command {
+        Command::CreateDeployment {
+            name: name.into(),
+            request: DeploymentRequest {
+                model: "m".into(),
+                version: "v1".into(),
+                replicas,
+                resources: ResourceOverrides {
+                    gpus: Some(gpus),
+                    gpu_memory_mib: Some(memory_gib * 1024),
+                    gpu_milli: Some(milli),
+                    ..Default::default()
+                },
+                policy: PlacementPolicy::Default,
+                selector: Labels::new(),
+                gpu_model: None,
+                priority: 0,
+                max_surge: 1,
+                max_unavailable: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn pending_replicas_are_placed_and_the_plan_applies() {
+        let mut s = ClusterState::default();
+        for c in [
+            model(),
+            node("a", 2, 16, true),
+            node("b", 8, 64, false),
+            deploy("big", 1, 8, 0, 1000),
+            deploy("shared", 3, 1, 20, 300),
+            deploy("huge", 1, 16, 0, 1000),
+        ] {
+            run(&mut s, c).unwrap();
+        }
+        let d = decide(&s);
+        assert_eq!(d.binds.len(), 4, "{:?}", d.binds);
+        assert_eq!(d.pending.len(), 1);
+        assert_eq!(d.pending[0].0, "huge-1");
+        assert!(
+            d.pending[0].1.to_string().contains("fewer GPUs"),
+            "{}",
+            d.pending[0].1
+        );
+        let big = d.binds.iter().find(|b| b.replica == "big-1").unwrap();
+        assert_eq!(big.node, "b");
+        // The MIG GPU of node a is never given out.
+        assert!(
+            d.binds
+                .iter()
+                .all(|b| b.node != "a" || b.gpus.iter().all(|g| g.index != 0)),
+            "{:?}",
+            d.binds
+        );
+        let Ok(Outcome::Plan(results)) = run(&mut s, Command::ApplyPlan(d.binds)) else {
+            panic!("a plan");
+        };
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        check_invariants(&s).unwrap();
+        // Nothing left to place but what cannot fit.
+        let again = decide(&s);
+        assert!(again.binds.is_empty());
+        assert_eq!(again.pending.len(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the deployments, a plan the scheduler makes from the
+        /// state applies in full and keeps every invariant.
+        #[test]
+        fn scheduler_plans_always_apply(
+            nodes in prop::collection::vec((0u32..9, 1u64..65), 1..5),
+            deployments in prop::collection::vec(
+                (1u32..6, 0u32..3, prop::sample::select(vec![0u64, 10, 40, 80]), prop::sample::select(vec![250u32, 500, 1000])),
+                1..5,
+            ),
+        ) {
+            let mut s = ClusterState::default();
+            run(&mut s, model()).unwrap();
+            for (i, (gpus, cpus)) in nodes.iter().enumerate() {
+                run(&mut s, node(&format!("n{i}"), *gpus, *cpus, false)).unwrap();
+            }
+            for (i, (replicas, gpus, mem, milli)) in deployments.iter().enumerate() {
+                let milli = if *gpus > 1 { 1000 } else { *milli };
+                let _ = run(&mut s, deploy(&format!("d{i}"), *replicas, *gpus, *mem, milli));
+            }
+            let d = decide(&s);
+            let n = d.binds.len();
+            let Ok(Outcome::Plan(results)) = run(&mut s, Command::ApplyPlan(d.binds)) else {
+                panic!("a plan");
+            };
+            prop_assert_eq!(results.len(), n);
+            prop_assert!(results.iter().all(Result::is_ok), "{:?}", results);
+            prop_assert!(check_invariants(&s).is_ok());
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Deployment and replica commands. A deployment's replica records are kept
+//! at its replica count here, in `apply`, so the count and the records never
+//! disagree: creating or scaling up adds pending replicas (`<name>-<n>`,
+//! numbered by the deployment's counter); scaling down marks the newest for
+//! removal (pending ones are dropped at once); a lost node's replicas are
+//! dropped and replaced by new pending ones. Placements arrive as plans,
+//! re-validated against what every node has left, so a stale plan can never
+//! double-book a GPU.
+
+use berth_common::deployment::{MAX_REVISIONS, validate_deployment_name};
+use berth_common::{
+    Deployment, DeploymentRequest, GpuSlice, NodeState, Replica, ReplicaIntent, Revision,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ClusterState, ObjectKind, Outcome, Rejection, capacity};
+
+/// One placement of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanBind {
+    /// The pending replica.
+    pub replica: String,
+    /// Its node.
+    pub node: String,
+    /// Its GPUs there.
+    pub gpus: Vec<GpuSlice>,
+}
+
+fn not_found(kind: ObjectKind, name: &str) -> Rejection {
+    Rejection::NotFound {
+        kind,
+        name: name.to_string(),
+    }
+}
+
+/// Creates a deployment at revision 1 with its pending replicas.
+pub(super) fn create(
+    state: &mut ClusterState,
+    name: String,
+    request: DeploymentRequest,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    validate_deployment_name(&name)?;
+    if state.deployments.contains_key(&name) {
+        return Err(Rejection::AlreadyExists {
+            kind: ObjectKind::Deployment,
+            name,
+        });
+    }
+    let Some(model) = state.models.get(&request.model) else {
+        return Err(not_found(ObjectKind::Model, &request.model));
+    };
+    let Some(version) = model.versions.get(&request.version) else {
+        return Err(not_found(
+            ObjectKind::ModelVersion,
+            &format!("{}:{}", request.model, request.version),
+        ));
+    };
+    let spec = request.resolve(version.spec.resources);
+    spec.validate()?;
+    let deployment = Deployment {
+        name: name.clone(),
+        spec: spec.clone(),
+        revision: 1,
+        history: vec![Revision {
+            revision: 1,
+            spec,
+            created_at_ms: at_ms,
+        }],
+        created_at_ms: at_ms,
+        next_ordinal: 1,
+    };
+    state.deployments.insert(name.clone(), deployment);
+    keep_count(state, &name, at_ms);
+    deployment_outcome(state, &name)
+}
+
+/// Sets a deployment's replica count.
+pub(super) fn scale(
+    state: &mut ClusterState,
+    name: &str,
+    replicas: u32,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get_mut(name) else {
+        return Err(not_found(ObjectKind::Deployment, name));
+    };
+    let mut spec = d.spec.clone();
+    spec.replicas = replicas;
+    spec.validate()?;
+    d.spec.replicas = replicas;
+    // The count is not part of a revision: a rollback keeps the scale.
+    if let Some(current) = d.history.last_mut() {
+        current.spec.replicas = replicas;
+    }
+    keep_count(state, name, at_ms);
+    deployment_outcome(state, name)
+}
+
+/// Deletes a deployment; its replicas are removed (stopped first when placed).
+pub(super) fn delete(state: &mut ClusterState, name: &str) -> Result<Outcome, Rejection> {
+    if state.deployments.remove(name).is_none() {
+        return Err(not_found(ObjectKind::Deployment, name));
+    }
+    state
+        .replicas
+        .retain(|_, r| r.deployment != name || r.node.is_some());
+    for r in state.replicas.values_mut() {
+        if r.deployment == name {
+            r.intent = ReplicaIntent::Remove;
+        }
+    }
+    Ok(Outcome::Deleted)
+}
+
+/// Places pending replicas. Each bind is checked on its own against the
+/// current state; one that no longer fits is refused and the others apply.
+pub(super) fn apply_plan(
+    state: &mut ClusterState,
+    binds: Vec<PlanBind>,
+) -> Result<Outcome, Rejection> {
+    let mut usage = capacity::usage(state.replicas.values());
+    let mut results = Vec::with_capacity(binds.len());
+    for b in binds {
+        let result = (|| {
+            let Some(replica) = state.replicas.get(&b.replica) else {
+                return Err(not_found(ObjectKind::Replica, &b.replica));
+            };
+            if !replica.pending() {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "replica {} is not waiting for a place",
+                    b.replica
+                )));
+            }
+            let Some(node) = state.nodes.get(&b.node) else {
+                return Err(not_found(ObjectKind::Node, &b.node));
+            };
+            if node.state != NodeState::Ready {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "node {} is {}: nothing new is placed there",
+                    b.node, node.state
+                )));
+            }
+            let node_use = usage.entry(b.node.clone()).or_default();
+            if let Some(why) = node_use.refuse(node, replica, &b.gpus) {
+                return Err(Rejection::FailedPrecondition(format!("stale plan: {why}")));
+            }
+            let mut placed = replica.clone();
+            placed.node = Some(b.node.clone());
+            placed.gpus = b.gpus.clone();
+            placed.placed_at = state.version;
+            node_use.add(&placed);
+            state.replicas.insert(placed.id.clone(), placed);
+            Ok(())
+        })();
+        results.push(result);
+    }
+    Ok(Outcome::Plan(results))
+}
+
+/// Forgets a replica that is being removed (its agent stopped it, or its
+/// node is gone).
+pub(super) fn remove_replica(state: &mut ClusterState, id: &str) -> Result<Outcome, Rejection> {
+    let Some(r) = state.replicas.get(id) else {
+        return Err(not_found(ObjectKind::Replica, id));
+    };
+    if r.intent != ReplicaIntent::Remove {
+        return Err(Rejection::FailedPrecondition(format!(
+            "replica {id} should run: scale its deployment down or delete it instead"
+        )));
+    }
+    state.replicas.remove(id);
+    Ok(Outcome::Deleted)
+}
+
+/// Drops the replicas of a node that is down and replaces the ones that
+/// should run with new pending replicas, placed elsewhere.
+pub(super) fn replace_lost(
+    state: &mut ClusterState,
+    node: &str,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(n) = state.nodes.get(node) else {
+        return Err(not_found(ObjectKind::Node, node));
+    };
+    if n.state != NodeState::Down {
+        return Err(Rejection::FailedPrecondition(format!(
+            "node {node} is {}: only a down node's replicas are replaced",
+            n.state
+        )));
+    }
+    let lost: Vec<String> = state
+        .replicas
+        .values()
+        .filter(|r| r.node.as_deref() == Some(node))
+        .map(|r| r.id.clone())
+        .collect();
+    let mut deployments: Vec<String> = Vec::new();
+    for id in lost {
+        if let Some(r) = state.replicas.remove(&id)
+            && !deployments.contains(&r.deployment)
+        {
+            deployments.push(r.deployment);
+        }
+    }
+    for d in deployments {
+        keep_count(state, &d, at_ms);
+    }
+    Ok(Outcome::Noop)
+}
+
+/// Unplaces replicas that a node's new inventory can no longer hold (a GPU
+/// gone from the bus): they wait for a place again, under a new generation.
+pub(super) fn evict_unfit(state: &mut ClusterState, node: &str) {
+    let Some(n) = state.nodes.get(node).cloned() else {
+        return;
+    };
+    let mut on_node: Vec<Replica> = state
+        .replicas
+        .values()
+        .filter(|r| r.node.as_deref() == Some(node))
+        .cloned()
+        .collect();
+    on_node.sort_by_key(|r| r.placed_at);
+    let mut kept = capacity::NodeUse::default();
+    for r in on_node {
+        if kept.refuse(&n, &r, &r.gpus).is_none() {
+            kept.add(&r);
+            continue;
+        }
+        if let Some(x) = state.replicas.get_mut(&r.id) {
+            if x.intent == ReplicaIntent::Remove {
+                state.replicas.remove(&r.id);
+            } else {
+                x.node = None;
+                x.gpus.clear();
+                x.generation += 1;
+            }
+        }
+    }
+}
+
+/// Brings a deployment's replicas that should run to its count: adds
+/// pending ones, or removes the newest (pending first).
+fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
+    let Some(d) = state.deployments.get(name) else {
+        return;
+    };
+    let want = d.spec.replicas as usize;
+    let mut running: Vec<&Replica> = state
+        .replicas
+        .values()
+        .filter(|r| r.deployment == name && r.intent == ReplicaIntent::Run)
+        .collect();
+    if running.len() > want {
+        // Newest first, pending before placed.
+        running.sort_by_key(|r| (r.node.is_some(), std::cmp::Reverse(ordinal(&r.id))));
+        let extra: Vec<(String, bool)> = running[..running.len() - want]
+            .iter()
+            .map(|r| (r.id.clone(), r.node.is_none()))
+            .collect();
+        for (id, pending) in extra {
+            if pending {
+                state.replicas.remove(&id);
+            } else if let Some(r) = state.replicas.get_mut(&id) {
+                r.intent = ReplicaIntent::Remove;
+            }
+        }
+        return;
+    }
+    let missing = want - running.len();
+    let Some(d) = state.deployments.get_mut(name) else {
+        return;
+    };
+    for _ in 0..missing {
+        let id = format!("{name}-{}", d.next_ordinal);
+        d.next_ordinal += 1;
+        state.replicas.insert(
+            id.clone(),
+            Replica {
+                id,
+                deployment: name.to_string(),
+                revision: d.revision,
+                generation: 1,
+                resources: d.spec.resources,
+                node: None,
+                gpus: Vec::new(),
+                intent: ReplicaIntent::Run,
+                placed_at: 0,
+                created_at_ms: at_ms,
+            },
+        );
+    }
+}
+
+/// The number at the end of a replica id.
+pub fn ordinal(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn deployment_outcome(state: &ClusterState, name: &str) -> Result<Outcome, Rejection> {
+    state
+        .deployments
+        .get(name)
+        .map(|d| Outcome::Deployment(Box::new(d.clone())))
+        .ok_or_else(|| not_found(ObjectKind::Deployment, name))
+}
+
+/// Deployments that use a model, or one version of it.
+pub(super) fn users_of_model(
+    state: &ClusterState,
+    model: &str,
+    version: Option<&str>,
+) -> Vec<String> {
+    state
+        .deployments
+        .values()
+        .filter(|d| {
+            d.history
+                .iter()
+                .any(|r| r.spec.model == model && version.is_none_or(|v| r.spec.version == v))
+        })
+        .map(|d| d.name.clone())
+        .collect()
+}
+
+/// Deployment and replica invariants.
+pub(super) fn check_invariants(state: &ClusterState) -> Result<(), String> {
+    for (name, d) in &state.deployments {
+        if name != &d.name {
+            return Err(format!("deployment key {name:?} holds {:?}", d.name));
+        }
+        d.spec
+            .validate()
+            .map_err(|e| format!("deployment {name:?}: {e}"))?;
+        if d.history.is_empty() || d.history.len() > MAX_REVISIONS {
+            return Err(format!(
+                "deployment {name:?} keeps {} revisions",
+                d.history.len()
+            ));
+        }
+        let running = state
+            .replicas
+            .values()
+            .filter(|r| &r.deployment == name && r.intent == ReplicaIntent::Run)
+            .count();
+        if running != d.spec.replicas as usize {
+            return Err(format!(
+                "deployment {name:?} wants {} replicas and has {running} that should run",
+                d.spec.replicas
+            ));
+        }
+    }
+    for (id, r) in &state.replicas {
+        if id != &r.id {
+            return Err(format!("replica key {id:?} holds {:?}", r.id));
+        }
+        if r.intent == ReplicaIntent::Run && !state.deployments.contains_key(&r.deployment) {
+            return Err(format!(
+                "replica {id:?} should run but its deployment is gone"
+            ));
+        }
+        if r.node.is_none() && r.intent == ReplicaIntent::Remove {
+            return Err(format!(
+                "replica {id:?} is being removed but was never placed"
+            ));
+        }
+        if r.node.is_none() && !r.gpus.is_empty() {
+            return Err(format!("replica {id:?} holds GPUs but no node"));
+        }
+    }
+    capacity::check(&state.nodes, &capacity::usage(state.replicas.values()))
+}
