@@ -1,11 +1,13 @@
 //! `berth dev`: a whole local Berth in this process: a one-member control
-//! plane with the demo model registered, and one agent with two simulated
-//! GPUs registered as node `dev-node`, for trying Berth on one machine.
+//! plane, one agent with two simulated GPUs registered as node `dev-node`,
+//! and the demo model deployed with two replicas, for trying Berth on one
+//! machine.
 //! The agent runs replicas through `berth shim` and the demo runtime
 //! through `berth demo-model`, and stops them when dev stops.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use berth_control_plane::config::Config;
@@ -39,6 +41,68 @@ pub struct DevArgs {
 
 /// The dev agent's node name.
 pub const DEV_NODE: &str = "dev-node";
+/// The demo deployment `berth dev` creates.
+pub const DEMO_DEPLOYMENT: &str = "demo";
+/// Its replicas.
+const DEMO_REPLICAS: u32 = 2;
+
+/// Registers the demo model (a quarter of a GPU and 10 GiB of its memory
+/// per replica, so two replicas share one GPU) and deploys it, unless a
+/// kept data dir has them already.
+async fn register_demo(client: &Client) -> Result<(), CliError> {
+    let existing = client
+        .admin(|mut c| async move { c.list_models(pb::ListModelsRequest { stale: false }).await })
+        .await?;
+    if !existing.models.iter().any(|m| m.name == "demo") {
+        let req = pb::CreateModelRequest {
+            name: "demo".into(),
+            version: Some(pb::ModelVersionSpec {
+                version: "v1".into(),
+                runtime: "demo".into(),
+                source: "builtin:demo".into(),
+                resources: Some(pb::Resources {
+                    cpu_milli: 250,
+                    memory_mib: 256,
+                    gpus: 1,
+                    gpu_memory_mib: 10 * 1024,
+                    gpu_milli: 250,
+                }),
+                ..Default::default()
+            }),
+        };
+        client
+            .admin(|mut c| {
+                let req = req.clone();
+                async move { c.create_model(req).await }
+            })
+            .await?;
+    }
+    let deployments = client
+        .admin(|mut c| async move {
+            c.list_deployments(pb::ListDeploymentsRequest { stale: false })
+                .await
+        })
+        .await?;
+    if !deployments
+        .deployments
+        .iter()
+        .any(|d| d.name == DEMO_DEPLOYMENT)
+    {
+        let req = pb::CreateDeploymentRequest {
+            name: DEMO_DEPLOYMENT.into(),
+            model: "demo".into(),
+            replicas: DEMO_REPLICAS,
+            ..Default::default()
+        };
+        client
+            .admin(|mut c| {
+                let req = req.clone();
+                async move { c.create_deployment(req).await }
+            })
+            .await?;
+    }
+    Ok(())
+}
 
 /// Runs the dev cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
@@ -82,26 +146,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             )
         })?;
     let client = Client::new(&addr);
-    let existing = client
-        .admin(|mut c| async move { c.list_models(pb::ListModelsRequest { stale: false }).await })
-        .await?;
-    if !existing.models.iter().any(|m| m.name == "demo") {
-        let req = pb::CreateModelRequest {
-            name: "demo".into(),
-            version: Some(pb::ModelVersionSpec {
-                version: "v1".into(),
-                runtime: "demo".into(),
-                source: "builtin:demo".into(),
-                ..Default::default()
-            }),
-        };
-        client
-            .admin(|mut c| {
-                let req = req.clone();
-                async move { c.create_model(req).await }
-            })
-            .await?;
-    }
+    register_demo(&client).await?;
     let server_flag = if addr == crate::DEFAULT_SERVER {
         String::new()
     } else {
@@ -120,7 +165,6 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             ""
         }
     );
-    out!("registered model: demo (runtime demo)");
     match &agent_config_gpus {
         Some(spec) => out!(
             "node {DEV_NODE}: agent on {} with {spec} SIMULATED GPUs",
@@ -131,18 +175,36 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             agent.grpc_addr
         ),
     }
+    eprintln!("deploying {DEMO_REPLICAS} replicas of the demo model…");
+    crate::deploy::wait_ready(&client, DEMO_DEPLOYMENT, Duration::from_secs(120)).await?;
+    let replicas = crate::deploy::list_replicas(&client, DEMO_DEPLOYMENT, "", false).await?;
+    out!(
+        "deployment {DEMO_DEPLOYMENT}: {} replicas of model demo (runtime demo), running:",
+        replicas.len()
+    );
+    let mut first = None;
+    for r in &replicas {
+        let endpoint = r.endpoint.clone().unwrap_or_default();
+        let gpus: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
+        out!(
+            "  {}  on {} GPU {}  http://{endpoint}",
+            r.id,
+            r.node.as_deref().unwrap_or("-"),
+            gpus.join(",")
+        );
+        first.get_or_insert(endpoint);
+    }
     out!();
     out!("try, in another terminal:");
-    out!("  berth{server_flag} cluster status");
-    out!("  berth{server_flag} model list");
-    out!("  berth{server_flag} node list");
+    if let Some(e) = first {
+        out!("  curl -s http://{e}/v1/completions -d '{{\"prompt\":\"hello\",\"max_tokens\":8}}'");
+    }
+    out!("  berth{server_flag} replica list");
+    out!("  berth{server_flag} deploy scale {DEMO_DEPLOYMENT} 3 --wait");
     out!("  berth{server_flag} node show {DEV_NODE}");
-    out!(
-        "  berth{server_flag} model create llama --runtime vllm --source /models/llama-3-8b --gpus 1 --gpu-memory 20GiB"
-    );
+    out!("  berth{server_flag} model list");
     out!("  curl http://{}/metrics", args.http);
     out!();
-    out!("(deployments are not built yet: the dev node runs no replica until they land)");
     out!("Ctrl-C stops everything.");
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -17,6 +17,7 @@ macro_rules! out {
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod deploy;
 pub mod dev;
 pub mod local;
 pub mod model;
@@ -62,6 +63,12 @@ enum Command {
     /// Nodes (GPU machines running berth-agent): state and inventory.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Deployments: N replicas of a model version, placed and kept running.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
+    /// Replicas: where each runs and what it is doing.
+    #[command(subcommand)]
+    Replica(deploy::ReplicaCommand),
     /// Run the demo model server (a small real HTTP server that runtime demo starts).
     DemoModel(berth_node_agent::demo_model::DemoArgs),
     /// Internal: own one replica process (the agent runs this when it is `berth`, as in `berth dev`).
@@ -100,6 +107,8 @@ pub fn main() -> ExitCode {
             Command::Cluster(c) => cluster::run(c, &client, out).await,
             Command::Model(c) => model::run(c, &client, out).await,
             Command::Node(c) => node::run(c, &client, out).await,
+            Command::Deploy(c) => deploy::run(c, &client, out).await,
+            Command::Replica(c) => deploy::run_replica(c, &client, out).await,
             Command::DemoModel(a) => berth_node_agent::demo_model::run(a)
                 .await
                 .map_err(CliError::Other),

@@ -60,7 +60,7 @@ pub struct NodeView {
     pub addr: String,
     /// Bumped each time a new agent process registers.
     pub epoch: u64,
-    /// Replicas the agent reported.
+    /// Replicas the agent runs (not counting stopped ones it still lists).
     pub replicas: u32,
     /// Where the GPU list comes from.
     pub gpu_source: String,

@@ -35,6 +35,7 @@ use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{NodeId, Raft};
 use crate::reconciler::nodes::NodeTracker;
+use crate::reconciler::replicas::Replicas;
 
 mod http;
 
@@ -235,9 +236,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let nodes = NodeTracker::new(member.clone(), config.node_grace);
     nodes.start(&tasks, shutdown.clone());
+    let replicas = Replicas::new(member.clone(), nodes.clone());
+    replicas.start(&tasks, shutdown.clone());
     let routes = Routes::new(AdminServer::new(AdminService::new(
         member.clone(),
         nodes.clone(),
+        replicas,
     )))
     .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))
     .add_service(

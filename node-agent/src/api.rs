@@ -96,9 +96,13 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::StartReplicaRequest>,
     ) -> Result<Response<pb::ReplicaStatus>, Status> {
-        let spec =
-            replica_spec_from_proto(request.into_inner().spec).map_err(|e| invalid_argument(&e))?;
-        let s = self.supervisor.start(spec).await.map_err(status)?;
+        let req = request.into_inner();
+        let spec = replica_spec_from_proto(req.spec).map_err(|e| invalid_argument(&e))?;
+        let s = self
+            .supervisor
+            .start(spec, req.placed_at)
+            .await
+            .map_err(status)?;
         Ok(Response::new(replica_to_proto(&s)))
     }
 

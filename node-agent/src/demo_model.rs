@@ -54,6 +54,9 @@ struct Demo {
 
 /// Runs the demo model server until SIGTERM or Ctrl-C.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    // First, so that a stop during start-up is graceful too.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("install the SIGTERM handler: {e}"))?;
     let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -84,26 +87,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .route("/v1/completions", post(completions))
         .with_state(demo);
     axum::serve(listener, app)
-        .with_graceful_shutdown(signal())
-        .await?;
-    println!("berth demo model stopped");
-    Ok(())
-}
-
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+        .with_graceful_shutdown(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    println!("shutting down");
+            println!("shutting down");
+        })
+        .await?;
+    println!("berth demo model stopped");
+    Ok(())
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response {

@@ -31,6 +31,8 @@ use crate::supervisor::Supervisor;
 pub const LEADER_KEY: &str = "berth-leader";
 /// How long one registration or heartbeat call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a phase change, how long to wait for others before heartbeating.
+const PHASE_DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// Counters the agent's /metrics shows.
 #[derive(Debug, Default)]
@@ -86,6 +88,7 @@ impl Registration {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let changed = self.supervisor.changed();
         let mut l = Loop {
             reg: self,
             clients: HashMap::new(),
@@ -99,6 +102,11 @@ impl Registration {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                // A replica changed phase: tell the leader now, not at the next tick.
+                _ = changed.notified() => {
+                    tokio::time::sleep(PHASE_DEBOUNCE).await;
+                    tick.reset();
+                }
             }
             let result = l.round().await;
             l.reg
@@ -228,6 +236,15 @@ impl Loop {
             return Ok(Outcome::Unregistered);
         }
         self.reg.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+        let desired = resp
+            .desired
+            .into_iter()
+            .map(|d| (d.id, d.generation))
+            .collect();
+        self.reg
+            .supervisor
+            .converge(&desired, resp.state_version)
+            .await;
         Ok(Outcome::Done)
     }
 }

@@ -130,6 +130,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         backoff_max: config.restart_backoff_max,
         stable_after: Duration::from_secs(30),
         probe_interval: config.probe_interval,
+        changed: Default::default(),
     };
     let settings = Settings {
         data_dir: config.data_dir.clone(),

@@ -147,7 +147,10 @@ pub async fn start_replica(
     spec: berth_proto::v1::ReplicaSpec,
 ) -> berth_proto::v1::ReplicaStatus {
     agent(addr)
-        .start_replica(berth_proto::v1::StartReplicaRequest { spec: Some(spec) })
+        .start_replica(berth_proto::v1::StartReplicaRequest {
+            spec: Some(spec),
+            placed_at: 0,
+        })
         .await
         .unwrap_or_else(|s| panic!("start replica: {:?}: {}", s.code(), s.message()))
         .into_inner()

@@ -98,6 +98,7 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
     let e = agent(&a.addr)
         .start_replica(pb::StartReplicaRequest {
             spec: Some(changed),
+            placed_at: 0,
         })
         .await
         .unwrap_err();
@@ -111,6 +112,7 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
     let e = agent(&a.addr)
         .start_replica(pb::StartReplicaRequest {
             spec: Some(demo_spec("web-1", 1, Some(0))),
+            placed_at: 0,
         })
         .await
         .unwrap_err();
@@ -118,6 +120,10 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
     assert!(e.message().contains("stale"), "{}", e.message());
 
     // Stop: SIGTERM, the demo server exits cleanly.
+    wait_replica(&a.addr, "web-1", "generation 2 running", |r| {
+        r.generation == 2 && r.phase == "running"
+    })
+    .await;
     let stopped = stop(&a.addr, "web-1", 10_000).await;
     assert_eq!(stopped.phase, "stopped");
     assert_eq!(stopped.pid, 0);
@@ -127,6 +133,7 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
     let e = agent(&a.addr)
         .start_replica(pb::StartReplicaRequest {
             spec: Some(demo_spec("web-1", 2, Some(0))),
+            placed_at: 0,
         })
         .await
         .unwrap_err();
@@ -464,7 +471,10 @@ async fn bad_specs_are_refused_and_start_nothing() {
     for (spec, code, says) in cases {
         let id = spec.id.clone();
         let e = agent(&a.addr)
-            .start_replica(pb::StartReplicaRequest { spec: Some(spec) })
+            .start_replica(pb::StartReplicaRequest {
+                spec: Some(spec),
+                placed_at: 0,
+            })
             .await
             .expect_err(&id);
         assert_eq!(e.code(), code, "{id}: {}", e.message());
@@ -568,6 +578,7 @@ async fn generations_are_checked_by_the_replica_itself() {
         let e = agent(&a.addr)
             .start_replica(pb::StartReplicaRequest {
                 spec: Some(demo_spec("gen", g, None)),
+                placed_at: 0,
             })
             .await
             .unwrap_err();

@@ -22,8 +22,10 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut data_dir = None;
+    let mut printed = Vec::new();
     let ready = tokio::time::timeout(DEADLINE, async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            printed.push(line.clone());
             if let Some(rest) = line.strip_prefix("data dir: ") {
                 data_dir = rest.split(" (").next().map(std::path::PathBuf::from);
             }
@@ -55,6 +57,24 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
     assert_eq!(node["name"], "dev-node");
     assert_eq!(node["simulated"], true);
     assert_eq!(node["gpus"], 2);
+    // Two demo replicas run and answer (dev printed their endpoints once they ran).
+    let replicas = berth_json(&["--server", &grpc, "replica", "list"]).await;
+    let replicas = replicas.as_array().expect("a list");
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    let mut pids = Vec::new();
+    for r in replicas {
+        assert_eq!(r["phase"], "running", "{r}");
+        let port = r["port"].as_u64().unwrap() as u32;
+        let (code, body) = berth_tests::http(port, "POST", "/v1/completions", r#"{"prompt":"hi"}"#)
+            .await
+            .expect("the replica answers");
+        assert_eq!(code, 200, "{body}");
+        pids.push(r["pid"].as_u64().unwrap() as u32);
+    }
+    assert!(
+        printed.iter().any(|l| l.contains("/v1/completions")),
+        "{printed:?}"
+    );
 
     let pid = child.id().expect("running") as i32;
     nix::sys::signal::kill(
@@ -72,4 +92,10 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
         "temporary data dir {} was removed",
         data_dir.display()
     );
+    for pid in pids {
+        assert!(
+            !alive(pid),
+            "replica process {pid} was stopped with berth dev"
+        );
+    }
 }

@@ -83,7 +83,10 @@ pub async fn agent_start(a: AgentStartArgs, out: OutputFormat) -> Result<(), Cli
         let started = Instant::now();
         let s = client
             .clone()
-            .start_replica(pb::StartReplicaRequest { spec: Some(spec) })
+            .start_replica(pb::StartReplicaRequest {
+                spec: Some(spec),
+                placed_at: 0,
+            })
             .await
             .map_err(|s| anyhow::anyhow!("start replica {i}: {}", s.message()))?
             .into_inner();

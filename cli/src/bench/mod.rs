@@ -20,6 +20,7 @@ use crate::local::{LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
 mod agent;
+mod node_loss;
 
 /// Benchmark subcommands.
 #[derive(Debug, Subcommand)]
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     AgentStart(agent::AgentStartArgs),
     /// An idle agent's memory and CPU while it heartbeats to a local control plane.
     AgentIdle(agent::AgentIdleArgs),
+    /// SIGKILL the agent running a replica; time until its replacement runs elsewhere.
+    NodeLoss(node_loss::NodeLossArgs),
 }
 
 /// `bench writes` options.
@@ -63,6 +66,7 @@ pub async fn run(cmd: BenchCommand, servers: &str, out: OutputFormat) -> Result<
         BenchCommand::Failover(a) => failover(a, out).await,
         BenchCommand::AgentStart(a) => agent::agent_start(a, out).await,
         BenchCommand::AgentIdle(a) => agent::agent_idle(a, out).await,
+        BenchCommand::NodeLoss(a) => node_loss::node_loss(a, out).await,
     }
 }
 

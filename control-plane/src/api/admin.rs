@@ -9,21 +9,36 @@ use berth_proto::v1::admin_server::Admin;
 use berth_proto::v1::{self as pb};
 use tonic::{Request, Response, Status};
 
+use super::deployments::Deployments;
 use super::{nodes, status};
 use crate::member::{Member, MemberError};
 use crate::reconciler::nodes::NodeTracker;
+use crate::reconciler::replicas::Replicas;
 use crate::state::{Command, ObjectKind, Outcome, Rejection};
 
 /// The Admin service of one member.
 pub struct AdminService {
     member: Member,
     nodes: NodeTracker,
+    replicas: Replicas,
 }
 
 impl AdminService {
-    /// Serves Admin calls through `member`; node calls through `nodes`.
-    pub fn new(member: Member, nodes: NodeTracker) -> Self {
-        Self { member, nodes }
+    /// Serves Admin calls through `member`; node calls through `nodes`;
+    /// deployment calls wake `replicas`.
+    pub fn new(member: Member, nodes: NodeTracker, replicas: Replicas) -> Self {
+        Self {
+            member,
+            nodes,
+            replicas,
+        }
+    }
+
+    fn deployments(&self) -> Deployments<'_> {
+        Deployments {
+            nodes: &self.nodes,
+            replicas: &self.replicas,
+        }
     }
 
     fn status_response(&self) -> pb::ClusterStatusResponse {
@@ -192,6 +207,81 @@ impl Admin for AdminService {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         nodes::list(&self.nodes, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn create_deployment(
+        &self,
+        request: Request<pb::CreateDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .create(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .get(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_deployments(
+        &self,
+        request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        self.deployments()
+            .list(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn scale_deployment(
+        &self,
+        request: Request<pb::ScaleDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .scale(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn delete_deployment(
+        &self,
+        request: Request<pb::DeleteDeploymentRequest>,
+    ) -> Result<Response<pb::DeleteDeploymentResponse>, Status> {
+        self.deployments().delete(request.into_inner()).await?;
+        Ok(Response::new(pb::DeleteDeploymentResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn explain_deployment(
+        &self,
+        request: Request<pb::ExplainDeploymentRequest>,
+    ) -> Result<Response<pb::ExplainDeploymentResponse>, Status> {
+        self.deployments()
+            .explain(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_cluster_replicas(
+        &self,
+        request: Request<pb::ListClusterReplicasRequest>,
+    ) -> Result<Response<pb::ListClusterReplicasResponse>, Status> {
+        self.deployments()
+            .replicas(request.into_inner())
             .await
             .map(Response::new)
     }

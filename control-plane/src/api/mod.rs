@@ -2,12 +2,17 @@
 //! (for agents) and `Raft` (member to member). Handlers translate protobuf to domain types, call
 //! `Member`, and map errors to status codes in one place (`status`).
 
+use berth_proto::grpc;
+use berth_proto::v1::admin_client::AdminClient;
 use tonic::Status;
+use tonic::transport::Channel;
 
 use crate::member::MemberError;
+use crate::reconciler::nodes::{NodeTracker, NotHere};
 use crate::state::Rejection;
 
 pub mod admin;
+mod deployments;
 mod nodes;
 pub mod raft;
 pub mod registry;
@@ -27,4 +32,36 @@ pub fn status(e: MemberError) -> Status {
         MemberError::InvalidArgument(m) => Status::invalid_argument(m),
         MemberError::Internal(m) => Status::internal(m),
     }
+}
+
+/// Where a read that needs the leader's observations (heartbeats, the
+/// scheduler's explanations) is answered.
+enum Route {
+    /// Here: with readings when this member leads, without when `stale`.
+    Here {
+        /// Whether the leader's observations are available.
+        readings: bool,
+    },
+    /// At the leader, at this address.
+    Leader(String),
+}
+
+async fn route(nodes: &NodeTracker, stale: bool) -> Result<Route, Status> {
+    if stale {
+        return Ok(Route::Here { readings: false });
+    }
+    match nodes.leader_here() {
+        Ok(_) => {
+            nodes.member.read_barrier(false).await.map_err(status)?;
+            Ok(Route::Here { readings: true })
+        }
+        Err(NotHere::Leader(addr)) => Ok(Route::Leader(addr)),
+        Err(e) => Err(registry::redirect(e)),
+    }
+}
+
+fn leader_client(addr: &str) -> Result<AdminClient<Channel>, Status> {
+    grpc::channel(addr)
+        .map(AdminClient::new)
+        .map_err(|e| Status::internal(e.to_string()))
 }

@@ -9,46 +9,17 @@ use std::time::Duration;
 
 use berth_common::Node;
 use berth_proto::grpc;
-use berth_proto::v1::admin_client::AdminClient;
 use berth_proto::v1::agent_client::AgentClient;
 use berth_proto::v1::{self as pb};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::registry::redirect;
-use super::status;
-use crate::reconciler::nodes::{NodeTracker, NotHere, Observation};
+use super::{Route, leader_client, route, status};
+use crate::reconciler::nodes::{NodeTracker, Observation};
 use crate::state::{ObjectKind, Rejection};
 
 /// How long `GetNode` waits for the agent's inventory.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
-
-enum Route {
-    /// Answer here (with readings when `readings`).
-    Here { readings: bool },
-    /// Ask the leader at this address.
-    Leader(String),
-}
-
-async fn route(nodes: &NodeTracker, stale: bool) -> Result<Route, Status> {
-    if stale {
-        return Ok(Route::Here { readings: false });
-    }
-    match nodes.leader_here() {
-        Ok(_) => {
-            nodes.member.read_barrier(false).await.map_err(status)?;
-            Ok(Route::Here { readings: true })
-        }
-        Err(NotHere::Leader(addr)) => Ok(Route::Leader(addr)),
-        Err(e) => Err(redirect(e)),
-    }
-}
-
-fn leader_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, Status> {
-    grpc::channel(addr)
-        .map(AdminClient::new)
-        .map_err(|e| Status::internal(e.to_string()))
-}
 
 /// `ListNodes`.
 pub(super) async fn list(
@@ -173,7 +144,13 @@ fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::Nod
         state_since_ms: node.state_since_ms,
         registered_at_ms: node.registered_at_ms,
         gpu_models: models,
-        replicas: observed.map_or(0, |o| o.report.replicas.len() as u32),
+        replicas: observed.map_or(0, |o| {
+            o.report
+                .replicas
+                .iter()
+                .filter(|r| r.desired == "running")
+                .count() as u32
+        }),
         gpu_source: node.inventory.gpu_source.to_string(),
     }
 }

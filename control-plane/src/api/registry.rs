@@ -73,14 +73,23 @@ impl NodeRegistry for RegistryService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.leader().await?;
-        let epoch = self
+        let answer = self
             .nodes
             .heartbeat(request.into_inner())
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::HeartbeatResponse {
-            registered: epoch.is_some(),
-            epoch: epoch.unwrap_or(0),
+        Ok(Response::new(match answer {
+            Some(a) => pb::HeartbeatResponse {
+                registered: true,
+                epoch: a.epoch,
+                desired: a
+                    .desired
+                    .into_iter()
+                    .map(|(id, generation)| pb::DesiredReplica { id, generation })
+                    .collect(),
+                state_version: a.state_version,
+            },
+            None => pb::HeartbeatResponse::default(),
         }))
     }
 }

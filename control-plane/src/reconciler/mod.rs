@@ -6,3 +6,4 @@
 
 pub mod nodes;
 pub mod placement;
+pub mod replicas;

@@ -57,6 +57,17 @@ pub struct NodeTracker {
     confirmed: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
+/// What the leader answers a heartbeat.
+#[derive(Debug, Clone)]
+pub struct HeartbeatAnswer {
+    /// The node's epoch.
+    pub epoch: u64,
+    /// Replicas that should run on the node: id and generation.
+    pub desired: Vec<(String, u64)>,
+    /// The state version `desired` was read at.
+    pub state_version: u64,
+}
+
 /// Why a registry call is not served here.
 #[derive(Debug)]
 pub enum NotHere {
@@ -182,19 +193,26 @@ impl NodeTracker {
     }
 
     /// Records a heartbeat. `Ok(None)`: the node or this agent instance is
-    /// unknown, the agent must register. A node that was down is ready again.
+    /// unknown, the agent must register. A node that was down is ready
+    /// again. The answer carries the replicas that should run there.
     pub async fn heartbeat(
         &self,
         report: pb::HeartbeatRequest,
-    ) -> Result<Option<u64>, MemberError> {
-        let node = self
-            .member
-            .state
-            .read()
-            .state
-            .nodes
-            .get(&report.node)
-            .cloned();
+    ) -> Result<Option<HeartbeatAnswer>, MemberError> {
+        let (node, desired, version) = {
+            let applied = self.member.state.read();
+            let s = &applied.state;
+            let desired = s
+                .replicas
+                .values()
+                .filter(|r| {
+                    r.node.as_deref() == Some(report.node.as_str())
+                        && r.intent == berth_common::ReplicaIntent::Run
+                })
+                .map(|r| (r.id.clone(), r.generation))
+                .collect();
+            (s.nodes.get(&report.node).cloned(), desired, s.version)
+        };
         let Some(node) = node else { return Ok(None) };
         if node.instance != report.instance {
             return Ok(None);
@@ -219,7 +237,11 @@ impl NodeTracker {
                 })
                 .await?;
         }
-        Ok(Some(node.epoch))
+        Ok(Some(HeartbeatAnswer {
+            epoch: node.epoch,
+            desired,
+            state_version: version,
+        }))
     }
 
     /// One pass of the liveness check; only the leader acts.
@@ -279,7 +301,8 @@ impl NodeTracker {
     /// Runs the liveness check until `shutdown`.
     pub fn start(&self, tasks: &TaskTracker, shutdown: CancellationToken) {
         let me = self.clone();
-        let every = (self.grace / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        // Often enough that a node is marked down soon after its grace ends.
+        let every = (self.grace / 20).clamp(Duration::from_millis(100), Duration::from_millis(500));
         tasks.spawn(async move {
             loop {
                 tokio::select! {

@@ -50,6 +50,15 @@ pub(super) fn create(
     let Some(model) = state.models.get(&request.model) else {
         return Err(not_found(ObjectKind::Model, &request.model));
     };
+    let mut request = request;
+    if request.version.is_empty() {
+        // The newest version (then the highest string, for equal times).
+        if let Some(v) = model.versions.values().max_by(|a, b| {
+            (a.created_at_ms, &a.spec.version).cmp(&(b.created_at_ms, &b.spec.version))
+        }) {
+            request.version = v.spec.version.clone();
+        }
+    }
     let Some(version) = model.versions.get(&request.version) else {
         return Err(not_found(
             ObjectKind::ModelVersion,

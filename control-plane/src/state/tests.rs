@@ -388,8 +388,10 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
                 .collect();
             ids.sort();
             format!(
-                "ok: deployment {} revision {} replicas [{}]\n",
+                "ok: deployment {} {}:{} revision {} replicas [{}]\n",
                 d.name,
+                d.spec.model,
+                d.spec.version,
                 d.revision,
                 ids.iter()
                     .map(|s| s.as_str())

@@ -15,7 +15,7 @@
 //! Layout: `<data-dir>/replicas/<id>/` holds `replica.json`, the shim's
 //! files and `logs/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,6 +79,9 @@ pub struct Context {
     pub stable_after: Duration,
     /// Health probe interval while running (half of it while starting).
     pub probe_interval: Duration,
+    /// Signalled when a replica's phase changes, so a heartbeat tells the
+    /// control plane at once.
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 impl Context {
@@ -130,6 +133,8 @@ pub struct Supervisor {
     ctx: Arc<Context>,
     settings: Settings,
     replicas: Mutex<BTreeMap<String, Handle>>,
+    /// Replicas being stopped because the control plane no longer wants them.
+    stopping: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -149,6 +154,7 @@ impl Supervisor {
             ctx: Arc::new(ctx),
             settings,
             replicas: Mutex::default(),
+            stopping: Mutex::default(),
             tasks,
             shutdown,
         });
@@ -191,6 +197,11 @@ impl Supervisor {
                 dir,
             },
         );
+    }
+
+    /// Signalled when a replica's phase changes.
+    pub fn changed(&self) -> Arc<tokio::sync::Notify> {
+        self.ctx.changed.clone()
     }
 
     /// The node's GPUs.
@@ -318,15 +329,23 @@ impl Supervisor {
     /// process was spawned (or failed to). The work runs in a task of its
     /// own: a caller that gives up (an RPC deadline) cannot leave a process
     /// started but unrecorded.
-    pub async fn start(self: &Arc<Self>, spec: ReplicaSpec) -> Result<Status, SupervisorError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        spec: ReplicaSpec,
+        placed_at: u64,
+    ) -> Result<Status, SupervisorError> {
         let me = self.clone();
         self.tasks
-            .spawn(async move { me.start_now(spec).await })
+            .spawn(async move { me.start_now(spec, placed_at).await })
             .await
             .map_err(|e| SupervisorError::Internal(format!("start the replica: {e}")))?
     }
 
-    async fn start_now(&self, spec: ReplicaSpec) -> Result<Status, SupervisorError> {
+    async fn start_now(
+        &self,
+        spec: ReplicaSpec,
+        placed_at: u64,
+    ) -> Result<Status, SupervisorError> {
         spec.validate()?;
         self.check_gpus(&spec)?;
         let existing = {
@@ -375,6 +394,7 @@ impl Supervisor {
                 port,
                 desired: Desired::Running,
                 stopped_at_ms: None,
+                placed_at,
                 spec,
             };
             return self
@@ -408,6 +428,7 @@ impl Supervisor {
             desired: Desired::Running,
             restarts: 0,
             stopped_at_ms: None,
+            placed_at,
         };
         let mut task = ReplicaTask::new(self.ctx.clone(), dir.clone(), record.clone());
         task.persist().await?;
@@ -526,6 +547,34 @@ impl Supervisor {
             reply,
         })
         .await
+    }
+
+    /// Stops the replicas that run here but are not in the control plane's
+    /// desired set of state version `version` (moved away or removed while
+    /// this node was cut off). A replica placed after `version` is kept: the
+    /// answer may predate its placement.
+    pub async fn converge(self: &Arc<Self>, desired: &HashMap<String, u64>, version: u64) {
+        for s in self.list().await {
+            let r = &s.record;
+            if r.desired != Desired::Running
+                || desired.contains_key(&r.spec.id)
+                || r.placed_at > version
+            {
+                continue;
+            }
+            let id = r.spec.id.clone();
+            if !self.stopping.lock().await.insert(id.clone()) {
+                continue;
+            }
+            tracing::info!(replica = %id, "the control plane no longer wants this replica here (moved away or removed); stopping it");
+            let me = self.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = me.stop(&id, 0, shim::DEFAULT_GRACE).await {
+                    tracing::warn!(replica = %id, error = %e, "could not stop an unwanted replica");
+                }
+                me.stopping.lock().await.remove(&id);
+            });
+        }
     }
 
     /// Forgets replicas stopped longer than `STOPPED_RETENTION` ago.

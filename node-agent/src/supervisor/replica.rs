@@ -33,6 +33,9 @@ pub const RECORD_FILE: &str = "replica.json";
 const UNHEALTHY_AFTER: u32 = 3;
 /// How long adoption waits for a starting shim to say who runs.
 const ADOPT_WAIT: Duration = Duration::from_secs(2);
+/// Probes of a new run at `EARLY_PROBE` intervals, before the usual pace.
+const EARLY_PROBES: u32 = 10;
+const EARLY_PROBE: Duration = Duration::from_millis(100);
 
 /// Whether the replica should run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +71,9 @@ pub struct Record {
     pub restarts: u32,
     /// When it was stopped, for forgetting it later.
     pub stopped_at_ms: Option<u64>,
+    /// The control plane's state version when it was placed here (0: by hand).
+    #[serde(default)]
+    pub placed_at: u64,
 }
 
 /// A replica as the agent reports it.
@@ -171,6 +177,8 @@ pub struct ReplicaTask {
     backoff: Duration,
     restart_at: Option<Instant>,
     failed_probes: u32,
+    /// Quick probes made since the current run started.
+    early_probes: u32,
     status: watch::Sender<Status>,
 }
 
@@ -208,6 +216,7 @@ impl ReplicaTask {
             backoff,
             restart_at: None,
             failed_probes: 0,
+            early_probes: 0,
             status,
         }
     }
@@ -244,6 +253,7 @@ impl ReplicaTask {
         let reason = reason.into();
         if phase != self.phase {
             tracing::info!(replica = %self.id(), from = %self.phase, to = %phase, %reason, "replica phase");
+            self.ctx.changed.notify_one();
         }
         self.phase = phase;
         self.reason = reason;
@@ -367,6 +377,7 @@ impl ReplicaTask {
                     child: Some(s.child),
                 });
                 self.failed_probes = 0;
+                self.early_probes = 0;
                 let probe = self.record.spec.health.to_string();
                 let port = self.record.port;
                 self.set(
@@ -600,8 +611,13 @@ impl ReplicaTask {
             {
                 self.start().await;
             }
+            // A new run is probed quickly at first: most servers that start
+            // fast are seen running within a tenth of a second.
             let probe_every = if self.phase == ReplicaPhase::Running {
                 self.ctx.probe_interval
+            } else if self.early_probes < EARLY_PROBES {
+                self.early_probes += 1;
+                EARLY_PROBE.min(self.ctx.probe_interval / 2)
             } else {
                 self.ctx.probe_interval / 2
             };

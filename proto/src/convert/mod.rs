@@ -9,9 +9,11 @@ use berth_common::{
 
 use crate::v1;
 
+mod deployment;
 mod node;
 mod replica;
 
+pub use deployment::deployment_request_from_proto;
 pub use node::{inventory_from_proto, registration_from_proto};
 pub use replica::{replica_spec_from_proto, runtime_from_parts};
 

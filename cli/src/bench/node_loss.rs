@@ -1,0 +1,188 @@
+//! `berth bench node-loss`: a local 3-member control plane, two agents with
+//! simulated GPUs, and a one-replica demo deployment. Each trial SIGKILLs
+//! the agent whose node runs the replica and times how long until a
+//! replacement runs on the other node (the grace period, then placement
+//! and start), then restarts the killed agent. Figures are printed, never
+//! asserted.
+
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use clap::Args;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::percentile;
+use crate::client::{CliError, Client};
+use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
+use crate::output::{OutputFormat, print_json, table};
+
+/// `bench node-loss` options.
+#[derive(Debug, Args)]
+pub struct NodeLossArgs {
+    /// Agent kills.
+    #[arg(long, default_value_t = 10)]
+    trials: usize,
+}
+
+/// `bench node-loss` results.
+#[derive(Debug, Serialize)]
+pub struct NodeLossReport {
+    /// Kill → replacement running, per trial, ms.
+    pub trials_ms: Vec<f64>,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Worst, ms.
+    pub max_ms: f64,
+}
+
+async fn running_on(client: &Client) -> Option<(String, String)> {
+    let r = client
+        .admin(|mut c| async move {
+            c.list_cluster_replicas(pb::ListClusterReplicasRequest {
+                deployment: "loss".into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .ok()?;
+    let mut running = r
+        .replicas
+        .into_iter()
+        .filter(|r| r.intent == "run" && r.phase == "running");
+    let one = running.next()?;
+    running.next().is_none().then_some((one.id, one.node))
+}
+
+async fn wait_for<T, F: AsyncFn() -> Option<T>>(what: &str, f: F) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the trials.
+pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliError> {
+    if a.trials == 0 {
+        return Err(CliError::Usage("--trials must be at least 1".into()));
+    }
+    let cluster = LocalCluster::start(3, MemberOptions::default()).await?;
+    let client = Client::new(&cluster.servers());
+    let mut agents = Vec::new();
+    for node in ["loss-a", "loss-b"] {
+        agents.push(LocalAgent::start_in(
+            cluster.root(),
+            AgentOptions {
+                node: node.into(),
+                simulate_gpus: Some("2xA100-80GB".into()),
+                control: Some(cluster.servers()),
+                extra: Vec::new(),
+            },
+        )?);
+    }
+    let model = pb::CreateModelRequest {
+        name: "loss".into(),
+        version: Some(pb::ModelVersionSpec {
+            runtime: "demo".into(),
+            source: "builtin:demo".into(),
+            resources: Some(pb::Resources {
+                cpu_milli: 100,
+                memory_mib: 128,
+                gpus: 1,
+                gpu_memory_mib: 10 * 1024,
+                gpu_milli: 250,
+            }),
+            ..Default::default()
+        }),
+    };
+    wait_for("the cluster to take a model", || async {
+        let model = model.clone();
+        client
+            .admin(|mut c| {
+                let model = model.clone();
+                async move { c.create_model(model).await }
+            })
+            .await
+            .ok()
+    })
+    .await?;
+    client
+        .admin(|mut c| async move {
+            c.create_deployment(pb::CreateDeploymentRequest {
+                name: "loss".into(),
+                model: "loss".into(),
+                replicas: 1,
+                ..Default::default()
+            })
+            .await
+        })
+        .await?;
+    let mut micros = Vec::new();
+    for trial in 1..=a.trials {
+        let (id, node) = wait_for("the replica to run", || running_on(&client)).await?;
+        let victim = agents
+            .iter_mut()
+            .find(|ag| ag.node == node)
+            .ok_or_else(|| anyhow::anyhow!("no local agent for node {node}"))?;
+        victim.kill()?;
+        let killed = Instant::now();
+        let (new_id, new_node) = wait_for("a replacement to run", || async {
+            running_on(&client).await.filter(|(i, _)| *i != id)
+        })
+        .await?;
+        let took = killed.elapsed();
+        micros.push(took.as_micros() as u64);
+        eprintln!(
+            "trial {trial}: killed {node} (ran {id}); {new_id} running on {new_node} after {:.2}s",
+            took.as_secs_f64()
+        );
+        // Bring the node back; its agent stops the replaced replica itself.
+        let victim = agents
+            .iter_mut()
+            .find(|ag| ag.node == node)
+            .ok_or_else(|| anyhow::anyhow!("no local agent for node {node}"))?;
+        victim.restart()?;
+        wait_for("the killed node to be ready again", || async {
+            let nodes =
+                client
+                    .admin(|mut c| async move {
+                        c.list_nodes(pb::ListNodesRequest { stale: false }).await
+                    })
+                    .await
+                    .ok()?;
+            nodes.nodes.iter().all(|n| n.state == "ready").then_some(())
+        })
+        .await?;
+    }
+    let trials_ms: Vec<f64> = micros.iter().map(|m| *m as f64 / 1000.0).collect();
+    micros.sort_unstable();
+    let report = NodeLossReport {
+        trials_ms,
+        p50_ms: percentile(&micros, 0.5),
+        p99_ms: percentile(&micros, 0.99),
+        max_ms: percentile(&micros, 1.0),
+    };
+    drop(agents);
+    drop(cluster);
+    match out {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Table => {
+            let mut t = table(&["TRIALS", "P50", "P99", "MAX"]);
+            t.add_row(vec![
+                report.trials_ms.len().to_string(),
+                format!("{:.2} s", report.p50_ms / 1000.0),
+                format!("{:.2} s", report.p99_ms / 1000.0),
+                format!("{:.2} s", report.max_ms / 1000.0),
+            ]);
+            out!("{t}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,651 @@
+//! `berth deploy create|list|show|scale|delete|explain` and `berth replica list`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use berth_common::names::parse_label;
+use berth_common::units::{
+    format_cpu_milli, format_mib_approx as format_mib, parse_cpu_milli, parse_duration,
+    parse_size_mib,
+};
+use berth_proto::v1 as pb;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::client::{CliError, Client};
+use crate::output::{OutputFormat, print_json, table};
+
+/// Deployment subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeployCommand {
+    /// Create a deployment: N replicas of a model version, placed by the scheduler.
+    Create(CreateArgs),
+    /// List deployments with their replica counts.
+    List {
+        /// Answer from the contacted member's local state, without running counts.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Show one deployment, its revisions and its replicas.
+    Show {
+        /// The deployment.
+        name: String,
+    },
+    /// Set the number of replicas (scaling down removes the newest first).
+    Scale {
+        /// The deployment.
+        name: String,
+        /// The new number of replicas (0-1000).
+        replicas: u32,
+        /// Wait until the replicas that should run are running.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "5m", value_parser = duration)]
+        timeout: Duration,
+    },
+    /// Delete a deployment; its replicas are stopped and removed.
+    Delete {
+        /// The deployment.
+        name: String,
+    },
+    /// Why each pending replica has no place: per filter, how many nodes it excluded.
+    Explain {
+        /// The deployment.
+        name: String,
+    },
+}
+
+/// Replica subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// List replicas: placement, phase, port.
+    List {
+        /// Only this deployment's.
+        #[arg(long)]
+        deployment: Option<String>,
+        /// Only this node's.
+        #[arg(long)]
+        node: Option<String>,
+        /// Answer from the contacted member's local state, without phases.
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_size_mib("size", s).map_err(|e| e.rule)
+}
+
+fn cpu(s: &str) -> Result<u32, String> {
+    parse_cpu_milli("cpu", s).map_err(|e| e.rule)
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration("timeout", s).map_err(|e| e.rule)
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    parse_label("selector", s).map_err(|e| e.rule)
+}
+
+/// `deploy create` options.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Deployment name: lowercase letters, digits and '-', at most 52.
+    name: String,
+    /// The model, optionally with a version: llama or llama:v2 (default: its newest version).
+    #[arg(long, value_name = "MODEL[:VERSION]")]
+    model: String,
+    /// Number of replicas (0-1000).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Whole GPUs per replica, on one node (default: the model version's).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// GPU memory per GPU, e.g. 20GiB (default: the model version's; 0 = whole GPU).
+    #[arg(long, value_parser = size, value_name = "SIZE")]
+    gpu_memory: Option<u64>,
+    /// Compute share per GPU in thousandths (1-1000; below 1000 shares a GPU).
+    #[arg(long, value_name = "MILLI")]
+    gpu_share: Option<u32>,
+    /// CPU per replica: cores (2, 1.5) or millicores (500m).
+    #[arg(long, value_parser = cpu)]
+    cpu: Option<u32>,
+    /// Memory per replica, e.g. 8GiB.
+    #[arg(long, value_parser = size, value_name = "SIZE")]
+    memory: Option<u64>,
+    /// Placement policy: default (fragmentation-aware), binpack or spread.
+    #[arg(long, default_value = "default")]
+    policy: String,
+    /// A label nodes must carry, k=v (repeatable).
+    #[arg(long = "selector", value_parser = label, value_name = "K=V")]
+    selector: Vec<(String, String)>,
+    /// GPU model the nodes' GPUs must be, e.g. A100-80GB.
+    #[arg(long)]
+    gpu_model: Option<String>,
+    /// Priority, -1000 to 1000 (higher is placed first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Extra replicas a rolling update may start.
+    #[arg(long)]
+    max_surge: Option<u32>,
+    /// Replicas a rolling update may take down.
+    #[arg(long)]
+    max_unavailable: Option<u32>,
+    /// Wait until every replica runs (progress on stderr).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    timeout: Duration,
+}
+
+/// A deployment, as printed.
+#[derive(Debug, Serialize)]
+pub struct DeploymentView {
+    /// Name.
+    pub name: String,
+    /// Model.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Replicas asked for.
+    pub replicas: u32,
+    /// Replicas placed on a node.
+    pub replicas_placed: u32,
+    /// Replicas running (from the leader's heartbeats; 0 in a stale read).
+    pub replicas_running: u32,
+    /// Replicas waiting for a place.
+    pub replicas_pending: u32,
+    /// Current revision.
+    pub revision: u64,
+    /// CPU per replica, millicores.
+    pub cpu_milli: u32,
+    /// Memory per replica, MiB.
+    pub memory_mib: u64,
+    /// GPUs per replica.
+    pub gpus: u32,
+    /// GPU memory per GPU, MiB (0: the whole GPU).
+    pub gpu_memory_mib: u64,
+    /// Compute share per GPU, thousandths.
+    pub gpu_milli: u32,
+    /// Placement policy.
+    pub policy: String,
+    /// Node labels required.
+    pub selector: BTreeMap<String, String>,
+    /// GPU model required; null: any.
+    pub gpu_model: Option<String>,
+    /// Priority.
+    pub priority: i32,
+    /// Rollout surge.
+    pub max_surge: u32,
+    /// Rollout unavailability.
+    pub max_unavailable: u32,
+    /// Revisions kept: number, model version, creation time.
+    pub history: Vec<RevisionView>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+}
+
+/// One revision, as printed.
+#[derive(Debug, Serialize)]
+pub struct RevisionView {
+    /// Its number.
+    pub revision: u64,
+    /// Model version it runs.
+    pub version: String,
+    /// When it was made, ms since the epoch.
+    pub created_at_ms: u64,
+}
+
+impl From<pb::Deployment> for DeploymentView {
+    fn from(d: pb::Deployment) -> Self {
+        let s = d.spec.unwrap_or_default();
+        let r = s.resources.unwrap_or_default();
+        DeploymentView {
+            name: d.name,
+            model: s.model,
+            version: s.version,
+            replicas: s.replicas,
+            replicas_placed: d.replicas_placed,
+            replicas_running: d.replicas_running,
+            replicas_pending: d.replicas_pending,
+            revision: d.revision,
+            cpu_milli: r.cpu_milli,
+            memory_mib: r.memory_mib,
+            gpus: r.gpus,
+            gpu_memory_mib: r.gpu_memory_mib,
+            gpu_milli: r.gpu_milli,
+            policy: s.policy,
+            selector: s.selector.into_iter().collect(),
+            gpu_model: Some(s.gpu_model).filter(|m| !m.is_empty()),
+            priority: s.priority,
+            max_surge: s.max_surge,
+            max_unavailable: s.max_unavailable,
+            history: d
+                .history
+                .into_iter()
+                .map(|h| RevisionView {
+                    revision: h.revision,
+                    version: h.spec.map(|s| s.version).unwrap_or_default(),
+                    created_at_ms: h.created_at_ms,
+                })
+                .collect(),
+            created_at_ms: d.created_at_ms,
+        }
+    }
+}
+
+/// A replica, as printed.
+#[derive(Debug, Serialize)]
+pub struct ReplicaView {
+    /// Replica id.
+    pub id: String,
+    /// Its deployment.
+    pub deployment: String,
+    /// Deployment revision it runs.
+    pub revision: u64,
+    /// Its generation.
+    pub generation: u64,
+    /// Its node; null while pending.
+    pub node: Option<String>,
+    /// GPU indices on its node.
+    pub gpus: Vec<u32>,
+    /// GPU uuids.
+    pub gpu_uuids: Vec<String>,
+    /// pending, starting, running, failed, stopped (unknown in a stale read).
+    pub phase: String,
+    /// Why, for people.
+    pub reason: String,
+    /// Its port; null until its agent started it.
+    pub port: Option<u32>,
+    /// host:port; null until known.
+    pub endpoint: Option<String>,
+    /// The model server's pid on its node.
+    pub pid: Option<u32>,
+    /// Restarts after exits.
+    pub restarts: u32,
+    /// run, or remove (being stopped).
+    pub intent: String,
+    /// Model.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+}
+
+impl From<pb::ClusterReplica> for ReplicaView {
+    fn from(r: pb::ClusterReplica) -> Self {
+        ReplicaView {
+            id: r.id,
+            deployment: r.deployment,
+            revision: r.revision,
+            generation: r.generation,
+            node: Some(r.node).filter(|n| !n.is_empty()),
+            gpus: r.gpus,
+            gpu_uuids: r.gpu_uuids,
+            phase: r.phase,
+            reason: r.reason,
+            port: (r.port != 0).then_some(r.port),
+            endpoint: Some(r.endpoint).filter(|e| !e.is_empty()),
+            pid: (r.pid != 0).then_some(r.pid),
+            restarts: r.restarts,
+            intent: r.intent,
+            model: r.model,
+            version: r.version,
+        }
+    }
+}
+
+fn resources(d: &DeploymentView) -> String {
+    let mut s = format!(
+        "cpu {} mem {}",
+        format_cpu_milli(d.cpu_milli),
+        format_mib(d.memory_mib)
+    );
+    if d.gpus > 0 {
+        s.push_str(&format!(" gpus {}", d.gpus));
+        if d.gpu_memory_mib > 0 {
+            s.push_str(&format!(" × {}", format_mib(d.gpu_memory_mib)));
+        }
+        if d.gpu_milli < 1000 {
+            s.push_str(&format!(" share {}", d.gpu_milli));
+        }
+    }
+    s
+}
+
+fn deployments_table(ds: &[DeploymentView]) -> String {
+    let mut t = table(&[
+        "DEPLOYMENT",
+        "MODEL",
+        "REVISION",
+        "READY",
+        "PENDING",
+        "RESOURCES",
+        "POLICY",
+    ]);
+    for d in ds {
+        t.add_row(vec![
+            d.name.clone(),
+            format!("{}:{}", d.model, d.version),
+            d.revision.to_string(),
+            format!("{}/{}", d.replicas_running, d.replicas),
+            d.replicas_pending.to_string(),
+            resources(d),
+            d.policy.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// A table of replicas.
+pub fn replicas_table(rs: &[ReplicaView]) -> String {
+    let mut t = table(&[
+        "REPLICA", "REV", "NODE", "GPUS", "PHASE", "ENDPOINT", "RESTARTS", "REASON",
+    ]);
+    for r in rs {
+        let gpus: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
+        let mut phase = r.phase.clone();
+        if r.intent == "remove" {
+            phase.push_str(" (removing)");
+        }
+        t.add_row(vec![
+            r.id.clone(),
+            r.revision.to_string(),
+            r.node.clone().unwrap_or_else(|| "-".into()),
+            if gpus.is_empty() {
+                "-".into()
+            } else {
+                gpus.join(",")
+            },
+            phase,
+            r.endpoint.clone().unwrap_or_else(|| "-".into()),
+            r.restarts.to_string(),
+            r.reason.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+async fn get(client: &Client, name: &str) -> Result<pb::Deployment, CliError> {
+    client
+        .admin(|mut c| {
+            let name = name.to_string();
+            async move {
+                c.get_deployment(pb::GetDeploymentRequest { name, stale: false })
+                    .await
+            }
+        })
+        .await
+}
+
+/// Replicas of a deployment (or all), from the leader.
+pub async fn list_replicas(
+    client: &Client,
+    deployment: &str,
+    node: &str,
+    stale: bool,
+) -> Result<Vec<ReplicaView>, CliError> {
+    let req = pb::ListClusterReplicasRequest {
+        deployment: deployment.to_string(),
+        node: node.to_string(),
+        stale,
+    };
+    let r = client
+        .admin(|mut c| {
+            let req = req.clone();
+            async move { c.list_cluster_replicas(req).await }
+        })
+        .await?;
+    Ok(r.replicas.into_iter().map(Into::into).collect())
+}
+
+/// Waits until `name` has as many running replicas as it asks for and none
+/// being removed, printing progress on stderr. On timeout: an error naming
+/// what is pending and why.
+pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<(), CliError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let d = get(client, name).await?;
+        let want = d.spec.as_ref().map_or(0, |s| s.replicas);
+        let replicas = list_replicas(client, name, "", false).await?;
+        let removing = replicas.iter().filter(|r| r.intent == "remove").count();
+        let running = d.replicas_running;
+        let line = format!(
+            "{name}: {running}/{want} running, {} pending{}",
+            d.replicas_pending,
+            if removing > 0 {
+                format!(", {removing} being removed")
+            } else {
+                String::new()
+            }
+        );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if running == want && removing == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let waiting: Vec<String> = replicas
+                .iter()
+                .filter(|r| r.intent == "run" && r.phase != "running")
+                .map(|r| {
+                    if r.reason.is_empty() {
+                        format!("{} ({})", r.id, r.phase)
+                    } else {
+                        format!("{} ({}: {})", r.id, r.phase, r.reason)
+                    }
+                })
+                .collect();
+            return Err(CliError::Other(anyhow::anyhow!(
+                "deployment {name}: {running} of {want} replicas running after {timeout:?}; not running: {}. See `berth deploy explain {name}` and `berth replica list --deployment {name}`",
+                waiting.join("; ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn print_deployment(d: DeploymentView, out: OutputFormat) {
+    match out {
+        OutputFormat::Json => print_json(&d),
+        OutputFormat::Table => out!("{}", deployments_table(&[d])),
+    }
+}
+
+/// Runs a deploy subcommand.
+pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Result<(), CliError> {
+    match cmd {
+        DeployCommand::Create(a) => {
+            let (model, version) = match a.model.split_once(':') {
+                Some((m, v)) => (m.to_string(), v.to_string()),
+                None => (a.model.clone(), String::new()),
+            };
+            let req = pb::CreateDeploymentRequest {
+                name: a.name.clone(),
+                model,
+                version,
+                replicas: a.replicas,
+                resources: Some(pb::ResourceOverrides {
+                    cpu_milli: a.cpu,
+                    memory_mib: a.memory,
+                    gpus: a.gpus,
+                    gpu_memory_mib: a.gpu_memory,
+                    gpu_milli: a.gpu_share,
+                }),
+                policy: a.policy,
+                selector: a.selector.into_iter().collect(),
+                gpu_model: a.gpu_model.unwrap_or_default(),
+                priority: a.priority,
+                max_surge: a.max_surge,
+                max_unavailable: a.max_unavailable,
+            };
+            let d = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.create_deployment(req).await }
+                })
+                .await?;
+            eprintln!(
+                "created deployment {} ({} replicas of {}:{})",
+                d.name,
+                a.replicas,
+                req.model,
+                d.spec.as_ref().map(|s| s.version.as_str()).unwrap_or("")
+            );
+            let d = if a.wait {
+                wait_ready(client, &a.name, a.timeout).await?;
+                get(client, &a.name).await?
+            } else {
+                d
+            };
+            print_deployment(d.into(), out);
+        }
+        DeployCommand::List { stale } => {
+            let r = client
+                .admin(|mut c| async move {
+                    c.list_deployments(pb::ListDeploymentsRequest { stale })
+                        .await
+                })
+                .await?;
+            let ds: Vec<DeploymentView> = r.deployments.into_iter().map(Into::into).collect();
+            match out {
+                OutputFormat::Json => print_json(&ds),
+                OutputFormat::Table if ds.is_empty() => eprintln!(
+                    "no deployments; create one with `berth deploy create NAME --model MODEL --replicas N`"
+                ),
+                OutputFormat::Table => out!("{}", deployments_table(&ds)),
+            }
+        }
+        DeployCommand::Show { name } => {
+            let d: DeploymentView = get(client, &name).await?.into();
+            let replicas = list_replicas(client, &name, "", false).await?;
+            match out {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "deployment": d,
+                    "replicas": replicas,
+                })),
+                OutputFormat::Table => {
+                    out!("{}", deployments_table(std::slice::from_ref(&d)));
+                    let revisions: Vec<String> = d
+                        .history
+                        .iter()
+                        .map(|h| format!("{} ({})", h.revision, h.version))
+                        .collect();
+                    out!("revisions: {}", revisions.join(", "));
+                    if replicas.is_empty() {
+                        out!("no replicas");
+                    } else {
+                        out!("{}", replicas_table(&replicas));
+                    }
+                }
+            }
+        }
+        DeployCommand::Scale {
+            name,
+            replicas,
+            wait,
+            timeout,
+        } => {
+            let req = pb::ScaleDeploymentRequest {
+                name: name.clone(),
+                replicas,
+            };
+            let d = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.scale_deployment(req).await }
+                })
+                .await?;
+            eprintln!("scaled deployment {name} to {replicas} replicas");
+            let d = if wait {
+                wait_ready(client, &name, timeout).await?;
+                get(client, &name).await?
+            } else {
+                d
+            };
+            print_deployment(d.into(), out);
+        }
+        DeployCommand::Delete { name } => {
+            client
+                .admin(|mut c| {
+                    let name = name.clone();
+                    async move {
+                        c.delete_deployment(pb::DeleteDeploymentRequest { name })
+                            .await
+                    }
+                })
+                .await?;
+            match out {
+                OutputFormat::Json => print_json(&serde_json::json!({ "deleted": name })),
+                OutputFormat::Table => {
+                    eprintln!("deleted deployment {name}; its replicas are being stopped")
+                }
+            }
+        }
+        DeployCommand::Explain { name } => {
+            let r = client
+                .admin(|mut c| {
+                    let name = name.clone();
+                    async move {
+                        c.explain_deployment(pb::ExplainDeploymentRequest { name })
+                            .await
+                    }
+                })
+                .await?;
+            match out {
+                OutputFormat::Json => print_json(
+                    &r.pending
+                        .iter()
+                        .map(|p| serde_json::json!({"replica": p.replica, "why": p.why}))
+                        .collect::<Vec<_>>(),
+                ),
+                OutputFormat::Table if r.pending.is_empty() => {
+                    out!("no pending replicas: every replica of {name} has a place")
+                }
+                OutputFormat::Table => {
+                    let mut t = table(&["PENDING REPLICA", "WHY (NODES EXCLUDED PER FILTER)"]);
+                    for p in &r.pending {
+                        t.add_row(vec![p.replica.clone(), p.why.clone()]);
+                    }
+                    out!("{t}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a replica subcommand.
+pub async fn run_replica(
+    cmd: ReplicaCommand,
+    client: &Client,
+    out: OutputFormat,
+) -> Result<(), CliError> {
+    match cmd {
+        ReplicaCommand::List {
+            deployment,
+            node,
+            stale,
+        } => {
+            let rs = list_replicas(
+                client,
+                deployment.as_deref().unwrap_or(""),
+                node.as_deref().unwrap_or(""),
+                stale,
+            )
+            .await?;
+            match out {
+                OutputFormat::Json => print_json(&rs),
+                OutputFormat::Table if rs.is_empty() => eprintln!("no replicas"),
+                OutputFormat::Table => out!("{}", replicas_table(&rs)),
+            }
+        }
+    }
+    Ok(())
+}

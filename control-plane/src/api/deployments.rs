@@ -1,0 +1,314 @@
+//! The Admin calls about deployments and replicas. Writes go through Raft
+//! from any member. Reads that show what replicas are doing (phases, ports,
+//! running counts) and `ExplainDeployment` need the leader's observations,
+//! so a follower asks the leader; `stale` answers from the contacted member
+//! alone, with placements but no phases.
+
+use std::collections::HashMap;
+
+use berth_common::{Deployment, ReplicaIntent};
+use berth_proto::convert::deployment_request_from_proto;
+use berth_proto::grpc::invalid_argument;
+use berth_proto::v1::{self as pb};
+use tonic::Status;
+
+use super::{Route, leader_client, route, status};
+use crate::member::MemberError;
+use crate::reconciler::nodes::{NodeTracker, Observation};
+use crate::reconciler::replicas::Replicas;
+use crate::state::{ClusterState, Command, ObjectKind, Outcome, Rejection};
+
+/// What the deployment calls need.
+pub(super) struct Deployments<'a> {
+    /// Node liveness and the leader's heartbeats.
+    pub nodes: &'a NodeTracker,
+    /// The replica loop (explanations, wake-ups).
+    pub replicas: &'a Replicas,
+}
+
+fn not_found(kind: ObjectKind, name: &str) -> Status {
+    status(MemberError::Rejected(Rejection::NotFound {
+        kind,
+        name: name.to_string(),
+    }))
+}
+
+/// The phase an agent reports for a replica, if its node's last heartbeat has it.
+fn reported<'a>(
+    observed: &'a HashMap<String, Observation>,
+    node: Option<&String>,
+    id: &str,
+) -> Option<&'a pb::ReplicaStatus> {
+    observed
+        .get(node?)?
+        .report
+        .replicas
+        .iter()
+        .find(|x| x.id == id)
+}
+
+fn with_counts(
+    state: &ClusterState,
+    d: &Deployment,
+    observed: &HashMap<String, Observation>,
+) -> pb::Deployment {
+    let mut out: pb::Deployment = d.into();
+    for r in state
+        .replicas
+        .values()
+        .filter(|r| r.deployment == d.name && r.intent == ReplicaIntent::Run)
+    {
+        if r.node.is_none() {
+            out.replicas_pending += 1;
+            continue;
+        }
+        out.replicas_placed += 1;
+        if reported(observed, r.node.as_ref(), &r.id)
+            .is_some_and(|x| x.phase == "running" && x.generation >= r.generation)
+        {
+            out.replicas_running += 1;
+        }
+    }
+    out
+}
+
+impl Deployments<'_> {
+    fn state(&self) -> ClusterState {
+        self.nodes.member.state.read().state.clone()
+    }
+
+    /// Writes `command`, then waits until this member applied it too (a
+    /// follower forwards writes), so the counts in the answer include it.
+    async fn write(&self, command: Command) -> Result<Outcome, Status> {
+        let outcome = self.nodes.member.write(command).await.map_err(status)?;
+        self.replicas.wake();
+        self.nodes
+            .member
+            .read_barrier(false)
+            .await
+            .map_err(status)?;
+        Ok(outcome)
+    }
+
+    fn observations(&self, readings: bool) -> HashMap<String, Observation> {
+        if readings {
+            self.nodes.observations()
+        } else {
+            HashMap::new()
+        }
+    }
+
+    /// `CreateDeployment`.
+    pub async fn create(&self, req: pb::CreateDeploymentRequest) -> Result<pb::Deployment, Status> {
+        let (name, request) =
+            deployment_request_from_proto(req).map_err(|e| invalid_argument(&e))?;
+        match self
+            .write(Command::CreateDeployment { name, request })
+            .await?
+        {
+            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// `ScaleDeployment`.
+    pub async fn scale(&self, req: pb::ScaleDeploymentRequest) -> Result<pb::Deployment, Status> {
+        match self
+            .write(Command::ScaleDeployment {
+                name: req.name,
+                replicas: req.replicas,
+            })
+            .await?
+        {
+            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// `DeleteDeployment`.
+    pub async fn delete(&self, req: pb::DeleteDeploymentRequest) -> Result<(), Status> {
+        self.write(Command::DeleteDeployment { name: req.name })
+            .await
+            .map(|_| ())
+    }
+
+    /// `GetDeployment`.
+    pub async fn get(&self, req: pb::GetDeploymentRequest) -> Result<pb::Deployment, Status> {
+        let readings = match route(self.nodes, req.stale).await? {
+            Route::Leader(addr) => {
+                return leader_client(&addr)?
+                    .get_deployment(req)
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
+            Route::Here { readings } => readings,
+        };
+        let state = self.state();
+        let d = state
+            .deployments
+            .get(&req.name)
+            .ok_or_else(|| not_found(ObjectKind::Deployment, &req.name))?;
+        Ok(with_counts(&state, d, &self.observations(readings)))
+    }
+
+    /// `ListDeployments`.
+    pub async fn list(
+        &self,
+        req: pb::ListDeploymentsRequest,
+    ) -> Result<pb::ListDeploymentsResponse, Status> {
+        let readings = match route(self.nodes, req.stale).await? {
+            Route::Leader(addr) => {
+                return leader_client(&addr)?
+                    .list_deployments(req)
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
+            Route::Here { readings } => readings,
+        };
+        let state = self.state();
+        let observed = self.observations(readings);
+        Ok(pb::ListDeploymentsResponse {
+            deployments: state
+                .deployments
+                .values()
+                .map(|d| with_counts(&state, d, &observed))
+                .collect(),
+        })
+    }
+
+    /// `ExplainDeployment`: only the leader has the scheduler's reasons.
+    pub async fn explain(
+        &self,
+        req: pb::ExplainDeploymentRequest,
+    ) -> Result<pb::ExplainDeploymentResponse, Status> {
+        if let Route::Leader(addr) = route(self.nodes, false).await? {
+            return leader_client(&addr)?
+                .explain_deployment(req)
+                .await
+                .map(tonic::Response::into_inner);
+        }
+        let state = self.state();
+        if !state.deployments.contains_key(&req.name) {
+            return Err(not_found(ObjectKind::Deployment, &req.name));
+        }
+        let reasons: HashMap<String, String> =
+            self.replicas.explanations(&req.name).into_iter().collect();
+        Ok(pb::ExplainDeploymentResponse {
+            pending: state
+                .replicas
+                .values()
+                .filter(|r| r.deployment == req.name && r.pending())
+                .map(|r| pb::PendingReplica {
+                    replica: r.id.clone(),
+                    why: reasons.get(&r.id).cloned().unwrap_or_else(|| {
+                        "not considered yet: the scheduler runs a few times a second".into()
+                    }),
+                })
+                .collect(),
+        })
+    }
+
+    /// `ListClusterReplicas`.
+    pub async fn replicas(
+        &self,
+        req: pb::ListClusterReplicasRequest,
+    ) -> Result<pb::ListClusterReplicasResponse, Status> {
+        let readings = match route(self.nodes, req.stale).await? {
+            Route::Leader(addr) => {
+                return leader_client(&addr)?
+                    .list_cluster_replicas(req)
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
+            Route::Here { readings } => readings,
+        };
+        let state = self.state();
+        if !req.deployment.is_empty() && !state.deployments.contains_key(&req.deployment) {
+            return Err(not_found(ObjectKind::Deployment, &req.deployment));
+        }
+        if !req.node.is_empty() && !state.nodes.contains_key(&req.node) {
+            return Err(not_found(ObjectKind::Node, &req.node));
+        }
+        let observed = self.observations(readings);
+        let explanations: HashMap<String, String> = if req.deployment.is_empty() {
+            state
+                .deployments
+                .keys()
+                .flat_map(|d| self.replicas.explanations(d))
+                .collect()
+        } else {
+            self.replicas
+                .explanations(&req.deployment)
+                .into_iter()
+                .collect()
+        };
+        let replicas = state
+            .replicas
+            .values()
+            .filter(|r| req.deployment.is_empty() || r.deployment == req.deployment)
+            .filter(|r| req.node.is_empty() || r.node.as_deref() == Some(req.node.as_str()))
+            .map(|r| {
+                let node = r.node.as_ref().and_then(|n| state.nodes.get(n));
+                let revision = state.deployments.get(&r.deployment).map(|d| {
+                    d.history
+                        .iter()
+                        .find(|h| h.revision == r.revision)
+                        .map_or(&d.spec, |h| &h.spec)
+                });
+                let seen = reported(&observed, r.node.as_ref(), &r.id)
+                    .filter(|x| x.generation >= r.generation);
+                let (phase, reason) = match (&r.node, seen) {
+                    (None, _) => (
+                        "pending".to_string(),
+                        explanations.get(&r.id).cloned().unwrap_or_default(),
+                    ),
+                    (Some(_), Some(x)) => (x.phase.clone(), x.reason.clone()),
+                    (Some(n), None) if !readings => (
+                        "unknown".into(),
+                        format!("placed on {n}; no phase in a stale read"),
+                    ),
+                    (Some(n), None) => (
+                        "pending".into(),
+                        format!("placed on {n}; waiting for its agent to start it"),
+                    ),
+                };
+                let port = seen.map_or(0, |x| x.port);
+                let host = node
+                    .and_then(|n| n.addr.rsplit_once(':').map(|(h, _)| h.to_string()))
+                    .unwrap_or_default();
+                pb::ClusterReplica {
+                    id: r.id.clone(),
+                    deployment: r.deployment.clone(),
+                    revision: r.revision,
+                    generation: r.generation,
+                    node: r.node.clone().unwrap_or_default(),
+                    gpus: r.gpus.iter().map(|g| g.index).collect(),
+                    gpu_uuids: r
+                        .gpus
+                        .iter()
+                        .filter_map(|g| node?.inventory.gpus.iter().find(|d| d.index == g.index))
+                        .map(|d| d.uuid.clone())
+                        .collect(),
+                    intent: match r.intent {
+                        ReplicaIntent::Run => "run",
+                        ReplicaIntent::Remove => "remove",
+                    }
+                    .into(),
+                    phase,
+                    reason,
+                    pid: seen.map_or(0, |x| x.pid),
+                    port,
+                    restarts: seen.map_or(0, |x| x.restarts),
+                    endpoint: if port > 0 && !host.is_empty() {
+                        format!("{host}:{port}")
+                    } else {
+                        String::new()
+                    },
+                    model: revision.map(|s| s.model.clone()).unwrap_or_default(),
+                    version: revision.map(|s| s.version.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(pb::ListClusterReplicasResponse { replicas })
+    }
+}

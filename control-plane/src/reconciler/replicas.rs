@@ -1,0 +1,464 @@
+//! The replica loop, on the leader: desired (deployments and their replica
+//! records, in Raft) against observed (the replicas each agent reports in
+//! its heartbeats, in the leader's memory). Each pass:
+//!
+//! 1. replaces the replicas of nodes that are down (`ReplaceLostReplicas`);
+//! 2. places pending replicas through the scheduler and commits the binds
+//!    as one `ApplyPlan` (re-validated in `apply`); the scheduler's reasons
+//!    for the replicas it could not place are kept for `deploy explain`;
+//! 3. tells agents to start the replicas placed on them that they do not
+//!    run at the right generation, and to stop the ones being removed;
+//!    once an agent reports a removed replica stopped (or gone), its record
+//!    is dropped (`RemoveReplica`).
+//!
+//! Starts and stops are idempotent on the agent (replica id + generation)
+//! and retried with back-off; the loop never waits for an agent. A node is
+//! only acted on once this leader heard a heartbeat from it, so a new
+//! leader never mistakes "no heartbeat yet" for "not running": it restarts
+//! nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_common::{NodeState, Replica, ReplicaIntent, ReplicaSpec};
+use berth_proto::grpc;
+use berth_proto::v1::agent_client::AgentClient;
+use berth_proto::v1::{self as pb};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+
+use super::nodes::NodeTracker;
+use super::placement;
+use crate::member::Member;
+use crate::state::{ClusterState, Command, Outcome};
+
+/// How often the loop runs when nothing wakes it.
+const PASS_EVERY: Duration = Duration::from_millis(250);
+/// How long a start or stop call to an agent may take.
+const AGENT_CALL: Duration = Duration::from_secs(15);
+/// First retry delay of a failed call; doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// After a call succeeded, how long to wait for heartbeats to show it before calling again.
+const SETTLE: Duration = Duration::from_secs(3);
+/// The grace period of stops the reconciler asks for.
+const STOP_GRACE_MS: u64 = 10_000;
+
+/// The agent spec of a replica: its deployment revision's model version,
+/// its resources and GPUs. None when the deployment or version is gone.
+pub fn replica_spec(state: &ClusterState, r: &Replica) -> Option<ReplicaSpec> {
+    let d = state.deployments.get(&r.deployment)?;
+    let rev = d
+        .history
+        .iter()
+        .find(|h| h.revision == r.revision)
+        .map_or(&d.spec, |h| &h.spec);
+    let v = &state
+        .models
+        .get(&rev.model)?
+        .versions
+        .get(&rev.version)?
+        .spec;
+    Some(ReplicaSpec {
+        id: r.id.clone(),
+        generation: r.generation,
+        model: rev.model.clone(),
+        runtime: v.runtime.clone(),
+        source: v.source.clone(),
+        port: 0,
+        gpus: r.gpus.iter().map(|g| g.index).collect(),
+        resources: r.resources,
+        env: v.env.clone(),
+        health: v.health.clone(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Start,
+    Stop,
+}
+
+#[derive(Debug)]
+struct Attempt {
+    call: Call,
+    generation: u64,
+    next_at: Instant,
+    backoff: Duration,
+    in_flight: bool,
+    failures: u32,
+}
+
+#[derive(Default)]
+struct Shared {
+    attempts: Mutex<HashMap<String, Attempt>>,
+    explanations: Mutex<BTreeMap<String, String>>,
+    agents: Mutex<HashMap<String, AgentClient<Channel>>>,
+    wake: Notify,
+}
+
+/// The replica loop of one member (it acts only while the member leads).
+#[derive(Clone)]
+pub struct Replicas {
+    member: Member,
+    nodes: NodeTracker,
+    shared: Arc<Shared>,
+}
+
+impl Replicas {
+    /// A loop for `member`, reading heartbeats from `nodes`.
+    pub fn new(member: Member, nodes: NodeTracker) -> Self {
+        Replicas {
+            member,
+            nodes,
+            shared: Arc::default(),
+        }
+    }
+
+    /// Runs a pass soon (after a write that changes what should run).
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Why each pending replica of `deployment` has no place (last pass).
+    pub fn explanations(&self, deployment: &str) -> Vec<(String, String)> {
+        let prefix = format!("{deployment}-");
+        self.shared
+            .explanations
+            .lock()
+            .map(|e| {
+                e.iter()
+                    .filter(|(id, _)| {
+                        id.strip_prefix(&prefix)
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .map(|(id, why)| (id.clone(), why.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Runs the loop until `shutdown`.
+    pub fn start(&self, tasks: &TaskTracker, shutdown: CancellationToken) {
+        let me = self.clone();
+        let tracker = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(PASS_EVERY) => {}
+                    _ = me.shared.wake.notified() => {}
+                }
+                me.pass(&tracker).await;
+            }
+        });
+    }
+
+    async fn write(&self, command: Command) -> Option<Outcome> {
+        let kind = command.kind();
+        match self.member.write(command).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(command = kind, error = %e, "reconciler write failed; retrying next pass");
+                None
+            }
+        }
+    }
+
+    async fn pass(&self, tasks: &TaskTracker) {
+        if self.nodes.leader_here().is_err() {
+            if let Ok(mut a) = self.shared.attempts.lock() {
+                a.clear();
+            }
+            return;
+        }
+        let state = self.member.state.read().state.clone();
+
+        let lost: Vec<String> = state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Down)
+            .filter(|n| {
+                state
+                    .replicas
+                    .values()
+                    .any(|r| r.node.as_deref() == Some(n.name.as_str()))
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        for node in lost {
+            tracing::warn!(node = %node, "node is down: replacing its replicas elsewhere");
+            self.write(Command::ReplaceLostReplicas { node }).await;
+        }
+
+        let decision = placement::decide(&state);
+        if let Ok(mut e) = self.shared.explanations.lock() {
+            *e = decision
+                .pending
+                .iter()
+                .map(|(id, why)| (id.clone(), why.to_string()))
+                .collect();
+        }
+        if !decision.binds.is_empty() {
+            let n = decision.binds.len();
+            if let Some(Outcome::Plan(results)) =
+                self.write(Command::ApplyPlan(decision.binds)).await
+            {
+                let refused: Vec<String> = results
+                    .iter()
+                    .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+                    .collect();
+                tracing::info!(
+                    placed = n - refused.len(),
+                    refused = refused.len(),
+                    "placed replicas"
+                );
+                for why in refused {
+                    tracing::debug!(%why, "a bind was refused; the replica is placed again next pass");
+                }
+            }
+        }
+
+        // Re-read: the plan and replacements above changed the state.
+        let state = self.member.state.read().state.clone();
+        let observed = self.nodes.observations();
+        for r in state.replicas.values() {
+            let Some(node_name) = &r.node else { continue };
+            let Some(node) = state.nodes.get(node_name) else {
+                continue;
+            };
+            if node.state != NodeState::Ready {
+                continue;
+            }
+            // Act on a node only once this leader heard from it.
+            let Some(seen) = observed
+                .get(node_name)
+                .filter(|o| !o.report.node.is_empty())
+            else {
+                continue;
+            };
+            let reported = seen.report.replicas.iter().find(|x| x.id == r.id);
+            match r.intent {
+                ReplicaIntent::Run => {
+                    let runs = reported
+                        .is_some_and(|x| x.generation >= r.generation && x.desired == "running");
+                    if !runs && let Some(spec) = replica_spec(&state, r) {
+                        self.call(tasks, Call::Start, r, &node.addr, Some(spec));
+                    }
+                }
+                ReplicaIntent::Remove => {
+                    let gone = reported.is_none_or(|x| x.phase == "stopped");
+                    if gone {
+                        if let Ok(mut a) = self.shared.attempts.lock() {
+                            a.remove(&r.id);
+                        }
+                        self.write(Command::RemoveReplica { id: r.id.clone() })
+                            .await;
+                    } else {
+                        self.call(tasks, Call::Stop, r, &node.addr, None);
+                    }
+                }
+            }
+        }
+        // Forget attempts of replicas that no longer exist.
+        if let Ok(mut a) = self.shared.attempts.lock() {
+            a.retain(|id, _| state.replicas.contains_key(id));
+        }
+    }
+
+    fn agent(&self, addr: &str) -> Option<AgentClient<Channel>> {
+        let mut agents = self.shared.agents.lock().ok()?;
+        if let Some(c) = agents.get(addr) {
+            return Some(c.clone());
+        }
+        let c = AgentClient::new(grpc::channel(addr).ok()?);
+        agents.insert(addr.to_string(), c.clone());
+        Some(c)
+    }
+
+    /// Starts or stops a replica on its agent, unless a call is in flight
+    /// or backing off.
+    fn call(
+        &self,
+        tasks: &TaskTracker,
+        call: Call,
+        r: &Replica,
+        addr: &str,
+        spec: Option<ReplicaSpec>,
+    ) {
+        let now = Instant::now();
+        {
+            let Ok(mut attempts) = self.shared.attempts.lock() else {
+                return;
+            };
+            let a = attempts.entry(r.id.clone()).or_insert(Attempt {
+                call,
+                generation: r.generation,
+                next_at: now,
+                backoff: FIRST_BACKOFF,
+                in_flight: false,
+                failures: 0,
+            });
+            if a.call != call || a.generation != r.generation {
+                *a = Attempt {
+                    call,
+                    generation: r.generation,
+                    next_at: now,
+                    backoff: FIRST_BACKOFF,
+                    in_flight: false,
+                    failures: 0,
+                };
+            }
+            if a.in_flight || a.next_at > now {
+                return;
+            }
+            a.in_flight = true;
+        }
+        let Some(mut client) = self.agent(addr) else {
+            return;
+        };
+        let id = r.id.clone();
+        let generation = r.generation;
+        let placed_at = r.placed_at;
+        let shared = self.shared.clone();
+        tasks.spawn(async move {
+            let result = match call {
+                Call::Start => {
+                    let mut req = tonic::Request::new(pb::StartReplicaRequest {
+                        spec: spec.as_ref().map(Into::into),
+                        placed_at,
+                    });
+                    req.set_timeout(AGENT_CALL);
+                    client.start_replica(req).await.map(|_| ())
+                }
+                Call::Stop => {
+                    let mut req = tonic::Request::new(pb::StopReplicaRequest {
+                        id: id.clone(),
+                        generation,
+                        grace_ms: Some(STOP_GRACE_MS),
+                    });
+                    req.set_timeout(AGENT_CALL);
+                    client.stop_replica(req).await.map(|_| ())
+                }
+            };
+            let Ok(mut attempts) = shared.attempts.lock() else {
+                return;
+            };
+            let Some(a) = attempts.get_mut(&id) else {
+                return;
+            };
+            a.in_flight = false;
+            match result {
+                Ok(()) => {
+                    tracing::info!(replica = %id, generation, ?call, "agent accepted");
+                    a.next_at = Instant::now() + SETTLE;
+                    a.backoff = FIRST_BACKOFF;
+                    a.failures = 0;
+                }
+                Err(status) => {
+                    a.failures += 1;
+                    if a.failures == 1 || a.failures.is_power_of_two() {
+                        tracing::warn!(replica = %id, generation, ?call, failures = a.failures, error = %status.message(), "agent refused or did not answer; retrying with back-off");
+                    }
+                    a.next_at = Instant::now() + a.backoff;
+                    a.backoff = (a.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            shared.wake.notify_one();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_common::{GpuSlice, Resources};
+
+    use super::*;
+
+    #[test]
+    fn a_replica_spec_comes_from_its_revision_and_model_version() {
+        let mut state = ClusterState::default();
+        let r = Replica {
+            id: "chat-1".into(),
+            deployment: "chat".into(),
+            revision: 1,
+            generation: 3,
+            resources: Resources {
+                gpus: 1,
+                gpu_milli: 1000,
+                ..Resources::default()
+            },
+            node: Some("n".into()),
+            gpus: vec![GpuSlice {
+                index: 1,
+                milli: 1000,
+                memory_mib: 80 * 1024,
+            }],
+            intent: ReplicaIntent::Run,
+            placed_at: 7,
+            created_at_ms: 0,
+        };
+        assert!(replica_spec(&state, &r).is_none(), "no deployment");
+        state.models.insert(
+            "m".into(),
+            berth_common::Model {
+                name: "m".into(),
+                versions: BTreeMap::from([(
+                    "v1".into(),
+                    berth_common::ModelVersion {
+                        spec: berth_common::ModelVersionSpec {
+                            version: "v1".into(),
+                            runtime: berth_common::Runtime::Demo,
+                            source: "builtin:demo".into(),
+                            resources: Resources::default(),
+                            env: BTreeMap::from([("K".into(), "V".into())]),
+                            health: berth_common::HealthProbe::Tcp,
+                            labels: Default::default(),
+                        },
+                        created_at_ms: 0,
+                    },
+                )]),
+                created_at_ms: 0,
+            },
+        );
+        let spec = berth_common::DeploymentSpec {
+            model: "m".into(),
+            version: "v1".into(),
+            replicas: 1,
+            resources: r.resources,
+            policy: Default::default(),
+            selector: Default::default(),
+            gpu_model: None,
+            priority: 0,
+            max_surge: 1,
+            max_unavailable: 0,
+        };
+        state.deployments.insert(
+            "chat".into(),
+            berth_common::Deployment {
+                name: "chat".into(),
+                spec: spec.clone(),
+                revision: 1,
+                history: vec![berth_common::Revision {
+                    revision: 1,
+                    spec,
+                    created_at_ms: 0,
+                }],
+                created_at_ms: 0,
+                next_ordinal: 2,
+            },
+        );
+        let s = replica_spec(&state, &r).expect("a spec");
+        assert_eq!(s.id, "chat-1");
+        assert_eq!(s.generation, 3);
+        assert_eq!(s.gpus, [1]);
+        assert_eq!(s.runtime, berth_common::Runtime::Demo);
+        assert_eq!(s.env["K"], "V");
+        assert_eq!(s.port, 0);
+        s.validate().expect("a valid spec");
+    }
+}

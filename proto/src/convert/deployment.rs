@@ -1,0 +1,136 @@
+//! Deployments on the wire.
+
+use berth_common::deployment::validate_deployment_name;
+use berth_common::names::{validate_labels, validate_version};
+use berth_common::{
+    Deployment, DeploymentRequest, DeploymentSpec, PlacementPolicy, ResourceOverrides,
+    ValidationError,
+};
+
+use crate::v1;
+
+/// The default `max_surge` of a new deployment.
+pub const DEFAULT_MAX_SURGE: u32 = 1;
+
+/// Builds a deployment request (name and what it asks for). An empty
+/// version stays empty: the model's newest is taken when it is created.
+pub fn deployment_request_from_proto(
+    req: v1::CreateDeploymentRequest,
+) -> Result<(String, DeploymentRequest), ValidationError> {
+    validate_deployment_name(&req.name)?;
+    berth_common::names::validate_name("model", &req.model)?;
+    if !req.version.is_empty() {
+        validate_version("version", &req.version)?;
+    }
+    let selector = req.selector.into_iter().collect();
+    validate_labels("selector", &selector)?;
+    let r = req.resources.unwrap_or_default();
+    let request = DeploymentRequest {
+        model: req.model,
+        version: req.version,
+        replicas: req.replicas,
+        resources: ResourceOverrides {
+            cpu_milli: r.cpu_milli,
+            memory_mib: r.memory_mib,
+            gpus: r.gpus,
+            gpu_memory_mib: r.gpu_memory_mib,
+            gpu_milli: r.gpu_milli,
+        },
+        policy: PlacementPolicy::parse(&req.policy)?,
+        selector,
+        gpu_model: Some(req.gpu_model).filter(|m| !m.is_empty()),
+        priority: req.priority,
+        max_surge: req.max_surge.unwrap_or(DEFAULT_MAX_SURGE),
+        max_unavailable: req.max_unavailable.unwrap_or(0),
+    };
+    Ok((req.name, request))
+}
+
+impl From<&DeploymentSpec> for v1::DeploymentSpec {
+    fn from(s: &DeploymentSpec) -> Self {
+        v1::DeploymentSpec {
+            model: s.model.clone(),
+            version: s.version.clone(),
+            replicas: s.replicas,
+            resources: Some(s.resources.into()),
+            policy: s.policy.as_str().into(),
+            selector: s.selector.clone().into_iter().collect(),
+            gpu_model: s.gpu_model.clone().unwrap_or_default(),
+            priority: s.priority,
+            max_surge: s.max_surge,
+            max_unavailable: s.max_unavailable,
+        }
+    }
+}
+
+impl From<&Deployment> for v1::Deployment {
+    fn from(d: &Deployment) -> Self {
+        v1::Deployment {
+            name: d.name.clone(),
+            spec: Some((&d.spec).into()),
+            revision: d.revision,
+            history: d
+                .history
+                .iter()
+                .map(|r| v1::DeploymentRevision {
+                    revision: r.revision,
+                    spec: Some((&r.spec).into()),
+                    created_at_ms: r.created_at_ms,
+                })
+                .collect(),
+            created_at_ms: d.created_at_ms,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> v1::CreateDeploymentRequest {
+        v1::CreateDeploymentRequest {
+            name: "chat".into(),
+            model: "llama".into(),
+            replicas: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let (name, d) = deployment_request_from_proto(req()).unwrap();
+        assert_eq!(name, "chat");
+        assert_eq!(d.version, "", "resolved when created");
+        assert_eq!(d.max_surge, DEFAULT_MAX_SURGE);
+        assert_eq!(d.resources, ResourceOverrides::default());
+        let mut r = req();
+        r.resources = Some(v1::ResourceOverrides {
+            gpus: Some(2),
+            ..Default::default()
+        });
+        r.policy = "spread".into();
+        let (_, d) = deployment_request_from_proto(r).unwrap();
+        assert_eq!(d.resources.gpus, Some(2));
+        assert_eq!(d.policy, PlacementPolicy::Spread);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let field = |f: fn(&mut v1::CreateDeploymentRequest)| {
+            let mut r = req();
+            f(&mut r);
+            deployment_request_from_proto(r).unwrap_err().field
+        };
+        assert_eq!(field(|r| r.name = "Bad".into()), "name");
+        assert_eq!(field(|r| r.model = String::new()), "model");
+        assert_eq!(field(|r| r.version = "bad version".into()), "version");
+        assert_eq!(field(|r| r.policy = "random".into()), "policy");
+        assert_eq!(
+            field(|r| {
+                r.selector.insert("bad key".into(), "v".into());
+            }),
+            "selector"
+        );
+    }
+}

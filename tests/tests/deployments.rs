@@ -1,0 +1,451 @@
+//! Deployments end to end: a 3-member control plane and two agents with
+//! simulated GPUs running real `berth demo-model` replicas. Deploy and reach
+//! every replica over HTTP; scale up and down; SIGKILL the control-plane
+//! leader (no replica restarts, reconciling goes on); SIGKILL an agent (its
+//! replicas run on the other node); bad input.
+
+use std::collections::BTreeMap;
+
+use berth_tests::*;
+use serde_json::Value;
+
+async fn replicas(server: &str, deployment: &str) -> Option<Vec<Value>> {
+    let o = berth(&[
+        "--server",
+        server,
+        "replica",
+        "list",
+        "--deployment",
+        deployment,
+        "--output",
+        "json",
+    ])
+    .await;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<Value>(&o.stdout)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
+/// Waits until exactly `n` replicas should run, all running, none being removed.
+async fn wait_running(server: &str, deployment: &str, n: usize) -> Vec<Value> {
+    wait_until(
+        DEADLINE,
+        &format!("{n} replicas of {deployment} running"),
+        || async {
+            let rs = replicas(server, deployment).await?;
+            (rs.len() == n
+                && rs
+                    .iter()
+                    .all(|r| r["phase"] == "running" && r["intent"] == "run"))
+            .then_some(rs)
+        },
+    )
+    .await
+}
+
+fn pids(rs: &[Value]) -> BTreeMap<String, u64> {
+    rs.iter()
+        .map(|r| {
+            (
+                r["id"].as_str().expect("a string").to_string(),
+                r["pid"].as_u64().expect("a number"),
+            )
+        })
+        .collect()
+}
+
+async fn complete(endpoint: &str) -> (u16, String) {
+    let port: u32 = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("host:port");
+    http(
+        port,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt":"hello","max_tokens":3}"#,
+    )
+    .await
+    .unwrap_or((0, String::new()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
+    let mut cluster = LocalCluster::start(3, MemberOptions::default())
+        .await
+        .unwrap();
+    let servers = cluster.servers();
+    let agent = |node: &str| {
+        LocalAgent::start_in(
+            cluster.root(),
+            AgentOptions {
+                node: node.into(),
+                simulate_gpus: Some("2xA100-80GB".into()),
+                control: Some(servers.clone()),
+                extra: Vec::new(),
+            },
+        )
+        .expect("start agent")
+    };
+    let _a = agent("gpu-a");
+    let mut b = agent("gpu-b");
+    wait_until(DEADLINE, "two ready nodes", || async {
+        let o = berth(&["--server", &servers, "node", "list", "-o", "json"]).await;
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v.as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+
+    berth_json(&[
+        "--server",
+        &servers,
+        "model",
+        "create",
+        "demo",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "10GiB",
+        "--gpu-share",
+        "250",
+        "--cpu",
+        "100m",
+        "--memory",
+        "128MiB",
+    ])
+    .await;
+
+    // Deploy, wait, and reach every replica over HTTP.
+    let created = berth_json(&[
+        "--server",
+        &servers,
+        "deploy",
+        "create",
+        "web",
+        "--model",
+        "demo",
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--wait",
+        "--timeout",
+        "60s",
+    ])
+    .await;
+    assert_eq!(created["replicas_running"], 2, "{created}");
+    let rs = wait_running(&servers, "web", 2).await;
+    assert_ne!(rs[0]["node"], rs[1]["node"], "spread: one per node");
+    for r in &rs {
+        assert_eq!(r["gpus"].as_array().unwrap().len(), 1);
+        assert!(
+            r["gpu_uuids"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("GPU-simulated-")
+        );
+        let (code, body) = complete(r["endpoint"].as_str().expect("a string")).await;
+        assert_eq!(code, 200, "{r}: {body}");
+        assert!(body.contains("\"demo\":true"));
+    }
+
+    // Scale up, then down: the newest go, their processes end.
+    berth_json(&[
+        "--server", &servers, "deploy", "scale", "web", "4", "--wait",
+    ])
+    .await;
+    let four = wait_running(&servers, "web", 4).await;
+    berth_json(&[
+        "--server", &servers, "deploy", "scale", "web", "2", "--wait",
+    ])
+    .await;
+    let two = wait_running(&servers, "web", 2).await;
+    let kept: Vec<&str> = two
+        .iter()
+        .map(|r| r["id"].as_str().expect("a string"))
+        .collect();
+    assert_eq!(kept, ["web-1", "web-2"], "the newest were removed");
+    for r in four
+        .iter()
+        .filter(|r| !kept.contains(&r["id"].as_str().expect("a string")))
+    {
+        let pid = r["pid"].as_u64().expect("a number") as u32;
+        wait_until(DEADLINE, "a removed replica's process ends", || async {
+            (!alive(pid)).then_some(())
+        })
+        .await;
+    }
+
+    // SIGKILL the control-plane leader: no replica restarts, and a new
+    // leader keeps reconciling.
+    let before = pids(&two);
+    let leader = cluster.wait_for_leader(DEADLINE).await.unwrap();
+    cluster.kill(leader).unwrap();
+    let survivors: String = cluster
+        .members
+        .iter()
+        .filter(|m| m.id != leader)
+        .map(|m| m.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    cluster.wait_for_leader(DEADLINE).await.unwrap();
+    berth_json(&[
+        "--server", &survivors, "deploy", "scale", "web", "3", "--wait",
+    ])
+    .await;
+    let three = wait_running(&survivors, "web", 3).await;
+    let after = pids(&three);
+    for (id, pid) in &before {
+        assert_eq!(after.get(id), Some(pid), "replica {id} kept its process");
+        let r = three.iter().find(|r| r["id"] == id.as_str()).unwrap();
+        assert_eq!(r["restarts"], 0, "{r}");
+    }
+
+    // SIGKILL an agent: its replicas are replaced on the other node.
+    let on_b: Vec<String> = three
+        .iter()
+        .filter(|r| r["node"] == "gpu-b")
+        .map(|r| r["id"].as_str().expect("a string").to_string())
+        .collect();
+    assert!(
+        !on_b.is_empty(),
+        "replicas are spread over both nodes: {three:?}"
+    );
+    b.kill().unwrap();
+    let moved = wait_until(DEADLINE, "replicas of gpu-b running on gpu-a", || async {
+        let rs = replicas(&survivors, "web").await?;
+        (rs.len() == 3
+            && rs
+                .iter()
+                .all(|r| r["node"] == "gpu-a" && r["phase"] == "running"))
+        .then_some(rs)
+    })
+    .await;
+    for r in &moved {
+        assert!(
+            !on_b.contains(&r["id"].as_str().expect("a string").to_string()),
+            "replaced under new ids"
+        );
+        assert_eq!(
+            complete(r["endpoint"].as_str().expect("a string")).await.0,
+            200
+        );
+    }
+    b.kill_replicas();
+
+    // Bad input.
+    let huge = berth_json(&[
+        "--server", &survivors, "deploy", "create", "huge", "--model", "demo", "--gpus", "9",
+    ])
+    .await;
+    assert_eq!(huge["replicas_pending"], 1);
+    let why = wait_until(DEADLINE, "an explanation", || async {
+        let v = berth_json(&["--server", &survivors, "deploy", "explain", "huge"]).await;
+        let why = v[0]["why"].as_str()?.to_string();
+        why.contains("fewer GPUs").then_some(why)
+    })
+    .await;
+    assert!(why.contains("node"), "{why}");
+    for (args, code, says) in [
+        (
+            vec!["deploy", "create", "x", "--model", "nosuch"],
+            1,
+            "does not exist",
+        ),
+        (
+            vec!["deploy", "create", "x", "--model", "demo:v9"],
+            1,
+            "does not exist",
+        ),
+        (
+            vec![
+                "deploy",
+                "create",
+                "x",
+                "--model",
+                "demo",
+                "--gpu-memory",
+                "20XB",
+            ],
+            2,
+            "--gpu-memory",
+        ),
+        (
+            vec!["deploy", "create", "x", "--model", "demo", "--cpu", "lots"],
+            2,
+            "--cpu",
+        ),
+        (vec!["deploy", "scale", "web", "-1"], 2, "-1"),
+        (
+            vec!["deploy", "create", "Bad_Name", "--model", "demo"],
+            1,
+            "name",
+        ),
+        (vec!["model", "delete", "demo"], 1, "used by deployments"),
+    ] {
+        let mut all = vec!["--server", survivors.as_str()];
+        all.extend(args.iter());
+        let o = berth(&all).await;
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    // Nothing changed: still three running replicas of web, no deployment x.
+    wait_running(&survivors, "web", 3).await;
+    let list = berth_json(&["--server", &survivors, "deploy", "list"]).await;
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().expect("a string"))
+        .collect();
+    assert_eq!(names, ["huge", "web"]);
+
+    // Delete: every replica process ends.
+    let last = pids(&moved);
+    berth(&["--server", &survivors, "deploy", "delete", "web"]).await;
+    for pid in last.values() {
+        let pid = *pid as u32;
+        wait_until(DEADLINE, "a deleted deployment's process ends", || async {
+            (!alive(pid)).then_some(())
+        })
+        .await;
+    }
+    wait_until(DEADLINE, "the replica records are gone", || async {
+        let o = berth(&["--server", &survivors, "replica", "list", "-o", "json"]).await;
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        v.as_array()?
+            .iter()
+            .all(|r| r["deployment"] == "huge")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_back_from_a_freeze_stops_the_replicas_moved_away() {
+    let cluster = LocalCluster::start(1, MemberOptions::default())
+        .await
+        .unwrap();
+    let servers = cluster.servers();
+    let agent = |node: &str| {
+        LocalAgent::start_in(
+            cluster.root(),
+            AgentOptions {
+                node: node.into(),
+                simulate_gpus: Some("2xA100-80GB".into()),
+                control: Some(servers.clone()),
+                extra: Vec::new(),
+            },
+        )
+        .expect("start agent")
+    };
+    let a = agent("frozen");
+    let _b = agent("other");
+    berth_json(&[
+        "--server",
+        &servers,
+        "model",
+        "create",
+        "demo",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "10GiB",
+        "--gpu-share",
+        "250",
+        "--cpu",
+        "100m",
+        "--memory",
+        "128MiB",
+    ])
+    .await;
+    wait_until(DEADLINE, "two ready nodes", || async {
+        let v = berth_json(&["--server", &servers, "node", "list"]).await;
+        (v.as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    berth_json(&[
+        "--server",
+        &servers,
+        "deploy",
+        "create",
+        "web",
+        "--model",
+        "demo",
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--wait",
+    ])
+    .await;
+    let rs = wait_running(&servers, "web", 2).await;
+    let frozen: Vec<(String, u32)> = rs
+        .iter()
+        .filter(|r| r["node"] == "frozen")
+        .map(|r| {
+            (
+                r["id"].as_str().expect("a string").to_string(),
+                r["pid"].as_u64().expect("a number") as u32,
+            )
+        })
+        .collect();
+    assert_eq!(frozen.len(), 1, "{rs:?}");
+
+    // The agent stops (as if cut off) past the grace: its replica is replaced
+    // elsewhere, while its old process keeps running.
+    a.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    wait_until(
+        DEADLINE,
+        "the replica replaced on the other node",
+        || async {
+            let rs = replicas(&servers, "web").await?;
+            (rs.len() == 2
+                && rs
+                    .iter()
+                    .all(|r| r["node"] == "other" && r["phase"] == "running"))
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(alive(frozen[0].1), "the frozen node's replica still runs");
+
+    // Back: its heartbeat answer no longer lists the replica; it stops it.
+    a.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_until(DEADLINE, "the moved-away replica stopped", || async {
+        (!alive(frozen[0].1)).then_some(())
+    })
+    .await;
+    let node = wait_until(DEADLINE, "the node ready again", || async {
+        let v = berth_json(&["--server", &servers, "node", "list"]).await;
+        v.as_array()?
+            .iter()
+            .find(|n| n["name"] == "frozen" && n["state"] == "ready")
+            .cloned()
+    })
+    .await;
+    assert_eq!(node["replicas"], 0, "{node}");
+}
