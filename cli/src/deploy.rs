@@ -72,6 +72,17 @@ pub enum ReplicaCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// Print a replica's stdout and stderr (from its node's agent).
+    Logs {
+        /// The replica.
+        id: String,
+        /// Lines of existing output to print first.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// Keep printing new output until Ctrl-C.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -644,6 +655,36 @@ pub async fn run_replica(
                 OutputFormat::Json => print_json(&rs),
                 OutputFormat::Table if rs.is_empty() => eprintln!("no replicas"),
                 OutputFormat::Table => out!("{}", replicas_table(&rs)),
+            }
+        }
+        ReplicaCommand::Logs { id, tail, follow } => {
+            use std::io::Write as _;
+            use tokio_stream::StreamExt as _;
+            let req = pb::ReplicaLogsRequest {
+                id,
+                tail: Some(tail),
+                follow,
+            };
+            let mut stream = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.replica_logs(req).await }
+                })
+                .await?;
+            let mut stdout = std::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|status| CliError::Request {
+                    status,
+                    servers: client.servers().to_string(),
+                })?;
+                // A closed pipe (`| head`) ends the command quietly.
+                if stdout
+                    .write_all(&chunk.data)
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    break;
+                }
             }
         }
     }

@@ -19,6 +19,16 @@ pub enum NodeCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// No new replicas land on the node; the ones running stay.
+    Cordon {
+        /// The node's name.
+        name: String,
+    },
+    /// New replicas may land on the node again.
+    Uncordon {
+        /// The node's name.
+        name: String,
+    },
     /// Show one node: state, and its whole inventory (every GPU) read from its agent now.
     Show {
         /// The node's name.
@@ -571,6 +581,13 @@ pub fn replicas_table(replicas: &[ReplicaView]) -> String {
     t.to_string()
 }
 
+fn print_node(n: NodeView, out: OutputFormat) {
+    match out {
+        OutputFormat::Json => print_json(&n),
+        OutputFormat::Table => out!("{}", nodes_table(&[n])),
+    }
+}
+
 /// Runs a node subcommand.
 pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result<(), CliError> {
     match cmd {
@@ -587,6 +604,26 @@ pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result
                 ),
                 OutputFormat::Table => out!("{}", nodes_table(&nodes)),
             }
+        }
+        NodeCommand::Cordon { name } => {
+            let n = client
+                .admin(|mut c| {
+                    let name = name.clone();
+                    async move { c.cordon_node(pb::CordonNodeRequest { name }).await }
+                })
+                .await?;
+            eprintln!("cordoned node {name}: no new replicas land there; the ones running stay");
+            print_node(n.into(), out);
+        }
+        NodeCommand::Uncordon { name } => {
+            let n = client
+                .admin(|mut c| {
+                    let name = name.clone();
+                    async move { c.uncordon_node(pb::CordonNodeRequest { name }).await }
+                })
+                .await?;
+            eprintln!("uncordoned node {name}: new replicas may land there again");
+            print_node(n.into(), out);
         }
         NodeCommand::Show { name, stale } => {
             let r = client

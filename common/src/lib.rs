@@ -22,7 +22,7 @@ pub use deployment::{
 pub use error::ValidationError;
 pub use model::{HealthProbe, Model, ModelVersion, ModelVersionSpec, Runtime};
 pub use names::Labels;
-pub use node::{GpuDevice, GpuSource, Node, NodeInventory, NodeRegistration, NodeState};
+pub use node::{GpuDevice, GpuSource, Node, NodeAdmin, NodeInventory, NodeRegistration, NodeState};
 pub use replica::{ReplicaPhase, ReplicaSpec};
 pub use resources::{ResourceOverrides, Resources};
 

@@ -204,6 +204,27 @@ impl fmt::Display for NodeState {
     }
 }
 
+/// What an operator decided about a node, apart from whether it is alive.
+/// Variants are only appended (the log format is forever).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeAdmin {
+    /// New replicas may land here.
+    #[default]
+    Active,
+    /// No new replicas land here; the ones running stay.
+    Cordoned,
+}
+
+impl NodeAdmin {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeAdmin::Active => "active",
+            NodeAdmin::Cordoned => "cordoned",
+        }
+    }
+}
+
 /// What an agent says about its node when it registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRegistration {
@@ -262,12 +283,31 @@ pub struct Node {
     pub instance: String,
     /// Bumped each time a new agent instance registers.
     pub epoch: u64,
-    /// The current state.
+    /// Alive or not (heartbeats).
     pub state: NodeState,
+    /// What the operator decided (cordon).
+    pub admin: NodeAdmin,
     /// When the node first registered (ms since the Unix epoch, leader's clock).
     pub registered_at_ms: u64,
     /// When the state last changed.
     pub state_since_ms: u64,
+}
+
+impl Node {
+    /// The state people see: `down` when it is, else `cordoned` when it
+    /// is, else `ready`.
+    pub fn display_state(&self) -> &'static str {
+        match (self.state, self.admin) {
+            (NodeState::Down, _) => "down",
+            (NodeState::Ready, NodeAdmin::Cordoned) => "cordoned",
+            (NodeState::Ready, NodeAdmin::Active) => "ready",
+        }
+    }
+
+    /// Whether new replicas may be placed here.
+    pub fn schedulable(&self) -> bool {
+        self.state == NodeState::Ready && self.admin == NodeAdmin::Active
+    }
 }
 
 #[cfg(test)]

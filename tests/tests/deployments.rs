@@ -161,14 +161,38 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
         let (code, body) = complete(r["endpoint"].as_str().expect("a string")).await;
         assert_eq!(code, 200, "{r}: {body}");
         assert!(body.contains("\"demo\":true"));
+        // Its output, streamed from its agent through any member.
+        let id = r["id"].as_str().expect("a string");
+        let logs = berth(&["--server", &servers, "replica", "logs", id, "--tail", "20"]).await;
+        assert!(logs.status.success(), "{}", stderr(&logs));
+        assert!(
+            stdout(&logs).contains("POST /v1/completions 200"),
+            "{}",
+            stdout(&logs)
+        );
     }
 
-    // Scale up, then down: the newest go, their processes end.
+    // Cordon gpu-b, scale up: the new replicas all land on gpu-a, the
+    // running one stays. Then scale down: the newest go, their processes end.
+    let cordoned = berth_json(&["--server", &servers, "node", "cordon", "gpu-b"]).await;
+    assert_eq!(cordoned["state"], "cordoned");
     berth_json(&[
         "--server", &servers, "deploy", "scale", "web", "4", "--wait",
     ])
     .await;
     let four = wait_running(&servers, "web", 4).await;
+    for r in &four {
+        if r["id"] == "web-3" || r["id"] == "web-4" {
+            assert_eq!(r["node"], "gpu-a", "nothing new on a cordoned node: {r}");
+        }
+    }
+    assert_eq!(
+        four.iter().filter(|r| r["node"] == "gpu-b").count(),
+        1,
+        "the replica already on gpu-b stays"
+    );
+    let back = berth_json(&["--server", &servers, "node", "uncordon", "gpu-b"]).await;
+    assert_eq!(back["state"], "ready");
     berth_json(&[
         "--server", &servers, "deploy", "scale", "web", "2", "--wait",
     ])
@@ -260,6 +284,9 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
     })
     .await;
     assert!(why.contains("node"), "{why}");
+    let o = berth(&["--server", &survivors, "replica", "logs", "huge-1"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("pending"), "{}", stderr(&o));
     for (args, code, says) in [
         (
             vec!["deploy", "create", "x", "--model", "nosuch"],

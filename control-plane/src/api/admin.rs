@@ -275,6 +275,19 @@ impl Admin for AdminService {
             .map(Response::new)
     }
 
+    type ReplicaLogsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::LogChunk, Status>> + Send + 'static>,
+    >;
+
+    #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]
+    async fn replica_logs(
+        &self,
+        request: Request<pb::ReplicaLogsRequest>,
+    ) -> Result<Response<Self::ReplicaLogsStream>, Status> {
+        let stream = self.deployments().logs(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_cluster_replicas(
         &self,
@@ -284,6 +297,35 @@ impl Admin for AdminService {
             .replicas(request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn cordon_node(
+        &self,
+        request: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::NodeSummary>, Status> {
+        nodes::set_admin(
+            &self.nodes,
+            request.into_inner().name,
+            berth_common::NodeAdmin::Cordoned,
+        )
+        .await
+        .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn uncordon_node(
+        &self,
+        request: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::NodeSummary>, Status> {
+        let summary = nodes::set_admin(
+            &self.nodes,
+            request.into_inner().name,
+            berth_common::NodeAdmin::Active,
+        )
+        .await?;
+        self.replicas.wake();
+        Ok(Response::new(summary))
     }
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]

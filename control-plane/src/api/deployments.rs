@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use berth_common::{Deployment, ReplicaIntent};
 use berth_proto::convert::deployment_request_from_proto;
 use berth_proto::grpc::invalid_argument;
+use berth_proto::v1::agent_client::AgentClient;
 use berth_proto::v1::{self as pb};
 use tonic::Status;
 
@@ -310,5 +311,45 @@ impl Deployments<'_> {
             })
             .collect();
         Ok(pb::ListClusterReplicasResponse { replicas })
+    }
+
+    /// `ReplicaLogs`: any member looks up the replica's node and streams the
+    /// logs from its agent.
+    pub async fn logs(
+        &self,
+        req: pb::ReplicaLogsRequest,
+    ) -> Result<tonic::Streaming<pb::LogChunk>, Status> {
+        let state = self.state();
+        let r = state
+            .replicas
+            .get(&req.id)
+            .ok_or_else(|| not_found(ObjectKind::Replica, &req.id))?;
+        let Some(node) = r.node.as_ref().and_then(|n| state.nodes.get(n)) else {
+            return Err(Status::failed_precondition(format!(
+                "replica {} is pending: it has no node yet, so no logs; see `berth deploy explain {}`",
+                req.id, r.deployment
+            )));
+        };
+        let channel =
+            berth_proto::grpc::channel(&node.addr).map_err(|e| Status::internal(e.to_string()))?;
+        AgentClient::new(channel)
+            .stream_logs(pb::StreamLogsRequest {
+                id: req.id.clone(),
+                tail: req.tail,
+                follow: req.follow,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!(
+                        "the agent of node {} (at {}): {}",
+                        node.name,
+                        node.addr,
+                        s.message()
+                    ),
+                )
+            })
     }
 }

@@ -123,7 +123,7 @@ fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::Nod
     models.dedup();
     pb::NodeSummary {
         name: node.name.clone(),
-        state: node.state.as_str().into(),
+        state: node.display_state().into(),
         addr: node.addr.clone(),
         labels: node.labels.clone().into_iter().collect(),
         simulated: node.inventory.simulated(),
@@ -152,5 +152,27 @@ fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::Nod
                 .count() as u32
         }),
         gpu_source: node.inventory.gpu_source.to_string(),
+    }
+}
+
+/// `CordonNode` and `UncordonNode`.
+pub(super) async fn set_admin(
+    nodes: &NodeTracker,
+    name: String,
+    admin: berth_common::NodeAdmin,
+) -> Result<pb::NodeSummary, Status> {
+    berth_common::names::validate_name("name", &name)
+        .map_err(|e| berth_proto::grpc::invalid_argument(&e))?;
+    match nodes
+        .member
+        .write(crate::state::Command::SetNodeAdmin { name, admin })
+        .await
+        .map_err(status)?
+    {
+        crate::state::Outcome::Node(node) => {
+            let observed = nodes.observations().remove(&node.name);
+            Ok(summary(&node, observed.as_ref(), Instant::now()))
+        }
+        other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
     }
 }

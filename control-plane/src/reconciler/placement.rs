@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_common::{GpuSlice, NodeState, PlacementPolicy, Replica, ReplicaIntent};
+use berth_common::{GpuSlice, PlacementPolicy, Replica, ReplicaIntent};
 
 use crate::scheduler::{
     self, Bind, Cluster, Config, Explanation, Gpu, GpuShare, GpuUse, Placed, Policy, QueueOrder,
@@ -44,8 +44,8 @@ pub fn cluster(state: &ClusterState) -> Cluster {
             name.clone(),
             scheduler::Node {
                 name: name.clone(),
-                schedulable: n.state == NodeState::Ready,
-                state: n.state.as_str().to_string(),
+                schedulable: n.schedulable(),
+                state: n.display_state().to_string(),
                 labels: n.labels.clone(),
                 cpu_milli: n.inventory.cpu_milli,
                 memory_mib: n.inventory.memory_mib,

@@ -144,10 +144,11 @@ pub(super) fn apply_plan(
             let Some(node) = state.nodes.get(&b.node) else {
                 return Err(not_found(ObjectKind::Node, &b.node));
             };
-            if node.state != NodeState::Ready {
+            if !node.schedulable() {
                 return Err(Rejection::FailedPrecondition(format!(
                     "node {} is {}: nothing new is placed there",
-                    b.node, node.state
+                    b.node,
+                    node.display_state()
                 )));
             }
             let node_use = usage.entry(b.node.clone()).or_default();

@@ -13,8 +13,8 @@
 use std::collections::BTreeMap;
 
 use berth_common::{
-    Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node, NodeRegistration,
-    NodeState, Replica, ValidationError,
+    Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node, NodeAdmin,
+    NodeRegistration, NodeState, Replica, ValidationError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +127,13 @@ pub enum Command {
         /// The node.
         node: String,
     },
+    /// An operator's decision about a node: cordon (no new replicas) or back.
+    SetNodeAdmin {
+        /// The node.
+        name: String,
+        /// The decision.
+        admin: NodeAdmin,
+    },
 }
 
 impl Command {
@@ -146,6 +153,7 @@ impl Command {
             Command::ApplyPlan(_) => "apply_plan",
             Command::RemoveReplica { .. } => "remove_replica",
             Command::ReplaceLostReplicas { .. } => "replace_lost_replicas",
+            Command::SetNodeAdmin { .. } => "set_node_admin",
         }
     }
 }
@@ -336,6 +344,7 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::ApplyPlan(binds) => deployments::apply_plan(state, binds),
         Command::RemoveReplica { id } => deployments::remove_replica(state, &id),
         Command::ReplaceLostReplicas { node } => deployments::replace_lost(state, &node, at_ms),
+        Command::SetNodeAdmin { name, admin } => nodes::set_admin(state, &name, admin),
         Command::SetNodeState {
             name,
             from,

@@ -1,6 +1,6 @@
 //! Node commands: registration and state transitions.
 
-use berth_common::{Node, NodeRegistration, NodeState};
+use berth_common::{Node, NodeAdmin, NodeRegistration, NodeState};
 
 use super::{ClusterState, ObjectKind, Outcome, Rejection};
 
@@ -43,6 +43,7 @@ pub(super) fn register(
             instance,
             epoch: 1,
             state: NodeState::Ready,
+            admin: NodeAdmin::Active,
             registered_at_ms: at_ms,
             state_since_ms: at_ms,
         },
@@ -80,6 +81,22 @@ pub(super) fn set_state(
     }
     node.state = to;
     node.state_since_ms = at_ms;
+    Ok(Outcome::Node(Box::new(node.clone())))
+}
+
+/// Records an operator's decision about a node (cordon, uncordon).
+pub(super) fn set_admin(
+    state: &mut ClusterState,
+    name: &str,
+    admin: NodeAdmin,
+) -> Result<Outcome, Rejection> {
+    let Some(node) = state.nodes.get_mut(name) else {
+        return Err(Rejection::NotFound {
+            kind: ObjectKind::Node,
+            name: name.to_string(),
+        });
+    };
+    node.admin = admin;
     Ok(Outcome::Node(Box::new(node.clone())))
 }
 

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use berth_common::units::{parse_cpu_milli, parse_size_mib};
 use berth_common::{
     DeploymentRequest, GpuDevice, GpuSlice, GpuSource, HealthProbe, Labels, ModelVersionSpec,
-    NodeInventory, PlacementPolicy, ReplicaIntent, ResourceOverrides, Resources, Runtime,
+    NodeAdmin, NodeInventory, PlacementPolicy, ReplicaIntent, ResourceOverrides, Resources,
+    Runtime,
 };
 use proptest::prelude::*;
 
@@ -150,9 +151,10 @@ fn render_state(state: &ClusterState) -> String {
     for n in state.nodes.values() {
         let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!(
-            "node {} state={} epoch={} instance={} addr={} gpus={} labels=[{}] registered={} since={}\n",
+            "node {} state={} admin={} epoch={} instance={} addr={} gpus={} labels=[{}] registered={} since={}\n",
             n.name,
             n.state,
+            n.admin.as_str(),
             n.epoch,
             n.instance,
             n.addr,
@@ -367,6 +369,14 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         "replace-lost" => Command::ReplaceLostReplicas {
             node: rest[0].clone(),
         },
+        "cordon" => Command::SetNodeAdmin {
+            name: rest[0].clone(),
+            admin: NodeAdmin::Cordoned,
+        },
+        "uncordon" => Command::SetNodeAdmin {
+            name: rest[0].clone(),
+            admin: NodeAdmin::Active,
+        },
         other => panic!("unknown scenario command {other}"),
     };
     let before = state.clone();
@@ -377,7 +387,12 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
             m.versions.keys().cloned().collect::<Vec<_>>().join(", ")
         ),
         Ok(Outcome::Node(n)) => {
-            format!("ok: node {} state={} epoch={}\n", n.name, n.state, n.epoch)
+            format!(
+                "ok: node {} {} epoch={}\n",
+                n.name,
+                n.display_state(),
+                n.epoch
+            )
         }
         Ok(Outcome::Deployment(d)) => {
             let mut ids: Vec<&String> = state
@@ -583,6 +598,14 @@ fn arb_node_command() -> impl Strategy<Value = Command> {
                 r.inventory.gpus[0].memory_mib = 0;
             }
             Command::RegisterNode(r)
+        }),
+        (node.clone(), any::<bool>()).prop_map(|(n, cordon)| Command::SetNodeAdmin {
+            name: n.into(),
+            admin: if cordon {
+                NodeAdmin::Cordoned
+            } else {
+                NodeAdmin::Active
+            },
         }),
         (node, instance, any::<bool>(), any::<bool>()).prop_map(|(n, i, down, from_down)| {
             let state = |d| if d { NodeState::Down } else { NodeState::Ready };
@@ -881,6 +904,13 @@ pub(crate) fn fixture_requests_v2() -> Vec<Request> {
                 from: NodeState::Ready,
                 to: NodeState::Down,
                 instance: "c1".into(),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_015_000,
+            command: Command::SetNodeAdmin {
+                name: "cpu-1".into(),
+                admin: NodeAdmin::Cordoned,
             },
         },
     ]
