@@ -45,6 +45,55 @@ pub enum DeployCommand {
         #[arg(long, default_value = "5m", value_parser = duration)]
         timeout: Duration,
     },
+    /// Roll out another model version (a new revision), within --max-surge
+    /// and --max-unavailable, gated on health; paused if new replicas fail.
+    Update {
+        /// The deployment.
+        name: String,
+        /// The model version to run.
+        #[arg(long)]
+        version: String,
+        /// Extra replicas the rollout may start.
+        #[arg(long)]
+        max_surge: Option<u32>,
+        /// Replicas the rollout may take down.
+        #[arg(long)]
+        max_unavailable: Option<u32>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Go back to an earlier revision's spec (default: the previous one), as a new revision.
+    Rollback {
+        /// The deployment.
+        name: String,
+        /// The revision to go back to (`berth deploy show` lists them).
+        #[arg(long)]
+        to_revision: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Change each replica's resources: CPU and memory in place, GPU changes by rolling replacement.
+    Resize {
+        /// The deployment.
+        name: String,
+        /// CPU per replica: cores (2, 1.5) or millicores (500m).
+        #[arg(long, value_parser = cpu)]
+        cpu: Option<u32>,
+        /// Memory per replica, e.g. 8GiB.
+        #[arg(long, value_parser = size, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// Whole GPUs per replica.
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// GPU memory per GPU, e.g. 20GiB.
+        #[arg(long, value_parser = size, value_name = "SIZE")]
+        gpu_memory: Option<u64>,
+        /// Compute share per GPU in thousandths.
+        #[arg(long, value_name = "MILLI")]
+        gpu_share: Option<u32>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Delete a deployment; its replicas are stopped and removed.
     Delete {
         /// The deployment.
@@ -83,6 +132,17 @@ pub enum ReplicaCommand {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+}
+
+/// `--wait` and `--timeout`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait until every replica runs the current revision (progress on stderr).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    timeout: Duration,
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -170,6 +230,10 @@ pub struct DeploymentView {
     pub replicas_running: u32,
     /// Replicas waiting for a place.
     pub replicas_pending: u32,
+    /// Replicas that should run at the current revision.
+    pub replicas_updated: u32,
+    /// Why the rollout is paused; null when it is not.
+    pub paused: Option<String>,
     /// Current revision.
     pub revision: u64,
     /// CPU per replica, millicores.
@@ -223,6 +287,8 @@ impl From<pb::Deployment> for DeploymentView {
             replicas_placed: d.replicas_placed,
             replicas_running: d.replicas_running,
             replicas_pending: d.replicas_pending,
+            replicas_updated: d.replicas_updated,
+            paused: Some(d.paused).filter(|p| !p.is_empty()),
             revision: d.revision,
             cpu_milli: r.cpu_milli,
             memory_mib: r.memory_mib,
@@ -333,6 +399,7 @@ fn deployments_table(ds: &[DeploymentView]) -> String {
         "MODEL",
         "REVISION",
         "READY",
+        "UPDATED",
         "PENDING",
         "RESOURCES",
         "POLICY",
@@ -343,6 +410,11 @@ fn deployments_table(ds: &[DeploymentView]) -> String {
             format!("{}:{}", d.model, d.version),
             d.revision.to_string(),
             format!("{}/{}", d.replicas_running, d.replicas),
+            if d.paused.is_some() {
+                format!("{}/{} PAUSED", d.replicas_updated, d.replicas)
+            } else {
+                format!("{}/{}", d.replicas_updated, d.replicas)
+            },
             d.replicas_pending.to_string(),
             resources(d),
             d.policy.clone(),
@@ -425,8 +497,16 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
         let replicas = list_replicas(client, name, "", false).await?;
         let removing = replicas.iter().filter(|r| r.intent == "remove").count();
         let running = d.replicas_running;
+        if !d.paused.is_empty() {
+            return Err(CliError::Other(anyhow::anyhow!(
+                "the rollout of {name} is paused: {}; the old replicas keep serving. Roll back with `berth deploy rollback {name}`",
+                d.paused
+            )));
+        }
+        let updated = d.replicas_updated;
         let line = format!(
-            "{name}: {running}/{want} running, {} pending{}",
+            "{name}: {running}/{want} running, {updated}/{want} at revision {}, {} pending{}",
+            d.revision,
             d.replicas_pending,
             if removing > 0 {
                 format!(", {removing} being removed")
@@ -438,7 +518,11 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
             eprintln!("{line}");
             last = line;
         }
-        if running == want && removing == 0 {
+        let all_current = replicas
+            .iter()
+            .filter(|r| r.intent == "run")
+            .all(|r| r.revision == d.revision && r.phase == "running");
+        if running == want && updated == want && removing == 0 && all_current {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -460,6 +544,24 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Waits when asked, then prints the deployment.
+async fn finish(
+    client: &Client,
+    name: &str,
+    d: pb::Deployment,
+    wait: &WaitArgs,
+    out: OutputFormat,
+) -> Result<(), CliError> {
+    let d = if wait.wait {
+        wait_ready(client, name, wait.timeout).await?;
+        get(client, name).await?
+    } else {
+        d
+    };
+    print_deployment(d.into(), out);
+    Ok(())
 }
 
 fn print_deployment(d: DeploymentView, out: OutputFormat) {
@@ -549,6 +651,16 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                         .map(|h| format!("{} ({})", h.revision, h.version))
                         .collect();
                     out!("revisions: {}", revisions.join(", "));
+                    if let Some(p) = &d.paused {
+                        out!("rollout PAUSED: {p}");
+                    } else if d.replicas_updated < d.replicas {
+                        out!(
+                            "rolling out revision {}: {}/{} replicas updated",
+                            d.revision,
+                            d.replicas_updated,
+                            d.replicas
+                        );
+                    }
                     if replicas.is_empty() {
                         out!("no replicas");
                     } else {
@@ -581,6 +693,94 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                 d
             };
             print_deployment(d.into(), out);
+        }
+        DeployCommand::Update {
+            name,
+            version,
+            max_surge,
+            max_unavailable,
+            wait,
+        } => {
+            let req = pb::UpdateDeploymentRequest {
+                name: name.clone(),
+                version: version.clone(),
+                max_surge,
+                max_unavailable,
+                ..Default::default()
+            };
+            let d = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.update_deployment(req).await }
+                })
+                .await?;
+            eprintln!(
+                "deployment {name}: rolling out revision {} ({version})",
+                d.revision
+            );
+            finish(client, &name, d, &wait, out).await?;
+        }
+        DeployCommand::Rollback {
+            name,
+            to_revision,
+            wait,
+        } => {
+            let req = pb::RollbackDeploymentRequest {
+                name: name.clone(),
+                to_revision,
+            };
+            let d = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.rollback_deployment(req).await }
+                })
+                .await?;
+            eprintln!(
+                "deployment {name}: rolled back as revision {} ({})",
+                d.revision,
+                d.spec.as_ref().map(|s| s.version.as_str()).unwrap_or("")
+            );
+            finish(client, &name, d, &wait, out).await?;
+        }
+        DeployCommand::Resize {
+            name,
+            cpu,
+            memory,
+            gpus,
+            gpu_memory,
+            gpu_share,
+            wait,
+        } => {
+            if cpu.is_none()
+                && memory.is_none()
+                && gpus.is_none()
+                && gpu_memory.is_none()
+                && gpu_share.is_none()
+            {
+                return Err(CliError::Usage(
+                    "give at least one of --cpu, --memory, --gpus, --gpu-memory, --gpu-share"
+                        .into(),
+                ));
+            }
+            let req = pb::UpdateDeploymentRequest {
+                name: name.clone(),
+                resources: Some(pb::ResourceOverrides {
+                    cpu_milli: cpu,
+                    memory_mib: memory,
+                    gpus,
+                    gpu_memory_mib: gpu_memory,
+                    gpu_milli: gpu_share,
+                }),
+                ..Default::default()
+            };
+            let d = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.update_deployment(req).await }
+                })
+                .await?;
+            eprintln!("deployment {name}: resized as revision {}", d.revision);
+            finish(client, &name, d, &wait, out).await?;
         }
         DeployCommand::Delete { name } => {
             client

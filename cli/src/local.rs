@@ -59,6 +59,8 @@ pub struct MemberOptions {
     pub heartbeat_interval: String,
     /// `--snapshot-every`.
     pub snapshot_every: u64,
+    /// More flags for every member.
+    pub extra: Vec<String>,
 }
 
 impl Default for MemberOptions {
@@ -67,6 +69,7 @@ impl Default for MemberOptions {
             election_timeout: "150ms".into(),
             heartbeat_interval: "50ms".into(),
             snapshot_every: 10_000,
+            extra: Vec::new(),
         }
     }
 }
@@ -188,6 +191,7 @@ impl LocalCluster {
                 "--snapshot-every",
                 &self.options.snapshot_every.to_string(),
             ])
+            .args(&self.options.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

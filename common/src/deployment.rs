@@ -227,6 +227,31 @@ pub struct Deployment {
     pub created_at_ms: u64,
     /// The number the next replica id gets (`<name>-<n>`).
     pub next_ordinal: u64,
+    /// Why the rollout to the current revision is paused (a new replica
+    /// failed its health probe); None while it may go on.
+    pub paused: Option<String>,
+}
+
+impl DeploymentSpec {
+    /// Whether replicas of `self` and `other` run the same process: the
+    /// same model version and the same resources. Placement settings and
+    /// the replica count do not matter.
+    pub fn same_process(&self, other: &DeploymentSpec) -> bool {
+        self.model == other.model
+            && self.version == other.version
+            && self.resources == other.resources
+    }
+
+    /// Whether `other` differs from `self` only in CPU and memory, which a
+    /// running replica can change in place.
+    pub fn resizable_to(&self, other: &DeploymentSpec) -> bool {
+        let (a, b) = (&self.resources, &other.resources);
+        self.model == other.model
+            && self.version == other.version
+            && a.gpus == b.gpus
+            && a.gpu_memory_mib == b.gpu_memory_mib
+            && a.gpu_milli == b.gpu_milli
+    }
 }
 
 /// Whether a placed replica should keep running.

@@ -28,6 +28,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default time a node may miss heartbeats before it is marked down.
 pub const DEFAULT_NODE_GRACE: Duration = crate::reconciler::nodes::DEFAULT_NODE_GRACE;
+/// Default time a new replica of a rollout has to become healthy.
+pub const DEFAULT_PROGRESS_DEADLINE: Duration =
+    crate::reconciler::replicas::DEFAULT_PROGRESS_DEADLINE;
 
 /// Command-line flags of `berth-control`. Every flag can also be set in the
 /// `--config` TOML file under the same name with `_` for `-`.
@@ -86,6 +89,9 @@ pub struct Flags {
     /// How long a node may miss heartbeats before it is marked down [default: 5s].
     #[arg(long, env = "BERTH_NODE_GRACE", value_name = "DURATION")]
     pub node_grace: Option<String>,
+    /// How long a new replica of a rollout has to become healthy before the rollout pauses [default: 10m].
+    #[arg(long, env = "BERTH_PROGRESS_DEADLINE", value_name = "DURATION")]
+    pub progress_deadline: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -109,6 +115,7 @@ struct FileConfig {
     request_timeout: Option<String>,
     join_timeout: Option<String>,
     node_grace: Option<String>,
+    progress_deadline: Option<String>,
     log_format: Option<String>,
 }
 
@@ -143,6 +150,8 @@ pub struct Config {
     pub join_timeout: Duration,
     /// How long a node may miss heartbeats before it is down.
     pub node_grace: Duration,
+    /// How long a new replica of a rollout has to become healthy.
+    pub progress_deadline: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -165,6 +174,7 @@ impl Config {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             node_grace: DEFAULT_NODE_GRACE,
+            progress_deadline: DEFAULT_PROGRESS_DEADLINE,
             log_format: LogFormat::Text,
         }
     }
@@ -221,6 +231,12 @@ impl Config {
                 flags.node_grace,
                 file.node_grace,
                 DEFAULT_NODE_GRACE,
+            )?,
+            progress_deadline: duration(
+                "progress_deadline",
+                flags.progress_deadline,
+                file.progress_deadline,
+                DEFAULT_PROGRESS_DEADLINE,
             )?,
             log_format: flags
                 .log_format

@@ -236,7 +236,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let nodes = NodeTracker::new(member.clone(), config.node_grace);
     nodes.start(&tasks, shutdown.clone());
-    let replicas = Replicas::new(member.clone(), nodes.clone());
+    let replicas = Replicas::new(member.clone(), nodes.clone(), config.progress_deadline);
     replicas.start(&tasks, shutdown.clone());
     let routes = Routes::new(AdminServer::new(AdminService::new(
         member.clone(),

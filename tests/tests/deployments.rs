@@ -476,3 +476,241 @@ async fn an_agent_back_from_a_freeze_stops_the_replicas_moved_away() {
     .await;
     assert_eq!(node["replicas"], 0, "{node}");
 }
+
+async fn deployment(server: &str, name: &str) -> Value {
+    berth_json(&["--server", server, "deploy", "show", name]).await["deployment"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_rollback_failed_rollout_and_resize() {
+    let cluster = LocalCluster::start(
+        1,
+        MemberOptions {
+            extra: vec!["--progress-deadline".into(), "4s".into()],
+            ..MemberOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let s = cluster.servers();
+    let agent = |node: &str| {
+        LocalAgent::start_in(
+            cluster.root(),
+            AgentOptions {
+                node: node.into(),
+                simulate_gpus: Some("2xA100-80GB".into()),
+                control: Some(s.clone()),
+                extra: Vec::new(),
+            },
+        )
+        .expect("start agent")
+    };
+    let _a = agent("roll-a");
+    let _b = agent("roll-b");
+    let demo = |v: &str, env: &[&str]| {
+        let mut args: Vec<String> = [
+            "--server",
+            &s,
+            "model",
+            "version",
+            "add",
+            "demo",
+            v,
+            "--runtime",
+            "demo",
+            "--source",
+            "builtin:demo",
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "10GiB",
+            "--gpu-share",
+            "250",
+            "--cpu",
+            "100m",
+            "--memory",
+            "128MiB",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        for e in env {
+            args.extend(["--env".to_string(), e.to_string()]);
+        }
+        args
+    };
+    berth_json(&[
+        "--server",
+        &s,
+        "model",
+        "create",
+        "demo",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "10GiB",
+        "--gpu-share",
+        "250",
+        "--cpu",
+        "100m",
+        "--memory",
+        "128MiB",
+    ])
+    .await;
+    for (v, env) in [
+        ("v2", vec!["BERTH_DEMO_LOAD_DELAY=300ms"]),
+        ("v3", vec!["BERTH_DEMO_FAIL_HEALTH=true"]),
+    ] {
+        let args = demo(v, &env);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        berth_json(&refs).await;
+    }
+    wait_until(DEADLINE, "two ready nodes", || async {
+        let v = berth_json(&["--server", &s, "node", "list"]).await;
+        (v.as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    berth_json(&[
+        "--server",
+        &s,
+        "deploy",
+        "create",
+        "web",
+        "--model",
+        "demo:v1",
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--max-surge",
+        "1",
+        "--max-unavailable",
+        "1",
+        "--wait",
+    ])
+    .await;
+    let v1 = wait_running(&s, "web", 2).await;
+
+    // Rolling update to v2: never fewer than replicas - max_unavailable running.
+    let started = berth_json(&["--server", &s, "deploy", "update", "web", "--version", "v2"]).await;
+    assert_eq!(started["revision"], 2);
+    wait_until(DEADLINE, "every replica at v2", || async {
+        let d = deployment(&s, "web").await;
+        assert!(
+            d["replicas_running"].as_u64()? >= 1,
+            "availability fell below replicas - max_unavailable: {d}"
+        );
+        let rs = replicas(&s, "web").await?;
+        (rs.len() == 2
+            && rs
+                .iter()
+                .all(|r| r["version"] == "v2" && r["phase"] == "running"))
+        .then_some(())
+    })
+    .await;
+    for r in &v1 {
+        let pid = r["pid"].as_u64().expect("a pid") as u32;
+        wait_until(DEADLINE, "a v1 process ends", || async {
+            (!alive(pid)).then_some(())
+        })
+        .await;
+    }
+
+    // Rollback (to the revision before): v1 again, as revision 3.
+    let back = berth_json(&["--server", &s, "deploy", "rollback", "web", "--wait"]).await;
+    assert_eq!(back["revision"], 3);
+    assert_eq!(back["version"], "v1");
+    let v1_again = wait_running(&s, "web", 2).await;
+    assert!(v1_again.iter().all(|r| r["version"] == "v1"));
+
+    // A version that never becomes healthy: the rollout pauses, the old
+    // replicas keep serving; --wait fails naming the pause.
+    let o = berth(&[
+        "--server",
+        &s,
+        "deploy",
+        "update",
+        "web",
+        "--version",
+        "v3",
+        "--wait",
+        "--timeout",
+        "60s",
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("paused"), "{}", stderr(&o));
+    let d = deployment(&s, "web").await;
+    assert!(
+        d["paused"]
+            .as_str()
+            .expect("a reason")
+            .contains("not healthy"),
+        "{d}"
+    );
+    let rs = replicas(&s, "web").await.expect("replicas");
+    let serving: Vec<&Value> = rs
+        .iter()
+        .filter(|r| r["version"] == "v1" && r["phase"] == "running")
+        .collect();
+    assert!(!serving.is_empty(), "old replicas keep serving: {rs:?}");
+    for r in &serving {
+        assert_eq!(
+            complete(r["endpoint"].as_str().expect("an endpoint"))
+                .await
+                .0,
+            200
+        );
+    }
+    let before = pids(&serving.iter().map(|r| (*r).clone()).collect::<Vec<_>>());
+    // Rolling back adopts the v1 replicas as they are: no restart.
+    berth_json(&["--server", &s, "deploy", "rollback", "web", "--wait"]).await;
+    let after = pids(&wait_running(&s, "web", 2).await);
+    for (id, pid) in &before {
+        assert_eq!(
+            after.get(id),
+            Some(pid),
+            "{id} was not restarted by the rollback"
+        );
+    }
+
+    // Resize CPU and memory: in place, same processes, a new generation.
+    let resized = berth_json(&[
+        "--server", &s, "deploy", "resize", "web", "--memory", "256MiB", "--wait",
+    ])
+    .await;
+    assert_eq!(resized["memory_mib"], 256);
+    let rs = wait_until(DEADLINE, "resized in place", || async {
+        let rs = replicas(&s, "web").await?;
+        (rs.len() == 2
+            && rs
+                .iter()
+                .all(|r| r["generation"] == 2 && r["phase"] == "running"))
+        .then_some(rs)
+    })
+    .await;
+    assert_eq!(pids(&rs), after, "no restart for CPU and memory");
+
+    // Resize GPUs: another process per replica, rolled out one at a time.
+    berth_json(&[
+        "--server", &s, "deploy", "resize", "web", "--gpus", "2", "--wait",
+    ])
+    .await;
+    let two = wait_running(&s, "web", 2).await;
+    for r in &two {
+        assert_eq!(r["gpus"].as_array().expect("gpus").len(), 2, "{r}");
+        assert!(
+            !after.contains_key(r["id"].as_str().expect("an id")),
+            "replaced: {r}"
+        );
+    }
+}

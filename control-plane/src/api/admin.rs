@@ -256,6 +256,28 @@ impl Admin for AdminService {
     }
 
     #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn update_deployment(
+        &self,
+        request: Request<pb::UpdateDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .update(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn rollback_deployment(
+        &self,
+        request: Request<pb::RollbackDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .rollback(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
     async fn delete_deployment(
         &self,
         request: Request<pb::DeleteDeploymentRequest>,

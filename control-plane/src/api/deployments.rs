@@ -17,7 +17,7 @@ use super::{Route, leader_client, route, status};
 use crate::member::MemberError;
 use crate::reconciler::nodes::{NodeTracker, Observation};
 use crate::reconciler::replicas::Replicas;
-use crate::state::{ClusterState, Command, ObjectKind, Outcome, Rejection};
+use crate::state::{ClusterState, Command, DeploymentChange, ObjectKind, Outcome, Rejection};
 
 /// What the deployment calls need.
 pub(super) struct Deployments<'a> {
@@ -59,6 +59,9 @@ fn with_counts(
         .values()
         .filter(|r| r.deployment == d.name && r.intent == ReplicaIntent::Run)
     {
+        if r.revision == d.revision {
+            out.replicas_updated += 1;
+        }
         if r.node.is_none() {
             out.replicas_pending += 1;
             continue;
@@ -118,6 +121,54 @@ impl Deployments<'_> {
             .write(Command::ScaleDeployment {
                 name: req.name,
                 replicas: req.replicas,
+            })
+            .await?
+        {
+            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// `UpdateDeployment`.
+    pub async fn update(&self, req: pb::UpdateDeploymentRequest) -> Result<pb::Deployment, Status> {
+        if !req.version.is_empty() {
+            berth_common::names::validate_version("version", &req.version)
+                .map_err(|e| invalid_argument(&e))?;
+        }
+        let r = req.resources.unwrap_or_default();
+        let change = DeploymentChange {
+            version: Some(req.version).filter(|v| !v.is_empty()),
+            resources: berth_common::ResourceOverrides {
+                cpu_milli: r.cpu_milli,
+                memory_mib: r.memory_mib,
+                gpus: r.gpus,
+                gpu_memory_mib: r.gpu_memory_mib,
+                gpu_milli: r.gpu_milli,
+            },
+            max_surge: req.max_surge,
+            max_unavailable: req.max_unavailable,
+        };
+        match self
+            .write(Command::UpdateDeployment {
+                name: req.name,
+                change,
+            })
+            .await?
+        {
+            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// `RollbackDeployment`.
+    pub async fn rollback(
+        &self,
+        req: pb::RollbackDeploymentRequest,
+    ) -> Result<pb::Deployment, Status> {
+        match self
+            .write(Command::RollbackDeployment {
+                name: req.name,
+                to: req.to_revision,
             })
             .await?
         {

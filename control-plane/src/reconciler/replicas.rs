@@ -11,8 +11,14 @@
 //!    once an agent reports a removed replica stopped (or gone), its record
 //!    is dropped (`RemoveReplica`).
 //!
-//! Starts and stops are idempotent on the agent (replica id + generation)
-//! and retried with back-off; the loop never waits for an agent. A node is
+//! 4. moves rollouts on (`rollout_step`): adds replicas of the current
+//!    revision within `max_surge`, retires older ones while at least
+//!    `replicas - max_unavailable` run, and pauses the rollout when a new
+//!    replica fails or is not healthy within the progress deadline (the old
+//!    replicas keep serving).
+//!
+//! Starts, resizes and stops are idempotent on the agent (replica id +
+//! generation) and retried with back-off; the loop never waits for an agent. A node is
 //! only acted on once this leader heard a heartbeat from it, so a new
 //! leader never mistakes "no heartbeat yet" for "not running": it restarts
 //! nothing.
@@ -80,7 +86,97 @@ pub fn replica_spec(state: &ClusterState, r: &Replica) -> Option<ReplicaSpec> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
     Start,
+    Resize,
     Stop,
+}
+
+/// Default time a new replica of a rollout has to become healthy.
+pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
+
+/// An observed phase: (phase, reason, restarts).
+pub type Seen = (String, String, u32);
+
+/// What a rollout does next, given the replicas' observed phases: pause,
+/// add new replicas, retire old ones, or nothing. `waited` says how long
+/// each placed replica has been without running (leader's clock).
+pub fn rollout_step(
+    state: &ClusterState,
+    d: &berth_common::Deployment,
+    phase: &dyn Fn(&Replica) -> Option<Seen>,
+    waited: &dyn Fn(&Replica) -> Duration,
+    deadline: Duration,
+) -> Option<Command> {
+    let run: Vec<&Replica> = state
+        .replicas
+        .values()
+        .filter(|r| r.deployment == d.name && r.intent == ReplicaIntent::Run)
+        .collect();
+    let (new, old): (Vec<&Replica>, Vec<&Replica>) =
+        run.iter().partition(|r| r.revision == d.revision);
+    if d.paused.is_some() {
+        return None;
+    }
+    let want = d.spec.replicas as usize;
+    let (total, current) = (run.len(), new.len());
+    if old.is_empty() {
+        // Retiring within max_unavailable may have left fewer than asked for.
+        return (total < want).then(|| Command::RolloutAdd {
+            name: d.name.clone(),
+            count: (want - total) as u32,
+        });
+    }
+    let running = |r: &Replica| phase(r).is_some_and(|(p, _, _)| p == "running");
+    for r in &new {
+        let failing = match phase(r) {
+            Some((p, why, restarts)) if p == "failed" || (restarts > 0 && p != "running") => {
+                Some(format!("new replica {} is {p}: {why}", r.id))
+            }
+            _ if r.node.is_some() && !running(r) && waited(r) > deadline => Some(format!(
+                "new replica {} is not healthy after {:?} (the rollout's progress deadline)",
+                r.id, deadline
+            )),
+            _ => None,
+        };
+        if let Some(reason) = failing {
+            return Some(Command::PauseRollout {
+                name: d.name.clone(),
+                reason,
+            });
+        }
+    }
+    let room = (want + d.spec.max_surge as usize)
+        .saturating_sub(total)
+        .min(want.saturating_sub(current));
+    if room > 0 {
+        return Some(Command::RolloutAdd {
+            name: d.name.clone(),
+            count: room as u32,
+        });
+    }
+    let floor = want.saturating_sub(d.spec.max_unavailable as usize);
+    let by_records = total.saturating_sub(floor);
+    let available = run.iter().filter(|r| running(r)).count();
+    let mut take_ready = available.saturating_sub(floor);
+    let (mut unready, ready): (Vec<&Replica>, Vec<&Replica>) =
+        old.iter().partition(|r| !running(r));
+    // Pending ones first: they never served.
+    unready.sort_by_key(|r| r.node.is_some());
+    let mut retire = Vec::new();
+    for r in unready {
+        if retire.len() < by_records {
+            retire.push(r.id.clone());
+        }
+    }
+    for r in ready {
+        if retire.len() < by_records && take_ready > 0 {
+            retire.push(r.id.clone());
+            take_ready -= 1;
+        }
+    }
+    (!retire.is_empty()).then(|| Command::RolloutRetire {
+        name: d.name.clone(),
+        replicas: retire,
+    })
 }
 
 #[derive(Debug)]
@@ -96,6 +192,8 @@ struct Attempt {
 #[derive(Default)]
 struct Shared {
     attempts: Mutex<HashMap<String, Attempt>>,
+    /// When this leader first saw each placed replica (id, generation) not running.
+    waiting: Mutex<HashMap<(String, u64), Instant>>,
     explanations: Mutex<BTreeMap<String, String>>,
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
     wake: Notify,
@@ -107,15 +205,18 @@ pub struct Replicas {
     member: Member,
     nodes: NodeTracker,
     shared: Arc<Shared>,
+    deadline: Duration,
 }
 
 impl Replicas {
-    /// A loop for `member`, reading heartbeats from `nodes`.
-    pub fn new(member: Member, nodes: NodeTracker) -> Self {
+    /// A loop for `member`, reading heartbeats from `nodes`; a new replica
+    /// of a rollout has `progress_deadline` to become healthy.
+    pub fn new(member: Member, nodes: NodeTracker, progress_deadline: Duration) -> Self {
         Replicas {
             member,
             nodes,
             shared: Arc::default(),
+            deadline: progress_deadline,
         }
     }
 
@@ -226,6 +327,53 @@ impl Replicas {
         // Re-read: the plan and replacements above changed the state.
         let state = self.member.state.read().state.clone();
         let observed = self.nodes.observations();
+        let reported_of = |r: &Replica| {
+            observed
+                .get(r.node.as_ref()?)?
+                .report
+                .replicas
+                .iter()
+                .find(|x| x.id == r.id && x.generation >= r.generation)
+                .cloned()
+        };
+        // How long each placed replica has waited to run, on this leader's clock.
+        let now = Instant::now();
+        if let Ok(mut waiting) = self.shared.waiting.lock() {
+            let placed: std::collections::HashSet<(String, u64)> = state
+                .replicas
+                .values()
+                .filter(|r| r.node.is_some())
+                .filter(|r| reported_of(r).is_none_or(|x| x.phase != "running"))
+                .map(|r| (r.id.clone(), r.generation))
+                .collect();
+            waiting.retain(|k, _| placed.contains(k));
+            for k in placed {
+                waiting.entry(k).or_insert(now);
+            }
+        }
+        let waited = |r: &Replica| {
+            self.shared
+                .waiting
+                .lock()
+                .ok()
+                .and_then(|w| w.get(&(r.id.clone(), r.generation)).copied())
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+        };
+        let phase = |r: &Replica| reported_of(r).map(|x| (x.phase, x.reason, x.restarts));
+        let mut stepped = false;
+        for d in state.deployments.values() {
+            if let Some(step) = rollout_step(&state, d, &phase, &waited, self.deadline) {
+                if let Command::PauseRollout { reason, .. } = &step {
+                    tracing::warn!(deployment = %d.name, %reason, "pausing the rollout; the old replicas keep serving");
+                }
+                stepped |= self.write(step).await.is_some();
+            }
+        }
+        let state = if stepped {
+            self.member.state.read().state.clone()
+        } else {
+            state
+        };
         for r in state.replicas.values() {
             let Some(node_name) = &r.node else { continue };
             let Some(node) = state.nodes.get(node_name) else {
@@ -246,8 +394,15 @@ impl Replicas {
                 ReplicaIntent::Run => {
                     let runs = reported
                         .is_some_and(|x| x.generation >= r.generation && x.desired == "running");
+                    let gpus: Vec<u32> = r.gpus.iter().map(|g| g.index).collect();
+                    // An older generation on the same GPUs: CPU and memory
+                    // changed, resize it in place; anything else: start.
+                    let resizable = reported.is_some_and(|x| {
+                        x.generation < r.generation && x.desired == "running" && x.gpus == gpus
+                    });
                     if !runs && let Some(spec) = replica_spec(&state, r) {
-                        self.call(tasks, Call::Start, r, &node.addr, Some(spec));
+                        let call = if resizable { Call::Resize } else { Call::Start };
+                        self.call(tasks, call, r, &node.addr, Some(spec));
                     }
                 }
                 ReplicaIntent::Remove => {
@@ -334,6 +489,18 @@ impl Replicas {
                     });
                     req.set_timeout(AGENT_CALL);
                     client.start_replica(req).await.map(|_| ())
+                }
+                Call::Resize => {
+                    let r = spec.as_ref().map(|s| s.resources).unwrap_or_default();
+                    let mut req = tonic::Request::new(pb::ResizeReplicaRequest {
+                        id: id.clone(),
+                        generation,
+                        cpu_milli: r.cpu_milli,
+                        memory_mib: r.memory_mib,
+                        gpus: None,
+                    });
+                    req.set_timeout(AGENT_CALL);
+                    client.resize_replica(req).await.map(|_| ())
                 }
                 Call::Stop => {
                     let mut req = tonic::Request::new(pb::StopReplicaRequest {
@@ -450,6 +617,7 @@ mod tests {
                 }],
                 created_at_ms: 0,
                 next_ordinal: 2,
+                paused: None,
             },
         );
         let s = replica_spec(&state, &r).expect("a spec");
@@ -460,5 +628,140 @@ mod tests {
         assert_eq!(s.env["K"], "V");
         assert_eq!(s.port, 0);
         s.validate().expect("a valid spec");
+    }
+
+    fn rollout_state(surge: u32, unavailable: u32) -> ClusterState {
+        use crate::state::{Command, Request as R, apply};
+        let spec = |v: &str| berth_common::ModelVersionSpec {
+            version: v.into(),
+            runtime: berth_common::Runtime::Demo,
+            source: "demo".into(),
+            resources: Resources::default(),
+            env: BTreeMap::new(),
+            health: berth_common::HealthProbe::Tcp,
+            labels: Default::default(),
+        };
+        let mut s = ClusterState::default();
+        let run = |s: &mut ClusterState, command| apply(s, R { at_ms: 1, command }).unwrap();
+        run(
+            &mut s,
+            Command::CreateModel {
+                name: "m".into(),
+                version: spec("v1"),
+            },
+        );
+        run(
+            &mut s,
+            Command::AddModelVersion {
+                model: "m".into(),
+                version: spec("v2"),
+            },
+        );
+        run(
+            &mut s,
+            Command::CreateDeployment {
+                name: "d".into(),
+                request: berth_common::DeploymentRequest {
+                    model: "m".into(),
+                    version: "v1".into(),
+                    replicas: 2,
+                    resources: Default::default(),
+                    policy: Default::default(),
+                    selector: Default::default(),
+                    gpu_model: None,
+                    priority: 0,
+                    max_surge: surge,
+                    max_unavailable: unavailable,
+                },
+            },
+        );
+        run(
+            &mut s,
+            Command::UpdateDeployment {
+                name: "d".into(),
+                change: crate::state::DeploymentChange {
+                    version: Some("v2".into()),
+                    ..Default::default()
+                },
+            },
+        );
+        // Both old replicas placed (on a node name the step does not look at).
+        for r in s.replicas.values_mut() {
+            r.node = Some("n".into());
+        }
+        s
+    }
+
+    fn step(
+        s: &ClusterState,
+        running: &[&str],
+        failed: &[&str],
+        waited: Duration,
+    ) -> Option<Command> {
+        let phase = |r: &Replica| {
+            if failed.contains(&r.id.as_str()) {
+                Some(("failed".to_string(), "exited with code 1".to_string(), 1))
+            } else if running.contains(&r.id.as_str()) {
+                Some(("running".to_string(), String::new(), 0))
+            } else {
+                None
+            }
+        };
+        let d = &s.deployments["d"];
+        rollout_step(s, d, &phase, &|_| waited, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_rollout_surges_then_retires_only_what_availability_allows() {
+        let mut s = rollout_state(1, 0);
+        let Some(Command::RolloutAdd { count: 1, .. }) =
+            step(&s, &["d-1", "d-2"], &[], Duration::ZERO)
+        else {
+            panic!("surge one new replica first");
+        };
+        // The new replica exists, placed but not running yet: nothing to do.
+        let mut new = s.replicas["d-1"].clone();
+        new.id = "d-3".into();
+        new.revision = 2;
+        s.replicas.insert("d-3".into(), new);
+        assert!(step(&s, &["d-1", "d-2"], &[], Duration::ZERO).is_none());
+        // Running: one old replica may go.
+        let Some(Command::RolloutRetire { replicas, .. }) =
+            step(&s, &["d-1", "d-2", "d-3"], &[], Duration::ZERO)
+        else {
+            panic!("retire one old replica");
+        };
+        assert_eq!(replicas.len(), 1);
+        // A new replica that fails, or stays unhealthy past the deadline, pauses it.
+        assert!(matches!(
+            step(&s, &["d-1", "d-2"], &["d-3"], Duration::ZERO),
+            Some(Command::PauseRollout { .. })
+        ));
+        let Some(Command::PauseRollout { reason, .. }) =
+            step(&s, &["d-1", "d-2"], &[], Duration::from_secs(61))
+        else {
+            panic!("paused by the deadline");
+        };
+        assert!(
+            reason.contains("d-3") && reason.contains("deadline"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn with_max_unavailable_old_replicas_go_first_and_the_count_is_topped_up() {
+        let mut s = rollout_state(0, 1);
+        let Some(Command::RolloutRetire { replicas, .. }) =
+            step(&s, &["d-1", "d-2"], &[], Duration::ZERO)
+        else {
+            panic!("no surge: retire one first");
+        };
+        assert_eq!(replicas.len(), 1);
+        // Every old replica gone (e.g. retired while unhealthy): top up.
+        s.replicas.clear();
+        assert!(matches!(
+            step(&s, &[], &[], Duration::ZERO),
+            Some(Command::RolloutAdd { count: 2, .. })
+        ));
     }
 }

@@ -8,12 +8,28 @@
 //! double-book a GPU.
 
 use berth_common::deployment::{MAX_REVISIONS, validate_deployment_name};
+use std::collections::BTreeMap;
+
 use berth_common::{
-    Deployment, DeploymentRequest, GpuSlice, NodeState, Replica, ReplicaIntent, Revision,
+    Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, NodeState, Replica, ReplicaIntent,
+    ResourceOverrides, Revision,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{ClusterState, ObjectKind, Outcome, Rejection, capacity};
+
+/// What `UpdateDeployment` changes; absent fields stay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentChange {
+    /// A new model version.
+    pub version: Option<String>,
+    /// Resource fields to change.
+    pub resources: ResourceOverrides,
+    /// A new rollout surge.
+    pub max_surge: Option<u32>,
+    /// A new rollout unavailability.
+    pub max_unavailable: Option<u32>,
+}
 
 /// One placement of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +94,7 @@ pub(super) fn create(
         }],
         created_at_ms: at_ms,
         next_ordinal: 1,
+        paused: None,
     };
     state.deployments.insert(name.clone(), deployment);
     keep_count(state, &name, at_ms);
@@ -250,39 +267,305 @@ pub(super) fn evict_unfit(state: &mut ClusterState, node: &str) {
     }
 }
 
-/// Brings a deployment's replicas that should run to its count: adds
-/// pending ones, or removes the newest (pending first).
-fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
-    let Some(d) = state.deployments.get(name) else {
-        return;
+/// A new revision with `spec` (unless it is the current spec already):
+/// replicas that already run that process adopt it, replicas that differ
+/// only in CPU and memory are resized in place where their node has room
+/// (a new generation: the reconciler tells their agent), and the rest are
+/// left for the rollout to replace. Returns whether a revision was made.
+fn new_revision(state: &mut ClusterState, name: &str, spec: DeploymentSpec, at_ms: u64) -> bool {
+    let Some(d) = state.deployments.get_mut(name) else {
+        return false;
     };
-    let want = d.spec.replicas as usize;
-    let mut running: Vec<&Replica> = state
+    if d.spec == spec {
+        return false;
+    }
+    let revision = d.history.iter().map(|h| h.revision).max().unwrap_or(0) + 1;
+    d.history.push(Revision {
+        revision,
+        spec: spec.clone(),
+        created_at_ms: at_ms,
+    });
+    d.spec = spec.clone();
+    d.revision = revision;
+    d.paused = None;
+    let old_specs: BTreeMap<u64, DeploymentSpec> = d
+        .history
+        .iter()
+        .map(|h| (h.revision, h.spec.clone()))
+        .collect();
+    let ids: Vec<String> = state
         .replicas
         .values()
-        .filter(|r| r.deployment == name && r.intent == ReplicaIntent::Run)
+        .filter(|r| {
+            r.deployment == name && r.intent == ReplicaIntent::Run && r.revision != revision
+        })
+        .map(|r| r.id.clone())
         .collect();
-    if running.len() > want {
-        // Newest first, pending before placed.
-        running.sort_by_key(|r| (r.node.is_some(), std::cmp::Reverse(ordinal(&r.id))));
-        let extra: Vec<(String, bool)> = running[..running.len() - want]
-            .iter()
-            .map(|r| (r.id.clone(), r.node.is_none()))
-            .collect();
-        for (id, pending) in extra {
-            if pending {
-                state.replicas.remove(&id);
-            } else if let Some(r) = state.replicas.get_mut(&id) {
-                r.intent = ReplicaIntent::Remove;
+    for id in ids {
+        let Some(r) = state.replicas.get(&id).cloned() else {
+            continue;
+        };
+        let Some(old) = old_specs.get(&r.revision) else {
+            continue;
+        };
+        if old.same_process(&spec) {
+            if let Some(x) = state.replicas.get_mut(&id) {
+                x.revision = revision;
             }
+            continue;
         }
-        return;
+        if !old.resizable_to(&spec) {
+            continue;
+        }
+        let mut resized = r.clone();
+        resized.resources = spec.resources;
+        let fits = match r.node.as_ref().and_then(|n| state.nodes.get(n)) {
+            None => true,
+            Some(node) => {
+                let usage = capacity::usage(state.replicas.values().filter(|x| x.id != id));
+                let node_use = usage.get(&node.name).cloned().unwrap_or_default();
+                node_use.refuse(node, &resized, &resized.gpus).is_none()
+            }
+        };
+        if fits {
+            resized.revision = revision;
+            if resized.node.is_some() {
+                resized.generation += 1;
+            }
+            state.replicas.insert(id, resized);
+        }
     }
-    let missing = want - running.len();
+    trim_history(state, name);
+    // Tighter rollout limits than the replicas in flight: back to the count.
+    let (_, total) = counts(state, name, revision);
+    let want = spec.replicas as usize;
+    let floor = want.saturating_sub(spec.max_unavailable as usize);
+    if total > want + spec.max_surge as usize || total < floor {
+        keep_count(state, name, at_ms);
+    }
+    true
+}
+
+/// Keeps at most `MAX_REVISIONS` revisions, never one a replica still runs.
+fn trim_history(state: &mut ClusterState, name: &str) {
+    let used: Vec<u64> = state
+        .replicas
+        .values()
+        .filter(|r| r.deployment == name)
+        .map(|r| r.revision)
+        .collect();
     let Some(d) = state.deployments.get_mut(name) else {
         return;
     };
-    for _ in 0..missing {
+    while d.history.len() > MAX_REVISIONS {
+        let Some(pos) = d
+            .history
+            .iter()
+            .position(|h| h.revision != d.revision && !used.contains(&h.revision))
+        else {
+            break;
+        };
+        d.history.remove(pos);
+    }
+}
+
+/// Changes a deployment's model version, resources or rollout limits: a
+/// new revision, rolled out by the reconciler.
+pub(super) fn update(
+    state: &mut ClusterState,
+    name: &str,
+    change: DeploymentChange,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(not_found(ObjectKind::Deployment, name));
+    };
+    let mut spec = d.spec.clone();
+    if let Some(v) = change.version {
+        let model = state
+            .models
+            .get(&spec.model)
+            .ok_or_else(|| not_found(ObjectKind::Model, &spec.model))?;
+        if !model.versions.contains_key(&v) {
+            return Err(not_found(
+                ObjectKind::ModelVersion,
+                &format!("{}:{v}", spec.model),
+            ));
+        }
+        spec.version = v;
+    }
+    spec.resources = change.resources.over(spec.resources);
+    if let Some(s) = change.max_surge {
+        spec.max_surge = s;
+    }
+    if let Some(u) = change.max_unavailable {
+        spec.max_unavailable = u;
+    }
+    spec.validate()?;
+    new_revision(state, name, spec, at_ms);
+    deployment_outcome(state, name)
+}
+
+/// Rolls a deployment back to an earlier revision's spec (by default the
+/// one before the current), as a new revision; the replica count stays.
+pub(super) fn rollback(
+    state: &mut ClusterState,
+    name: &str,
+    to: Option<u64>,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(not_found(ObjectKind::Deployment, name));
+    };
+    let target = match to {
+        Some(r) => d.history.iter().find(|h| h.revision == r).ok_or_else(|| {
+            let kept: Vec<String> = d.history.iter().map(|h| h.revision.to_string()).collect();
+            Rejection::NotFound {
+                kind: ObjectKind::Revision,
+                name: format!("{name}:{r} (kept: {})", kept.join(", ")),
+            }
+        })?,
+        None => d
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.revision < d.revision)
+            .ok_or_else(|| {
+                Rejection::FailedPrecondition(format!(
+                    "deployment {name} has no revision before {}: nothing to roll back to",
+                    d.revision
+                ))
+            })?,
+    };
+    let mut spec = target.spec.clone();
+    spec.replicas = d.spec.replicas;
+    if spec == d.spec {
+        return Err(Rejection::FailedPrecondition(format!(
+            "revision {} of {name} is what runs already",
+            target.revision
+        )));
+    }
+    let version_exists = state
+        .models
+        .get(&spec.model)
+        .is_some_and(|m| m.versions.contains_key(&spec.version));
+    if !version_exists {
+        return Err(not_found(
+            ObjectKind::ModelVersion,
+            &format!("{}:{}", spec.model, spec.version),
+        ));
+    }
+    new_revision(state, name, spec, at_ms);
+    deployment_outcome(state, name)
+}
+
+/// Adds `count` pending replicas of the current revision, within the
+/// rollout's limits: no more than `replicas` of the current revision, no
+/// more than `replicas + max_surge` in all.
+pub(super) fn rollout_add(
+    state: &mut ClusterState,
+    name: &str,
+    count: u32,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(not_found(ObjectKind::Deployment, name));
+    };
+    if let Some(why) = &d.paused {
+        return Err(Rejection::FailedPrecondition(format!(
+            "the rollout of {name} is paused ({why}): roll back, or update to another version"
+        )));
+    }
+    let (current, total) = counts(state, name, d.revision);
+    let (want, surge) = (d.spec.replicas as usize, d.spec.max_surge as usize);
+    let count = count as usize;
+    if count == 0 || current + count > want || total + count > want + surge {
+        return Err(Rejection::FailedPrecondition(format!(
+            "adding {count} replicas to {name} would exceed its rollout limits ({current} of revision {} and {total} in all; {want} replicas, max surge {surge})",
+            d.revision
+        )));
+    }
+    add_replicas(state, name, count, at_ms);
+    deployment_outcome(state, name)
+}
+
+/// Retires replicas of older revisions (pending ones go at once), keeping
+/// at least `replicas - max_unavailable` that should run.
+pub(super) fn rollout_retire(
+    state: &mut ClusterState,
+    name: &str,
+    ids: &[String],
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(not_found(ObjectKind::Deployment, name));
+    };
+    for id in ids {
+        let ok = state.replicas.get(id).is_some_and(|r| {
+            r.deployment == name && r.intent == ReplicaIntent::Run && r.revision != d.revision
+        });
+        if !ok {
+            return Err(Rejection::FailedPrecondition(format!(
+                "replica {id} is not a running replica of an older revision of {name}"
+            )));
+        }
+    }
+    let (_, total) = counts(state, name, d.revision);
+    let floor = (d.spec.replicas as usize).saturating_sub(d.spec.max_unavailable as usize);
+    if total.saturating_sub(ids.len()) < floor {
+        return Err(Rejection::FailedPrecondition(format!(
+            "retiring {} replicas of {name} would leave fewer than {floor} (replicas - max unavailable)",
+            ids.len()
+        )));
+    }
+    for id in ids {
+        let pending = state.replicas.get(id).is_some_and(|r| r.node.is_none());
+        if pending {
+            state.replicas.remove(id);
+        } else if let Some(r) = state.replicas.get_mut(id) {
+            r.intent = ReplicaIntent::Remove;
+        }
+    }
+    deployment_outcome(state, name)
+}
+
+/// Pauses a rollout in progress; the old replicas keep serving.
+pub(super) fn pause(
+    state: &mut ClusterState,
+    name: &str,
+    reason: String,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(not_found(ObjectKind::Deployment, name));
+    };
+    let (current, total) = counts(state, name, d.revision);
+    if current == total {
+        return Err(Rejection::FailedPrecondition(format!(
+            "deployment {name} has no rollout in progress"
+        )));
+    }
+    if let Some(d) = state.deployments.get_mut(name) {
+        d.paused = Some(reason);
+    }
+    deployment_outcome(state, name)
+}
+
+/// (replicas of `revision` that should run, replicas that should run in all).
+fn counts(state: &ClusterState, name: &str, revision: u64) -> (usize, usize) {
+    let run = state
+        .replicas
+        .values()
+        .filter(|r| r.deployment == name && r.intent == ReplicaIntent::Run);
+    run.fold((0, 0), |(c, t), r| {
+        (c + usize::from(r.revision == revision), t + 1)
+    })
+}
+
+/// Adds `count` pending replicas of the current revision.
+fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) {
+    let Some(d) = state.deployments.get_mut(name) else {
+        return;
+    };
+    for _ in 0..count {
         let id = format!("{name}-{}", d.next_ordinal);
         d.next_ordinal += 1;
         state.replicas.insert(
@@ -301,6 +584,45 @@ fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
             },
         );
     }
+}
+
+/// Brings a deployment's replicas that should run to its count: adds
+/// pending ones of the current revision, or removes replicas of older
+/// revisions first, then the newest (pending first).
+fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
+    let Some(d) = state.deployments.get(name) else {
+        return;
+    };
+    let want = d.spec.replicas as usize;
+    let mut running: Vec<&Replica> = state
+        .replicas
+        .values()
+        .filter(|r| r.deployment == name && r.intent == ReplicaIntent::Run)
+        .collect();
+    if running.len() > want {
+        // Older revisions first, then pending before placed, newest first.
+        let current = d.revision;
+        running.sort_by_key(|r| {
+            (
+                r.revision == current,
+                r.node.is_some(),
+                std::cmp::Reverse(ordinal(&r.id)),
+            )
+        });
+        let extra: Vec<(String, bool)> = running[..running.len() - want]
+            .iter()
+            .map(|r| (r.id.clone(), r.node.is_none()))
+            .collect();
+        for (id, pending) in extra {
+            if pending {
+                state.replicas.remove(&id);
+            } else if let Some(r) = state.replicas.get_mut(&id) {
+                r.intent = ReplicaIntent::Remove;
+            }
+        }
+        return;
+    }
+    add_replicas(state, name, want - running.len(), at_ms);
 }
 
 /// The number at the end of a replica id.
@@ -346,22 +668,37 @@ pub(super) fn check_invariants(state: &ClusterState) -> Result<(), String> {
         d.spec
             .validate()
             .map_err(|e| format!("deployment {name:?}: {e}"))?;
-        if d.history.is_empty() || d.history.len() > MAX_REVISIONS {
+        if !d
+            .history
+            .iter()
+            .any(|h| h.revision == d.revision && h.spec == d.spec)
+        {
             return Err(format!(
-                "deployment {name:?} keeps {} revisions",
-                d.history.len()
+                "deployment {name:?}: the current revision is not in its history"
             ));
         }
-        let running = state
-            .replicas
-            .values()
-            .filter(|r| &r.deployment == name && r.intent == ReplicaIntent::Run)
-            .count();
-        if running != d.spec.replicas as usize {
+        let (current, total) = counts(state, name, d.revision);
+        let want = d.spec.replicas as usize;
+        let floor = want.saturating_sub(d.spec.max_unavailable as usize);
+        let ceiling = want + d.spec.max_surge as usize;
+        if current > want || total < floor.min(want) || total > ceiling.max(want) {
             return Err(format!(
-                "deployment {name:?} wants {} replicas and has {running} that should run",
-                d.spec.replicas
+                "deployment {name:?} wants {want} replicas and has {total} that should run ({current} of revision {})",
+                d.revision
             ));
+        }
+        if current == total && total != want {
+            return Err(format!(
+                "deployment {name:?} wants {want} replicas and has {total} that should run"
+            ));
+        }
+        for r in state.replicas.values().filter(|r| &r.deployment == name) {
+            if !d.history.iter().any(|h| h.revision == r.revision) {
+                return Err(format!(
+                    "replica {:?} runs revision {} which {name:?} no longer keeps",
+                    r.id, r.revision
+                ));
+            }
         }
     }
     for (id, r) in &state.replicas {

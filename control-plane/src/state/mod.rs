@@ -23,7 +23,7 @@ pub mod deployments;
 pub mod legacy;
 mod nodes;
 
-pub use deployments::PlanBind;
+pub use deployments::{DeploymentChange, PlanBind};
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -134,6 +134,43 @@ pub enum Command {
         /// The decision.
         admin: NodeAdmin,
     },
+    /// A new revision of a deployment: another model version, other
+    /// resources, other rollout limits.
+    UpdateDeployment {
+        /// The deployment.
+        name: String,
+        /// What changes.
+        change: DeploymentChange,
+    },
+    /// A new revision with an earlier revision's spec (default: the one
+    /// before the current); the replica count stays.
+    RollbackDeployment {
+        /// The deployment.
+        name: String,
+        /// The revision to go back to.
+        to: Option<u64>,
+    },
+    /// A rollout step: adds replicas of the current revision.
+    RolloutAdd {
+        /// The deployment.
+        name: String,
+        /// How many.
+        count: u32,
+    },
+    /// A rollout step: retires replicas of older revisions.
+    RolloutRetire {
+        /// The deployment.
+        name: String,
+        /// The replicas.
+        replicas: Vec<String>,
+    },
+    /// Pauses a rollout whose new replicas fail; the old ones keep serving.
+    PauseRollout {
+        /// The deployment.
+        name: String,
+        /// Why, for people.
+        reason: String,
+    },
 }
 
 impl Command {
@@ -154,6 +191,11 @@ impl Command {
             Command::RemoveReplica { .. } => "remove_replica",
             Command::ReplaceLostReplicas { .. } => "replace_lost_replicas",
             Command::SetNodeAdmin { .. } => "set_node_admin",
+            Command::UpdateDeployment { .. } => "update_deployment",
+            Command::RollbackDeployment { .. } => "rollback_deployment",
+            Command::RolloutAdd { .. } => "rollout_add",
+            Command::RolloutRetire { .. } => "rollout_retire",
+            Command::PauseRollout { .. } => "pause_rollout",
         }
     }
 }
@@ -200,6 +242,8 @@ pub enum ObjectKind {
     Deployment,
     /// A replica.
     Replica,
+    /// A revision of a deployment.
+    Revision,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -210,6 +254,7 @@ impl std::fmt::Display for ObjectKind {
             ObjectKind::Node => "node",
             ObjectKind::Deployment => "deployment",
             ObjectKind::Replica => "replica",
+            ObjectKind::Revision => "revision",
         })
     }
 }
@@ -345,6 +390,15 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::RemoveReplica { id } => deployments::remove_replica(state, &id),
         Command::ReplaceLostReplicas { node } => deployments::replace_lost(state, &node, at_ms),
         Command::SetNodeAdmin { name, admin } => nodes::set_admin(state, &name, admin),
+        Command::UpdateDeployment { name, change } => {
+            deployments::update(state, &name, change, at_ms)
+        }
+        Command::RollbackDeployment { name, to } => deployments::rollback(state, &name, to, at_ms),
+        Command::RolloutAdd { name, count } => deployments::rollout_add(state, &name, count, at_ms),
+        Command::RolloutRetire { name, replicas } => {
+            deployments::rollout_retire(state, &name, &replicas)
+        }
+        Command::PauseRollout { name, reason } => deployments::pause(state, &name, reason),
         Command::SetNodeState {
             name,
             from,

@@ -167,7 +167,7 @@ fn render_state(state: &ClusterState) -> String {
     for d in state.deployments.values() {
         let s = &d.spec;
         out.push_str(&format!(
-            "deployment {} {}:{} replicas={} revision={} cpu_milli={} memory_mib={} gpus={} gpu_memory_mib={} gpu_milli={} policy={} priority={}\n",
+            "deployment {} {}:{} replicas={} revision={} cpu_milli={} memory_mib={} gpus={} gpu_memory_mib={} gpu_milli={} policy={} priority={}{}\n",
             d.name,
             s.model,
             s.version,
@@ -179,7 +179,11 @@ fn render_state(state: &ClusterState) -> String {
             s.resources.gpu_memory_mib,
             s.resources.gpu_milli,
             s.policy,
-            s.priority
+            s.priority,
+            d.paused
+                .as_ref()
+                .map(|p| format!(" paused=({p})"))
+                .unwrap_or_default()
         ));
     }
     for r in state.replicas.values() {
@@ -189,9 +193,10 @@ fn render_state(state: &ClusterState) -> String {
             .map(|g| format!("{}:{}:{}", g.index, g.milli, g.memory_mib))
             .collect();
         out.push_str(&format!(
-            "replica {} {:?} node={} gpus=[{}] gen={} placed_at={}\n",
+            "replica {} {:?} rev={} node={} gpus=[{}] gen={} placed_at={}\n",
             r.id,
             r.intent,
+            r.revision,
             r.node.as_deref().unwrap_or("-"),
             gpus.join(","),
             r.generation,
@@ -368,6 +373,46 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         },
         "replace-lost" => Command::ReplaceLostReplicas {
             node: rest[0].clone(),
+        },
+        "update" => {
+            let mut change = DeploymentChange::default();
+            for a in &rest[1..] {
+                let (k, v) = a.split_once('=').expect("k=v");
+                match k {
+                    "version" => change.version = Some(v.into()),
+                    "cpu" => change.resources.cpu_milli = Some(parse_cpu_milli(k, v).expect("cpu")),
+                    "memory" => {
+                        change.resources.memory_mib = Some(parse_size_mib(k, v).expect("memory"))
+                    }
+                    "gpus" => change.resources.gpus = Some(v.parse().expect("gpus")),
+                    "gpu_memory" => {
+                        change.resources.gpu_memory_mib = Some(parse_size_mib(k, v).expect("size"))
+                    }
+                    "surge" => change.max_surge = Some(v.parse().expect("surge")),
+                    "unavailable" => change.max_unavailable = Some(v.parse().expect("unavailable")),
+                    _ => panic!("unknown update arg {k}"),
+                }
+            }
+            Command::UpdateDeployment {
+                name: rest[0].clone(),
+                change,
+            }
+        }
+        "rollback" => Command::RollbackDeployment {
+            name: rest[0].clone(),
+            to: rest.get(1).map(|r| r.parse().expect("a revision")),
+        },
+        "rollout-add" => Command::RolloutAdd {
+            name: rest[0].clone(),
+            count: rest[1].parse().expect("a count"),
+        },
+        "rollout-retire" => Command::RolloutRetire {
+            name: rest[0].clone(),
+            replicas: rest[1..].to_vec(),
+        },
+        "pause" => Command::PauseRollout {
+            name: rest[0].clone(),
+            reason: rest[1..].join(" "),
         },
         "cordon" => Command::SetNodeAdmin {
             name: rest[0].clone(),
@@ -568,7 +613,42 @@ fn arb_deployment_command() -> impl Strategy<Value = Command> {
             name: n.into(),
             replicas
         }),
-        name.prop_map(|n| Command::DeleteDeployment { name: n.into() }),
+        name.clone()
+            .prop_map(|n| Command::DeleteDeployment { name: n.into() }),
+        (
+            name.clone(),
+            prop::option::of(prop::sample::select(vec!["v1", "v2", "v9"])),
+            prop::option::of(0u32..3),
+            prop::option::of(0u32..3)
+        )
+            .prop_map(|(n, version, gpus, surge)| Command::UpdateDeployment {
+                name: n.into(),
+                change: DeploymentChange {
+                    version: version.map(Into::into),
+                    resources: ResourceOverrides {
+                        gpus,
+                        ..ResourceOverrides::default()
+                    },
+                    max_surge: surge,
+                    max_unavailable: None,
+                },
+            }),
+        (name.clone(), prop::option::of(1u64..5))
+            .prop_map(|(n, to)| Command::RollbackDeployment { name: n.into(), to }),
+        (name.clone(), 0u32..3).prop_map(|(n, count)| Command::RolloutAdd {
+            name: n.into(),
+            count,
+        }),
+        (name.clone(), prop::collection::vec(replica.clone(), 0..3)).prop_map(|(n, rs)| {
+            Command::RolloutRetire {
+                name: n.into(),
+                replicas: rs.into_iter().map(Into::into).collect(),
+            }
+        }),
+        name.prop_map(|n| Command::PauseRollout {
+            name: n.into(),
+            reason: "test".into(),
+        }),
         prop::collection::vec(
             (
                 replica.clone(),
@@ -957,6 +1037,43 @@ pub(crate) fn fixture_requests_v2_deployments() -> Vec<Request> {
                 gpus: vec![slice(0)],
             },
         ]),
+        Command::UpdateDeployment {
+            name: "chat".into(),
+            change: DeploymentChange {
+                resources: ResourceOverrides {
+                    cpu_milli: Some(2000),
+                    ..ResourceOverrides::default()
+                },
+                ..DeploymentChange::default()
+            },
+        },
+        Command::AddModelVersion {
+            model: "llama".into(),
+            version: demo_spec("v3"),
+        },
+        Command::UpdateDeployment {
+            name: "chat".into(),
+            change: DeploymentChange {
+                version: Some("v3".into()),
+                ..DeploymentChange::default()
+            },
+        },
+        Command::RolloutAdd {
+            name: "chat".into(),
+            count: 1,
+        },
+        Command::PauseRollout {
+            name: "chat".into(),
+            reason: "chat-3 failed its health probe".into(),
+        },
+        Command::RollbackDeployment {
+            name: "chat".into(),
+            to: None,
+        },
+        Command::RolloutRetire {
+            name: "chat".into(),
+            replicas: vec!["chat-3".into()],
+        },
         Command::ScaleDeployment {
             name: "chat".into(),
             replicas: 1,

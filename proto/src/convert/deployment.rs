@@ -79,6 +79,7 @@ impl From<&Deployment> for v1::Deployment {
                 })
                 .collect(),
             created_at_ms: d.created_at_ms,
+            paused: d.paused.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
