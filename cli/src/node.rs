@@ -24,10 +24,21 @@ pub enum NodeCommand {
         /// The node's name.
         name: String,
     },
-    /// New replicas may land on the node again.
+    /// New replicas may land on the node again (also after a drain).
     Uncordon {
         /// The node's name.
         name: String,
+    },
+    /// Move the node's replicas elsewhere, each replaced before it stops; then the node is drained.
+    Drain {
+        /// The node's name.
+        name: String,
+        /// Wait until the node is drained (progress on stderr).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "10m", value_parser = duration)]
+        timeout: std::time::Duration,
     },
     /// Show one node: state, and its whole inventory (every GPU) read from its agent now.
     Show {
@@ -588,6 +599,10 @@ fn print_node(n: NodeView, out: OutputFormat) {
     }
 }
 
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    berth_common::units::parse_duration("timeout", s).map_err(|e| e.rule)
+}
+
 /// Runs a node subcommand.
 pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result<(), CliError> {
     match cmd {
@@ -613,6 +628,54 @@ pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result
                 })
                 .await?;
             eprintln!("cordoned node {name}: no new replicas land there; the ones running stay");
+            print_node(n.into(), out);
+        }
+        NodeCommand::Drain {
+            name,
+            wait,
+            timeout,
+        } => {
+            let n = client
+                .admin(|mut c| {
+                    let name = name.clone();
+                    async move { c.drain_node(pb::CordonNodeRequest { name }).await }
+                })
+                .await?;
+            eprintln!(
+                "draining node {name}: its replicas move elsewhere, each replaced before it stops"
+            );
+            let n = if wait {
+                let deadline = tokio::time::Instant::now() + timeout;
+                let mut last = String::new();
+                loop {
+                    let r = client
+                        .admin(|mut c| async move {
+                            c.list_nodes(pb::ListNodesRequest { stale: false }).await
+                        })
+                        .await?;
+                    let node = r
+                        .nodes
+                        .into_iter()
+                        .find(|n| n.name == name)
+                        .unwrap_or_default();
+                    let line = format!("{name}: {}, {} replicas left", node.state, node.replicas);
+                    if line != last {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                    if node.state == "drained" {
+                        break node;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(CliError::Other(anyhow::anyhow!(
+                            "node {name} is not drained after {timeout:?}; see `berth replica list --node {name}`"
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            } else {
+                n
+            };
             print_node(n.into(), out);
         }
         NodeCommand::Uncordon { name } => {

@@ -299,12 +299,23 @@ pub struct Replica {
     pub placed_at: u64,
     /// When it was created.
     pub created_at_ms: u64,
+    /// It is moving off a draining node: a replacement was added; it stops
+    /// once that one runs. It no longer counts toward its deployment.
+    pub evacuating: bool,
+    /// The replica this one replaces, when it was added for an evacuation.
+    pub replaces: Option<String>,
 }
 
 impl Replica {
     /// Whether it waits for a place.
     pub fn pending(&self) -> bool {
         self.node.is_none() && self.intent == ReplicaIntent::Run
+    }
+
+    /// Whether it counts toward its deployment: it should run and is not
+    /// moving away.
+    pub fn counts(&self) -> bool {
+        self.intent == ReplicaIntent::Run && !self.evacuating
     }
 }
 

@@ -213,6 +213,10 @@ pub enum NodeAdmin {
     Active,
     /// No new replicas land here; the ones running stay.
     Cordoned,
+    /// Its replicas are moving away (each replaced before it stops).
+    Draining,
+    /// Drained: no replica is left; nothing new lands here.
+    Drained,
 }
 
 impl NodeAdmin {
@@ -221,6 +225,8 @@ impl NodeAdmin {
         match self {
             NodeAdmin::Active => "active",
             NodeAdmin::Cordoned => "cordoned",
+            NodeAdmin::Draining => "draining",
+            NodeAdmin::Drained => "drained",
         }
     }
 }
@@ -294,13 +300,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// The state people see: `down` when it is, else `cordoned` when it
-    /// is, else `ready`.
+    /// The state people see: `down` when it is, else the operator's
+    /// decision (`cordoned`, `draining`, `drained`), else `ready`.
     pub fn display_state(&self) -> &'static str {
         match (self.state, self.admin) {
             (NodeState::Down, _) => "down",
-            (NodeState::Ready, NodeAdmin::Cordoned) => "cordoned",
             (NodeState::Ready, NodeAdmin::Active) => "ready",
+            (NodeState::Ready, admin) => admin.as_str(),
         }
     }
 

@@ -714,3 +714,85 @@ async fn rolling_update_rollback_failed_rollout_and_resize() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_replaces_each_replica_before_stopping_it() {
+    let cluster = LocalCluster::start(1, MemberOptions::default())
+        .await
+        .unwrap();
+    let s = cluster.servers();
+    let agent = |node: &str| {
+        LocalAgent::start_in(
+            cluster.root(),
+            AgentOptions {
+                node: node.into(),
+                simulate_gpus: Some("2xA100-80GB".into()),
+                control: Some(s.clone()),
+                extra: Vec::new(),
+            },
+        )
+        .expect("start agent")
+    };
+    let _a = agent("keep");
+    let _b = agent("leave");
+    berth_json(&[
+        "--server", &s, "model", "create", "demo", "--runtime", "demo", "--source",
+        "builtin:demo", "--gpus", "1", "--gpu-memory", "10GiB", "--gpu-share", "250", "--cpu",
+        "100m", "--memory", "128MiB",
+    ])
+    .await;
+    wait_until(DEADLINE, "two ready nodes", || async {
+        let v = berth_json(&["--server", &s, "node", "list"]).await;
+        (v.as_array()?.iter().filter(|n| n["state"] == "ready").count() == 2).then_some(())
+    })
+    .await;
+    berth_json(&[
+        "--server", &s, "deploy", "create", "web", "--model", "demo", "--replicas", "2",
+        "--policy", "spread", "--wait",
+    ])
+    .await;
+    let before = wait_running(&s, "web", 2).await;
+    let leaving: Vec<u32> = before
+        .iter()
+        .filter(|r| r["node"] == "leave")
+        .map(|r| r["pid"].as_u64().expect("a pid") as u32)
+        .collect();
+    assert_eq!(leaving.len(), 1, "{before:?}");
+
+    // Drain in the background; meanwhile, at least 2 replicas always run.
+    let drain = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            berth(&["--server", &s, "node", "drain", "leave", "--wait", "--timeout", "60s"]).await
+        })
+    };
+    loop {
+        let rs = replicas(&s, "web").await.unwrap_or_default();
+        let running = rs.iter().filter(|r| r["phase"] == "running").count();
+        assert!(running >= 2, "a replica stopped before its replacement ran: {rs:?}");
+        if drain.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let o = drain.await.expect("the drain command");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = wait_running(&s, "web", 2).await;
+    assert!(after.iter().all(|r| r["node"] == "keep"), "{after:?}");
+    for pid in leaving {
+        wait_until(DEADLINE, "the drained replica's process ends", || async {
+            (!alive(pid)).then_some(())
+        })
+        .await;
+    }
+    let nodes = berth_json(&["--server", &s, "node", "list"]).await;
+    let leave = nodes
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|n| n["name"] == "leave")
+        .expect("the node");
+    assert_eq!(leave["state"], "drained");
+    let back = berth_json(&["--server", &s, "node", "uncordon", "leave"]).await;
+    assert_eq!(back["state"], "ready");
+}

@@ -336,6 +336,21 @@ impl Admin for AdminService {
     }
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn drain_node(
+        &self,
+        request: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::NodeSummary>, Status> {
+        let summary = nodes::set_admin(
+            &self.nodes,
+            request.into_inner().name,
+            berth_common::NodeAdmin::Draining,
+        )
+        .await?;
+        self.replicas.wake();
+        Ok(Response::new(summary))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
     async fn uncordon_node(
         &self,
         request: Request<pb::CordonNodeRequest>,

@@ -109,7 +109,7 @@ pub fn rollout_step(
     let run: Vec<&Replica> = state
         .replicas
         .values()
-        .filter(|r| r.deployment == d.name && r.intent == ReplicaIntent::Run)
+        .filter(|r| r.deployment == d.name && r.counts())
         .collect();
     let (new, old): (Vec<&Replica>, Vec<&Replica>) =
         run.iter().partition(|r| r.revision == d.revision);
@@ -369,6 +369,62 @@ impl Replicas {
                 stepped |= self.write(step).await.is_some();
             }
         }
+        // Drains: each replica on a draining node gets a replacement first,
+        // and stops once that one runs (or found no place in time).
+        let now_ms = crate::member::now_ms();
+        for node in state
+            .nodes
+            .values()
+            .filter(|n| n.admin == berth_common::NodeAdmin::Draining)
+        {
+            let on: Vec<&Replica> = state
+                .replicas
+                .values()
+                .filter(|r| r.node.as_deref() == Some(node.name.as_str()))
+                .collect();
+            if on.is_empty() {
+                tracing::info!(node = %node.name, "node drained");
+                stepped |= self
+                    .write(Command::SetNodeAdmin {
+                        name: node.name.clone(),
+                        admin: berth_common::NodeAdmin::Drained,
+                    })
+                    .await
+                    .is_some();
+                continue;
+            }
+            for r in on {
+                if r.counts() {
+                    stepped |= self
+                        .write(Command::EvacuateReplica { id: r.id.clone() })
+                        .await
+                        .is_some();
+                    continue;
+                }
+                if !r.evacuating || r.intent != ReplicaIntent::Run {
+                    continue;
+                }
+                let replacement = state
+                    .replicas
+                    .values()
+                    .find(|x| x.replaces.as_deref() == Some(r.id.as_str()));
+                let done = match replacement {
+                    None => true,
+                    Some(x) => {
+                        x.intent != ReplicaIntent::Run
+                            || phase(x).is_some_and(|(p, _, _)| p == "running")
+                            || Duration::from_millis(now_ms.saturating_sub(x.created_at_ms))
+                                > self.deadline
+                    }
+                };
+                if done {
+                    stepped |= self
+                        .write(Command::FinishEvacuation { id: r.id.clone() })
+                        .await
+                        .is_some();
+                }
+            }
+        }
         let state = if stepped {
             self.member.state.read().state.clone()
         } else {
@@ -568,6 +624,8 @@ mod tests {
             intent: ReplicaIntent::Run,
             placed_at: 7,
             created_at_ms: 0,
+            evacuating: false,
+            replaces: None,
         };
         assert!(replica_spec(&state, &r).is_none(), "no deployment");
         state.models.insert(

@@ -11,8 +11,8 @@ use berth_common::deployment::{MAX_REVISIONS, validate_deployment_name};
 use std::collections::BTreeMap;
 
 use berth_common::{
-    Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, NodeState, Replica, ReplicaIntent,
-    ResourceOverrides, Revision,
+    Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, NodeAdmin, NodeState, Replica,
+    ReplicaIntent, ResourceOverrides, Revision,
 };
 use serde::{Deserialize, Serialize};
 
@@ -500,9 +500,10 @@ pub(super) fn rollout_retire(
         return Err(not_found(ObjectKind::Deployment, name));
     };
     for id in ids {
-        let ok = state.replicas.get(id).is_some_and(|r| {
-            r.deployment == name && r.intent == ReplicaIntent::Run && r.revision != d.revision
-        });
+        let ok = state
+            .replicas
+            .get(id)
+            .is_some_and(|r| r.deployment == name && r.counts() && r.revision != d.revision);
         if !ok {
             return Err(Rejection::FailedPrecondition(format!(
                 "replica {id} is not a running replica of an older revision of {name}"
@@ -549,21 +550,23 @@ pub(super) fn pause(
     deployment_outcome(state, name)
 }
 
-/// (replicas of `revision` that should run, replicas that should run in all).
+/// (replicas of `revision` that count, replicas that count in all): those
+/// that should run and are not moving off a draining node.
 fn counts(state: &ClusterState, name: &str, revision: u64) -> (usize, usize) {
     let run = state
         .replicas
         .values()
-        .filter(|r| r.deployment == name && r.intent == ReplicaIntent::Run);
+        .filter(|r| r.deployment == name && r.counts());
     run.fold((0, 0), |(c, t), r| {
         (c + usize::from(r.revision == revision), t + 1)
     })
 }
 
-/// Adds `count` pending replicas of the current revision.
-fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) {
+/// Adds `count` pending replicas of the current revision; returns their ids.
+fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) -> Vec<String> {
+    let mut added = Vec::new();
     let Some(d) = state.deployments.get_mut(name) else {
-        return;
+        return added;
     };
     for _ in 0..count {
         let id = format!("{name}-{}", d.next_ordinal);
@@ -581,8 +584,80 @@ fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) 
                 intent: ReplicaIntent::Run,
                 placed_at: 0,
                 created_at_ms: at_ms,
+                evacuating: false,
+                replaces: None,
             },
         );
+        added.push(format!("{name}-{}", d.next_ordinal - 1));
+    }
+    added
+}
+
+/// Starts moving a replica off its draining node: it stops counting toward
+/// its deployment and a replacement is added (placed elsewhere); the
+/// replica itself stops once `FinishEvacuation` says so.
+pub(super) fn evacuate(
+    state: &mut ClusterState,
+    id: &str,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(r) = state.replicas.get(id) else {
+        return Err(not_found(ObjectKind::Replica, id));
+    };
+    let on_draining = r
+        .node
+        .as_ref()
+        .and_then(|n| state.nodes.get(n))
+        .is_some_and(|n| n.admin == NodeAdmin::Draining);
+    if !on_draining || !r.counts() {
+        return Err(Rejection::FailedPrecondition(format!(
+            "replica {id} is not a running replica on a draining node"
+        )));
+    }
+    let deployment = r.deployment.clone();
+    if !state.deployments.contains_key(&deployment) {
+        return Err(not_found(ObjectKind::Deployment, &deployment));
+    }
+    if let Some(r) = state.replicas.get_mut(id) {
+        r.evacuating = true;
+    }
+    for new in add_replicas(state, &deployment, 1, at_ms) {
+        if let Some(r) = state.replicas.get_mut(&new) {
+            r.replaces = Some(id.to_string());
+        }
+    }
+    Ok(Outcome::Noop)
+}
+
+/// Stops a replica moving off a draining node (its replacement runs, or
+/// could not be placed in time).
+pub(super) fn finish_evacuation(state: &mut ClusterState, id: &str) -> Result<Outcome, Rejection> {
+    let Some(r) = state.replicas.get_mut(id) else {
+        return Err(not_found(ObjectKind::Replica, id));
+    };
+    if !r.evacuating || r.intent != ReplicaIntent::Run {
+        return Err(Rejection::FailedPrecondition(format!(
+            "replica {id} is not moving off a draining node"
+        )));
+    }
+    r.intent = ReplicaIntent::Remove;
+    Ok(Outcome::Noop)
+}
+
+/// A node stops draining (uncordoned or cordoned): its replicas that were
+/// moving away stay, and each deployment goes back to its count.
+pub(super) fn stop_evacuations(state: &mut ClusterState, node: &str, at_ms: u64) {
+    let mut deployments = Vec::new();
+    for r in state.replicas.values_mut() {
+        if r.node.as_deref() == Some(node) && r.evacuating && r.intent == ReplicaIntent::Run {
+            r.evacuating = false;
+            if !deployments.contains(&r.deployment) {
+                deployments.push(r.deployment.clone());
+            }
+        }
+    }
+    for d in deployments {
+        keep_count(state, &d, at_ms);
     }
 }
 
@@ -597,14 +672,22 @@ fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
     let mut running: Vec<&Replica> = state
         .replicas
         .values()
-        .filter(|r| r.deployment == name && r.intent == ReplicaIntent::Run)
+        .filter(|r| r.deployment == name && r.counts())
         .collect();
     if running.len() > want {
-        // Older revisions first, then pending before placed, newest first.
+        // Older revisions first, then those on draining nodes, then
+        // pending before placed, newest first.
         let current = d.revision;
+        let draining = |r: &Replica| {
+            r.node
+                .as_ref()
+                .and_then(|n| state.nodes.get(n))
+                .is_some_and(|n| n.admin == NodeAdmin::Draining)
+        };
         running.sort_by_key(|r| {
             (
                 r.revision == current,
+                !draining(r),
                 r.node.is_some(),
                 std::cmp::Reverse(ordinal(&r.id)),
             )
@@ -717,6 +800,9 @@ pub(super) fn check_invariants(state: &ClusterState) -> Result<(), String> {
         }
         if r.node.is_none() && !r.gpus.is_empty() {
             return Err(format!("replica {id:?} holds GPUs but no node"));
+        }
+        if r.evacuating && r.node.is_none() {
+            return Err(format!("replica {id:?} moves off a node but has none"));
         }
     }
     capacity::check(&state.nodes, &capacity::usage(state.replicas.values()))

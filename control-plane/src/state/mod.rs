@@ -171,6 +171,16 @@ pub enum Command {
         /// Why, for people.
         reason: String,
     },
+    /// Starts moving a replica off its draining node: a replacement is added.
+    EvacuateReplica {
+        /// The replica.
+        id: String,
+    },
+    /// Stops a replica that moved off its draining node.
+    FinishEvacuation {
+        /// The replica.
+        id: String,
+    },
 }
 
 impl Command {
@@ -196,6 +206,8 @@ impl Command {
             Command::RolloutAdd { .. } => "rollout_add",
             Command::RolloutRetire { .. } => "rollout_retire",
             Command::PauseRollout { .. } => "pause_rollout",
+            Command::EvacuateReplica { .. } => "evacuate_replica",
+            Command::FinishEvacuation { .. } => "finish_evacuation",
         }
     }
 }
@@ -389,7 +401,9 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::ApplyPlan(binds) => deployments::apply_plan(state, binds),
         Command::RemoveReplica { id } => deployments::remove_replica(state, &id),
         Command::ReplaceLostReplicas { node } => deployments::replace_lost(state, &node, at_ms),
-        Command::SetNodeAdmin { name, admin } => nodes::set_admin(state, &name, admin),
+        Command::SetNodeAdmin { name, admin } => nodes::set_admin(state, &name, admin, at_ms),
+        Command::EvacuateReplica { id } => deployments::evacuate(state, &id, at_ms),
+        Command::FinishEvacuation { id } => deployments::finish_evacuation(state, &id),
         Command::UpdateDeployment { name, change } => {
             deployments::update(state, &name, change, at_ms)
         }

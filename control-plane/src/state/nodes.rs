@@ -84,12 +84,37 @@ pub(super) fn set_state(
     Ok(Outcome::Node(Box::new(node.clone())))
 }
 
-/// Records an operator's decision about a node (cordon, uncordon).
+/// Records an operator's decision about a node (cordon, drain, uncordon),
+/// or the reconciler's (drained, once no replica is left there).
 pub(super) fn set_admin(
     state: &mut ClusterState,
     name: &str,
     admin: NodeAdmin,
+    at_ms: u64,
 ) -> Result<Outcome, Rejection> {
+    let Some(node) = state.nodes.get(name) else {
+        return Err(Rejection::NotFound {
+            kind: ObjectKind::Node,
+            name: name.to_string(),
+        });
+    };
+    let was = node.admin;
+    if admin == NodeAdmin::Drained {
+        let left = state
+            .replicas
+            .values()
+            .filter(|r| r.node.as_deref() == Some(name))
+            .count();
+        if left > 0 || was != NodeAdmin::Draining {
+            return Err(Rejection::FailedPrecondition(format!(
+                "node {name} is {} with {left} replicas: only a draining node with none left is drained",
+                was.as_str()
+            )));
+        }
+    }
+    if was == NodeAdmin::Draining && admin != NodeAdmin::Draining && admin != NodeAdmin::Drained {
+        super::deployments::stop_evacuations(state, name, at_ms);
+    }
     let Some(node) = state.nodes.get_mut(name) else {
         return Err(Rejection::NotFound {
             kind: ObjectKind::Node,

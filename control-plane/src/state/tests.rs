@@ -193,9 +193,14 @@ fn render_state(state: &ClusterState) -> String {
             .map(|g| format!("{}:{}:{}", g.index, g.milli, g.memory_mib))
             .collect();
         out.push_str(&format!(
-            "replica {} {:?} rev={} node={} gpus=[{}] gen={} placed_at={}\n",
+            "replica {} {:?}{} rev={} node={} gpus=[{}] gen={} placed_at={}\n",
             r.id,
             r.intent,
+            match (&r.replaces, r.evacuating) {
+                (_, true) => " evacuating".to_string(),
+                (Some(x), _) => format!(" replaces={x}"),
+                _ => String::new(),
+            },
             r.revision,
             r.node.as_deref().unwrap_or("-"),
             gpus.join(","),
@@ -417,6 +422,20 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         "cordon" => Command::SetNodeAdmin {
             name: rest[0].clone(),
             admin: NodeAdmin::Cordoned,
+        },
+        "drain" => Command::SetNodeAdmin {
+            name: rest[0].clone(),
+            admin: NodeAdmin::Draining,
+        },
+        "drained" => Command::SetNodeAdmin {
+            name: rest[0].clone(),
+            admin: NodeAdmin::Drained,
+        },
+        "evacuate" => Command::EvacuateReplica {
+            id: rest[0].clone(),
+        },
+        "finish-evacuation" => Command::FinishEvacuation {
+            id: rest[0].clone(),
         },
         "uncordon" => Command::SetNodeAdmin {
             name: rest[0].clone(),
@@ -649,6 +668,12 @@ fn arb_deployment_command() -> impl Strategy<Value = Command> {
             name: n.into(),
             reason: "test".into(),
         }),
+        replica
+            .clone()
+            .prop_map(|r| Command::EvacuateReplica { id: r.into() }),
+        replica
+            .clone()
+            .prop_map(|r| Command::FinishEvacuation { id: r.into() }),
         prop::collection::vec(
             (
                 replica.clone(),
@@ -679,12 +704,13 @@ fn arb_node_command() -> impl Strategy<Value = Command> {
             }
             Command::RegisterNode(r)
         }),
-        (node.clone(), any::<bool>()).prop_map(|(n, cordon)| Command::SetNodeAdmin {
+        (node.clone(), 0u8..4).prop_map(|(n, a)| Command::SetNodeAdmin {
             name: n.into(),
-            admin: if cordon {
-                NodeAdmin::Cordoned
-            } else {
-                NodeAdmin::Active
+            admin: match a {
+                0 => NodeAdmin::Active,
+                1 => NodeAdmin::Cordoned,
+                2 => NodeAdmin::Draining,
+                _ => NodeAdmin::Drained,
             },
         }),
         (node, instance, any::<bool>(), any::<bool>()).prop_map(|(n, i, down, from_down)| {
@@ -1090,8 +1116,36 @@ pub(crate) fn fixture_requests_v2_deployments() -> Vec<Request> {
         Command::ReplaceLostReplicas {
             node: "gpu-1".into(),
         },
+        Command::SetNodeState {
+            name: "gpu-1".into(),
+            from: NodeState::Down,
+            to: NodeState::Ready,
+            instance: "a2".into(),
+        },
+        Command::ApplyPlan(vec![PlanBind {
+            replica: "chat-4".into(),
+            node: "gpu-1".into(),
+            gpus: vec![slice(0)],
+        }]),
+        Command::SetNodeAdmin {
+            name: "gpu-1".into(),
+            admin: NodeAdmin::Draining,
+        },
+        Command::EvacuateReplica {
+            id: "chat-4".into(),
+        },
+        Command::FinishEvacuation {
+            id: "chat-4".into(),
+        },
+        Command::RemoveReplica {
+            id: "chat-4".into(),
+        },
         Command::DeleteDeployment {
             name: "chat".into(),
+        },
+        Command::SetNodeAdmin {
+            name: "gpu-1".into(),
+            admin: NodeAdmin::Drained,
         },
     ];
     commands
@@ -1130,9 +1184,10 @@ fn state_v2_fixture_stays_readable() {
     assert_eq!(state.nodes["gpu-1"].epoch, 2);
     assert_eq!(
         state.nodes["gpu-1"].state,
-        NodeState::Down,
-        "lost in the deployment fixtures"
+        NodeState::Ready,
+        "lost, then back"
     );
+    assert_eq!(state.nodes["gpu-1"].admin, NodeAdmin::Drained);
     assert_eq!(state.nodes["cpu-1"].state, NodeState::Down);
     let fresh = postcard::to_stdvec(&state).unwrap();
     let stored = fixture("state-v2.postcard", &fresh);
