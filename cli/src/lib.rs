@@ -19,6 +19,7 @@ pub mod client;
 pub mod cluster;
 pub mod deploy;
 pub mod dev;
+pub mod events;
 pub mod local;
 pub mod model;
 pub mod node;
@@ -69,6 +70,8 @@ enum Command {
     /// Replicas: where each runs and what it is doing.
     #[command(subcommand)]
     Replica(deploy::ReplicaCommand),
+    /// What happened: changes to the cluster, and replica phase changes.
+    Events(events::EventsArgs),
     /// Run the demo model server (a small real HTTP server that runtime demo starts).
     DemoModel(berth_node_agent::demo_model::DemoArgs),
     /// Internal: own one replica process (the agent runs this when it is `berth`, as in `berth dev`).
@@ -109,6 +112,7 @@ pub fn main() -> ExitCode {
             Command::Node(c) => node::run(c, &client, out).await,
             Command::Deploy(c) => deploy::run(c, &client, out).await,
             Command::Replica(c) => deploy::run_replica(c, &client, out).await,
+            Command::Events(a) => events::run(a, &client, out).await,
             Command::DemoModel(a) => berth_node_agent::demo_model::run(a)
                 .await
                 .map_err(CliError::Other),

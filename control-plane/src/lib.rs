@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 #[cfg(test)]
 mod datadriven;
+pub mod events;
 pub mod member;
 pub mod raft;
 pub mod reconciler;

@@ -202,6 +202,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let sm = StateMachineStore::open(&config.data_dir)
         .with_context(|| format!("load snapshot in {}", config.data_dir.display()))?;
     let state = sm.view();
+    let events = sm.events();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind gRPC address {}", config.listen))?;
@@ -225,6 +226,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         proposer: Proposer::start(raft.clone(), &tasks, shutdown.clone()),
         forwarder: Forwarder::start(peers, &tasks, shutdown.clone()),
         contact: Default::default(),
+        events,
     };
     detector::start(
         member.clone(),

@@ -341,6 +341,55 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
         .collect();
     assert_eq!(names, ["huge", "web"]);
 
+    // Events: every member tells what happened, from the changes it applied.
+    let events = berth_json(&["--server", &survivors, "events", "--tail", "500"]).await;
+    let messages: Vec<&str> = events
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| e["message"].as_str().expect("a message"))
+        .collect();
+    for expected in [
+        "deployment web created: 2 replicas of demo:v1",
+        "replica web-1 placed on node",
+        "deployment web scaled to 4 replicas",
+        "node gpu-b is down",
+        "the replicas of node gpu-b are replaced elsewhere",
+        "node gpu-b is cordoned",
+    ] {
+        assert!(
+            messages.iter().any(|m| m.contains(expected)),
+            "no event {expected:?} in {messages:?}"
+        );
+    }
+    // Following: a new change arrives on the open stream.
+    let mut follow =
+        tokio::process::Command::new(berth_cli::local::find_binary("berth").expect("berth"))
+            .args([
+                "--server", &survivors, "events", "--tail", "0", "-f", "-o", "json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("berth events -f");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        follow.stdout.take().expect("stdout"),
+    ));
+    berth_json(&["--server", &survivors, "deploy", "scale", "huge", "0"]).await;
+    let line = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let line = lines.next_line().await.expect("read").expect("a line");
+            if line.contains("huge scaled to 0") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("the event arrives while following");
+    let e: Value = serde_json::from_str(&line).expect("one JSON object a line");
+    assert_eq!(e["kind"], "deployment");
+    drop(follow);
+
     // Delete: every replica process ends.
     let last = pids(&moved);
     berth(&["--server", &survivors, "deploy", "delete", "web"]).await;
@@ -736,19 +785,50 @@ async fn drain_replaces_each_replica_before_stopping_it() {
     let _a = agent("keep");
     let _b = agent("leave");
     berth_json(&[
-        "--server", &s, "model", "create", "demo", "--runtime", "demo", "--source",
-        "builtin:demo", "--gpus", "1", "--gpu-memory", "10GiB", "--gpu-share", "250", "--cpu",
-        "100m", "--memory", "128MiB",
+        "--server",
+        &s,
+        "model",
+        "create",
+        "demo",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "10GiB",
+        "--gpu-share",
+        "250",
+        "--cpu",
+        "100m",
+        "--memory",
+        "128MiB",
     ])
     .await;
     wait_until(DEADLINE, "two ready nodes", || async {
         let v = berth_json(&["--server", &s, "node", "list"]).await;
-        (v.as_array()?.iter().filter(|n| n["state"] == "ready").count() == 2).then_some(())
+        (v.as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count()
+            == 2)
+            .then_some(())
     })
     .await;
     berth_json(&[
-        "--server", &s, "deploy", "create", "web", "--model", "demo", "--replicas", "2",
-        "--policy", "spread", "--wait",
+        "--server",
+        &s,
+        "deploy",
+        "create",
+        "web",
+        "--model",
+        "demo",
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--wait",
     ])
     .await;
     let before = wait_running(&s, "web", 2).await;
@@ -763,13 +843,26 @@ async fn drain_replaces_each_replica_before_stopping_it() {
     let drain = {
         let s = s.clone();
         tokio::spawn(async move {
-            berth(&["--server", &s, "node", "drain", "leave", "--wait", "--timeout", "60s"]).await
+            berth(&[
+                "--server",
+                &s,
+                "node",
+                "drain",
+                "leave",
+                "--wait",
+                "--timeout",
+                "60s",
+            ])
+            .await
         })
     };
     loop {
         let rs = replicas(&s, "web").await.unwrap_or_default();
         let running = rs.iter().filter(|r| r["phase"] == "running").count();
-        assert!(running >= 2, "a replica stopped before its replacement ran: {rs:?}");
+        assert!(
+            running >= 2,
+            "a replica stopped before its replacement ran: {rs:?}"
+        );
         if drain.is_finished() {
             break;
         }

@@ -7,6 +7,7 @@ use berth_proto::grpc::{self, invalid_argument};
 use berth_proto::v1::admin_client::AdminClient;
 use berth_proto::v1::admin_server::Admin;
 use berth_proto::v1::{self as pb};
+use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::deployments::Deployments;
@@ -295,6 +296,40 @@ impl Admin for AdminService {
             .explain(request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    type EventsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
+
+    #[tracing::instrument(skip_all)]
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let req = request.into_inner();
+        let log = &self.member.events;
+        // Subscribe first: nothing recorded in between is missed.
+        let rx = req.follow.then(|| log.subscribe());
+        let first = log.recent(req.tail.unwrap_or(100) as usize);
+        let to_pb = |e: crate::events::Event| pb::Event {
+            at_ms: e.at_ms,
+            severity: e.severity.into(),
+            kind: e.kind.into(),
+            object: e.object,
+            message: e.message,
+        };
+        let first = futures::stream::iter(first.into_iter().map(move |e| Ok(to_pb(e))));
+        let Some(rx) = rx else {
+            return Ok(Response::new(Box::pin(first)));
+        };
+        let follow = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| {
+            std::future::ready(match e {
+                Ok(e) => Some(Ok(to_pb(e))),
+                // A follower that fell behind skips what it missed.
+                Err(_) => None,
+            })
+        });
+        Ok(Response::new(Box::pin(first.chain(follow))))
     }
 
     type ReplicaLogsStream = std::pin::Pin<

@@ -128,6 +128,8 @@ pub struct Member {
     pub forwarder: Forwarder,
     /// When this member last heard from a leader (see `detector`).
     pub contact: detector::LeaderContact,
+    /// What happened: applied commands, and the leader's observations.
+    pub events: crate::events::EventLog,
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -22,6 +22,7 @@ use super::{
     Entry, LogId, NodeId, Response, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
     decode, encode,
 };
+use crate::events::EventLog;
 use crate::state::legacy::ClusterStateV1;
 use crate::state::{self, ClusterState, Outcome};
 
@@ -116,6 +117,7 @@ struct Shared {
     dir: PathBuf,
     current: Mutex<Option<(SnapshotMeta, Arc<Vec<u8>>)>>,
     builds: AtomicU64,
+    events: EventLog,
 }
 
 /// The state machine store given to openraft. Cloning shares it.
@@ -165,8 +167,14 @@ impl StateMachineStore {
                 dir: dir.to_path_buf(),
                 current: Mutex::new(current),
                 builds: AtomicU64::new(0),
+                events: EventLog::default(),
             }),
         })
+    }
+
+    /// The events of the commands this member applies.
+    pub fn events(&self) -> EventLog {
+        self.shared.events.clone()
     }
 
     /// A read-only view for the API.
@@ -259,11 +267,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut applied = self.write();
         let mut out = Vec::new();
+        let mut events = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Noop),
-                EntryPayload::Normal(request) => state::apply(&mut applied.state, request),
+                EntryPayload::Normal(request) => {
+                    let described = request.clone();
+                    let result = state::apply(&mut applied.state, request);
+                    events.extend(state::events::describe(&described, &result));
+                    result
+                }
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     Ok(Outcome::Noop)
@@ -271,6 +285,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             out.push(Response(result));
         }
+        drop(applied);
+        self.shared.events.extend(events);
         Ok(out)
     }
 

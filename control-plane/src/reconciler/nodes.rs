@@ -218,6 +218,7 @@ impl NodeTracker {
             return Ok(None);
         }
         let name = report.node.clone();
+        self.phase_events(&name, &report);
         self.observe(
             &name,
             Observation {
@@ -242,6 +243,40 @@ impl NodeTracker {
             desired,
             state_version: version,
         }))
+    }
+
+    /// Events for the replica phases that changed since the node's last heartbeat.
+    fn phase_events(&self, node: &str, report: &pb::HeartbeatRequest) {
+        let before = self.observations().remove(node);
+        let now_ms = crate::member::now_ms();
+        let events = report.replicas.iter().filter_map(|r| {
+            let was = before
+                .as_ref()?
+                .report
+                .replicas
+                .iter()
+                .find(|x| x.id == r.id)
+                .map(|x| (x.phase.as_str(), x.generation));
+            if was == Some((r.phase.as_str(), r.generation)) {
+                return None;
+            }
+            let mut message = format!("replica {} on node {node} is {}", r.id, r.phase);
+            if !r.reason.is_empty() {
+                message.push_str(&format!(": {}", r.reason));
+            }
+            Some(crate::events::Event {
+                at_ms: now_ms,
+                severity: if r.phase == "failed" {
+                    "warning"
+                } else {
+                    "info"
+                },
+                kind: "replica",
+                object: r.id.clone(),
+                message,
+            })
+        });
+        self.member.events.extend(events.collect::<Vec<_>>());
     }
 
     /// One pass of the liveness check; only the leader acts.

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod capacity;
 pub mod deployments;
+pub mod events;
 pub mod legacy;
 mod nodes;
 
