@@ -74,60 +74,78 @@ async fn complete(endpoint: &str) -> (u16, String) {
     .unwrap_or((0, String::new()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
-    let mut cluster = LocalCluster::start(3, MemberOptions::default())
-        .await
-        .unwrap();
-    let servers = cluster.servers();
-    let agent = |node: &str| {
-        LocalAgent::start_in(
-            cluster.root(),
-            AgentOptions {
-                node: node.into(),
-                simulate_gpus: Some("2xA100-80GB".into()),
-                control: Some(servers.clone()),
-                extra: Vec::new(),
-            },
-        )
-        .expect("start agent")
+/// The model every test deploys: the demo server, a quarter of a GPU and
+/// 10 GiB of its memory, 100m CPU and 128 MiB per replica.
+const DEMO: [&str; 14] = [
+    "--runtime",
+    "demo",
+    "--source",
+    "builtin:demo",
+    "--gpus",
+    "1",
+    "--gpu-memory",
+    "10GiB",
+    "--gpu-share",
+    "250",
+    "--cpu",
+    "100m",
+    "--memory",
+    "128MiB",
+];
+
+/// A control plane of `members` (with `extra` flags each), one agent with
+/// two simulated A100s per name in `nodes`, every node ready, and model
+/// `demo` registered. Returns the cluster, its agents and `--server`.
+async fn demo_cluster(
+    members: usize,
+    extra: &[&str],
+    nodes: &[&str],
+) -> (LocalCluster, Vec<LocalAgent>, String) {
+    let options = MemberOptions {
+        extra: extra.iter().map(|x| x.to_string()).collect(),
+        ..MemberOptions::default()
     };
-    let _a = agent("gpu-a");
-    let mut b = agent("gpu-b");
-    wait_until(DEADLINE, "two ready nodes", || async {
-        let o = berth(&["--server", &servers, "node", "list", "-o", "json"]).await;
-        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
-        (v.as_array()?
+    let cluster = LocalCluster::start(members, options)
+        .await
+        .expect("start the control plane");
+    let servers = cluster.servers();
+    let agents: Vec<LocalAgent> = nodes
+        .iter()
+        .map(|node| {
+            LocalAgent::start_in(
+                cluster.root(),
+                AgentOptions {
+                    node: node.to_string(),
+                    simulate_gpus: Some("2xA100-80GB".into()),
+                    control: Some(servers.clone()),
+                    extra: Vec::new(),
+                },
+            )
+            .expect("start agent")
+        })
+        .collect();
+    wait_until(DEADLINE, "every node ready", || async {
+        let v = berth_json(&["--server", &servers, "node", "list"]).await;
+        let ready = v
+            .as_array()?
             .iter()
             .filter(|n| n["state"] == "ready")
-            .count()
-            == 2)
-            .then_some(())
+            .count();
+        (ready == nodes.len()).then_some(())
     })
     .await;
+    let mut create = vec!["--server", servers.as_str(), "model", "create", "demo"];
+    create.extend(DEMO);
+    berth_json(&create).await;
+    (cluster, agents, servers)
+}
 
-    berth_json(&[
-        "--server",
-        &servers,
-        "model",
-        "create",
-        "demo",
-        "--runtime",
-        "demo",
-        "--source",
-        "builtin:demo",
-        "--gpus",
-        "1",
-        "--gpu-memory",
-        "10GiB",
-        "--gpu-share",
-        "250",
-        "--cpu",
-        "100m",
-        "--memory",
-        "128MiB",
-    ])
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
+    let (mut cluster, agents, servers) = demo_cluster(3, &[], &["gpu-a", "gpu-b"]).await;
+    let mut agents = agents.into_iter();
+    let _a = agents.next().expect("agent a");
+    let mut b = agents.next().expect("agent b");
 
     // Deploy, wait, and reach every replica over HTTP.
     let created = berth_json(&[
@@ -413,56 +431,8 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_back_from_a_freeze_stops_the_replicas_moved_away() {
-    let cluster = LocalCluster::start(1, MemberOptions::default())
-        .await
-        .unwrap();
-    let servers = cluster.servers();
-    let agent = |node: &str| {
-        LocalAgent::start_in(
-            cluster.root(),
-            AgentOptions {
-                node: node.into(),
-                simulate_gpus: Some("2xA100-80GB".into()),
-                control: Some(servers.clone()),
-                extra: Vec::new(),
-            },
-        )
-        .expect("start agent")
-    };
-    let a = agent("frozen");
-    let _b = agent("other");
-    berth_json(&[
-        "--server",
-        &servers,
-        "model",
-        "create",
-        "demo",
-        "--runtime",
-        "demo",
-        "--source",
-        "builtin:demo",
-        "--gpus",
-        "1",
-        "--gpu-memory",
-        "10GiB",
-        "--gpu-share",
-        "250",
-        "--cpu",
-        "100m",
-        "--memory",
-        "128MiB",
-    ])
-    .await;
-    wait_until(DEADLINE, "two ready nodes", || async {
-        let v = berth_json(&["--server", &servers, "node", "list"]).await;
-        (v.as_array()?
-            .iter()
-            .filter(|n| n["state"] == "ready")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    let (_cluster, agents, servers) = demo_cluster(1, &[], &["frozen", "other"]).await;
+    let a = &agents[0];
     berth_json(&[
         "--server",
         &servers,
@@ -532,102 +502,17 @@ async fn deployment(server: &str, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_update_rollback_failed_rollout_and_resize() {
-    let cluster = LocalCluster::start(
-        1,
-        MemberOptions {
-            extra: vec!["--progress-deadline".into(), "4s".into()],
-            ..MemberOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let s = cluster.servers();
-    let agent = |node: &str| {
-        LocalAgent::start_in(
-            cluster.root(),
-            AgentOptions {
-                node: node.into(),
-                simulate_gpus: Some("2xA100-80GB".into()),
-                control: Some(s.clone()),
-                extra: Vec::new(),
-            },
-        )
-        .expect("start agent")
-    };
-    let _a = agent("roll-a");
-    let _b = agent("roll-b");
-    let demo = |v: &str, env: &[&str]| {
-        let mut args: Vec<String> = [
-            "--server",
-            &s,
-            "model",
-            "version",
-            "add",
-            "demo",
-            v,
-            "--runtime",
-            "demo",
-            "--source",
-            "builtin:demo",
-            "--gpus",
-            "1",
-            "--gpu-memory",
-            "10GiB",
-            "--gpu-share",
-            "250",
-            "--cpu",
-            "100m",
-            "--memory",
-            "128MiB",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        for e in env {
-            args.extend(["--env".to_string(), e.to_string()]);
-        }
-        args
-    };
-    berth_json(&[
-        "--server",
-        &s,
-        "model",
-        "create",
-        "demo",
-        "--runtime",
-        "demo",
-        "--source",
-        "builtin:demo",
-        "--gpus",
-        "1",
-        "--gpu-memory",
-        "10GiB",
-        "--gpu-share",
-        "250",
-        "--cpu",
-        "100m",
-        "--memory",
-        "128MiB",
-    ])
-    .await;
+    let (_cluster, _agents, s) =
+        demo_cluster(1, &["--progress-deadline", "4s"], &["roll-a", "roll-b"]).await;
     for (v, env) in [
-        ("v2", vec!["BERTH_DEMO_LOAD_DELAY=300ms"]),
-        ("v3", vec!["BERTH_DEMO_FAIL_HEALTH=true"]),
+        ("v2", "BERTH_DEMO_LOAD_DELAY=300ms"),
+        ("v3", "BERTH_DEMO_FAIL_HEALTH=true"),
     ] {
-        let args = demo(v, &env);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        berth_json(&refs).await;
+        let mut args = vec!["--server", s.as_str(), "model", "version", "add", "demo", v];
+        args.extend(DEMO);
+        args.extend(["--env", env]);
+        berth_json(&args).await;
     }
-    wait_until(DEADLINE, "two ready nodes", || async {
-        let v = berth_json(&["--server", &s, "node", "list"]).await;
-        (v.as_array()?
-            .iter()
-            .filter(|n| n["state"] == "ready")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
     berth_json(&[
         "--server",
         &s,
@@ -766,56 +651,7 @@ async fn rolling_update_rollback_failed_rollout_and_resize() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_replaces_each_replica_before_stopping_it() {
-    let cluster = LocalCluster::start(1, MemberOptions::default())
-        .await
-        .unwrap();
-    let s = cluster.servers();
-    let agent = |node: &str| {
-        LocalAgent::start_in(
-            cluster.root(),
-            AgentOptions {
-                node: node.into(),
-                simulate_gpus: Some("2xA100-80GB".into()),
-                control: Some(s.clone()),
-                extra: Vec::new(),
-            },
-        )
-        .expect("start agent")
-    };
-    let _a = agent("keep");
-    let _b = agent("leave");
-    berth_json(&[
-        "--server",
-        &s,
-        "model",
-        "create",
-        "demo",
-        "--runtime",
-        "demo",
-        "--source",
-        "builtin:demo",
-        "--gpus",
-        "1",
-        "--gpu-memory",
-        "10GiB",
-        "--gpu-share",
-        "250",
-        "--cpu",
-        "100m",
-        "--memory",
-        "128MiB",
-    ])
-    .await;
-    wait_until(DEADLINE, "two ready nodes", || async {
-        let v = berth_json(&["--server", &s, "node", "list"]).await;
-        (v.as_array()?
-            .iter()
-            .filter(|n| n["state"] == "ready")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    let (_cluster, _agents, s) = demo_cluster(1, &[], &["keep", "leave"]).await;
     berth_json(&[
         "--server",
         &s,
