@@ -72,7 +72,9 @@ where
     Fut: Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + timeout;
+    let mut ticks = poll_every(Duration::from_millis(50));
     loop {
+        ticks.tick().await;
         if let Some(v) = condition().await {
             return v;
         }
@@ -80,8 +82,47 @@ where
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs `check` (which asserts an invariant and says whether it could look)
+/// every `every` until `over()` says the watched period ended; returns how many
+/// checks could look. Panics after `timeout` naming `what`, so a period that
+/// never ends bounds the test instead of hanging it.
+pub async fn check_until<F, Fut>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut over: impl FnMut() -> bool,
+    mut check: F,
+) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut ticks = poll_every(every);
+    let mut looked = 0;
+    loop {
+        ticks.tick().await;
+        // Decided before the check, so the last check sees the state at (or after) the end.
+        let last = over();
+        looked += usize::from(check().await);
+        if last {
+            return looked;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} watching {what}"
+        );
+    }
+}
+
+/// A poll cadence that does not bunch up ticks after a slow check.
+fn poll_every(every: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// A gRPC Admin client for one member.

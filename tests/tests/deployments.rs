@@ -692,18 +692,23 @@ async fn drain_replaces_each_replica_before_stopping_it() {
             .await
         })
     };
-    loop {
-        let rs = replicas(&s, "web").await.unwrap_or_default();
-        let running = rs.iter().filter(|r| r["phase"] == "running").count();
-        assert!(
-            running >= 2,
-            "a replica stopped before its replacement ran: {rs:?}"
-        );
-        if drain.is_finished() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    check_until(
+        // Past the drain's own 60 s timeout, so its error is the one reported.
+        DEADLINE + std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(100),
+        "two replicas running while the node drains",
+        || drain.is_finished(),
+        || async {
+            let rs = replicas(&s, "web").await.unwrap_or_default();
+            let running = rs.iter().filter(|r| r["phase"] == "running").count();
+            assert!(
+                running >= 2,
+                "a replica stopped before its replacement ran: {rs:?}"
+            );
+            true
+        },
+    )
+    .await;
     let o = drain.await.expect("the drain command");
     assert!(o.status.success(), "{}", stderr(&o));
     let after = wait_running(&s, "web", 2).await;

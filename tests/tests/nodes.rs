@@ -134,18 +134,24 @@ async fn agents_register_go_down_come_back_and_survive_a_leader_change() {
     assert_ne!(new_leader, old_leader);
     // Watch for longer than the grace period: every answer must show both ready.
     let watch_until = Instant::now() + Duration::from_secs(8);
-    let mut answers = 0;
-    while Instant::now() < watch_until {
-        if let Some(all) = nodes(&survivors).await {
+    let answers = check_until(
+        DEADLINE,
+        Duration::from_millis(300),
+        "both nodes stay ready across the grace period",
+        || Instant::now() >= watch_until,
+        || async {
+            let Some(all) = nodes(&survivors).await else {
+                return false;
+            };
             for (i, n) in ["gpu-a", "gpu-b"].iter().enumerate() {
                 let n = node(&all, n).expect("node listed");
                 assert_eq!(n["state"], "ready", "after the leader change: {all}");
                 assert_eq!(n["state_since_ms"], since[i], "no down/ready flip: {all}");
             }
-            answers += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            true
+        },
+    )
+    .await;
     assert!(answers > 5, "the new leader answered only {answers} times");
     // And the new leader hears the heartbeats.
     wait_until(DEADLINE, "heartbeats reach the new leader", || async {
