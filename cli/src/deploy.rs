@@ -3,16 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use berth_common::names::parse_label;
-use berth_common::units::{
-    format_cpu_milli, format_mib_approx as format_mib, parse_cpu_milli, parse_duration,
-    parse_size_mib,
-};
+use berth_common::units::{format_cpu_milli, format_mib_approx as format_mib};
 use berth_proto::v1 as pb;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::args::{cpu, duration, label, size};
 use crate::client::{CliError, Client};
 use crate::output::{OutputFormat, print_json, table};
 
@@ -38,12 +35,8 @@ pub enum DeployCommand {
         name: String,
         /// The new number of replicas (0-1000).
         replicas: u32,
-        /// Wait until the replicas that should run are running.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "5m", value_parser = duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Roll out another model version (a new revision), within --max-surge
     /// and --max-unavailable, gated on health; paused if new replicas fail.
@@ -145,22 +138,6 @@ pub struct WaitArgs {
     timeout: Duration,
 }
 
-fn size(s: &str) -> Result<u64, String> {
-    parse_size_mib("size", s).map_err(|e| e.rule)
-}
-
-fn cpu(s: &str) -> Result<u32, String> {
-    parse_cpu_milli("cpu", s).map_err(|e| e.rule)
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration("timeout", s).map_err(|e| e.rule)
-}
-
-fn label(s: &str) -> Result<(String, String), String> {
-    parse_label("selector", s).map_err(|e| e.rule)
-}
-
 /// `deploy create` options.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -205,12 +182,8 @@ pub struct CreateArgs {
     /// Replicas a rolling update may take down.
     #[arg(long)]
     max_unavailable: Option<u32>,
-    /// Wait until every replica runs (progress on stderr).
-    #[arg(long)]
-    wait: bool,
-    /// How long --wait waits.
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    timeout: Duration,
+    #[command(flatten)]
+    wait: WaitArgs,
 }
 
 /// A deployment, as printed.
@@ -488,7 +461,11 @@ pub async fn list_replicas(
 /// Waits until `name` has as many running replicas as it asks for and none
 /// being removed, printing progress on stderr. On timeout: an error naming
 /// what is pending and why.
-pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<(), CliError> {
+pub async fn wait_ready(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+) -> Result<pb::Deployment, CliError> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     loop {
@@ -523,7 +500,7 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
             .filter(|r| r.intent == "run")
             .all(|r| r.revision == d.revision && r.phase == "running");
         if running == want && updated == want && removing == 0 && all_current {
-            return Ok(());
+            return Ok(d);
         }
         if Instant::now() >= deadline {
             let waiting: Vec<String> = replicas
@@ -555,8 +532,7 @@ async fn finish(
     out: OutputFormat,
 ) -> Result<(), CliError> {
     let d = if wait.wait {
-        wait_ready(client, name, wait.timeout).await?;
-        get(client, name).await?
+        wait_ready(client, name, wait.timeout).await?
     } else {
         d
     };
@@ -611,13 +587,7 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                 req.model,
                 d.spec.as_ref().map(|s| s.version.as_str()).unwrap_or("")
             );
-            let d = if a.wait {
-                wait_ready(client, &a.name, a.timeout).await?;
-                get(client, &a.name).await?
-            } else {
-                d
-            };
-            print_deployment(d.into(), out);
+            finish(client, &a.name, d, &a.wait, out).await?;
         }
         DeployCommand::List { stale } => {
             let r = client
@@ -673,7 +643,6 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
             name,
             replicas,
             wait,
-            timeout,
         } => {
             let req = pb::ScaleDeploymentRequest {
                 name: name.clone(),
@@ -686,13 +655,7 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                 })
                 .await?;
             eprintln!("scaled deployment {name} to {replicas} replicas");
-            let d = if wait {
-                wait_ready(client, &name, timeout).await?;
-                get(client, &name).await?
-            } else {
-                d
-            };
-            print_deployment(d.into(), out);
+            finish(client, &name, d, &wait, out).await?;
         }
         DeployCommand::Update {
             name,

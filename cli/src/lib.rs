@@ -26,6 +26,35 @@ pub mod node;
 pub mod output;
 pub mod sim;
 
+/// clap value parsers shared by the subcommands; a rejection states the rule
+/// (clap names the flag and the value).
+pub(crate) mod args {
+    use std::time::Duration;
+
+    use berth_common::names::parse_label;
+    use berth_common::units::{parse_cpu_milli, parse_duration, parse_size_mib};
+
+    /// A size in MiB: 512MiB, 8GiB.
+    pub fn size(s: &str) -> Result<u64, String> {
+        parse_size_mib("size", s).map_err(|e| e.rule)
+    }
+
+    /// CPU in millicores: 2, 1.5 or 500m.
+    pub fn cpu(s: &str) -> Result<u32, String> {
+        parse_cpu_milli("cpu", s).map_err(|e| e.rule)
+    }
+
+    /// A duration: 30s, 5m.
+    pub fn duration(s: &str) -> Result<Duration, String> {
+        parse_duration("duration", s).map_err(|e| e.rule)
+    }
+
+    /// A `k=v` label.
+    pub fn label(s: &str) -> Result<(String, String), String> {
+        parse_label("label", s).map_err(|e| e.rule)
+    }
+}
+
 use client::{CliError, Client};
 use output::OutputFormat;
 

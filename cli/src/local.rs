@@ -506,14 +506,9 @@ impl LocalAgent {
         kill(Pid::from_raw(pid as i32), signal).context("signal the agent")
     }
 
-    /// The agent's output so far.
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
     /// Kills every replica process (server group and shim) under the data dir.
     pub fn kill_replicas(&self) {
-        use berth_node_agent::supervisor::shim::ShimFile;
+        use berth_node_agent::supervisor::{procfs, shim::ShimFile};
         let Ok(entries) = std::fs::read_dir(self.data_dir.join("replicas")) else {
             return;
         };
@@ -524,13 +519,8 @@ impl LocalAgent {
             let Ok(ids) = serde_json::from_slice::<ShimFile>(&text) else {
                 continue;
             };
-            if ids.server.alive() {
-                let _ =
-                    nix::sys::signal::killpg(Pid::from_raw(ids.server.pid as i32), Signal::SIGKILL);
-            }
-            if ids.shim.alive() {
-                let _ = kill(Pid::from_raw(ids.shim.pid as i32), Signal::SIGKILL);
-            }
+            procfs::kill_group(ids.server);
+            ids.shim.signal(Signal::SIGKILL);
         }
     }
 }

@@ -2,12 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use berth_common::names::parse_label;
-use berth_common::units::{format_cpu_milli, format_mib, parse_cpu_milli, parse_size_mib};
+use berth_common::units::{format_cpu_milli, format_mib};
 use berth_proto::v1 as pb;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+use crate::args::{cpu, label, size};
 use crate::client::{CliError, Client};
 use crate::output::{OutputFormat, print_json, table};
 
@@ -67,18 +67,6 @@ pub enum VersionCommand {
         /// The version.
         version: String,
     },
-}
-
-fn size(s: &str) -> Result<u64, String> {
-    parse_size_mib("size", s).map_err(|e| e.rule)
-}
-
-fn cpu(s: &str) -> Result<u32, String> {
-    parse_cpu_milli("cpu", s).map_err(|e| e.rule)
-}
-
-fn label(s: &str) -> Result<(String, String), String> {
-    parse_label("label", s).map_err(|e| e.rule)
 }
 
 fn env_var(s: &str) -> Result<(String, String), String> {

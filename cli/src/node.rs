@@ -7,6 +7,7 @@ use berth_proto::v1 as pb;
 use clap::Subcommand;
 use serde::Serialize;
 
+use crate::args::duration;
 use crate::client::{CliError, Client};
 use crate::output::{OutputFormat, print_json, table};
 
@@ -310,7 +311,7 @@ impl From<pb::Inventory> for InventoryView {
 
 /// A replica as an agent reports it.
 #[derive(Debug, Serialize)]
-pub struct ReplicaView {
+pub struct NodeReplicaView {
     /// Replica id.
     pub id: String,
     /// Its generation.
@@ -341,9 +342,9 @@ pub struct ReplicaView {
     pub desired: String,
 }
 
-impl From<pb::ReplicaStatus> for ReplicaView {
+impl From<pb::ReplicaStatus> for NodeReplicaView {
     fn from(r: pb::ReplicaStatus) -> Self {
-        ReplicaView {
+        NodeReplicaView {
             id: r.id,
             generation: r.generation,
             model: r.model,
@@ -375,7 +376,7 @@ pub struct NodeDetail {
     /// The GPUs as registered through Raft.
     pub registered_gpus: Vec<GpuView>,
     /// Replicas from the last heartbeat.
-    pub replica_list: Vec<ReplicaView>,
+    pub replica_list: Vec<NodeReplicaView>,
 }
 
 fn age(s: Option<f64>) -> String {
@@ -566,12 +567,12 @@ fn print_detail(d: &NodeDetail) {
     if d.replica_list.is_empty() {
         out!("replicas: none reported");
     } else {
-        out!("{}", replicas_table(&d.replica_list));
+        out!("{}", node_replicas_table(&d.replica_list));
     }
 }
 
 /// A table of replicas as agents report them.
-pub fn replicas_table(replicas: &[ReplicaView]) -> String {
+pub fn node_replicas_table(replicas: &[NodeReplicaView]) -> String {
     let mut t = table(&[
         "REPLICA", "GEN", "MODEL", "PHASE", "PID", "PORT", "GPUS", "RESTARTS", "REASON",
     ]);
@@ -597,10 +598,6 @@ fn print_node(n: NodeView, out: OutputFormat) {
         OutputFormat::Json => print_json(&n),
         OutputFormat::Table => out!("{}", nodes_table(&[n])),
     }
-}
-
-fn duration(s: &str) -> Result<std::time::Duration, String> {
-    berth_common::units::parse_duration("timeout", s).map_err(|e| e.rule)
 }
 
 /// Runs a node subcommand.

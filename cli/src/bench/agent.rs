@@ -6,14 +6,13 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use berth_common::units::parse_duration;
 use berth_proto::v1 as pb;
 use berth_proto::v1::agent_client::AgentClient;
 use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::percentile;
+use super::{percentile, wait_for};
 use crate::client::{CliError, Client};
 use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
@@ -41,22 +40,15 @@ pub struct AgentStartReport {
 
 async fn wait_serving(addr: &str) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
     let client = AgentClient::new(berth_proto::grpc::channel(addr)?);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if client
-            .clone()
-            .list_replicas(pb::ListReplicasRequest {})
+    wait_for("the agent to serve", Duration::from_secs(30), || async {
+        let mut c = client.clone();
+        c.list_replicas(pb::ListReplicasRequest {})
             .await
-            .is_ok()
-        {
-            return Ok(client);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the agent did not start within 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .ok()
+            .map(drop)
+    })
+    .await?;
+    Ok(client)
 }
 
 /// Starts `count` replicas (`sleep 3600`) on a fresh standalone agent and
@@ -126,14 +118,14 @@ pub async fn agent_start(a: AgentStartArgs, out: OutputFormat) -> Result<(), Cli
 #[derive(Debug, Args)]
 pub struct AgentIdleArgs {
     /// How long to measure (after the agent registered and settled).
-    #[arg(long, default_value = "60s")]
-    duration: String,
+    #[arg(long, default_value = "60s", value_parser = crate::args::duration)]
+    duration: Duration,
     /// The agent's simulated GPUs.
     #[arg(long, default_value = "8xH100-80GB")]
     simulate_gpus: String,
     /// The agent's heartbeat interval.
-    #[arg(long, default_value = "1s")]
-    heartbeat_interval: String,
+    #[arg(long, default_value = "1s", value_parser = crate::args::duration)]
+    heartbeat_interval: Duration,
 }
 
 /// `bench agent-idle` results.
@@ -181,8 +173,7 @@ async fn heartbeats(http: &str) -> Option<u64> {
 /// settle, then samples the agent's RSS every second and its CPU time over
 /// the window.
 pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliError> {
-    let duration =
-        parse_duration("duration", &a.duration).map_err(|e| CliError::Usage(e.to_string()))?;
+    let duration = a.duration;
     let cluster = LocalCluster::start(1, MemberOptions::default()).await?;
     let http = format!("127.0.0.1:{}", crate::local::free_port()?);
     let agent = LocalAgent::start_in(
@@ -193,7 +184,7 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
             control: Some(cluster.servers()),
             extra: vec![
                 "--heartbeat-interval".into(),
-                a.heartbeat_interval.clone(),
+                format!("{}ms", a.heartbeat_interval.as_millis()),
                 "--http".into(),
                 http.clone(),
             ],
@@ -201,19 +192,14 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
     )?;
     let pid = agent.pid().context("the agent is not running")?;
     let client = Client::new(&cluster.servers());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_for("the agent to register", Duration::from_secs(30), || async {
         let nodes = client
             .admin(|mut c| async move { c.list_nodes(pb::ListNodesRequest { stale: false }).await })
-            .await;
-        if nodes.is_ok_and(|n| n.nodes.iter().any(|n| n.state == "ready")) {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(anyhow::anyhow!("the agent did not register within 30s").into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .await
+            .ok()?;
+        nodes.nodes.iter().any(|n| n.state == "ready").then_some(())
+    })
+    .await?;
     eprintln!("agent registered; settling for 5s, then measuring for {duration:?}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)

@@ -91,6 +91,35 @@ pub struct WritesReport {
     pub duration_s: f64,
 }
 
+/// Polls `f` every 20 ms until it returns `Some`; fails after `timeout` naming `what`.
+async fn wait_for<T, F: AsyncFn() -> Option<T>>(
+    what: &str,
+    timeout: Duration,
+    f: F,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a write took effect: it succeeded, or it was retried after being
+/// applied already (AlreadyExists).
+fn applied<T>(r: &Result<T, CliError>) -> bool {
+    match r {
+        Ok(_) => true,
+        Err(CliError::Request { status, .. }) => status.code() == Code::AlreadyExists,
+        Err(_) => false,
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -315,13 +344,7 @@ async fn failover(a: FailoverArgs, out: OutputFormat) -> Result<(), CliError> {
                         async move { c.add_model_version(req).await }
                     })
                     .await;
-                let ok = match r {
-                    Ok(_) => true,
-                    // A retried write that had been applied already.
-                    Err(CliError::Request { status, .. }) => status.code() == Code::AlreadyExists,
-                    Err(_) => false,
-                };
-                if ok {
+                if applied(&r) {
                     acks.lock().expect("acks lock").push((t, Instant::now()));
                 }
                 n += 1;

@@ -12,10 +12,13 @@ use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::percentile;
+use super::{applied, percentile, wait_for};
 use crate::client::{CliError, Client};
 use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
+
+/// How long one step of a trial may take before the bench gives up.
+const WAIT: Duration = Duration::from_secs(120);
 
 /// `bench node-loss` options.
 #[derive(Debug, Args)]
@@ -57,17 +60,6 @@ async fn running_on(client: &Client) -> Option<(String, String)> {
     running.next().is_none().then_some((one.id, one.node))
 }
 
-async fn wait_for<T, F: AsyncFn() -> Option<T>>(what: &str, f: F) -> anyhow::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Runs the trials.
 pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliError> {
     if a.trials == 0 {
@@ -102,15 +94,14 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
             ..Default::default()
         }),
     };
-    wait_for("the cluster to take a model", || async {
-        let model = model.clone();
-        client
+    wait_for("the cluster to take a model", WAIT, || async {
+        let r = client
             .admin(|mut c| {
                 let model = model.clone();
                 async move { c.create_model(model).await }
             })
-            .await
-            .ok()
+            .await;
+        applied(&r).then_some(())
     })
     .await?;
     client
@@ -126,14 +117,14 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
         .await?;
     let mut micros = Vec::new();
     for trial in 1..=a.trials {
-        let (id, node) = wait_for("the replica to run", || running_on(&client)).await?;
+        let (id, node) = wait_for("the replica to run", WAIT, || running_on(&client)).await?;
         let victim = agents
             .iter_mut()
             .find(|ag| ag.node == node)
             .ok_or_else(|| anyhow::anyhow!("no local agent for node {node}"))?;
         victim.kill()?;
         let killed = Instant::now();
-        let (new_id, new_node) = wait_for("a replacement to run", || async {
+        let (new_id, new_node) = wait_for("a replacement to run", WAIT, || async {
             running_on(&client).await.filter(|(i, _)| *i != id)
         })
         .await?;
@@ -144,12 +135,8 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
             took.as_secs_f64()
         );
         // Bring the node back; its agent stops the replaced replica itself.
-        let victim = agents
-            .iter_mut()
-            .find(|ag| ag.node == node)
-            .ok_or_else(|| anyhow::anyhow!("no local agent for node {node}"))?;
         victim.restart()?;
-        wait_for("the killed node to be ready again", || async {
+        wait_for("the killed node to be ready again", WAIT, || async {
             let nodes =
                 client
                     .admin(|mut c| async move {

@@ -70,6 +70,18 @@ impl AdminService {
         }
     }
 
+    /// Sets a node's admin state, then wakes the reconciler, which places
+    /// around, evacuates or uses the node accordingly.
+    async fn set_node_admin(
+        &self,
+        request: Request<pb::CordonNodeRequest>,
+        admin: berth_common::NodeAdmin,
+    ) -> Result<Response<pb::NodeSummary>, Status> {
+        let summary = nodes::set_admin(&self.nodes, request.into_inner().name, admin).await?;
+        self.replicas.wake();
+        Ok(Response::new(summary))
+    }
+
     async fn read_model(&self, name: &str, stale: bool) -> Result<Model, Status> {
         self.member.read_barrier(stale).await.map_err(status)?;
         let applied = self.member.state.read();
@@ -361,13 +373,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::NodeSummary>, Status> {
-        nodes::set_admin(
-            &self.nodes,
-            request.into_inner().name,
-            berth_common::NodeAdmin::Cordoned,
-        )
-        .await
-        .map(Response::new)
+        self.set_node_admin(request, berth_common::NodeAdmin::Cordoned)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
@@ -375,14 +382,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::NodeSummary>, Status> {
-        let summary = nodes::set_admin(
-            &self.nodes,
-            request.into_inner().name,
-            berth_common::NodeAdmin::Draining,
-        )
-        .await?;
-        self.replicas.wake();
-        Ok(Response::new(summary))
+        self.set_node_admin(request, berth_common::NodeAdmin::Draining)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
@@ -390,14 +391,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::NodeSummary>, Status> {
-        let summary = nodes::set_admin(
-            &self.nodes,
-            request.into_inner().name,
-            berth_common::NodeAdmin::Active,
-        )
-        .await?;
-        self.replicas.wake();
-        Ok(Response::new(summary))
+        self.set_node_admin(request, berth_common::NodeAdmin::Active)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
