@@ -650,11 +650,11 @@ pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result
                             c.list_nodes(pb::ListNodesRequest { stale: false }).await
                         })
                         .await?;
-                    let node = r
-                        .nodes
-                        .into_iter()
-                        .find(|n| n.name == name)
-                        .unwrap_or_default();
+                    let Some(node) = r.nodes.into_iter().find(|n| n.name == name) else {
+                        return Err(CliError::Other(anyhow::anyhow!(
+                            "node {name} is no longer registered while draining; see `berth node list`"
+                        )));
+                    };
                     let line = format!("{name}: {}, {} replicas left", node.state, node.replicas);
                     if line != last {
                         eprintln!("{line}");
