@@ -216,6 +216,16 @@ impl LocalCluster {
             .join(",")
     }
 
+    /// Every member's address but `id`'s, comma-separated.
+    pub fn servers_except(&self, id: u64) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.id != id)
+            .map(|m| m.addr.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// SIGKILLs a member and reaps it.
     pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
         let m = self.member(id)?;

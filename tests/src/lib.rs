@@ -65,6 +65,22 @@ pub async fn berth_json(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("berth {args:?}: bad JSON ({e}): {}", stdout(&o)))
 }
 
+/// Runs the CLI and parses its JSON stdout; `None` when it failed (for polling).
+pub async fn try_berth_json(args: &[&str]) -> Option<serde_json::Value> {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--output", "json"]);
+    let o = berth(&all).await;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// Waits until process `pid` has ended (`what` names it in a timeout).
+pub async fn wait_exited(pid: u32, what: &str) {
+    wait_until(DEADLINE, what, || async { (!alive(pid)).then_some(()) }).await
+}
+
 /// Polls `condition` until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> T
 where
@@ -187,14 +203,23 @@ pub async fn start_replica(
     addr: &str,
     spec: berth_proto::v1::ReplicaSpec,
 ) -> berth_proto::v1::ReplicaStatus {
+    try_start_replica(addr, spec)
+        .await
+        .unwrap_or_else(|s| panic!("start replica: {:?}: {}", s.code(), s.message()))
+}
+
+/// Asks the agent at `addr` to start `spec`; its answer, refusal included.
+pub async fn try_start_replica(
+    addr: &str,
+    spec: berth_proto::v1::ReplicaSpec,
+) -> Result<berth_proto::v1::ReplicaStatus, tonic::Status> {
     agent(addr)
         .start_replica(berth_proto::v1::StartReplicaRequest {
             spec: Some(spec),
             placed_at: 0,
         })
         .await
-        .unwrap_or_else(|s| panic!("start replica: {:?}: {}", s.code(), s.message()))
-        .into_inner()
+        .map(tonic::Response::into_inner)
 }
 
 /// One replica's status as the agent lists it (None if the agent does not answer).

@@ -95,13 +95,7 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
     // A different spec under the same generation, and an older generation, are refused.
     let mut changed = demo_spec("web-1", 1, Some(0));
     changed.port = 0;
-    let e = agent(&a.addr)
-        .start_replica(pb::StartReplicaRequest {
-            spec: Some(changed),
-            placed_at: 0,
-        })
-        .await
-        .unwrap_err();
+    let e = try_start_replica(&a.addr, changed).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     let second = start_replica(&a.addr, demo_spec("web-1", 2, Some(0))).await;
     assert_ne!(
@@ -109,11 +103,7 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
         "a higher generation replaces the process"
     );
     assert!(!alive(first.pid), "the old process is gone");
-    let e = agent(&a.addr)
-        .start_replica(pb::StartReplicaRequest {
-            spec: Some(demo_spec("web-1", 1, Some(0))),
-            placed_at: 0,
-        })
+    let e = try_start_replica(&a.addr, demo_spec("web-1", 1, Some(0)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
@@ -130,11 +120,7 @@ async fn start_is_idempotent_stale_generations_are_refused_and_stop_ends_the_pro
     assert_eq!(stopped.exit_code, Some(0), "{stopped:?}");
     assert!(!alive(second.pid));
     // A late retry of the same start must not bring it back.
-    let e = agent(&a.addr)
-        .start_replica(pb::StartReplicaRequest {
-            spec: Some(demo_spec("web-1", 2, Some(0))),
-            placed_at: 0,
-        })
+    let e = try_start_replica(&a.addr, demo_spec("web-1", 2, Some(0)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
@@ -470,13 +456,7 @@ async fn bad_specs_are_refused_and_start_nothing() {
     ];
     for (spec, code, says) in cases {
         let id = spec.id.clone();
-        let e = agent(&a.addr)
-            .start_replica(pb::StartReplicaRequest {
-                spec: Some(spec),
-                placed_at: 0,
-            })
-            .await
-            .expect_err(&id);
+        let e = try_start_replica(&a.addr, spec).await.expect_err(&id);
         assert_eq!(e.code(), code, "{id}: {}", e.message());
         assert!(e.message().contains(says), "{id}: {}", e.message());
     }
@@ -575,11 +555,7 @@ async fn generations_are_checked_by_the_replica_itself() {
     assert_eq!(stopped.phase, "stopped");
     assert_eq!(stopped.generation, 5);
     for g in [3, 5] {
-        let e = agent(&a.addr)
-            .start_replica(pb::StartReplicaRequest {
-                spec: Some(demo_spec("gen", g, None)),
-                placed_at: 0,
-            })
+        let e = try_start_replica(&a.addr, demo_spec("gen", g, None))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "generation {g}");

@@ -10,24 +10,38 @@ use berth_tests::*;
 use serde_json::Value;
 
 async fn replicas(server: &str, deployment: &str) -> Option<Vec<Value>> {
-    let o = berth(&[
+    try_berth_json(&[
         "--server",
         server,
         "replica",
         "list",
         "--deployment",
         deployment,
-        "--output",
-        "json",
     ])
-    .await;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<Value>(&o.stdout)
-        .ok()?
-        .as_array()
-        .cloned()
+    .await?
+    .as_array()
+    .cloned()
+}
+
+/// `deploy create web --model MODEL --replicas 2 --policy spread --wait EXTRA..`:
+/// two replicas, one per node.
+async fn create_web(server: &str, model: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--server",
+        server,
+        "deploy",
+        "create",
+        "web",
+        "--model",
+        model,
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--wait",
+    ];
+    args.extend_from_slice(extra);
+    berth_json(&args).await
 }
 
 /// Waits until exactly `n` replicas should run, all running, none being removed.
@@ -148,23 +162,7 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
     let mut b = agents.next().expect("agent b");
 
     // Deploy, wait, and reach every replica over HTTP.
-    let created = berth_json(&[
-        "--server",
-        &servers,
-        "deploy",
-        "create",
-        "web",
-        "--model",
-        "demo",
-        "--replicas",
-        "2",
-        "--policy",
-        "spread",
-        "--wait",
-        "--timeout",
-        "60s",
-    ])
-    .await;
+    let created = create_web(&servers, "demo", &["--timeout", "60s"]).await;
     assert_eq!(created["replicas_running"], 2, "{created}");
     let rs = wait_running(&servers, "web", 2).await;
     assert_ne!(rs[0]["node"], rs[1]["node"], "spread: one per node");
@@ -226,10 +224,7 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
         .filter(|r| !kept.contains(&r["id"].as_str().expect("a string")))
     {
         let pid = r["pid"].as_u64().expect("a number") as u32;
-        wait_until(DEADLINE, "a removed replica's process ends", || async {
-            (!alive(pid)).then_some(())
-        })
-        .await;
+        wait_exited(pid, "a removed replica's process ends").await;
     }
 
     // SIGKILL the control-plane leader: no replica restarts, and a new
@@ -237,13 +232,7 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
     let before = pids(&two);
     let leader = cluster.wait_for_leader(DEADLINE).await.unwrap();
     cluster.kill(leader).unwrap();
-    let survivors: String = cluster
-        .members
-        .iter()
-        .filter(|m| m.id != leader)
-        .map(|m| m.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let survivors = cluster.servers_except(leader);
     cluster.wait_for_leader(DEADLINE).await.unwrap();
     berth_json(&[
         "--server", &survivors, "deploy", "scale", "web", "3", "--wait",
@@ -413,10 +402,7 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
     berth(&["--server", &survivors, "deploy", "delete", "web"]).await;
     for pid in last.values() {
         let pid = *pid as u32;
-        wait_until(DEADLINE, "a deleted deployment's process ends", || async {
-            (!alive(pid)).then_some(())
-        })
-        .await;
+        wait_exited(pid, "a deleted deployment's process ends").await;
     }
     wait_until(DEADLINE, "the replica records are gone", || async {
         let o = berth(&["--server", &survivors, "replica", "list", "-o", "json"]).await;
@@ -433,21 +419,7 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
 async fn an_agent_back_from_a_freeze_stops_the_replicas_moved_away() {
     let (_cluster, agents, servers) = demo_cluster(1, &[], &["frozen", "other"]).await;
     let a = &agents[0];
-    berth_json(&[
-        "--server",
-        &servers,
-        "deploy",
-        "create",
-        "web",
-        "--model",
-        "demo",
-        "--replicas",
-        "2",
-        "--policy",
-        "spread",
-        "--wait",
-    ])
-    .await;
+    create_web(&servers, "demo", &[]).await;
     let rs = wait_running(&servers, "web", 2).await;
     let frozen: Vec<(String, u32)> = rs
         .iter()
@@ -481,10 +453,7 @@ async fn an_agent_back_from_a_freeze_stops_the_replicas_moved_away() {
 
     // Back: its heartbeat answer no longer lists the replica; it stops it.
     a.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
-    wait_until(DEADLINE, "the moved-away replica stopped", || async {
-        (!alive(frozen[0].1)).then_some(())
-    })
-    .await;
+    wait_exited(frozen[0].1, "the moved-away replica stopped").await;
     let node = wait_until(DEADLINE, "the node ready again", || async {
         let v = berth_json(&["--server", &servers, "node", "list"]).await;
         v.as_array()?
@@ -513,24 +482,11 @@ async fn rolling_update_rollback_failed_rollout_and_resize() {
         args.extend(["--env", env]);
         berth_json(&args).await;
     }
-    berth_json(&[
-        "--server",
+    create_web(
         &s,
-        "deploy",
-        "create",
-        "web",
-        "--model",
         "demo:v1",
-        "--replicas",
-        "2",
-        "--policy",
-        "spread",
-        "--max-surge",
-        "1",
-        "--max-unavailable",
-        "1",
-        "--wait",
-    ])
+        &["--max-surge", "1", "--max-unavailable", "1"],
+    )
     .await;
     let v1 = wait_running(&s, "web", 2).await;
 
@@ -553,10 +509,7 @@ async fn rolling_update_rollback_failed_rollout_and_resize() {
     .await;
     for r in &v1 {
         let pid = r["pid"].as_u64().expect("a pid") as u32;
-        wait_until(DEADLINE, "a v1 process ends", || async {
-            (!alive(pid)).then_some(())
-        })
-        .await;
+        wait_exited(pid, "a v1 process ends").await;
     }
 
     // Rollback (to the revision before): v1 again, as revision 3.
@@ -652,21 +605,7 @@ async fn rolling_update_rollback_failed_rollout_and_resize() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_replaces_each_replica_before_stopping_it() {
     let (_cluster, _agents, s) = demo_cluster(1, &[], &["keep", "leave"]).await;
-    berth_json(&[
-        "--server",
-        &s,
-        "deploy",
-        "create",
-        "web",
-        "--model",
-        "demo",
-        "--replicas",
-        "2",
-        "--policy",
-        "spread",
-        "--wait",
-    ])
-    .await;
+    create_web(&s, "demo", &[]).await;
     let before = wait_running(&s, "web", 2).await;
     let leaving: Vec<u32> = before
         .iter()
@@ -699,7 +638,9 @@ async fn drain_replaces_each_replica_before_stopping_it() {
         "two replicas running while the node drains",
         || drain.is_finished(),
         || async {
-            let rs = replicas(&s, "web").await.unwrap_or_default();
+            let Some(rs) = replicas(&s, "web").await else {
+                return false;
+            };
             let running = rs.iter().filter(|r| r["phase"] == "running").count();
             assert!(
                 running >= 2,
@@ -714,10 +655,7 @@ async fn drain_replaces_each_replica_before_stopping_it() {
     let after = wait_running(&s, "web", 2).await;
     assert!(after.iter().all(|r| r["node"] == "keep"), "{after:?}");
     for pid in leaving {
-        wait_until(DEADLINE, "the drained replica's process ends", || async {
-            (!alive(pid)).then_some(())
-        })
-        .await;
+        wait_exited(pid, "the drained replica's process ends").await;
     }
     let nodes = berth_json(&["--server", &s, "node", "list"]).await;
     let leave = nodes

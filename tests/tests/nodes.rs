@@ -13,11 +13,7 @@ fn node<'a>(nodes: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 async fn nodes(server: &str) -> Option<Value> {
-    let o = berth(&["--server", server, "node", "list", "--output", "json"]).await;
-    o.status
-        .success()
-        .then(|| serde_json::from_slice(&o.stdout).ok())
-        .flatten()
+    try_berth_json(&["--server", server, "node", "list"]).await
 }
 
 async fn wait_state(server: &str, name: &str, state: &str) -> Value {
@@ -123,13 +119,7 @@ async fn agents_register_go_down_come_back_and_survive_a_leader_change() {
         .collect();
     let old_leader = cluster.wait_for_leader(DEADLINE).await.unwrap();
     cluster.kill(old_leader).unwrap();
-    let survivors: String = cluster
-        .members
-        .iter()
-        .filter(|m| m.id != old_leader)
-        .map(|m| m.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let survivors = cluster.servers_except(old_leader);
     let new_leader = cluster.wait_for_leader(DEADLINE).await.unwrap();
     assert_ne!(new_leader, old_leader);
     // Watch for longer than the grace period: every answer must show both ready.
