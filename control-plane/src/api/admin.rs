@@ -11,11 +11,11 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::deployments::Deployments;
-use super::{nodes, status};
+use super::{nodes, not_found, status, unexpected};
 use crate::member::{Member, MemberError};
 use crate::reconciler::nodes::NodeTracker;
 use crate::reconciler::replicas::Replicas;
-use crate::state::{Command, ObjectKind, Outcome, Rejection};
+use crate::state::{Command, ObjectKind, Outcome};
 
 /// The Admin service of one member.
 pub struct AdminService {
@@ -66,7 +66,7 @@ impl AdminService {
     async fn write_model(&self, command: Command) -> Result<Response<pb::Model>, Status> {
         match self.member.write(command).await.map_err(status)? {
             Outcome::Model(m) => Ok(Response::new((&m).into())),
-            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -85,12 +85,12 @@ impl AdminService {
     async fn read_model(&self, name: &str, stale: bool) -> Result<Model, Status> {
         self.member.read_barrier(stale).await.map_err(status)?;
         let applied = self.member.state.read();
-        applied.state.models.get(name).cloned().ok_or_else(|| {
-            status(MemberError::Rejected(Rejection::NotFound {
-                kind: ObjectKind::Model,
-                name: name.to_string(),
-            }))
-        })
+        applied
+            .state
+            .models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found(ObjectKind::Model, name))
     }
 }
 

@@ -13,11 +13,10 @@ use berth_proto::v1::agent_client::AgentClient;
 use berth_proto::v1::{self as pb};
 use tonic::Status;
 
-use super::{Route, leader_client, route, status};
-use crate::member::MemberError;
+use super::{Route, here_or_leader, leader_client, not_found, route, status, unexpected};
 use crate::reconciler::nodes::{NodeTracker, Observation};
 use crate::reconciler::replicas::Replicas;
-use crate::state::{ClusterState, Command, DeploymentChange, ObjectKind, Outcome, Rejection};
+use crate::state::{ClusterState, Command, DeploymentChange, ObjectKind, Outcome};
 
 /// What the deployment calls need.
 pub(super) struct Deployments<'a> {
@@ -25,13 +24,6 @@ pub(super) struct Deployments<'a> {
     pub nodes: &'a NodeTracker,
     /// The replica loop (explanations, wake-ups).
     pub replicas: &'a Replicas,
-}
-
-fn not_found(kind: ObjectKind, name: &str) -> Status {
-    status(MemberError::Rejected(Rejection::NotFound {
-        kind,
-        name: name.to_string(),
-    }))
 }
 
 /// The phase an agent reports for a replica, if its node's last heartbeat has it.
@@ -77,10 +69,6 @@ fn with_counts(
 }
 
 impl Deployments<'_> {
-    fn state(&self) -> ClusterState {
-        self.nodes.member.state.read().state.clone()
-    }
-
     /// Writes `command`, then waits until this member applied it too (a
     /// follower forwards writes), so the counts in the answer include it.
     async fn write(&self, command: Command) -> Result<Outcome, Status> {
@@ -92,6 +80,17 @@ impl Deployments<'_> {
             .await
             .map_err(status)?;
         Ok(outcome)
+    }
+
+    /// Writes a deployment command; the deployment it left, with its counts.
+    async fn write_deployment(&self, command: Command) -> Result<pb::Deployment, Status> {
+        match self.write(command).await? {
+            Outcome::Deployment(d) => {
+                let applied = self.nodes.member.state.read();
+                Ok(with_counts(&applied.state, &d, &HashMap::new()))
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     fn observations(&self, readings: bool) -> HashMap<String, Observation> {
@@ -106,27 +105,17 @@ impl Deployments<'_> {
     pub async fn create(&self, req: pb::CreateDeploymentRequest) -> Result<pb::Deployment, Status> {
         let (name, request) =
             deployment_request_from_proto(req).map_err(|e| invalid_argument(&e))?;
-        match self
-            .write(Command::CreateDeployment { name, request })
-            .await?
-        {
-            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
-            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
-        }
+        self.write_deployment(Command::CreateDeployment { name, request })
+            .await
     }
 
     /// `ScaleDeployment`.
     pub async fn scale(&self, req: pb::ScaleDeploymentRequest) -> Result<pb::Deployment, Status> {
-        match self
-            .write(Command::ScaleDeployment {
-                name: req.name,
-                replicas: req.replicas,
-            })
-            .await?
-        {
-            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
-            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
-        }
+        self.write_deployment(Command::ScaleDeployment {
+            name: req.name,
+            replicas: req.replicas,
+        })
+        .await
     }
 
     /// `UpdateDeployment`.
@@ -135,29 +124,17 @@ impl Deployments<'_> {
             berth_common::names::validate_version("version", &req.version)
                 .map_err(|e| invalid_argument(&e))?;
         }
-        let r = req.resources.unwrap_or_default();
         let change = DeploymentChange {
             version: Some(req.version).filter(|v| !v.is_empty()),
-            resources: berth_common::ResourceOverrides {
-                cpu_milli: r.cpu_milli,
-                memory_mib: r.memory_mib,
-                gpus: r.gpus,
-                gpu_memory_mib: r.gpu_memory_mib,
-                gpu_milli: r.gpu_milli,
-            },
+            resources: req.resources.unwrap_or_default().into(),
             max_surge: req.max_surge,
             max_unavailable: req.max_unavailable,
         };
-        match self
-            .write(Command::UpdateDeployment {
-                name: req.name,
-                change,
-            })
-            .await?
-        {
-            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
-            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
-        }
+        self.write_deployment(Command::UpdateDeployment {
+            name: req.name,
+            change,
+        })
+        .await
     }
 
     /// `RollbackDeployment`.
@@ -165,16 +142,11 @@ impl Deployments<'_> {
         &self,
         req: pb::RollbackDeploymentRequest,
     ) -> Result<pb::Deployment, Status> {
-        match self
-            .write(Command::RollbackDeployment {
-                name: req.name,
-                to: req.to_revision,
-            })
-            .await?
-        {
-            Outcome::Deployment(d) => Ok(with_counts(&self.state(), &d, &HashMap::new())),
-            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
-        }
+        self.write_deployment(Command::RollbackDeployment {
+            name: req.name,
+            to: req.to_revision,
+        })
+        .await
     }
 
     /// `DeleteDeployment`.
@@ -186,21 +158,14 @@ impl Deployments<'_> {
 
     /// `GetDeployment`.
     pub async fn get(&self, req: pb::GetDeploymentRequest) -> Result<pb::Deployment, Status> {
-        let readings = match route(self.nodes, req.stale).await? {
-            Route::Leader(addr) => {
-                return leader_client(&addr)?
-                    .get_deployment(req)
-                    .await
-                    .map(tonic::Response::into_inner);
-            }
-            Route::Here { readings } => readings,
-        };
-        let state = self.state();
+        let readings = here_or_leader!(self.nodes, req.stale, req, get_deployment);
+        let applied = self.nodes.member.state.read();
+        let state = &applied.state;
         let d = state
             .deployments
             .get(&req.name)
             .ok_or_else(|| not_found(ObjectKind::Deployment, &req.name))?;
-        Ok(with_counts(&state, d, &self.observations(readings)))
+        Ok(with_counts(state, d, &self.observations(readings)))
     }
 
     /// `ListDeployments`.
@@ -208,22 +173,15 @@ impl Deployments<'_> {
         &self,
         req: pb::ListDeploymentsRequest,
     ) -> Result<pb::ListDeploymentsResponse, Status> {
-        let readings = match route(self.nodes, req.stale).await? {
-            Route::Leader(addr) => {
-                return leader_client(&addr)?
-                    .list_deployments(req)
-                    .await
-                    .map(tonic::Response::into_inner);
-            }
-            Route::Here { readings } => readings,
-        };
-        let state = self.state();
+        let readings = here_or_leader!(self.nodes, req.stale, req, list_deployments);
+        let applied = self.nodes.member.state.read();
+        let state = &applied.state;
         let observed = self.observations(readings);
         Ok(pb::ListDeploymentsResponse {
             deployments: state
                 .deployments
                 .values()
-                .map(|d| with_counts(&state, d, &observed))
+                .map(|d| with_counts(state, d, &observed))
                 .collect(),
         })
     }
@@ -239,7 +197,8 @@ impl Deployments<'_> {
                 .await
                 .map(tonic::Response::into_inner);
         }
-        let state = self.state();
+        let applied = self.nodes.member.state.read();
+        let state = &applied.state;
         if !state.deployments.contains_key(&req.name) {
             return Err(not_found(ObjectKind::Deployment, &req.name));
         }
@@ -265,16 +224,9 @@ impl Deployments<'_> {
         &self,
         req: pb::ListClusterReplicasRequest,
     ) -> Result<pb::ListClusterReplicasResponse, Status> {
-        let readings = match route(self.nodes, req.stale).await? {
-            Route::Leader(addr) => {
-                return leader_client(&addr)?
-                    .list_cluster_replicas(req)
-                    .await
-                    .map(tonic::Response::into_inner);
-            }
-            Route::Here { readings } => readings,
-        };
-        let state = self.state();
+        let readings = here_or_leader!(self.nodes, req.stale, req, list_cluster_replicas);
+        let applied = self.nodes.member.state.read();
+        let state = &applied.state;
         if !req.deployment.is_empty() && !state.deployments.contains_key(&req.deployment) {
             return Err(not_found(ObjectKind::Deployment, &req.deployment));
         }
@@ -370,19 +322,23 @@ impl Deployments<'_> {
         &self,
         req: pb::ReplicaLogsRequest,
     ) -> Result<tonic::Streaming<pb::LogChunk>, Status> {
-        let state = self.state();
-        let r = state
-            .replicas
-            .get(&req.id)
-            .ok_or_else(|| not_found(ObjectKind::Replica, &req.id))?;
-        let Some(node) = r.node.as_ref().and_then(|n| state.nodes.get(n)) else {
-            return Err(Status::failed_precondition(format!(
-                "replica {} is pending: it has no node yet, so no logs; see `berth deploy explain {}`",
-                req.id, r.deployment
-            )));
+        let (node, addr) = {
+            let applied = self.nodes.member.state.read();
+            let state = &applied.state;
+            let r = state
+                .replicas
+                .get(&req.id)
+                .ok_or_else(|| not_found(ObjectKind::Replica, &req.id))?;
+            let Some(node) = r.node.as_ref().and_then(|n| state.nodes.get(n)) else {
+                return Err(Status::failed_precondition(format!(
+                    "replica {} is pending: it has no node yet, so no logs; see `berth deploy explain {}`",
+                    req.id, r.deployment
+                )));
+            };
+            (node.name.clone(), node.addr.clone())
         };
         let channel =
-            berth_proto::grpc::channel(&node.addr).map_err(|e| Status::internal(e.to_string()))?;
+            berth_proto::grpc::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
         AgentClient::new(channel)
             .stream_logs(pb::StreamLogsRequest {
                 id: req.id.clone(),
@@ -394,12 +350,7 @@ impl Deployments<'_> {
             .map_err(|s| {
                 Status::new(
                     s.code(),
-                    format!(
-                        "the agent of node {} (at {}): {}",
-                        node.name,
-                        node.addr,
-                        s.message()
-                    ),
+                    format!("the agent of node {node} (at {addr}): {}", s.message()),
                 )
             })
     }

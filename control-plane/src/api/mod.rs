@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 
 use crate::member::MemberError;
 use crate::reconciler::nodes::{NodeTracker, NotHere};
-use crate::state::Rejection;
+use crate::state::{ObjectKind, Outcome, Rejection};
 
 pub mod admin;
 mod deployments;
@@ -33,6 +33,33 @@ pub fn status(e: MemberError) -> Status {
         MemberError::Internal(m) => Status::internal(m),
     }
 }
+
+/// NOT_FOUND for a `kind` named `name`, worded as the state machine words it.
+fn not_found(kind: ObjectKind, name: &str) -> Status {
+    status(MemberError::Rejected(Rejection::not_found(kind, name)))
+}
+
+/// A write answered with an outcome of another kind than its command's: a bug.
+fn unexpected(outcome: Outcome) -> Status {
+    Status::internal(format!("unexpected outcome {outcome:?}"))
+}
+
+/// Yields whether the leader's readings are available here, or returns the
+/// leader's answer to `$req` through its Admin `$method` (see [`route`]).
+macro_rules! here_or_leader {
+    ($nodes:expr, $stale:expr, $req:ident, $method:ident) => {
+        match super::route($nodes, $stale).await? {
+            super::Route::Here { readings } => readings,
+            super::Route::Leader(addr) => {
+                return super::leader_client(&addr)?
+                    .$method($req)
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
+        }
+    };
+}
+use here_or_leader;
 
 /// Where a read that needs the leader's observations (heartbeats, the
 /// scheduler's explanations) is answered.

@@ -14,9 +14,9 @@ use berth_proto::v1::{self as pb};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::{Route, leader_client, route, status};
+use super::{here_or_leader, not_found, status, unexpected};
 use crate::reconciler::nodes::{NodeTracker, Observation};
-use crate::state::{ObjectKind, Rejection};
+use crate::state::ObjectKind;
 
 /// How long `GetNode` waits for the agent's inventory.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -26,15 +26,7 @@ pub(super) async fn list(
     nodes: &NodeTracker,
     req: pb::ListNodesRequest,
 ) -> Result<pb::ListNodesResponse, Status> {
-    let readings = match route(nodes, req.stale).await? {
-        Route::Leader(addr) => {
-            return leader_client(&addr)?
-                .list_nodes(req)
-                .await
-                .map(tonic::Response::into_inner);
-        }
-        Route::Here { readings } => readings,
-    };
+    let readings = here_or_leader!(nodes, req.stale, req, list_nodes);
     let observed = if readings {
         nodes.observations()
     } else {
@@ -57,15 +49,7 @@ pub(super) async fn get(
     nodes: &NodeTracker,
     req: pb::GetNodeRequest,
 ) -> Result<pb::GetNodeResponse, Status> {
-    let readings = match route(nodes, req.stale).await? {
-        Route::Leader(addr) => {
-            return leader_client(&addr)?
-                .get_node(req)
-                .await
-                .map(tonic::Response::into_inner);
-        }
-        Route::Here { readings } => readings,
-    };
+    let readings = here_or_leader!(nodes, req.stale, req, get_node);
     let node = nodes
         .member
         .state
@@ -74,17 +58,9 @@ pub(super) async fn get(
         .nodes
         .get(&req.name)
         .cloned()
-        .ok_or_else(|| {
-            status(
-                Rejection::NotFound {
-                    kind: ObjectKind::Node,
-                    name: req.name.clone(),
-                }
-                .into(),
-            )
-        })?;
+        .ok_or_else(|| not_found(ObjectKind::Node, &req.name))?;
     let observation = if readings {
-        nodes.observations().remove(&node.name)
+        nodes.observation(&node.name)
     } else {
         None
     };
@@ -170,9 +146,9 @@ pub(super) async fn set_admin(
         .map_err(status)?
     {
         crate::state::Outcome::Node(node) => {
-            let observed = nodes.observations().remove(&node.name);
+            let observed = nodes.observation(&node.name);
             Ok(summary(&node, observed.as_ref(), Instant::now()))
         }
-        other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        other => Err(unexpected(other)),
     }
 }

@@ -94,6 +94,20 @@ impl NodeTracker {
         self.observed.lock().map(|o| o.clone()).unwrap_or_default()
     }
 
+    /// The last heartbeat of one node (None on a follower).
+    pub fn observation(&self, node: &str) -> Option<Observation> {
+        self.observed.lock().ok()?.get(node).cloned()
+    }
+
+    /// When agent `instance` of `node` was last heard from, if it was.
+    fn last_heard(&self, node: &str, instance: &str) -> Option<Instant> {
+        let observed = self.observed.lock().ok()?;
+        observed
+            .get(node)
+            .filter(|o| o.instance == instance)
+            .map(|o| o.at)
+    }
+
     fn observe(&self, node: &str, o: Observation) {
         if let Ok(mut m) = self.observed.lock() {
             m.insert(node.to_string(), o);
@@ -159,9 +173,8 @@ impl NodeTracker {
             && n.addr != registration.addr
             && n.state == NodeState::Ready
             && self
-                .observations()
-                .get(&name)
-                .is_some_and(|o| o.instance == n.instance && o.at.elapsed() < self.grace)
+                .last_heard(&name, &n.instance)
+                .is_some_and(|at| at.elapsed() < self.grace)
         {
             return Err(MemberError::FailedPrecondition(format!(
                 "node name {name:?} is taken by another agent at {}, which is heartbeating: give this agent another --node-name",
@@ -218,15 +231,23 @@ impl NodeTracker {
             return Ok(None);
         }
         let name = report.node.clone();
-        self.phase_events(&name, &report);
-        self.observe(
-            &name,
-            Observation {
-                at: Instant::now(),
-                instance: report.instance.clone(),
-                report,
-            },
-        );
+        let events = match self.observed.lock() {
+            Ok(mut observed) => {
+                let events = observed
+                    .get(&name)
+                    .map(|before| phase_events(&name, &before.report, &report))
+                    .unwrap_or_default();
+                let o = Observation {
+                    at: Instant::now(),
+                    instance: report.instance.clone(),
+                    report,
+                };
+                observed.insert(name.clone(), o);
+                events
+            }
+            Err(_) => Vec::new(),
+        };
+        self.member.events.extend(events);
         if node.state == NodeState::Down {
             tracing::info!(node = %name, "node is heartbeating again: ready");
             self.member
@@ -243,40 +264,6 @@ impl NodeTracker {
             desired,
             state_version: version,
         }))
-    }
-
-    /// Events for the replica phases that changed since the node's last heartbeat.
-    fn phase_events(&self, node: &str, report: &pb::HeartbeatRequest) {
-        let before = self.observations().remove(node);
-        let now_ms = crate::member::now_ms();
-        let events = report.replicas.iter().filter_map(|r| {
-            let was = before
-                .as_ref()?
-                .report
-                .replicas
-                .iter()
-                .find(|x| x.id == r.id)
-                .map(|x| (x.phase.as_str(), x.generation));
-            if was == Some((r.phase.as_str(), r.generation)) {
-                return None;
-            }
-            let mut message = format!("replica {} on node {node} is {}", r.id, r.phase);
-            if !r.reason.is_empty() {
-                message.push_str(&format!(": {}", r.reason));
-            }
-            Some(crate::events::Event {
-                at_ms: now_ms,
-                severity: if r.phase == "failed" {
-                    "warning"
-                } else {
-                    "info"
-                },
-                kind: "replica",
-                object: r.id.clone(),
-                message,
-            })
-        });
-        self.member.events.extend(events.collect::<Vec<_>>());
     }
 
     /// One pass of the liveness check; only the leader acts.
@@ -299,24 +286,22 @@ impl NodeTracker {
             .filter(|n| n.state == NodeState::Ready)
             .map(|n| (n.name.clone(), n.instance.clone()))
             .collect();
-        let observed = self.observations();
-        let silent_for = |observed: &HashMap<String, Observation>, name: &str, instance: &str| {
-            let last = observed
-                .get(name)
-                .filter(|o| o.instance == instance)
-                .map_or(since, |o| o.at.max(since));
+        let silent_for = |name: &str, instance: &str| {
+            let last = self
+                .last_heard(name, instance)
+                .map_or(since, |at| at.max(since));
             Instant::now().saturating_duration_since(last)
         };
         let late: Vec<(String, String)> = ready
             .into_iter()
-            .filter(|(name, instance)| silent_for(&observed, name, instance) > self.grace)
+            .filter(|(name, instance)| silent_for(name, instance) > self.grace)
             .collect();
         if late.is_empty() || self.leader_confirmed().await.is_err() {
             return;
         }
         for (name, instance) in late {
             // Look again: a heartbeat may have arrived while leadership was confirmed.
-            let silent = silent_for(&self.observations(), &name, &instance);
+            let silent = silent_for(&name, &instance);
             if silent <= self.grace {
                 continue;
             }
@@ -347,4 +332,42 @@ impl NodeTracker {
             }
         });
     }
+}
+
+/// Events for the replica phases (or generations) that changed between two
+/// heartbeats of `node`.
+fn phase_events(
+    node: &str,
+    before: &pb::HeartbeatRequest,
+    now: &pb::HeartbeatRequest,
+) -> Vec<crate::events::Event> {
+    let now_ms = crate::member::now_ms();
+    now.replicas
+        .iter()
+        .filter_map(|r| {
+            let was = before
+                .replicas
+                .iter()
+                .find(|x| x.id == r.id)
+                .map(|x| (x.phase.as_str(), x.generation));
+            if was == Some((r.phase.as_str(), r.generation)) {
+                return None;
+            }
+            let mut message = format!("replica {} on node {node} is {}", r.id, r.phase);
+            if !r.reason.is_empty() {
+                message.push_str(&format!(": {}", r.reason));
+            }
+            Some(crate::events::Event {
+                at_ms: now_ms,
+                severity: if r.phase == "failed" {
+                    "warning"
+                } else {
+                    "info"
+                },
+                kind: "replica",
+                object: r.id.clone(),
+                message,
+            })
+        })
+        .collect()
 }

@@ -106,6 +106,9 @@ pub fn rollout_step(
     waited: &dyn Fn(&Replica) -> Duration,
     deadline: Duration,
 ) -> Option<Command> {
+    if d.paused.is_some() {
+        return None;
+    }
     let run: Vec<&Replica> = state
         .replicas
         .values()
@@ -113,9 +116,6 @@ pub fn rollout_step(
         .collect();
     let (new, old): (Vec<&Replica>, Vec<&Replica>) =
         run.iter().partition(|r| r.revision == d.revision);
-    if d.paused.is_some() {
-        return None;
-    }
     let want = d.spec.replicas as usize;
     let (total, current) = (run.len(), new.len());
     if old.is_empty() {
@@ -187,6 +187,20 @@ struct Attempt {
     backoff: Duration,
     in_flight: bool,
     failures: u32,
+}
+
+impl Attempt {
+    /// A first try of `call` for `generation`, due at `now`.
+    fn new(call: Call, generation: u64, now: Instant) -> Self {
+        Attempt {
+            call,
+            generation,
+            next_at: now,
+            backoff: FIRST_BACKOFF,
+            in_flight: false,
+            failures: 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -291,9 +305,13 @@ impl Replicas {
             })
             .map(|n| n.name.clone())
             .collect();
+        let mut wrote = false;
         for node in lost {
             tracing::warn!(node = %node, "node is down: replacing its replicas elsewhere");
-            self.write(Command::ReplaceLostReplicas { node }).await;
+            wrote |= self
+                .write(Command::ReplaceLostReplicas { node })
+                .await
+                .is_some();
         }
 
         let decision = placement::decide(&state);
@@ -306,9 +324,9 @@ impl Replicas {
         }
         if !decision.binds.is_empty() {
             let n = decision.binds.len();
-            if let Some(Outcome::Plan(results)) =
-                self.write(Command::ApplyPlan(decision.binds)).await
-            {
+            let outcome = self.write(Command::ApplyPlan(decision.binds)).await;
+            wrote |= outcome.is_some();
+            if let Some(Outcome::Plan(results)) = outcome {
                 let refused: Vec<String> = results
                     .iter()
                     .filter_map(|r| r.as_ref().err().map(ToString::to_string))
@@ -324,8 +342,12 @@ impl Replicas {
             }
         }
 
-        // Re-read: the plan and replacements above changed the state.
-        let state = self.member.state.read().state.clone();
+        // Re-read when the plan or replacements above changed the state.
+        let state = if wrote {
+            self.member.state.read().state.clone()
+        } else {
+            state
+        };
         let observed = self.nodes.observations();
         let reported_of = |r: &Replica| {
             observed
@@ -506,23 +528,11 @@ impl Replicas {
             let Ok(mut attempts) = self.shared.attempts.lock() else {
                 return;
             };
-            let a = attempts.entry(r.id.clone()).or_insert(Attempt {
-                call,
-                generation: r.generation,
-                next_at: now,
-                backoff: FIRST_BACKOFF,
-                in_flight: false,
-                failures: 0,
-            });
+            let a = attempts
+                .entry(r.id.clone())
+                .or_insert_with(|| Attempt::new(call, r.generation, now));
             if a.call != call || a.generation != r.generation {
-                *a = Attempt {
-                    call,
-                    generation: r.generation,
-                    next_at: now,
-                    backoff: FIRST_BACKOFF,
-                    in_flight: false,
-                    failures: 0,
-                };
+                *a = Attempt::new(call, r.generation, now);
             }
             if a.in_flight || a.next_at > now {
                 return;

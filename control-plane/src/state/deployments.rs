@@ -42,13 +42,6 @@ pub struct PlanBind {
     pub gpus: Vec<GpuSlice>,
 }
 
-fn not_found(kind: ObjectKind, name: &str) -> Rejection {
-    Rejection::NotFound {
-        kind,
-        name: name.to_string(),
-    }
-}
-
 /// Creates a deployment at revision 1 with its pending replicas.
 pub(super) fn create(
     state: &mut ClusterState,
@@ -64,7 +57,7 @@ pub(super) fn create(
         });
     }
     let Some(model) = state.models.get(&request.model) else {
-        return Err(not_found(ObjectKind::Model, &request.model));
+        return Err(Rejection::not_found(ObjectKind::Model, &request.model));
     };
     let mut request = request;
     if request.version.is_empty() {
@@ -76,9 +69,9 @@ pub(super) fn create(
         }
     }
     let Some(version) = model.versions.get(&request.version) else {
-        return Err(not_found(
+        return Err(Rejection::not_found(
             ObjectKind::ModelVersion,
-            &format!("{}:{}", request.model, request.version),
+            format!("{}:{}", request.model, request.version),
         ));
     };
     let spec = request.resolve(version.spec.resources);
@@ -109,7 +102,7 @@ pub(super) fn scale(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get_mut(name) else {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
     let mut spec = d.spec.clone();
     spec.replicas = replicas;
@@ -126,7 +119,7 @@ pub(super) fn scale(
 /// Deletes a deployment; its replicas are removed (stopped first when placed).
 pub(super) fn delete(state: &mut ClusterState, name: &str) -> Result<Outcome, Rejection> {
     if state.deployments.remove(name).is_none() {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     }
     state
         .replicas
@@ -150,7 +143,7 @@ pub(super) fn apply_plan(
     for b in binds {
         let result = (|| {
             let Some(replica) = state.replicas.get(&b.replica) else {
-                return Err(not_found(ObjectKind::Replica, &b.replica));
+                return Err(Rejection::not_found(ObjectKind::Replica, &b.replica));
             };
             if !replica.pending() {
                 return Err(Rejection::FailedPrecondition(format!(
@@ -159,7 +152,7 @@ pub(super) fn apply_plan(
                 )));
             }
             let Some(node) = state.nodes.get(&b.node) else {
-                return Err(not_found(ObjectKind::Node, &b.node));
+                return Err(Rejection::not_found(ObjectKind::Node, &b.node));
             };
             if !node.schedulable() {
                 return Err(Rejection::FailedPrecondition(format!(
@@ -189,7 +182,7 @@ pub(super) fn apply_plan(
 /// node is gone).
 pub(super) fn remove_replica(state: &mut ClusterState, id: &str) -> Result<Outcome, Rejection> {
     let Some(r) = state.replicas.get(id) else {
-        return Err(not_found(ObjectKind::Replica, id));
+        return Err(Rejection::not_found(ObjectKind::Replica, id));
     };
     if r.intent != ReplicaIntent::Remove {
         return Err(Rejection::FailedPrecondition(format!(
@@ -208,7 +201,7 @@ pub(super) fn replace_lost(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(n) = state.nodes.get(node) else {
-        return Err(not_found(ObjectKind::Node, node));
+        return Err(Rejection::not_found(ObjectKind::Node, node));
     };
     if n.state != NodeState::Down {
         return Err(Rejection::FailedPrecondition(format!(
@@ -378,18 +371,18 @@ pub(super) fn update(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get(name) else {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
     let mut spec = d.spec.clone();
     if let Some(v) = change.version {
         let model = state
             .models
             .get(&spec.model)
-            .ok_or_else(|| not_found(ObjectKind::Model, &spec.model))?;
+            .ok_or_else(|| Rejection::not_found(ObjectKind::Model, &spec.model))?;
         if !model.versions.contains_key(&v) {
-            return Err(not_found(
+            return Err(Rejection::not_found(
                 ObjectKind::ModelVersion,
-                &format!("{}:{v}", spec.model),
+                format!("{}:{v}", spec.model),
             ));
         }
         spec.version = v;
@@ -415,7 +408,7 @@ pub(super) fn rollback(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get(name) else {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
     let target = match to {
         Some(r) => d.history.iter().find(|h| h.revision == r).ok_or_else(|| {
@@ -450,9 +443,9 @@ pub(super) fn rollback(
         .get(&spec.model)
         .is_some_and(|m| m.versions.contains_key(&spec.version));
     if !version_exists {
-        return Err(not_found(
+        return Err(Rejection::not_found(
             ObjectKind::ModelVersion,
-            &format!("{}:{}", spec.model, spec.version),
+            format!("{}:{}", spec.model, spec.version),
         ));
     }
     new_revision(state, name, spec, at_ms);
@@ -469,7 +462,7 @@ pub(super) fn rollout_add(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get(name) else {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
     if let Some(why) = &d.paused {
         return Err(Rejection::FailedPrecondition(format!(
@@ -497,7 +490,7 @@ pub(super) fn rollout_retire(
     ids: &[String],
 ) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get(name) else {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
     for id in ids {
         let ok = state
@@ -536,7 +529,7 @@ pub(super) fn pause(
     reason: String,
 ) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get(name) else {
-        return Err(not_found(ObjectKind::Deployment, name));
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
     let (current, total) = counts(state, name, d.revision);
     if current == total {
@@ -571,6 +564,7 @@ fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) 
     for _ in 0..count {
         let id = format!("{name}-{}", d.next_ordinal);
         d.next_ordinal += 1;
+        added.push(id.clone());
         state.replicas.insert(
             id.clone(),
             Replica {
@@ -588,7 +582,6 @@ fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) 
                 replaces: None,
             },
         );
-        added.push(format!("{name}-{}", d.next_ordinal - 1));
     }
     added
 }
@@ -602,7 +595,7 @@ pub(super) fn evacuate(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(r) = state.replicas.get(id) else {
-        return Err(not_found(ObjectKind::Replica, id));
+        return Err(Rejection::not_found(ObjectKind::Replica, id));
     };
     let on_draining = r
         .node
@@ -616,7 +609,7 @@ pub(super) fn evacuate(
     }
     let deployment = r.deployment.clone();
     if !state.deployments.contains_key(&deployment) {
-        return Err(not_found(ObjectKind::Deployment, &deployment));
+        return Err(Rejection::not_found(ObjectKind::Deployment, &deployment));
     }
     if let Some(r) = state.replicas.get_mut(id) {
         r.evacuating = true;
@@ -633,7 +626,7 @@ pub(super) fn evacuate(
 /// could not be placed in time).
 pub(super) fn finish_evacuation(state: &mut ClusterState, id: &str) -> Result<Outcome, Rejection> {
     let Some(r) = state.replicas.get_mut(id) else {
-        return Err(not_found(ObjectKind::Replica, id));
+        return Err(Rejection::not_found(ObjectKind::Replica, id));
     };
     if !r.evacuating || r.intent != ReplicaIntent::Run {
         return Err(Rejection::FailedPrecondition(format!(
@@ -721,7 +714,7 @@ fn deployment_outcome(state: &ClusterState, name: &str) -> Result<Outcome, Rejec
         .deployments
         .get(name)
         .map(|d| Outcome::Deployment(Box::new(d.clone())))
-        .ok_or_else(|| not_found(ObjectKind::Deployment, name))
+        .ok_or_else(|| Rejection::not_found(ObjectKind::Deployment, name))
 }
 
 /// Deployments that use a model, or one version of it.

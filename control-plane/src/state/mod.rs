@@ -299,6 +299,16 @@ pub enum Rejection {
     FailedPrecondition(String),
 }
 
+impl Rejection {
+    /// The `kind` named `name` does not exist.
+    pub fn not_found(kind: ObjectKind, name: impl Into<String>) -> Self {
+        Rejection::NotFound {
+            kind,
+            name: name.into(),
+        }
+    }
+}
+
 /// Applies `command` at time `at_ms`. On `Err` the state is unchanged.
 pub fn apply(state: &mut ClusterState, request: Request) -> Result<Outcome, Rejection> {
     let batch = matches!(request.command, Command::Batch(_));
@@ -337,7 +347,7 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             Ok(Outcome::Model(model))
         }
         Command::DeleteModel { name } => {
-            let users = users_of_model(state, &name, None);
+            let users = deployments::users_of_model(state, &name, None);
             if !state.models.contains_key(&name) {
                 return Err(Rejection::NotFound {
                     kind: ObjectKind::Model,
@@ -421,7 +431,7 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             instance,
         } => nodes::set_state(state, &name, from, to, &instance, at_ms),
         Command::RemoveModelVersion { model, version } => {
-            let users = users_of_model(state, &model, Some(&version));
+            let users = deployments::users_of_model(state, &model, Some(&version));
             let Some(m) = state.models.get_mut(&model) else {
                 return Err(Rejection::NotFound {
                     kind: ObjectKind::Model,
@@ -446,12 +456,6 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             Ok(Outcome::Model(m.clone()))
         }
     }
-}
-
-/// Deployments that use a model (or one of its versions), in any revision
-/// they keep for rollback.
-fn users_of_model(state: &ClusterState, model: &str, version: Option<&str>) -> Vec<String> {
-    deployments::users_of_model(state, model, version)
 }
 
 fn in_use(what: &str, users: &[String]) -> Rejection {

@@ -19,9 +19,8 @@ pub(super) fn register(
         inventory,
         instance,
     } = registration;
-    let node = match state.nodes.get(&name) {
-        Some(old) => {
-            let mut node = old.clone();
+    let node = match state.nodes.get_mut(&name) {
+        Some(node) => {
             if node.instance != instance {
                 node.epoch += 1;
                 node.instance = instance;
@@ -33,22 +32,25 @@ pub(super) fn register(
             node.addr = addr;
             node.labels = labels;
             node.inventory = inventory;
+            node.clone()
+        }
+        None => {
+            let node = Node {
+                name: name.clone(),
+                addr,
+                labels,
+                inventory,
+                instance,
+                epoch: 1,
+                state: NodeState::Ready,
+                admin: NodeAdmin::Active,
+                registered_at_ms: at_ms,
+                state_since_ms: at_ms,
+            };
+            state.nodes.insert(name, node.clone());
             node
         }
-        None => Node {
-            name: name.clone(),
-            addr,
-            labels,
-            inventory,
-            instance,
-            epoch: 1,
-            state: NodeState::Ready,
-            admin: NodeAdmin::Active,
-            registered_at_ms: at_ms,
-            state_since_ms: at_ms,
-        },
     };
-    state.nodes.insert(name, node.clone());
     Ok(Outcome::Node(Box::new(node)))
 }
 
@@ -63,10 +65,7 @@ pub(super) fn set_state(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(node) = state.nodes.get_mut(name) else {
-        return Err(Rejection::NotFound {
-            kind: ObjectKind::Node,
-            name: name.to_string(),
-        });
+        return Err(Rejection::not_found(ObjectKind::Node, name));
     };
     if node.instance != instance {
         return Err(Rejection::FailedPrecondition(format!(
@@ -93,10 +92,7 @@ pub(super) fn set_admin(
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
     let Some(node) = state.nodes.get(name) else {
-        return Err(Rejection::NotFound {
-            kind: ObjectKind::Node,
-            name: name.to_string(),
-        });
+        return Err(Rejection::not_found(ObjectKind::Node, name));
     };
     let was = node.admin;
     if admin == NodeAdmin::Drained {
@@ -116,10 +112,7 @@ pub(super) fn set_admin(
         super::deployments::stop_evacuations(state, name, at_ms);
     }
     let Some(node) = state.nodes.get_mut(name) else {
-        return Err(Rejection::NotFound {
-            kind: ObjectKind::Node,
-            name: name.to_string(),
-        });
+        return Err(Rejection::not_found(ObjectKind::Node, name));
     };
     node.admin = admin;
     Ok(Outcome::Node(Box::new(node.clone())))

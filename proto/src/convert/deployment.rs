@@ -12,6 +12,18 @@ use crate::v1;
 /// The default `max_surge` of a new deployment.
 pub const DEFAULT_MAX_SURGE: u32 = 1;
 
+impl From<v1::ResourceOverrides> for ResourceOverrides {
+    fn from(r: v1::ResourceOverrides) -> Self {
+        ResourceOverrides {
+            cpu_milli: r.cpu_milli,
+            memory_mib: r.memory_mib,
+            gpus: r.gpus,
+            gpu_memory_mib: r.gpu_memory_mib,
+            gpu_milli: r.gpu_milli,
+        }
+    }
+}
+
 /// Builds a deployment request (name and what it asks for). An empty
 /// version stays empty: the model's newest is taken when it is created.
 pub fn deployment_request_from_proto(
@@ -24,18 +36,11 @@ pub fn deployment_request_from_proto(
     }
     let selector = req.selector.into_iter().collect();
     validate_labels("selector", &selector)?;
-    let r = req.resources.unwrap_or_default();
     let request = DeploymentRequest {
         model: req.model,
         version: req.version,
         replicas: req.replicas,
-        resources: ResourceOverrides {
-            cpu_milli: r.cpu_milli,
-            memory_mib: r.memory_mib,
-            gpus: r.gpus,
-            gpu_memory_mib: r.gpu_memory_mib,
-            gpu_milli: r.gpu_milli,
-        },
+        resources: req.resources.unwrap_or_default().into(),
         policy: PlacementPolicy::parse(&req.policy)?,
         selector,
         gpu_model: Some(req.gpu_model).filter(|m| !m.is_empty()),

@@ -3,9 +3,7 @@
 //! `node`, replicas in `replica`.
 
 use berth_common::names::DEFAULT_VERSION;
-use berth_common::{
-    HealthProbe, Model, ModelVersion, ModelVersionSpec, Resources, Runtime, ValidationError,
-};
+use berth_common::{Model, ModelVersion, ModelVersionSpec, Resources, ValidationError};
 
 use crate::v1;
 
@@ -27,6 +25,16 @@ impl From<Resources> for v1::Resources {
             gpu_milli: r.gpu_milli,
         }
     }
+}
+
+/// Resources from the wire, none meaning the defaults; GPUs asked for
+/// without a share get whole GPUs.
+pub fn resources_from_proto(r: Option<v1::Resources>) -> Resources {
+    let mut resources: Resources = r.map(Into::into).unwrap_or_default();
+    if resources.gpus > 0 && resources.gpu_milli == 0 {
+        resources.gpu_milli = berth_common::resources::WHOLE_GPU_MILLI;
+    }
+    resources
 }
 
 impl From<v1::Resources> for Resources {
@@ -54,16 +62,7 @@ pub fn version_spec_from_proto(
             "is required: give runtime, source and resources of the first version",
         ));
     };
-    let runtime = Runtime::parse(&spec.runtime, Some(spec.command.as_str()))?;
-    let health = if spec.health.is_empty() {
-        runtime.default_probe()
-    } else {
-        HealthProbe::parse(&spec.health)?
-    };
-    let mut resources: Resources = spec.resources.map(Into::into).unwrap_or_default();
-    if resources.gpus > 0 && resources.gpu_milli == 0 {
-        resources.gpu_milli = berth_common::resources::WHOLE_GPU_MILLI;
-    }
+    let (runtime, health) = runtime_from_parts(&spec.runtime, &spec.command, &spec.health)?;
     let out = ModelVersionSpec {
         version: if spec.version.is_empty() {
             DEFAULT_VERSION.to_string()
@@ -72,7 +71,7 @@ pub fn version_spec_from_proto(
         },
         runtime,
         source: spec.source,
-        resources,
+        resources: resources_from_proto(spec.resources),
         env: spec.env.into_iter().collect(),
         health,
         labels: spec.labels.into_iter().collect(),
@@ -118,6 +117,7 @@ impl From<&Model> for v1::Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_common::HealthProbe;
 
     fn spec() -> v1::ModelVersionSpec {
         v1::ModelVersionSpec {

@@ -1,6 +1,6 @@
 //! Replica specs and statuses on the wire.
 
-use berth_common::{HealthProbe, ReplicaSpec, Resources, Runtime, ValidationError};
+use berth_common::{HealthProbe, ReplicaSpec, Runtime, ValidationError};
 
 use crate::v1;
 
@@ -35,10 +35,6 @@ pub fn replica_spec_from_proto(
             "must be between 0 and 65535 (0 lets the agent pick)",
         ));
     };
-    let mut resources: Resources = spec.resources.map(Into::into).unwrap_or_default();
-    if resources.gpus > 0 && resources.gpu_milli == 0 {
-        resources.gpu_milli = berth_common::resources::WHOLE_GPU_MILLI;
-    }
     let out = ReplicaSpec {
         id: spec.id,
         generation: spec.generation,
@@ -47,7 +43,7 @@ pub fn replica_spec_from_proto(
         source: spec.source,
         port,
         gpus: spec.gpus,
-        resources,
+        resources: super::resources_from_proto(spec.resources),
         env: spec.env.into_iter().collect(),
         health,
     };
@@ -76,6 +72,7 @@ impl From<&ReplicaSpec> for v1::ReplicaSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_common::Resources;
 
     fn spec() -> v1::ReplicaSpec {
         v1::ReplicaSpec {
