@@ -1,12 +1,12 @@
 //! `cargo bench -p berth-cli --bench replay`: a full `berth sim` replay of a
-//! generated 1,500-node (about 5,400 GPUs at 4 per GPU node), 8,000-task
-//! trace, in both modes, for every policy. Prints figures; asserts nothing.
+//! generated 1,500-node (about 6,200 GPUs), 8,000-task trace, in both
+//! modes, for every policy. Prints figures; asserts nothing.
 
-use berth_cli::sim::{replay, trace};
+use berth_cli::sim::{generate, replay, trace};
 use berth_control_plane::scheduler::{Config, Policy};
 
 fn main() {
-    let (cluster, workload) = trace::generate(1_500, 4, 8_000, 1);
+    let (cluster, workload) = generate::generate(1_500, 8, 8_000, 1);
     let nodes = trace::parse_cluster("generated", &cluster).expect("generated cluster parses");
     let tasks = trace::parse_workload("generated", &workload).expect("generated workload parses");
     let gpus: usize = nodes.iter().map(|n| n.gpus.len()).sum();

@@ -518,8 +518,8 @@ impl LocalAgent {
 
     /// Kills every replica process (server group and shim) under the data dir.
     pub fn kill_replicas(&self) {
-        use berth_node_agent::supervisor::{procfs, shim::ShimFile};
-        let Ok(entries) = std::fs::read_dir(self.data_dir.join("replicas")) else {
+        use berth_node_agent::supervisor::{procfs, replicas_dir, shim::ShimFile};
+        let Ok(entries) = std::fs::read_dir(replicas_dir(&self.data_dir)) else {
             return;
         };
         for e in entries.flatten() {

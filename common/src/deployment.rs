@@ -168,6 +168,14 @@ pub struct DeploymentRequest {
     pub max_unavailable: u32,
 }
 
+impl Deployment {
+    /// Whether a rollout is under way among `replicas` (this deployment's
+    /// records): some that count still run an older revision.
+    pub fn rolling<'a>(&self, mut replicas: impl Iterator<Item = &'a Replica>) -> bool {
+        replicas.any(|r| r.deployment == self.name && r.counts() && r.revision != self.revision)
+    }
+}
+
 impl DeploymentRequest {
     /// The spec, given the model version's default resources.
     pub fn resolve(&self, version_defaults: Resources) -> DeploymentSpec {

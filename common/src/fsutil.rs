@@ -38,6 +38,18 @@ fn replace(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit on open files to its hard limit: a
+/// leader talks to every agent and a bench hosts thousands of them, past
+/// the usual soft limit of 1,024. Returns the limit now in force.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    Ok(hard.max(soft))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

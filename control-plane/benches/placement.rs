@@ -1,12 +1,13 @@
 //! `cargo bench -p berth-control-plane --bench placement`: the wall time of
 //! one placement decision on a 5,000-node × 8-GPU cluster at 50 %
-//! occupancy, for each policy. Prints figures; asserts nothing.
+//! occupancy, for each policy (the default one with a full target
+//! workload). Prints figures; asserts nothing.
 
 use std::time::Instant;
 
 use berth_common::{Labels, Resources};
 use berth_control_plane::scheduler::{
-    Cluster, Config, Gpu, GpuShare, Node, Policy, Request, place_one,
+    Cluster, Config, Gpu, GpuShare, MAX_TARGET_SHAPES, Node, Policy, Request, Workload, place_one,
 };
 
 const NODES: usize = 5_000;
@@ -95,8 +96,32 @@ fn half_full_cluster() -> Cluster {
     cluster
 }
 
+/// A target workload with more GPU shapes than the default policy keeps,
+/// so its fragmentation measure runs at its full cost.
+fn workload() -> Workload {
+    let mut w = Workload::default();
+    for (i, milli) in [50u32, 110, 160, 220, 320, 460, 470, 650, 810]
+        .iter()
+        .enumerate()
+    {
+        for gib in [4u64, 12] {
+            let r = request(String::new(), 1, *milli, gib * 1024, 4_000);
+            w.observe(&r.resources, 10 + i as u64);
+        }
+    }
+    for (gpus, n) in [(1u32, 200u64), (2, 5), (4, 10), (8, 5)] {
+        w.observe(
+            &request(String::new(), gpus, 1000, 0, 12_000 * gpus).resources,
+            n,
+        );
+    }
+    w
+}
+
 fn main() {
     let mut cluster = half_full_cluster();
+    cluster.workload = workload();
+    assert_eq!(cluster.workload.typical().len(), MAX_TARGET_SHAPES - 1);
     println!(
         "placement decision, {NODES} nodes × {GPUS} GPUs, 50 % allocated, {DECISIONS} decisions per policy"
     );

@@ -15,6 +15,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     berth_common::telemetry::init(config.log_format, "info,openraft=warn");
+    if let Err(e) = berth_common::fsutil::raise_open_files_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit; a large fleet may exhaust it");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::convert::replica_spec_from_proto;
-use berth_proto::grpc::invalid_argument;
+use berth_proto::grpc::{self, invalid_argument};
 use berth_proto::v1::agent_server::Agent;
 use berth_proto::v1::{self as pb};
-use futures::Stream;
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -21,7 +21,7 @@ use crate::inventory::SharedInventory;
 use crate::supervisor::logs::{FOLLOW_POLL, Follower, tail};
 use crate::supervisor::replica::Status as ReplicaState;
 use crate::supervisor::shim::DEFAULT_GRACE;
-use crate::supervisor::{Supervisor, SupervisorError};
+use crate::supervisor::{Replicas, SupervisorError};
 
 /// Lines of log sent first when a request does not say.
 const DEFAULT_TAIL: u32 = 100;
@@ -67,22 +67,37 @@ pub fn replica_to_proto(s: &ReplicaState) -> pb::ReplicaStatus {
 
 /// The Agent service of this node.
 pub struct AgentService {
-    supervisor: Arc<Supervisor>,
+    node: String,
+    supervisor: Arc<dyn Replicas>,
     inventory: Arc<SharedInventory>,
     shutdown: CancellationToken,
 }
 
 impl AgentService {
-    /// Serves Agent calls.
+    /// Serves Agent calls for `node`.
     pub fn new(
-        supervisor: Arc<Supervisor>,
+        node: &str,
+        supervisor: Arc<dyn Replicas>,
         inventory: Arc<SharedInventory>,
         shutdown: CancellationToken,
     ) -> Self {
         AgentService {
+            node: node.to_string(),
             supervisor,
             inventory,
             shutdown,
+        }
+    }
+
+    /// Refuses a call the control plane meant for another node: its record
+    /// of this address is stale (the address now belongs to this agent).
+    fn check_node<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match grpc::node_of(request) {
+            Some(meant) if meant != self.node => Err(Status::failed_precondition(format!(
+                "this agent runs node {:?}, but the call was meant for node {meant:?}: the control plane's address for {meant:?} is stale (has the node moved?)",
+                self.node
+            ))),
+            _ => Ok(()),
         }
     }
 }
@@ -96,6 +111,7 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::StartReplicaRequest>,
     ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        self.check_node(&request)?;
         let req = request.into_inner();
         let spec = replica_spec_from_proto(req.spec).map_err(|e| invalid_argument(&e))?;
         let s = self
@@ -111,6 +127,7 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::StopReplicaRequest>,
     ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        self.check_node(&request)?;
         let req = request.into_inner();
         if let Some(g) = req.grace_ms.filter(|g| *g > MAX_GRACE_MS) {
             return Err(Status::invalid_argument(format!(
@@ -131,6 +148,7 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::ResizeReplicaRequest>,
     ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        self.check_node(&request)?;
         let req = request.into_inner();
         let gpus = req.gpus.map(|g| (g.indices, g.gpu_memory_mib, g.gpu_milli));
         let s = self
@@ -143,8 +161,9 @@ impl Agent for AgentService {
 
     async fn list_replicas(
         &self,
-        _request: Request<pb::ListReplicasRequest>,
+        request: Request<pb::ListReplicasRequest>,
     ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.check_node(&request)?;
         let replicas = self.supervisor.list().await;
         Ok(Response::new(pb::ListReplicasResponse {
             replicas: replicas.iter().map(replica_to_proto).collect(),
@@ -153,8 +172,9 @@ impl Agent for AgentService {
 
     async fn get_inventory(
         &self,
-        _request: Request<pb::GetInventoryRequest>,
+        request: Request<pb::GetInventoryRequest>,
     ) -> Result<Response<pb::Inventory>, Status> {
+        self.check_node(&request)?;
         let allocations = self.supervisor.allocations().await;
         Ok(Response::new(self.inventory.refresh(allocations).await))
     }
@@ -166,6 +186,7 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        self.check_node(&request)?;
         let req = request.into_inner();
         let lines = req.tail.unwrap_or(DEFAULT_TAIL);
         if lines > MAX_TAIL {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use berth_common::Labels;
-use berth_proto::grpc;
+use berth_proto::grpc::{self, LEADER_KEY};
 use berth_proto::v1::node_registry_client::NodeRegistryClient;
 use berth_proto::v1::{self as pb};
 use tokio::time::MissedTickBehavior;
@@ -25,12 +25,13 @@ use tonic::transport::Channel;
 
 use crate::api::replica_to_proto;
 use crate::inventory::{SharedInventory, heartbeat_readings};
-use crate::supervisor::Supervisor;
+use crate::supervisor::Replicas;
 
-/// The metadata key a follower puts the leader's address in.
-pub const LEADER_KEY: &str = "berth-leader";
-/// How long one registration or heartbeat call may take.
+/// How long one heartbeat may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one registration may take: a write through Raft, slower when a
+/// whole fleet registers at once, and retrying sooner would only add load.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a phase change, how long to wait for others before heartbeating.
 const PHASE_DEBOUNCE: Duration = Duration::from_millis(20);
 
@@ -62,10 +63,16 @@ pub struct Registration {
     /// The inventory.
     pub inventory: Arc<SharedInventory>,
     /// The supervisor, for replica phases.
-    pub supervisor: Arc<Supervisor>,
+    pub supervisor: Arc<dyn Replicas>,
     /// Counters for /metrics.
     pub counters: Arc<Counters>,
+    /// Clients of the control-plane members, by address: an agent's own,
+    /// or shared by the hollow agents of `berth bench`.
+    pub clients: Clients,
 }
+
+/// Registry clients by member address.
+pub type Clients = Arc<std::sync::Mutex<HashMap<String, NodeRegistryClient<Channel>>>>;
 
 enum Outcome {
     Done,
@@ -75,7 +82,6 @@ enum Outcome {
 
 struct Loop {
     reg: Registration,
-    clients: HashMap<String, NodeRegistryClient<Channel>>,
     next: usize,
     leader: Option<String>,
     registered: bool,
@@ -91,7 +97,6 @@ impl Registration {
         let changed = self.supervisor.changed();
         let mut l = Loop {
             reg: self,
-            clients: HashMap::new(),
             next: 0,
             leader: None,
             registered: false,
@@ -135,11 +140,12 @@ impl Registration {
 
 impl Loop {
     fn client(&mut self, addr: &str) -> Result<NodeRegistryClient<Channel>, String> {
-        if let Some(c) = self.clients.get(addr) {
+        let mut clients = self.reg.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
         let c = NodeRegistryClient::new(grpc::channel(addr).map_err(|e| e.to_string())?);
-        self.clients.insert(addr.to_string(), c.clone());
+        clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }
 
@@ -206,7 +212,7 @@ impl Loop {
             inventory: Some(self.reg.inventory.registration().into()),
             instance: self.reg.instance.clone(),
         });
-        req.set_timeout(CALL_TIMEOUT);
+        req.set_timeout(REGISTER_TIMEOUT);
         let resp = client.register(req).await?.into_inner();
         tracing::info!(node = %self.reg.node, epoch = resp.epoch, state = %resp.state, leader = %addr, "registered with the control plane");
         self.leader = Some(if resp.leader_addr.is_empty() {

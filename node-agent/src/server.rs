@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::inventory::{Inventory, SharedInventory};
 use crate::registration::{Counters, Registration, new_instance_id};
 use crate::supervisor::cgroup::Cgroups;
-use crate::supervisor::{Context, Settings, Supervisor};
+use crate::supervisor::{Context, Replicas, Settings, Supervisor};
 
 /// How long shutdown waits for replica tasks (stopping replicas takes their grace period).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
@@ -134,16 +134,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     };
     let settings = Settings {
         data_dir: config.data_dir.clone(),
-        log_max_bytes: config.log_max_bytes,
-        log_keep: config.log_files,
-        backoff_base: config.restart_backoff,
-        backoff_max: config.restart_backoff_max,
-        probe_interval: config.probe_interval,
         stop_on_shutdown: config.stop_replicas_on_exit,
     };
     let supervisor = Supervisor::open(ctx, settings, tasks.clone(), shutdown.clone()).await?;
 
-    let service = AgentService::new(supervisor.clone(), inventory.clone(), shutdown.clone());
+    let service = AgentService::new(
+        &config.node_name,
+        Arc::new(supervisor.clone()),
+        inventory.clone(),
+        shutdown.clone(),
+    );
     let routes = Routes::new(AgentServer::new(service));
     let stop = shutdown.clone();
     tasks.spawn(async move {
@@ -193,8 +193,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             instance: new_instance_id(),
             interval: config.heartbeat_interval,
             inventory: inventory.clone(),
-            supervisor: supervisor.clone(),
+            supervisor: Arc::new(supervisor.clone()),
             counters: counters.clone(),
+            clients: Default::default(),
         };
         tasks.spawn(registration.run(shutdown.clone()));
     }

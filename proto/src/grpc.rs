@@ -15,6 +15,26 @@ use tonic::transport::{Channel, Endpoint, Server};
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// How long a client waits for a TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The metadata key in which a member that does not lead names the leader's address.
+pub const LEADER_KEY: &str = "berth-leader";
+/// The metadata key in which the control plane names the node an Agent call
+/// is meant for: an agent serving another node refuses it (an address that
+/// moved to another machine must not receive that node's replicas).
+pub const NODE_KEY: &str = "berth-node";
+
+/// `request` with the node it is meant for in its metadata (`NODE_KEY`).
+pub fn for_node<T>(node: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(node) {
+        request.metadata_mut().insert(NODE_KEY, v);
+    }
+    request
+}
+
+/// The node a request names in its metadata, if it names one.
+pub fn node_of<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request.metadata().get(NODE_KEY)?.to_str().ok()
+}
 
 /// Errors building a server or channel.
 #[derive(Debug, thiserror::Error)]

@@ -460,8 +460,28 @@ async fn bad_specs_are_refused_and_start_nothing() {
         assert_eq!(e.code(), code, "{id}: {}", e.message());
         assert!(e.message().contains(says), "{id}: {}", e.message());
     }
+    // A call the control plane meant for another node (a stale address) is refused.
+    let e = agent(&a.addr)
+        .start_replica(berth_proto::grpc::for_node(
+            "some-other-node",
+            pb::StartReplicaRequest {
+                spec: Some(demo_spec("bad-7", 1, None)),
+                placed_at: 0,
+            },
+        ))
+        .await
+        .expect_err("meant for another node");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("sup-7") && e.message().contains("some-other-node"),
+        "{}",
+        e.message()
+    );
     let listed = agent(&a.addr)
-        .list_replicas(pb::ListReplicasRequest {})
+        .list_replicas(berth_proto::grpc::for_node(
+            "sup-7",
+            pb::ListReplicasRequest {},
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -668,3 +668,61 @@ async fn drain_replaces_each_replica_before_stopping_it() {
     let back = berth_json(&["--server", &s, "node", "uncordon", "leave"]).await;
     assert_eq!(back["state"], "ready");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_keeps_failing_is_replaced() {
+    let (_cluster, _agents, s) = demo_cluster(1, &[], &["n1", "n2"]).await;
+    berth_json(&[
+        "--server",
+        &s,
+        "model",
+        "create",
+        "crashy",
+        "--runtime",
+        "command",
+        "--source",
+        "/nowhere",
+        "--command",
+        "sh -c 'echo crashing; exit 3'",
+        "--cpu",
+        "100m",
+        "--memory",
+        "128MiB",
+    ])
+    .await;
+    let ok = berth(&[
+        "--server",
+        &s,
+        "deploy",
+        "create",
+        "crashy",
+        "--model",
+        "crashy",
+        "--replicas",
+        "1",
+    ])
+    .await;
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // The agent restarts it with back-off; after 3 restarts not running, the
+    // control plane gives up on it: crashy-1 goes and crashy-2 takes its place.
+    let replaced = wait_until(DEADLINE, "crashy-1 replaced by crashy-2", || async {
+        let rs = replicas(&s, "crashy").await?;
+        let ids: Vec<&str> = rs.iter().filter_map(|r| r["id"].as_str()).collect();
+        (ids.contains(&"crashy-2") && !ids.contains(&"crashy-1")).then_some(rs)
+    })
+    .await;
+    assert_eq!(
+        replaced.len(),
+        1,
+        "still one replica in the count: {replaced:?}"
+    );
+    let events = berth(&["--server", &s, "events"]).await;
+    let text = stdout(&events);
+    assert!(
+        text.contains("crashy-1 keeps failing") && text.contains("restarted 3 times"),
+        "{text}"
+    );
+    // The deployment itself is unchanged: still one replica asked for.
+    let d = deployment(&s, "crashy").await;
+    assert_eq!(d["replicas"], 1, "{d}");
+}

@@ -12,7 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{percentile, wait_for};
+use super::{cpu_seconds, percentile, wait_for};
 use crate::client::{CliError, Client};
 use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
@@ -152,15 +152,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat; `rest` starts at field 3.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 async fn heartbeats(http: &str) -> Option<u64> {
     let (_, body) = crate::local::http_request(http, "GET", "/metrics", "").await?;
     body.lines()
@@ -202,12 +193,8 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
     .await?;
     eprintln!("agent registered; settling for 5s, then measuring for {duration:?}");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
     let hb0 = heartbeats(&http).await.unwrap_or(0);
-    let cpu0 = cpu_ticks(pid).context("read the agent's CPU time")?;
+    let cpu0 = cpu_seconds(pid).context("read the agent's CPU time")?;
     let started = Instant::now();
     let mut samples = Vec::new();
     while started.elapsed() < duration {
@@ -217,14 +204,14 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu1 = cpu_ticks(pid).context("read the agent's CPU time")?;
+    let cpu1 = cpu_seconds(pid).context("read the agent's CPU time")?;
     let hb1 = heartbeats(&http).await.unwrap_or(0);
     let mean = samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64;
     let report = AgentIdleReport {
         duration_s: wall,
         rss_mib_mean: mean / 1024.0,
         rss_mib_max: samples.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
-        cpu_percent: (cpu1 - cpu0) as f64 / ticks_per_s / wall * 100.0,
+        cpu_percent: (cpu1 - cpu0) / wall * 100.0,
         heartbeats: hb1.saturating_sub(hb0),
     };
     drop(agent);

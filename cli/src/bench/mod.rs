@@ -21,6 +21,7 @@ use crate::output::{OutputFormat, print_json, table};
 
 mod agent;
 mod node_loss;
+mod place;
 
 /// Benchmark subcommands.
 #[derive(Debug, Subcommand)]
@@ -35,6 +36,8 @@ pub enum BenchCommand {
     AgentIdle(agent::AgentIdleArgs),
     /// SIGKILL the agent running a replica; time until its replacement runs elsewhere.
     NodeLoss(node_loss::NodeLossArgs),
+    /// Placements per second through a real cluster, with hollow agents (no processes).
+    Place(place::PlaceArgs),
 }
 
 /// `bench writes` options.
@@ -67,6 +70,7 @@ pub async fn run(cmd: BenchCommand, servers: &str, out: OutputFormat) -> Result<
         BenchCommand::AgentStart(a) => agent::agent_start(a, out).await,
         BenchCommand::AgentIdle(a) => agent::agent_idle(a, out).await,
         BenchCommand::NodeLoss(a) => node_loss::node_loss(a, out).await,
+        BenchCommand::Place(a) => place::place(a, servers, out).await,
     }
 }
 
@@ -110,6 +114,35 @@ async fn wait_for<T, F: AsyncFn() -> Option<T>>(
     }
 }
 
+/// Creates model `name` (runtime `demo`, one version with `resources`),
+/// retrying until the cluster takes it (it may still be electing a leader).
+async fn create_demo_model(
+    client: &Client,
+    name: &str,
+    resources: pb::Resources,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let model = pb::CreateModelRequest {
+        name: name.into(),
+        version: Some(pb::ModelVersionSpec {
+            runtime: "demo".into(),
+            source: "builtin:demo".into(),
+            resources: Some(resources),
+            ..Default::default()
+        }),
+    };
+    wait_for("the cluster to take a model", timeout, || async {
+        let r = client
+            .admin(|mut c| {
+                let model = model.clone();
+                async move { c.create_model(model).await }
+            })
+            .await;
+        applied(&r).then_some(())
+    })
+    .await
+}
+
 /// Whether a write took effect: it succeeded, or it was retried after being
 /// applied already (AlreadyExists).
 fn applied<T>(r: &Result<T, CliError>) -> bool {
@@ -118,6 +151,20 @@ fn applied<T>(r: &Result<T, CliError>) -> bool {
         Err(CliError::Request { status, .. }) => status.code() == Code::AlreadyExists,
         Err(_) => false,
     }
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `rest` starts at field 3.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Some(ticks as f64 / per_s as f64)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {

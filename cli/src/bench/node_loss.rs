@@ -12,7 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{applied, percentile, wait_for};
+use super::{create_demo_model, percentile, wait_for};
 use crate::client::{CliError, Client};
 use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
@@ -79,30 +79,18 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
             },
         )?);
     }
-    let model = pb::CreateModelRequest {
-        name: "loss".into(),
-        version: Some(pb::ModelVersionSpec {
-            runtime: "demo".into(),
-            source: "builtin:demo".into(),
-            resources: Some(pb::Resources {
-                cpu_milli: 100,
-                memory_mib: 128,
-                gpus: 1,
-                gpu_memory_mib: 10 * 1024,
-                gpu_milli: 250,
-            }),
-            ..Default::default()
-        }),
-    };
-    wait_for("the cluster to take a model", WAIT, || async {
-        let r = client
-            .admin(|mut c| {
-                let model = model.clone();
-                async move { c.create_model(model).await }
-            })
-            .await;
-        applied(&r).then_some(())
-    })
+    create_demo_model(
+        &client,
+        "loss",
+        pb::Resources {
+            cpu_milli: 100,
+            memory_mib: 128,
+            gpus: 1,
+            gpu_memory_mib: 10 * 1024,
+            gpu_milli: 250,
+        },
+        WAIT,
+    )
     .await?;
     client
         .admin(|mut c| async move {

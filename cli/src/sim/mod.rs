@@ -11,6 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::client::CliError;
 use crate::output::{OutputFormat, print_json, table};
 
+pub mod generate;
 pub mod replay;
 pub mod trace;
 
@@ -48,13 +49,13 @@ enum SimCommand {
 
 #[derive(Debug, Args)]
 struct GenerateArgs {
-    /// Nodes (about 10 % CPU-only).
+    /// Nodes (about 21 % CPU-only, the rest in the GPU node shapes of Alibaba's GPU cluster trace).
     #[arg(long)]
     nodes: usize,
-    /// GPUs on each GPU node.
+    /// GPUs on the largest nodes: 8 keeps the trace's node shapes (1, 2, 4 and 8 GPUs), other values scale them.
     #[arg(long, default_value_t = 8)]
     gpus_per_node: u32,
-    /// Tasks.
+    /// Tasks (about 0.71 GPUs each: 1.4 × the GPUs offers 100 % of them).
     #[arg(long)]
     tasks: usize,
     /// Random seed: the same seed writes the same files.
@@ -95,7 +96,7 @@ pub fn run(args: SimArgs, out: OutputFormat) -> Result<(), CliError> {
         if g.gpus_per_node > 64 {
             return Err(CliError::Usage("--gpus-per-node must be at most 64".into()));
         }
-        let (cluster, workload) = trace::generate(g.nodes, g.gpus_per_node, g.tasks, g.seed);
+        let (cluster, workload) = generate::generate(g.nodes, g.gpus_per_node, g.tasks, g.seed);
         std::fs::create_dir_all(&g.out).with_context(|| format!("create {}", g.out.display()))?;
         for (name, text) in [("cluster.csv", cluster), ("workload.csv", workload)] {
             let path = g.out.join(name);

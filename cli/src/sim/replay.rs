@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Instant;
 
 use berth_common::{Labels, Resources};
-use berth_control_plane::scheduler::{self, Cluster, Config, Node, Request};
+use berth_control_plane::scheduler::{self, Cluster, Config, Node, Request, Workload};
 use serde::Serialize;
 
 use super::trace::Task;
@@ -94,6 +94,7 @@ pub fn replay(
         nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
         placed: BTreeMap::new(),
         scan_from: None,
+        workload: Workload::default(),
     };
     let total_gpus: u64 = cluster.nodes.values().map(|n| n.gpus.len() as u64).sum();
     let mut order: Vec<usize> = (0..tasks.len()).collect();
@@ -155,6 +156,8 @@ pub fn replay(
             }
         }
         while next < order.len() && us(tasks[order[next]].arrival_s) == now {
+            // The default policy's target workload: the requests seen so far.
+            cluster.workload.observe(&tasks[order[next]].resources, 1);
             waiting.push(order[next]);
             next += 1;
         }

@@ -1,11 +1,10 @@
-//! Trace files for `berth sim`: reading (every error names file, line and
-//! column), writing, and generating synthetic traces.
+//! Trace files for `berth sim`: reading them, every error naming file,
+//! line and column (`generate` writes them).
 //!
 //! `cluster.csv`: `node,cpu_milli,memory_mib,gpus,gpu_model,gpu_memory_mib`.
 //! `workload.csv`: `id,arrival_s,duration_s,cpu_milli,memory_mib,gpus,gpu_milli,gpu_memory_mib,priority,tenant`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
 use berth_common::{Labels, Resources};
@@ -237,132 +236,6 @@ pub fn load(cluster: &Path, workload: &Path) -> Result<(Vec<Node>, Vec<Task>), T
     Ok((nodes, tasks))
 }
 
-/// SplitMix64: a tiny, fully specified generator, so a seed gives the same
-/// trace on every machine and every version (a general-purpose RNG crate
-/// may change its streams between releases).
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [0, n).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
-
-/// GPU models of a generated cluster: name, memory per GPU (MiB), share of GPU nodes.
-const GPU_MODELS: [(&str, u64, u64); 4] = [
-    ("H100-80GB", 81_920, 30),
-    ("A100-80GB", 81_920, 35),
-    ("L40S-48GB", 49_152, 20),
-    ("A10-24GB", 24_576, 15),
-];
-
-/// Writes a synthetic cluster and workload: 10 % CPU-only nodes, the rest
-/// with `gpus_per_node` GPUs of mixed models; tasks 20 % CPU-only, 30 %
-/// GPU shares of 100–750 thousandths, 30 % one whole GPU, 12 % two, 6 %
-/// four, 2 % eight; priorities 0–3; 70 % short (1–10 min) and 30 % long
-/// (1–10 h) runs; Poisson arrivals over one hour.
-pub fn generate(nodes: usize, gpus_per_node: u32, tasks: usize, seed: u64) -> (String, String) {
-    let mut rng = SplitMix64::new(seed);
-    let mut cluster = format!("{CLUSTER_HEADER}\n");
-    for i in 0..nodes {
-        let cpu_only = rng.below(10) == 0;
-        if cpu_only || gpus_per_node == 0 {
-            let _ = writeln!(cluster, "cpu-{i:05},64000,262144,0,,0");
-            continue;
-        }
-        let mut pick = rng.below(100);
-        let (model, mem, _) = GPU_MODELS
-            .iter()
-            .find(|(_, _, share)| {
-                if pick < *share {
-                    true
-                } else {
-                    pick -= share;
-                    false
-                }
-            })
-            .copied()
-            .unwrap_or(GPU_MODELS[0]);
-        let cpu = 16_000 * u64::from(gpus_per_node).max(1);
-        let ram = 131_072 * u64::from(gpus_per_node).max(1);
-        let _ = writeln!(
-            cluster,
-            "gpu-{i:05},{cpu},{ram},{gpus_per_node},{model},{mem}"
-        );
-    }
-    // Arrivals spread over one hour: with 30 % of tasks running for hours,
-    // a trace larger than the cluster builds a queue (replay mode) and
-    // fills it (fill mode).
-    let rate = tasks as f64 / 3_600.0;
-    let mut workload = format!("{WORKLOAD_HEADER}\n");
-    let mut t = 0.0f64;
-    for i in 0..tasks {
-        t += -(1.0 - rng.unit()).ln() / rate;
-        let duration = if rng.below(10) < 7 {
-            60.0 + rng.unit() * 540.0
-        } else {
-            3_600.0 + rng.unit() * 32_400.0
-        };
-        let kind = rng.below(100);
-        let (gpus, milli, gmem, cpu, mem) = match kind {
-            0..20 => (
-                0,
-                0,
-                0,
-                500 + 500 * rng.below(8),
-                1_024 * (1 + rng.below(16)),
-            ),
-            20..50 => {
-                let milli = [100u64, 250, 500, 750][rng.below(4) as usize];
-                (
-                    1,
-                    milli,
-                    24_576 * milli / 1000,
-                    1_000 + 1_000 * rng.below(4),
-                    8_192,
-                )
-            }
-            50..80 => (1, 1000, 0, 4_000 + 2_000 * rng.below(4), 32_768),
-            80..92 => (2, 1000, 0, 8_000 + 4_000 * rng.below(2), 65_536),
-            92..98 => (4, 1000, 0, 16_000 + 8_000 * rng.below(2), 131_072),
-            _ => (8, 1000, 0, 32_000 + 16_000 * rng.below(2), 262_144),
-        };
-        let gpus = if gpus > u64::from(gpus_per_node) {
-            0
-        } else {
-            gpus
-        };
-        let (milli, gmem) = if gpus == 0 { (0, 0) } else { (milli, gmem) };
-        let priority = [0, 0, 0, 1, 1, 2, 3][rng.below(7) as usize];
-        let tenant = format!("team-{}", rng.below(5));
-        let _ = writeln!(
-            workload,
-            "t{i:06},{t:.3},{duration:.1},{cpu},{mem},{gpus},{milli},{gmem},{priority},{tenant}"
-        );
-    }
-    (cluster, workload)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,21 +280,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2, column 5 (gpu_model)"), "{e}");
-    }
-
-    #[test]
-    fn generated_traces_parse_and_repeat() {
-        let (c, w) = generate(20, 8, 300, 7);
-        assert_eq!((c.clone(), w.clone()), generate(20, 8, 300, 7));
-        let nodes = parse_cluster("c", &c).unwrap();
-        let tasks = parse_workload("w", &w).unwrap();
-        assert_eq!((nodes.len(), tasks.len()), (20, 300));
-        assert!(tasks.iter().any(|t| t.resources.gpus == 0));
-        assert!(
-            tasks
-                .iter()
-                .any(|t| t.resources.gpus == 1 && t.resources.gpu_milli < 1000)
-        );
-        assert!(tasks.iter().any(|t| t.resources.gpus >= 2));
     }
 }

@@ -340,11 +340,14 @@ impl Deployments<'_> {
         let channel =
             berth_proto::grpc::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
         AgentClient::new(channel)
-            .stream_logs(pb::StreamLogsRequest {
-                id: req.id.clone(),
-                tail: req.tail,
-                follow: req.follow,
-            })
+            .stream_logs(berth_proto::grpc::for_node(
+                &node,
+                pb::StreamLogsRequest {
+                    id: req.id.clone(),
+                    tail: req.tail,
+                    follow: req.follow,
+                },
+            ))
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| {

@@ -64,7 +64,7 @@ pub(super) async fn get(
     } else {
         None
     };
-    let (live, live_error) = match live_inventory(&node.addr).await {
+    let (live, live_error) = match live_inventory(&node.name, &node.addr).await {
         Ok(inv) => (Some(inv), String::new()),
         Err(e) => (None, e),
     };
@@ -77,9 +77,9 @@ pub(super) async fn get(
     })
 }
 
-async fn live_inventory(addr: &str) -> Result<pb::Inventory, String> {
+async fn live_inventory(node: &str, addr: &str) -> Result<pb::Inventory, String> {
     let channel = grpc::channel(addr).map_err(|e| e.to_string())?;
-    let mut req = tonic::Request::new(pb::GetInventoryRequest {});
+    let mut req = grpc::for_node(node, pb::GetInventoryRequest {});
     req.set_timeout(AGENT_TIMEOUT);
     AgentClient::new(channel)
         .get_inventory(req)

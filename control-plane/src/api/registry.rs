@@ -4,7 +4,7 @@
 //! `berth-leader` metadata, or `Unavailable` when there is no leader.
 
 use berth_proto::convert::registration_from_proto;
-use berth_proto::grpc::invalid_argument;
+use berth_proto::grpc::{LEADER_KEY, invalid_argument};
 use berth_proto::v1::node_registry_server::NodeRegistry;
 use berth_proto::v1::{self as pb};
 use tonic::metadata::MetadataValue;
@@ -12,9 +12,6 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::reconciler::nodes::{NodeTracker, NotHere};
-
-/// The metadata key carrying the leader's address.
-pub const LEADER_KEY: &str = "berth-leader";
 
 /// The NodeRegistry service of one member.
 pub struct RegistryService {

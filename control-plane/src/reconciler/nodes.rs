@@ -55,6 +55,51 @@ pub struct NodeTracker {
     leading: Arc<Mutex<Option<(u64, Instant)>>>,
     /// When a quorum last confirmed this member leads; one confirmation at a time.
     confirmed: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// The replicas that should run on each node, as of one state version.
+    desired: Arc<Mutex<DesiredIndex>>,
+}
+
+/// Each node's desired replicas at one state version, rebuilt at most every
+/// `DESIRED_REBUILD` while the state changes, so a heartbeat costs a lookup,
+/// not a scan of every replica. An answer from an older version is safe:
+/// the agent keeps what was placed after the version it is told, and stops
+/// what was moved away at a later heartbeat.
+#[derive(Default)]
+struct DesiredIndex {
+    /// The state version it was built from, and when; None before the first build.
+    built: Option<(u64, Instant)>,
+    by_node: HashMap<String, Vec<(String, u64)>>,
+}
+
+/// How often the desired index may be rebuilt while the state changes.
+const DESIRED_REBUILD: Duration = Duration::from_millis(200);
+
+impl DesiredIndex {
+    /// The desired replicas of `node` and the state version they are of.
+    fn of(&mut self, state: &crate::state::ClusterState, node: &str) -> (Vec<(String, u64)>, u64) {
+        let fresh = self.built.is_some_and(|(version, at)| {
+            version == state.version || at.elapsed() < DESIRED_REBUILD
+        });
+        let version = match self.built {
+            Some((version, _)) if fresh => version,
+            _ => {
+                self.by_node.clear();
+                for r in state.replicas.values() {
+                    if let Some(n) = &r.node
+                        && r.intent == berth_common::ReplicaIntent::Run
+                    {
+                        self.by_node
+                            .entry(n.clone())
+                            .or_default()
+                            .push((r.id.clone(), r.generation));
+                    }
+                }
+                self.built = Some((state.version, Instant::now()));
+                state.version
+            }
+        };
+        (self.by_node.get(node).cloned().unwrap_or_default(), version)
+    }
 }
 
 /// What the leader answers a heartbeat.
@@ -86,12 +131,22 @@ impl NodeTracker {
             observed: Arc::default(),
             leading: Arc::default(),
             confirmed: Arc::default(),
+            desired: Arc::default(),
         }
     }
 
     /// The last heartbeat of every node (empty on a follower).
     pub fn observations(&self) -> HashMap<String, Observation> {
-        self.observed.lock().map(|o| o.clone()).unwrap_or_default()
+        self.with_observations(Clone::clone)
+    }
+
+    /// Runs `f` on the last heartbeat of every node without copying them.
+    /// Heartbeats wait meanwhile: keep `f` short and never await in it.
+    pub fn with_observations<T>(&self, f: impl FnOnce(&HashMap<String, Observation>) -> T) -> T {
+        match self.observed.lock() {
+            Ok(o) => f(&o),
+            Err(p) => f(&p.into_inner()),
+        }
     }
 
     /// The last heartbeat of one node (None on a follower).
@@ -212,24 +267,27 @@ impl NodeTracker {
         &self,
         report: pb::HeartbeatRequest,
     ) -> Result<Option<HeartbeatAnswer>, MemberError> {
-        let (node, desired, version) = {
+        let (epoch, instance, node_state, desired, version) = {
             let applied = self.member.state.read();
             let s = &applied.state;
-            let desired = s
-                .replicas
-                .values()
-                .filter(|r| {
-                    r.node.as_deref() == Some(report.node.as_str())
-                        && r.intent == berth_common::ReplicaIntent::Run
-                })
-                .map(|r| (r.id.clone(), r.generation))
-                .collect();
-            (s.nodes.get(&report.node).cloned(), desired, s.version)
+            let Some(node) = s.nodes.get(&report.node) else {
+                return Ok(None);
+            };
+            if node.instance != report.instance {
+                return Ok(None);
+            }
+            let (desired, version) = match self.desired.lock() {
+                Ok(mut index) => index.of(s, &report.node),
+                Err(p) => p.into_inner().of(s, &report.node),
+            };
+            (
+                node.epoch,
+                node.instance.clone(),
+                node.state,
+                desired,
+                version,
+            )
         };
-        let Some(node) = node else { return Ok(None) };
-        if node.instance != report.instance {
-            return Ok(None);
-        }
         let name = report.node.clone();
         let events = match self.observed.lock() {
             Ok(mut observed) => {
@@ -248,19 +306,19 @@ impl NodeTracker {
             Err(_) => Vec::new(),
         };
         self.member.events.extend(events);
-        if node.state == NodeState::Down {
+        if node_state == NodeState::Down {
             tracing::info!(node = %name, "node is heartbeating again: ready");
             self.member
                 .write(Command::SetNodeState {
                     name,
                     from: NodeState::Down,
                     to: NodeState::Ready,
-                    instance: node.instance,
+                    instance,
                 })
                 .await?;
         }
         Ok(Some(HeartbeatAnswer {
-            epoch: node.epoch,
+            epoch,
             desired,
             state_version: version,
         }))

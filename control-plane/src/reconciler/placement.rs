@@ -11,7 +11,7 @@ use berth_common::{GpuSlice, PlacementPolicy, Replica, ReplicaIntent};
 
 use crate::scheduler::{
     self, Bind, Cluster, Config, Explanation, Gpu, GpuShare, GpuUse, Placed, Policy, QueueOrder,
-    Request,
+    Request, Workload,
 };
 use crate::state::{ClusterState, PlanBind, capacity};
 
@@ -55,7 +55,7 @@ pub fn cluster(state: &ClusterState) -> Cluster {
             },
         );
     }
-    let placed = state
+    let placed: BTreeMap<String, Placed> = state
         .replicas
         .values()
         .filter_map(|r| {
@@ -81,10 +81,15 @@ pub fn cluster(state: &ClusterState) -> Cluster {
             ))
         })
         .collect();
+    // Requests seen so far: the placed replicas (scheduling adds the
+    // pending ones), whose mix the default policy keeps room for.
+    let mut workload = Workload::default();
+    workload.extend(placed.values().map(|p| (&p.request.resources, 1)));
     Cluster {
         nodes,
         placed,
         scan_from: None,
+        workload,
     }
 }
 
@@ -118,55 +123,88 @@ pub struct Decision {
     pub pending: Vec<(String, Explanation)>,
 }
 
-/// Places every pending replica it can, deployments of each policy in turn
-/// (priority first within one policy), accounting each bind before the next.
-pub fn decide(state: &ClusterState) -> Decision {
-    let mut by_policy: BTreeMap<u8, (PlacementPolicy, Vec<Request>)> = BTreeMap::new();
-    for r in state.replicas.values() {
-        if r.intent != ReplicaIntent::Run || r.node.is_some() {
-            continue;
-        }
-        let p = state
-            .deployments
-            .get(&r.deployment)
-            .map_or(PlacementPolicy::Default, |d| d.spec.policy);
-        by_policy
-            .entry(p as u8)
-            .or_insert_with(|| (p, Vec::new()))
-            .1
-            .push(request(state, r));
+/// What a scheduling pass works on, copied out of the state: the cluster
+/// and the pending replicas' requests by policy. Taking it is quick; the
+/// scheduling itself then runs without holding the state.
+#[derive(Debug, Default)]
+pub struct Pending {
+    cluster: Cluster,
+    by_policy: BTreeMap<u8, (PlacementPolicy, Vec<Request>)>,
+}
+
+impl Pending {
+    /// Whether nothing waits for a place.
+    pub fn is_empty(&self) -> bool {
+        self.by_policy.is_empty()
     }
-    let mut out = Decision::default();
-    if by_policy.is_empty() {
-        return out;
-    }
-    let mut cluster = cluster(state);
-    for (p, requests) in by_policy.into_values() {
-        let config = Config {
-            policy: policy(p),
-            queue: QueueOrder::Priority,
-            weights: Default::default(),
-            preemption: false,
-        };
-        let plan = scheduler::schedule_in_place(&mut cluster, &requests, &config);
-        out.binds.extend(plan.binds.into_iter().map(|b| {
-            PlanBind {
-                replica: b.replica,
-                node: b.node,
-                gpus: b
-                    .gpus
-                    .into_iter()
-                    .map(|g| GpuSlice {
-                        index: g.index,
-                        milli: g.milli,
-                        memory_mib: g.memory_mib,
-                    })
-                    .collect(),
+
+    /// The pending replicas of `state` and the cluster they go on.
+    pub fn of(state: &ClusterState) -> Pending {
+        let mut by_policy: BTreeMap<u8, (PlacementPolicy, Vec<Request>)> = BTreeMap::new();
+        for r in state.replicas.values() {
+            if r.intent != ReplicaIntent::Run || r.node.is_some() {
+                continue;
             }
-        }));
-        out.pending.extend(plan.pending);
+            let p = state
+                .deployments
+                .get(&r.deployment)
+                .map_or(PlacementPolicy::Default, |d| d.spec.policy);
+            by_policy
+                .entry(p as u8)
+                .or_insert_with(|| (p, Vec::new()))
+                .1
+                .push(request(state, r));
+        }
+        if by_policy.is_empty() {
+            return Pending::default();
+        }
+        Pending {
+            cluster: cluster(state),
+            by_policy,
+        }
     }
-    out
+
+    /// Places every pending replica it can, deployments of each policy in
+    /// turn (priority first within one policy), accounting each bind before
+    /// the next.
+    pub fn schedule(self) -> Decision {
+        let Pending {
+            mut cluster,
+            by_policy,
+        } = self;
+        let mut out = Decision::default();
+        for (p, requests) in by_policy.into_values() {
+            let config = Config {
+                policy: policy(p),
+                queue: QueueOrder::Priority,
+                weights: Default::default(),
+                preemption: false,
+            };
+            let plan = scheduler::schedule_in_place(&mut cluster, &requests, &config);
+            out.binds.extend(plan.binds.into_iter().map(|b| {
+                PlanBind {
+                    replica: b.replica,
+                    node: b.node,
+                    gpus: b
+                        .gpus
+                        .into_iter()
+                        .map(|g| GpuSlice {
+                            index: g.index,
+                            milli: g.milli,
+                            memory_mib: g.memory_mib,
+                        })
+                        .collect(),
+                }
+            }));
+            out.pending.extend(plan.pending);
+        }
+        out
+    }
+}
+
+/// Places every pending replica of `state` it can (`Pending::of`, then `schedule`).
+pub fn decide(state: &ClusterState) -> Decision {
+    Pending::of(state).schedule()
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ use crate::state::{ClusterState, Command, Outcome};
 
 /// How often the loop runs when nothing wakes it.
 const PASS_EVERY: Duration = Duration::from_millis(250);
+/// The least time between the starts of two passes.
+const MIN_PASS_GAP: Duration = Duration::from_millis(20);
 /// How long a start or stop call to an agent may take.
 const AGENT_CALL: Duration = Duration::from_secs(15);
 /// First retry delay of a failed call; doubles up to `MAX_BACKOFF`.
@@ -53,6 +55,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(3);
 /// The grace period of stops the reconciler asks for.
 const STOP_GRACE_MS: u64 = 10_000;
+/// Restarts after which a replica that is still not running is replaced.
+pub const FAILING_RESTARTS: u32 = 3;
+/// Wait between replacements of a deployment's failing replicas: doubles
+/// from this up to `MAX_REPLACE_BACKOFF`, and starts over once a deployment
+/// went that long without one.
+const FIRST_REPLACE_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_REPLACE_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The agent spec of a replica: its deployment revision's model version,
 /// its resources and GPUs. None when the deployment or version is gone.
@@ -96,12 +105,13 @@ pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
 /// An observed phase: (phase, reason, restarts).
 pub type Seen = (String, String, u32);
 
-/// What a rollout does next, given the replicas' observed phases: pause,
-/// add new replicas, retire old ones, or nothing. `waited` says how long
-/// each placed replica has been without running (leader's clock).
+/// What a rollout does next, given the deployment's replica records and
+/// their observed phases: pause, add new replicas, retire old ones, or
+/// nothing. `waited` says how long each placed replica has been without
+/// running (leader's clock).
 pub fn rollout_step(
-    state: &ClusterState,
     d: &berth_common::Deployment,
+    replicas: &[&Replica],
     phase: &dyn Fn(&Replica) -> Option<Seen>,
     waited: &dyn Fn(&Replica) -> Duration,
     deadline: Duration,
@@ -109,11 +119,7 @@ pub fn rollout_step(
     if d.paused.is_some() {
         return None;
     }
-    let run: Vec<&Replica> = state
-        .replicas
-        .values()
-        .filter(|r| r.deployment == d.name && r.counts())
-        .collect();
+    let run: Vec<&Replica> = replicas.iter().copied().filter(|r| r.counts()).collect();
     let (new, old): (Vec<&Replica>, Vec<&Replica>) =
         run.iter().partition(|r| r.revision == d.revision);
     let want = d.spec.replicas as usize;
@@ -179,6 +185,17 @@ pub fn rollout_step(
     })
 }
 
+/// One call to an agent the pass decided on.
+struct AgentCall {
+    call: Call,
+    id: String,
+    generation: u64,
+    placed_at: u64,
+    node: String,
+    addr: String,
+    spec: Option<ReplicaSpec>,
+}
+
 #[derive(Debug)]
 struct Attempt {
     call: Call,
@@ -209,6 +226,8 @@ struct Shared {
     /// When this leader first saw each placed replica (id, generation) not running.
     waiting: Mutex<HashMap<(String, u64), Instant>>,
     explanations: Mutex<BTreeMap<String, String>>,
+    /// Failing replicas replaced per deployment, and when last (back-off).
+    replaced: Mutex<HashMap<String, (u32, Instant)>>,
     agents: Mutex<HashMap<String, AgentClient<Channel>>>,
     wake: Notify,
 }
@@ -262,12 +281,21 @@ impl Replicas {
         let me = self.clone();
         let tracker = tasks.clone();
         tasks.spawn(async move {
+            let mut last = Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(PASS_EVERY) => {}
                     _ = me.shared.wake.notified() => {}
                 }
+                // A burst of writes (many deployments created at once) is
+                // handled by a few passes, each over everything pending,
+                // instead of one pass a write, each over every replica.
+                let gap = last.elapsed();
+                if gap < MIN_PASS_GAP {
+                    tokio::time::sleep(MIN_PASS_GAP - gap).await;
+                }
+                last = Instant::now();
                 me.pass(&tracker).await;
             }
         });
@@ -291,30 +319,39 @@ impl Replicas {
             }
             return;
         }
-        let state = self.member.state.read().state.clone();
-
-        let lost: Vec<String> = state
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Down)
-            .filter(|n| {
-                state
-                    .replicas
-                    .values()
-                    .any(|r| r.node.as_deref() == Some(n.name.as_str()))
-            })
-            .map(|n| n.name.clone())
-            .collect();
-        let mut wrote = false;
+        // Each step reads the state under its guard (no copy of the whole
+        // state: it holds every node's inventory), collects what to do, and
+        // acts after letting go: writes and agent calls never run under it.
+        let (lost, pending) = {
+            let applied = self.member.state.read();
+            let state = &applied.state;
+            let occupied: std::collections::HashSet<&str> = state
+                .replicas
+                .values()
+                .filter_map(|r| r.node.as_deref())
+                .collect();
+            let lost: Vec<String> = state
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Down && occupied.contains(n.name.as_str()))
+                .map(|n| n.name.clone())
+                .collect();
+            (lost, placement::Pending::of(state))
+        };
         for node in lost {
             tracing::warn!(node = %node, "node is down: replacing its replicas elsewhere");
-            wrote |= self
-                .write(Command::ReplaceLostReplicas { node })
-                .await
-                .is_some();
+            self.write(Command::ReplaceLostReplicas { node }).await;
         }
-
-        let decision = placement::decide(&state);
+        // Scheduling takes a while on a large cluster: off the runtime's
+        // threads, and not under the state's guard (apply would wait).
+        let scheduling = Instant::now();
+        let decision = if pending.is_empty() {
+            placement::Decision::default()
+        } else {
+            tokio::task::spawn_blocking(move || pending.schedule())
+                .await
+                .unwrap_or_default()
+        };
         if let Ok(mut e) = self.shared.explanations.lock() {
             *e = decision
                 .pending
@@ -324,8 +361,10 @@ impl Replicas {
         }
         if !decision.binds.is_empty() {
             let n = decision.binds.len();
+            let committing = Instant::now();
+            let schedule_ms = (committing - scheduling).as_secs_f64() * 1000.0;
             let outcome = self.write(Command::ApplyPlan(decision.binds)).await;
-            wrote |= outcome.is_some();
+            let commit_ms = committing.elapsed().as_secs_f64() * 1000.0;
             if let Some(Outcome::Plan(results)) = outcome {
                 let refused: Vec<String> = results
                     .iter()
@@ -334,6 +373,8 @@ impl Replicas {
                 tracing::info!(
                     placed = n - refused.len(),
                     refused = refused.len(),
+                    schedule_ms,
+                    commit_ms,
                     "placed replicas"
                 );
                 for why in refused {
@@ -342,165 +383,269 @@ impl Replicas {
             }
         }
 
-        // Re-read when the plan or replacements above changed the state.
-        let state = if wrote {
-            self.member.state.read().state.clone()
-        } else {
-            state
-        };
-        let observed = self.nodes.observations();
-        let reported_of = |r: &Replica| {
-            observed
-                .get(r.node.as_ref()?)?
-                .report
-                .replicas
-                .iter()
-                .find(|x| x.id == r.id && x.generation >= r.generation)
-                .cloned()
-        };
-        // How long each placed replica has waited to run, on this leader's clock.
-        let now = Instant::now();
-        if let Ok(mut waiting) = self.shared.waiting.lock() {
-            let placed: std::collections::HashSet<(String, u64)> = state
-                .replicas
-                .values()
-                .filter(|r| r.node.is_some())
-                .filter(|r| reported_of(r).is_none_or(|x| x.phase != "running"))
-                .map(|r| (r.id.clone(), r.generation))
-                .collect();
-            waiting.retain(|k, _| placed.contains(k));
-            for k in placed {
-                waiting.entry(k).or_insert(now);
+        for step in self.steps() {
+            if let Command::PauseRollout { name, reason } = &step {
+                tracing::warn!(deployment = %name, %reason, "pausing the rollout; the old replicas keep serving");
             }
-        }
-        let waited = |r: &Replica| {
-            self.shared
-                .waiting
-                .lock()
-                .ok()
-                .and_then(|w| w.get(&(r.id.clone(), r.generation)).copied())
-                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
-        };
-        let phase = |r: &Replica| reported_of(r).map(|x| (x.phase, x.reason, x.restarts));
-        let mut stepped = false;
-        for d in state.deployments.values() {
-            if let Some(step) = rollout_step(&state, d, &phase, &waited, self.deadline) {
-                if let Command::PauseRollout { reason, .. } = &step {
-                    tracing::warn!(deployment = %d.name, %reason, "pausing the rollout; the old replicas keep serving");
-                }
-                stepped |= self.write(step).await.is_some();
+            if let Command::SetNodeAdmin { name, .. } = &step {
+                tracing::info!(node = %name, "node drained");
             }
+            self.write(step).await;
         }
-        // Drains: each replica on a draining node gets a replacement first,
-        // and stops once that one runs (or found no place in time).
-        let now_ms = crate::member::now_ms();
-        for node in state
-            .nodes
-            .values()
-            .filter(|n| n.admin == berth_common::NodeAdmin::Draining)
-        {
-            let on: Vec<&Replica> = state
-                .replicas
-                .values()
-                .filter(|r| r.node.as_deref() == Some(node.name.as_str()))
-                .collect();
-            if on.is_empty() {
-                tracing::info!(node = %node.name, "node drained");
-                stepped |= self
-                    .write(Command::SetNodeAdmin {
-                        name: node.name.clone(),
-                        admin: berth_common::NodeAdmin::Drained,
+
+        let (calls, removed) = self.agent_work();
+        for id in removed {
+            if let Ok(mut a) = self.shared.attempts.lock() {
+                a.remove(&id);
+            }
+            self.write(Command::RemoveReplica { id }).await;
+        }
+        for c in calls {
+            self.call(tasks, c);
+        }
+    }
+
+    /// Rollout and drain steps, from the state and the observed phases.
+    fn steps(&self) -> Vec<Command> {
+        let applied = self.member.state.read();
+        let state = &applied.state;
+        self.nodes.with_observations(|observed| {
+            let reported_of = |r: &Replica| {
+                observed
+                    .get(r.node.as_ref()?)?
+                    .report
+                    .replicas
+                    .iter()
+                    .find(|x| x.id == r.id && x.generation >= r.generation)
+            };
+            let mut by_deployment: HashMap<&str, Vec<&Replica>> = HashMap::new();
+            for r in state.replicas.values() {
+                by_deployment.entry(&r.deployment).or_default().push(r);
+            }
+            // How long each placed replica of a rollout in progress has
+            // waited to run, on this leader's clock (the progress deadline).
+            let now = Instant::now();
+            if let Ok(mut waiting) = self.shared.waiting.lock() {
+                let placed: std::collections::HashSet<(String, u64)> = state
+                    .deployments
+                    .values()
+                    .filter_map(|d| {
+                        let rs = by_deployment.get(d.name.as_str())?;
+                        d.rolling(rs.iter().copied()).then_some(rs)
                     })
-                    .await
-                    .is_some();
-                continue;
+                    .flatten()
+                    .filter(|r| r.node.is_some())
+                    .filter(|r| reported_of(r).is_none_or(|x| x.phase != "running"))
+                    .map(|r| (r.id.clone(), r.generation))
+                    .collect();
+                waiting.retain(|k, _| placed.contains(k));
+                for k in placed {
+                    waiting.entry(k).or_insert(now);
+                }
             }
-            for r in on {
-                if r.counts() {
-                    stepped |= self
-                        .write(Command::EvacuateReplica { id: r.id.clone() })
-                        .await
-                        .is_some();
-                    continue;
-                }
-                if !r.evacuating || r.intent != ReplicaIntent::Run {
-                    continue;
-                }
-                let replacement = state
+            let waited = |r: &Replica| {
+                self.shared
+                    .waiting
+                    .lock()
+                    .ok()
+                    .and_then(|w| w.get(&(r.id.clone(), r.generation)).copied())
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+            };
+            let phase = |r: &Replica| {
+                reported_of(r).map(|x| (x.phase.clone(), x.reason.clone(), x.restarts))
+            };
+            let mut steps = Vec::new();
+            for d in state.deployments.values() {
+                let replicas = by_deployment.get(d.name.as_str()).map_or(&[][..], |v| v);
+                steps.extend(rollout_step(d, replicas, &phase, &waited, self.deadline));
+                steps.extend(self.replace_failing(d, replicas, &reported_of, now));
+            }
+            // Drains: each replica on a draining node gets a replacement
+            // first, and stops once that one runs (or found no place in time).
+            let now_ms = crate::member::now_ms();
+            for node in state
+                .nodes
+                .values()
+                .filter(|n| n.admin == berth_common::NodeAdmin::Draining)
+            {
+                let on: Vec<&Replica> = state
                     .replicas
                     .values()
-                    .find(|x| x.replaces.as_deref() == Some(r.id.as_str()));
-                let done = match replacement {
-                    None => true,
-                    Some(x) => {
-                        x.intent != ReplicaIntent::Run
-                            || phase(x).is_some_and(|(p, _, _)| p == "running")
-                            || Duration::from_millis(now_ms.saturating_sub(x.created_at_ms))
-                                > self.deadline
-                    }
-                };
-                if done {
-                    stepped |= self
-                        .write(Command::FinishEvacuation { id: r.id.clone() })
-                        .await
-                        .is_some();
-                }
-            }
-        }
-        let state = if stepped {
-            self.member.state.read().state.clone()
-        } else {
-            state
-        };
-        for r in state.replicas.values() {
-            let Some(node_name) = &r.node else { continue };
-            let Some(node) = state.nodes.get(node_name) else {
-                continue;
-            };
-            if node.state != NodeState::Ready {
-                continue;
-            }
-            // Act on a node only once this leader heard from it.
-            let Some(seen) = observed
-                .get(node_name)
-                .filter(|o| !o.report.node.is_empty())
-            else {
-                continue;
-            };
-            let reported = seen.report.replicas.iter().find(|x| x.id == r.id);
-            match r.intent {
-                ReplicaIntent::Run => {
-                    let runs = reported
-                        .is_some_and(|x| x.generation >= r.generation && x.desired == "running");
-                    let gpus: Vec<u32> = r.gpus.iter().map(|g| g.index).collect();
-                    // An older generation on the same GPUs: CPU and memory
-                    // changed, resize it in place; anything else: start.
-                    let resizable = reported.is_some_and(|x| {
-                        x.generation < r.generation && x.desired == "running" && x.gpus == gpus
+                    .filter(|r| r.node.as_deref() == Some(node.name.as_str()))
+                    .collect();
+                if on.is_empty() {
+                    steps.push(Command::SetNodeAdmin {
+                        name: node.name.clone(),
+                        admin: berth_common::NodeAdmin::Drained,
                     });
-                    if !runs && let Some(spec) = replica_spec(&state, r) {
-                        let call = if resizable { Call::Resize } else { Call::Start };
-                        self.call(tasks, call, r, &node.addr, Some(spec));
-                    }
+                    continue;
                 }
-                ReplicaIntent::Remove => {
-                    let gone = reported.is_none_or(|x| x.phase == "stopped");
-                    if gone {
-                        if let Ok(mut a) = self.shared.attempts.lock() {
-                            a.remove(&r.id);
+                for r in on {
+                    if r.counts() {
+                        steps.push(Command::EvacuateReplica { id: r.id.clone() });
+                        continue;
+                    }
+                    if !r.evacuating || r.intent != ReplicaIntent::Run {
+                        continue;
+                    }
+                    let replacement = state
+                        .replicas
+                        .values()
+                        .find(|x| x.replaces.as_deref() == Some(r.id.as_str()));
+                    let done = match replacement {
+                        None => true,
+                        Some(x) => {
+                            x.intent != ReplicaIntent::Run
+                                || phase(x).is_some_and(|(p, _, _)| p == "running")
+                                || Duration::from_millis(now_ms.saturating_sub(x.created_at_ms))
+                                    > self.deadline
                         }
-                        self.write(Command::RemoveReplica { id: r.id.clone() })
-                            .await;
-                    } else {
-                        self.call(tasks, Call::Stop, r, &node.addr, None);
+                    };
+                    if done {
+                        steps.push(Command::FinishEvacuation { id: r.id.clone() });
                     }
                 }
             }
+            steps
+        })
+    }
+
+    /// A replacement for one replica of `d` that keeps failing on its node
+    /// (restarted `FAILING_RESTARTS` times and not running), unless a rollout
+    /// is in progress (a failing rollout pauses instead) or the deployment's
+    /// replacement back-off has not run out.
+    fn replace_failing<'a>(
+        &self,
+        d: &berth_common::Deployment,
+        replicas: &[&Replica],
+        reported_of: &dyn Fn(&Replica) -> Option<&'a pb::ReplicaStatus>,
+        now: Instant,
+    ) -> Option<Command> {
+        if d.paused.is_some() || d.rolling(replicas.iter().copied()) {
+            return None;
         }
+        let (r, seen) = replicas.iter().find_map(|r| {
+            let seen = reported_of(r)?;
+            (r.counts()
+                && r.generation == seen.generation
+                && seen.phase != "running"
+                && seen.restarts >= FAILING_RESTARTS)
+                .then_some((r, seen))
+        })?;
+        let mut replaced = self.shared.replaced.lock().ok()?;
+        let (count, last) = replaced.get(&d.name).copied().unwrap_or((0, now));
+        let wait = FIRST_REPLACE_BACKOFF
+            .saturating_mul(1 << count.saturating_sub(1).min(16))
+            .min(MAX_REPLACE_BACKOFF);
+        let since = now.saturating_duration_since(last);
+        let count = if since > MAX_REPLACE_BACKOFF {
+            0
+        } else {
+            count
+        };
+        if count > 0 && since < wait {
+            return None;
+        }
+        replaced.insert(d.name.clone(), (count + 1, now));
+        let reason = format!(
+            "restarted {} times on node {}, {}: {}",
+            seen.restarts,
+            r.node.as_deref().unwrap_or("?"),
+            seen.phase,
+            seen.reason
+        );
+        tracing::warn!(replica = %r.id, deployment = %d.name, %reason, "replacing a replica that keeps failing");
+        Some(Command::ReplaceFailedReplica {
+            id: r.id.clone(),
+            reason,
+        })
+    }
+
+    /// What agents must be told (starts, resizes, stops), and the removed
+    /// replicas whose agents report them gone.
+    fn agent_work(&self) -> (Vec<AgentCall>, Vec<String>) {
+        let applied = self.member.state.read();
+        let state = &applied.state;
+        let mut calls = Vec::new();
+        let mut removed = Vec::new();
+        let now = Instant::now();
+        // Replicas with a call in flight or not yet due: nothing to decide
+        // (a new call or generation starts a new attempt, see `call`).
+        let busy: HashMap<String, u64> = self
+            .shared
+            .attempts
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .filter(|(_, a)| a.in_flight || a.next_at > now)
+                    .map(|(id, a)| (id.clone(), a.generation))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.nodes.with_observations(|observed| {
+            for r in state.replicas.values() {
+                if r.intent == ReplicaIntent::Run && busy.get(r.id.as_str()) == Some(&r.generation)
+                {
+                    continue;
+                }
+                let Some(node_name) = &r.node else { continue };
+                let Some(node) = state.nodes.get(node_name) else {
+                    continue;
+                };
+                if node.state != NodeState::Ready {
+                    continue;
+                }
+                // Act on a node only once this leader heard from it.
+                let Some(seen) = observed
+                    .get(node_name)
+                    .filter(|o| !o.report.node.is_empty())
+                else {
+                    continue;
+                };
+                let reported = seen.report.replicas.iter().find(|x| x.id == r.id);
+                let call = |call, spec| AgentCall {
+                    call,
+                    id: r.id.clone(),
+                    generation: r.generation,
+                    placed_at: r.placed_at,
+                    node: node.name.clone(),
+                    addr: node.addr.clone(),
+                    spec,
+                };
+                match r.intent {
+                    ReplicaIntent::Run => {
+                        let runs = reported.is_some_and(|x| {
+                            x.generation >= r.generation && x.desired == "running"
+                        });
+                        if runs {
+                            continue;
+                        }
+                        let gpus: Vec<u32> = r.gpus.iter().map(|g| g.index).collect();
+                        // An older generation on the same GPUs: CPU and memory
+                        // changed, resize it in place; anything else: start.
+                        let resizable = reported.is_some_and(|x| {
+                            x.generation < r.generation && x.desired == "running" && x.gpus == gpus
+                        });
+                        if let Some(spec) = replica_spec(state, r) {
+                            let kind = if resizable { Call::Resize } else { Call::Start };
+                            calls.push(call(kind, Some(spec)));
+                        }
+                    }
+                    ReplicaIntent::Remove => {
+                        if reported.is_none_or(|x| x.phase == "stopped") {
+                            removed.push(r.id.clone());
+                        } else {
+                            calls.push(call(Call::Stop, None));
+                        }
+                    }
+                }
+            }
+        });
         // Forget attempts of replicas that no longer exist.
         if let Ok(mut a) = self.shared.attempts.lock() {
             a.retain(|id, _| state.replicas.contains_key(id));
         }
+        (calls, removed)
     }
 
     fn agent(&self, addr: &str) -> Option<AgentClient<Channel>> {
@@ -513,67 +658,75 @@ impl Replicas {
         Some(c)
     }
 
-    /// Starts or stops a replica on its agent, unless a call is in flight
-    /// or backing off.
-    fn call(
-        &self,
-        tasks: &TaskTracker,
-        call: Call,
-        r: &Replica,
-        addr: &str,
-        spec: Option<ReplicaSpec>,
-    ) {
+    /// Starts, resizes or stops a replica on its agent, unless a call is
+    /// in flight or backing off.
+    fn call(&self, tasks: &TaskTracker, c: AgentCall) {
+        let AgentCall {
+            call,
+            id,
+            generation,
+            placed_at,
+            node,
+            addr,
+            spec,
+        } = c;
         let now = Instant::now();
         {
             let Ok(mut attempts) = self.shared.attempts.lock() else {
                 return;
             };
             let a = attempts
-                .entry(r.id.clone())
-                .or_insert_with(|| Attempt::new(call, r.generation, now));
-            if a.call != call || a.generation != r.generation {
-                *a = Attempt::new(call, r.generation, now);
+                .entry(id.clone())
+                .or_insert_with(|| Attempt::new(call, generation, now));
+            if a.call != call || a.generation != generation {
+                *a = Attempt::new(call, generation, now);
             }
             if a.in_flight || a.next_at > now {
                 return;
             }
             a.in_flight = true;
         }
-        let Some(mut client) = self.agent(addr) else {
+        let Some(mut client) = self.agent(&addr) else {
             return;
         };
-        let id = r.id.clone();
-        let generation = r.generation;
-        let placed_at = r.placed_at;
         let shared = self.shared.clone();
         tasks.spawn(async move {
             let result = match call {
                 Call::Start => {
-                    let mut req = tonic::Request::new(pb::StartReplicaRequest {
-                        spec: spec.as_ref().map(Into::into),
-                        placed_at,
-                    });
+                    let mut req = grpc::for_node(
+                        &node,
+                        pb::StartReplicaRequest {
+                            spec: spec.as_ref().map(Into::into),
+                            placed_at,
+                        },
+                    );
                     req.set_timeout(AGENT_CALL);
                     client.start_replica(req).await.map(|_| ())
                 }
                 Call::Resize => {
                     let r = spec.as_ref().map(|s| s.resources).unwrap_or_default();
-                    let mut req = tonic::Request::new(pb::ResizeReplicaRequest {
-                        id: id.clone(),
-                        generation,
-                        cpu_milli: r.cpu_milli,
-                        memory_mib: r.memory_mib,
-                        gpus: None,
-                    });
+                    let mut req = grpc::for_node(
+                        &node,
+                        pb::ResizeReplicaRequest {
+                            id: id.clone(),
+                            generation,
+                            cpu_milli: r.cpu_milli,
+                            memory_mib: r.memory_mib,
+                            gpus: None,
+                        },
+                    );
                     req.set_timeout(AGENT_CALL);
                     client.resize_replica(req).await.map(|_| ())
                 }
                 Call::Stop => {
-                    let mut req = tonic::Request::new(pb::StopReplicaRequest {
-                        id: id.clone(),
-                        generation,
-                        grace_ms: Some(STOP_GRACE_MS),
-                    });
+                    let mut req = grpc::for_node(
+                        &node,
+                        pb::StopReplicaRequest {
+                            id: id.clone(),
+                            generation,
+                            grace_ms: Some(STOP_GRACE_MS),
+                        },
+                    );
                     req.set_timeout(AGENT_CALL);
                     client.stop_replica(req).await.map(|_| ())
                 }
@@ -585,9 +738,16 @@ impl Replicas {
                 return;
             };
             a.in_flight = false;
+            // A replica the agent does not have is as stopped as it gets.
+            let result = match result {
+                Err(status) if call == Call::Stop && status.code() == tonic::Code::NotFound => {
+                    Ok(())
+                }
+                other => other,
+            };
             match result {
                 Ok(()) => {
-                    tracing::info!(replica = %id, generation, ?call, "agent accepted");
+                    tracing::debug!(replica = %id, generation, ?call, "agent accepted");
                     a.next_at = Instant::now() + SETTLE;
                     a.backoff = FIRST_BACKOFF;
                     a.failures = 0;
@@ -601,7 +761,8 @@ impl Replicas {
                     a.backoff = (a.backoff * 2).min(MAX_BACKOFF);
                 }
             }
-            shared.wake.notify_one();
+            // No wake: what follows a call shows in the agent's next
+            // heartbeat, or is due after a back-off, at a later pass.
         });
     }
 }
@@ -776,7 +937,8 @@ mod tests {
             }
         };
         let d = &s.deployments["d"];
-        rollout_step(s, d, &phase, &|_| waited, Duration::from_secs(60))
+        let replicas: Vec<&Replica> = s.replicas.values().collect();
+        rollout_step(d, &replicas, &phase, &|_| waited, Duration::from_secs(60))
     }
 
     #[test]

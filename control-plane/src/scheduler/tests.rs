@@ -154,6 +154,8 @@ impl World {
                         ("policy", "binpack") => config.policy = Policy::Binpack,
                         ("policy", "spread") => config.policy = Policy::Spread,
                         ("policy", "default") => config.policy = Policy::Default,
+                        ("policy", "first-fit") => config.policy = Policy::FirstFit,
+                        ("policy", "best-fit") => config.policy = Policy::BestFit,
                         ("queue", "fifo") => config.queue = QueueOrder::Fifo,
                         ("queue", "priority") => config.queue = QueueOrder::Priority,
                         ("queue", "smallest-first") => config.queue = QueueOrder::SmallestFirst,
@@ -251,6 +253,7 @@ fn arb_cluster() -> impl Strategy<Value = Cluster> {
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
             placed: BTreeMap::new(),
             scan_from: None,
+            workload: Workload::default(),
         })
 }
 

@@ -168,7 +168,11 @@ pub(super) fn apply_plan(
             let mut placed = replica.clone();
             placed.node = Some(b.node.clone());
             placed.gpus = b.gpus.clone();
-            placed.placed_at = state.version;
+            // The first version whose state holds this placement: an
+            // agent keeps a replica placed after the version its heartbeat
+            // answer was read at, so an answer read just before this plan
+            // cannot stop it.
+            placed.placed_at = state.version + 1;
             node_use.add(&placed);
             state.replicas.insert(placed.id.clone(), placed);
             Ok(())
@@ -634,6 +638,38 @@ pub(super) fn finish_evacuation(state: &mut ClusterState, id: &str) -> Result<Ou
         )));
     }
     r.intent = ReplicaIntent::Remove;
+    Ok(Outcome::Noop)
+}
+
+/// Removes a placed replica that keeps failing and adds one in its place
+/// (the scheduler places it like any other). Only a replica of the current
+/// revision outside a rollout: a failing rollout pauses instead.
+pub(super) fn replace_failed(
+    state: &mut ClusterState,
+    id: &str,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(r) = state.replicas.get(id) else {
+        return Err(Rejection::not_found(ObjectKind::Replica, id));
+    };
+    if !r.counts() || r.node.is_none() {
+        return Err(Rejection::FailedPrecondition(format!(
+            "replica {id} is not a placed replica that should run"
+        )));
+    }
+    let deployment = r.deployment.clone();
+    let Some(d) = state.deployments.get(&deployment) else {
+        return Err(Rejection::not_found(ObjectKind::Deployment, &deployment));
+    };
+    if d.paused.is_some() || d.rolling(state.replicas.values()) || r.revision != d.revision {
+        return Err(Rejection::FailedPrecondition(format!(
+            "deployment {deployment} has a rollout in progress or paused: a failing replica pauses it instead of being replaced"
+        )));
+    }
+    if let Some(r) = state.replicas.get_mut(id) {
+        r.intent = ReplicaIntent::Remove;
+    }
+    keep_count(state, &deployment, at_ms);
     Ok(Outcome::Noop)
 }
 

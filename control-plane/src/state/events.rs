@@ -234,6 +234,16 @@ fn describe_into(
             id,
             format!("replica {id} stops: it moved off its draining node"),
         )),
+        (Command::ReplaceFailedReplica { id, reason }, _) => {
+            let mut e = event(
+                at,
+                "replica",
+                id,
+                format!("replica {id} keeps failing ({reason}): replaced by a new replica"),
+            );
+            e.severity = "warning";
+            out.push(e);
+        }
         _ => {}
     }
 }

@@ -182,6 +182,14 @@ pub enum Command {
         /// The replica.
         id: String,
     },
+    /// Gives up on a placed replica that keeps failing: it is removed (its
+    /// agent stops it) and a new replica takes its place in the count.
+    ReplaceFailedReplica {
+        /// The replica.
+        id: String,
+        /// Why, for people.
+        reason: String,
+    },
 }
 
 impl Command {
@@ -209,6 +217,7 @@ impl Command {
             Command::PauseRollout { .. } => "pause_rollout",
             Command::EvacuateReplica { .. } => "evacuate_replica",
             Command::FinishEvacuation { .. } => "finish_evacuation",
+            Command::ReplaceFailedReplica { .. } => "replace_failed_replica",
         }
     }
 }
@@ -415,6 +424,7 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::SetNodeAdmin { name, admin } => nodes::set_admin(state, &name, admin, at_ms),
         Command::EvacuateReplica { id } => deployments::evacuate(state, &id, at_ms),
         Command::FinishEvacuation { id } => deployments::finish_evacuation(state, &id),
+        Command::ReplaceFailedReplica { id, .. } => deployments::replace_failed(state, &id, at_ms),
         Command::UpdateDeployment { name, change } => {
             deployments::update(state, &name, change, at_ms)
         }

@@ -437,6 +437,10 @@ fn run_line(state: &mut ClusterState, at_ms: u64, line: &str) -> String {
         "finish-evacuation" => Command::FinishEvacuation {
             id: rest[0].clone(),
         },
+        "replace-failed" => Command::ReplaceFailedReplica {
+            id: rest[0].clone(),
+            reason: "test".into(),
+        },
         "uncordon" => Command::SetNodeAdmin {
             name: rest[0].clone(),
             admin: NodeAdmin::Active,
@@ -674,6 +678,10 @@ fn arb_deployment_command() -> impl Strategy<Value = Command> {
         replica
             .clone()
             .prop_map(|r| Command::FinishEvacuation { id: r.into() }),
+        replica.clone().prop_map(|r| Command::ReplaceFailedReplica {
+            id: r.into(),
+            reason: "failing".into(),
+        }),
         prop::collection::vec(
             (
                 replica.clone(),

@@ -87,6 +87,26 @@ impl Inventory {
         })
     }
 
+    /// The inventory of a hollow agent of `berth bench`: simulated GPUs
+    /// (`gpus` as for `--simulate-gpus`), a made-up machine, and "hollow" in
+    /// the GPU source, host name and OS, so every view shows it.
+    pub fn hollow(
+        node: &str,
+        gpus: &str,
+        cpus: u32,
+        memory_mib: u64,
+    ) -> Result<Self, berth_common::ValidationError> {
+        Ok(Inventory {
+            node: node.to_string(),
+            gpus: Gpus::Simulated {
+                spec: format!("{gpus}, hollow agent of berth bench"),
+                devices: simulated::parse_spec(gpus, node)?,
+            },
+            system: SystemReader::hollow(cpus, memory_mib),
+            cgroups: "none: hollow agent of berth bench, no processes".into(),
+        })
+    }
+
     /// The GPUs as registered.
     pub fn devices(&self) -> &[GpuDevice] {
         match &self.gpus {

@@ -22,6 +22,8 @@ pub struct SystemReader {
     pub hostname: String,
     /// OS and kernel.
     pub os: String,
+    /// Memory of a hollow agent's made-up machine (`berth bench`); None for a real one.
+    hollow_memory_mib: Option<u64>,
 }
 
 impl SystemReader {
@@ -71,12 +73,33 @@ impl SystemReader {
             physical_cores: System::physical_core_count().map_or(0, |n| n as u32),
             hostname: System::host_name().unwrap_or_default(),
             os,
+            hollow_memory_mib: None,
+        }
+    }
+
+    /// A made-up machine for a hollow agent of `berth bench`: fixed CPU and
+    /// memory, nothing read from this machine, named hollow wherever shown.
+    pub fn hollow(cpus: u32, memory_mib: u64) -> Self {
+        SystemReader {
+            system: None,
+            disks: None,
+            networks: None,
+            cpu_model: "hollow CPU (berth bench)".into(),
+            cpus,
+            physical_cores: cpus,
+            hostname: "hollow".into(),
+            os: "hollow agent of berth bench: no machine, no processes".into(),
+            hollow_memory_mib: Some(memory_mib),
         }
     }
 
     /// Physical memory, MiB.
     pub fn memory_total_mib(&self) -> u64 {
-        self.system.as_ref().map_or(0, |s| s.total_memory() / MIB)
+        match (&self.system, self.hollow_memory_mib) {
+            (_, Some(m)) => m,
+            (Some(s), None) => s.total_memory() / MIB,
+            (None, None) => 0,
+        }
     }
 
     /// Takes fresh readings of everything but the GPUs.
@@ -89,6 +112,11 @@ impl SystemReader {
             os: self.os.clone(),
             ..Default::default()
         };
+        if let Some(m) = self.hollow_memory_mib {
+            inv.memory_total_mib = m;
+            inv.memory_available_mib = m;
+            return inv;
+        }
         if let Some(s) = self.system.as_mut() {
             s.refresh_cpu_usage();
             s.refresh_memory();

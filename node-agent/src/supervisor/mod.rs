@@ -108,16 +108,6 @@ impl Context {
 pub struct Settings {
     /// The agent's data directory.
     pub data_dir: PathBuf,
-    /// Rotate logs at this size.
-    pub log_max_bytes: u64,
-    /// Rotated log files kept.
-    pub log_keep: u32,
-    /// First restart delay.
-    pub backoff_base: Duration,
-    /// Longest restart delay.
-    pub backoff_max: Duration,
-    /// Health probe interval.
-    pub probe_interval: Duration,
     /// Stop the replicas when the agent stops (`berth dev`); otherwise they keep running.
     pub stop_on_shutdown: bool,
 }
@@ -147,7 +137,7 @@ impl Supervisor {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let root = settings.data_dir.join("replicas");
+        let root = replicas_dir(&settings.data_dir);
         std::fs::create_dir_all(&root)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", root.display()))?;
         let sup = Arc::new(Supervisor {
@@ -169,7 +159,7 @@ impl Supervisor {
             };
             let mut task = ReplicaTask::new(sup.ctx.clone(), dir.clone(), record.clone());
             task.adopt().await;
-            sup.launch(record.spec.id.clone(), dir, task).await;
+            sup.launch(&mut *sup.replicas.lock().await, record.spec.id, dir, task);
             found += 1;
         }
         if found > 0 {
@@ -183,13 +173,21 @@ impl Supervisor {
         Ok(sup)
     }
 
-    async fn launch(&self, id: String, dir: PathBuf, task: ReplicaTask) {
+    /// Runs a replica's task and files its handle in `replicas` (the
+    /// supervisor's map, which the caller holds locked).
+    fn launch(
+        &self,
+        replicas: &mut BTreeMap<String, Handle>,
+        id: String,
+        dir: PathBuf,
+        task: ReplicaTask,
+    ) {
         let (orders, rx) = mpsc::channel(8);
         let status = task.subscribe();
         let shutdown = self.shutdown.clone();
         let stop = self.settings.stop_on_shutdown;
         self.tasks.spawn(task.run(rx, shutdown, stop));
-        self.replicas.lock().await.insert(
+        replicas.insert(
             id,
             Handle {
                 orders,
@@ -204,11 +202,6 @@ impl Supervisor {
         self.ctx.changed.clone()
     }
 
-    /// The node's GPUs.
-    pub fn devices(&self) -> &[GpuDevice] {
-        &self.ctx.devices
-    }
-
     /// Every replica's status, by id.
     pub async fn list(&self) -> Vec<Status> {
         self.replicas
@@ -216,19 +209,6 @@ impl Supervisor {
             .await
             .values()
             .map(|h| h.status.borrow().clone())
-            .collect()
-    }
-
-    /// GPU memory given to running replicas, per GPU (for simulated GPUs).
-    pub async fn allocations(&self) -> Vec<(u32, u64)> {
-        self.list()
-            .await
-            .iter()
-            .filter(|s| s.record.desired == Desired::Running)
-            .flat_map(|s| {
-                let mem = s.record.spec.resources.gpu_memory_mib;
-                s.record.spec.gpus.iter().map(move |g| (*g, mem))
-            })
             .collect()
     }
 
@@ -414,7 +394,7 @@ impl Supervisor {
                 spec.id
             )));
         }
-        let dir = self.settings.data_dir.join("replicas").join(&spec.id);
+        let dir = replicas_dir(&self.settings.data_dir).join(&spec.id);
         // The run files hold the replica's environment (tokens, keys): owner only.
         std::fs::create_dir_all(&dir)
             .and_then(|()| {
@@ -434,18 +414,7 @@ impl Supervisor {
         task.persist().await?;
         task.start().await;
         let status = task.status();
-        let (orders, rx) = mpsc::channel(8);
-        let watch = task.subscribe();
-        self.tasks
-            .spawn(task.run(rx, self.shutdown.clone(), self.settings.stop_on_shutdown));
-        replicas.insert(
-            record.spec.id.clone(),
-            Handle {
-                orders,
-                status: watch,
-                dir,
-            },
-        );
+        self.launch(&mut replicas, record.spec.id, dir, task);
         Ok(status)
     }
 
@@ -613,6 +582,89 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+/// What runs this node's replicas, as the Agent API and the heartbeats see
+/// it: the supervisor (real processes), or, only inside `berth bench`, the
+/// hollow recorder of `crate::hollow`.
+#[tonic::async_trait]
+pub trait Replicas: Send + Sync + 'static {
+    /// Starts a replica (idempotent by id + generation).
+    async fn start(&self, spec: ReplicaSpec, placed_at: u64) -> Result<Status, SupervisorError>;
+    /// Stops a replica; a `generation` above 0 must not be older than its own.
+    async fn stop(
+        &self,
+        id: &str,
+        generation: u64,
+        grace: Duration,
+    ) -> Result<Status, SupervisorError>;
+    /// Changes CPU and memory in place, or moves the replica to other GPUs.
+    async fn resize(
+        &self,
+        id: &str,
+        generation: u64,
+        cpu_milli: u32,
+        memory_mib: u64,
+        gpus: Option<(Vec<u32>, u64, u32)>,
+    ) -> Result<Status, SupervisorError>;
+    /// Every replica's status, by id.
+    async fn list(&self) -> Vec<Status>;
+    /// Where a replica's log files are.
+    async fn log_dir(&self, id: &str) -> Result<PathBuf, SupervisorError>;
+    /// Stops what the control plane's desired set of `version` no longer holds.
+    async fn converge(&self, desired: &HashMap<String, u64>, version: u64);
+    /// Signalled when a replica's phase changes.
+    fn changed(&self) -> Arc<tokio::sync::Notify>;
+
+    /// GPU memory given to running replicas, per GPU (for simulated GPUs).
+    async fn allocations(&self) -> Vec<(u32, u64)> {
+        self.list()
+            .await
+            .iter()
+            .filter(|s| s.record.desired == Desired::Running)
+            .flat_map(|s| {
+                let mem = s.record.spec.resources.gpu_memory_mib;
+                s.record.spec.gpus.iter().map(move |g| (*g, mem))
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl Replicas for Arc<Supervisor> {
+    async fn start(&self, spec: ReplicaSpec, placed_at: u64) -> Result<Status, SupervisorError> {
+        Supervisor::start(self, spec, placed_at).await
+    }
+    async fn stop(
+        &self,
+        id: &str,
+        generation: u64,
+        grace: Duration,
+    ) -> Result<Status, SupervisorError> {
+        Supervisor::stop(self, id, generation, grace).await
+    }
+    async fn resize(
+        &self,
+        id: &str,
+        generation: u64,
+        cpu_milli: u32,
+        memory_mib: u64,
+        gpus: Option<(Vec<u32>, u64, u32)>,
+    ) -> Result<Status, SupervisorError> {
+        Supervisor::resize(self, id, generation, cpu_milli, memory_mib, gpus).await
+    }
+    async fn list(&self) -> Vec<Status> {
+        Supervisor::list(self).await
+    }
+    async fn log_dir(&self, id: &str) -> Result<PathBuf, SupervisorError> {
+        Supervisor::log_dir(self, id).await
+    }
+    async fn converge(&self, desired: &HashMap<String, u64>, version: u64) {
+        Supervisor::converge(self, desired, version).await;
+    }
+    fn changed(&self) -> Arc<tokio::sync::Notify> {
+        Supervisor::changed(self)
     }
 }
 
