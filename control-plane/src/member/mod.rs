@@ -174,7 +174,15 @@ impl Member {
     pub fn view(&self) -> ClusterView {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.clone();
-        let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        // During a joint change a member votes only once it is in every
+        // configuration: one still joining does not yet count towards the
+        // quorum that survives losing another member.
+        let configs = membership.membership().get_joint_config();
+        let voters: BTreeSet<NodeId> = membership
+            .membership()
+            .voter_ids()
+            .filter(|id| configs.iter().all(|c| c.contains(id)))
+            .collect();
         let leader = m.current_leader.and_then(|id| {
             membership
                 .membership()
@@ -398,15 +406,16 @@ impl Member {
     pub async fn remove(&self, id: NodeId) -> Result<(), MemberError> {
         let _guard = self.membership_lock.lock().await;
         let view = self.view();
-        let Some((_, _, role)) = view.members.iter().find(|(m, _, _)| *m == id) else {
+        if !view.members.iter().any(|(m, _, _)| *m == id) {
             return Err(MemberError::NotFound(format!(
                 "member {id} is not in the cluster; see `berth cluster members`"
             )));
-        };
-        let change = if *role == Role::Learner {
+        }
+        let voters = self.voters();
+        let change = if !voters.contains(&id) {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         } else {
-            if view.members.iter().filter(|m| m.2 != Role::Learner).count() == 1 {
+            if voters.len() == 1 {
                 return Err(MemberError::FailedPrecondition(format!(
                     "member {id} is the last voter: a cluster keeps at least one"
                 )));
