@@ -1,13 +1,17 @@
 //! `cargo bench -p berth-control-plane --bench placement`: the wall time of
 //! one placement decision on a 5,000-node × 8-GPU cluster at 50 %
 //! occupancy, for each policy (the default one with a full target
-//! workload). Prints figures; asserts nothing.
+//! workload); then a deployment-sized batch: 10,000 replicas of one shape
+//! on 1,000 empty nodes, through `schedule` (which remembers each node's
+//! answer for a run of same-shaped requests) and one `place_one` at a time.
+//! Prints figures; asserts nothing.
 
 use std::time::Instant;
 
 use berth_common::{Labels, Resources};
 use berth_control_plane::scheduler::{
     Cluster, Config, Gpu, GpuShare, MAX_TARGET_SHAPES, Node, Policy, Request, Workload, place_one,
+    schedule,
 };
 
 const NODES: usize = 5_000;
@@ -31,16 +35,15 @@ fn request(id: String, gpus: u32, milli: u32, gpu_mem: u64, cpu: u32) -> Request
     }
 }
 
-/// Half of every node's GPUs, CPU and memory are taken: three whole GPUs
-/// and two half GPUs of eight, half the CPU.
-fn half_full_cluster() -> Cluster {
+/// `n` empty nodes of 8 H100s, 128 cores and 1 TiB each.
+fn empty_cluster(n: usize) -> Cluster {
     let mut cluster = Cluster::default();
-    for n in 0..NODES {
-        let name = format!("node-{n:05}");
+    for i in 0..n {
+        let name = format!("node-{i:05}");
         cluster.nodes.insert(
             name.clone(),
             Node {
-                name: name.clone(),
+                name,
                 schedulable: true,
                 state: "ready".into(),
                 labels: Labels::new(),
@@ -59,6 +62,16 @@ fn half_full_cluster() -> Cluster {
                 used_memory_mib: 0,
             },
         );
+    }
+    cluster
+}
+
+/// Half of every node's GPUs, CPU and memory are taken: three whole GPUs
+/// and two half GPUs of eight, half the CPU.
+fn half_full_cluster() -> Cluster {
+    let mut cluster = empty_cluster(NODES);
+    for n in 0..NODES {
+        let name = format!("node-{n:05}");
         // Rotate which GPUs are busy so nodes differ.
         let base = (n % 4) as u32 * 2;
         let whole: Vec<GpuShare> = (0..3)
@@ -153,6 +166,44 @@ fn main() {
             times[times.len() / 2],
             times[times.len() * 99 / 100],
             times[times.len() - 1]
+        );
+    }
+    batch();
+}
+
+/// A deployment-sized batch, per policy: µs per replica through `schedule`
+/// and through one `place_one` per replica.
+fn batch() {
+    const BATCH_NODES: usize = 1_000;
+    const REPLICAS: usize = 10_000;
+    println!(
+        "batch of {REPLICAS} replicas of one shape (1 GPU at 250 milli, 10 GiB), {BATCH_NODES} empty nodes × {GPUS} GPUs"
+    );
+    let requests: Vec<Request> = (0..REPLICAS)
+        .map(|i| request(format!("d-{i}"), 1, 250, 10_240, 1_000))
+        .collect();
+    for policy in Policy::ALL {
+        let config = Config {
+            policy,
+            ..Config::default()
+        };
+        let cluster = empty_cluster(BATCH_NODES);
+        let t = Instant::now();
+        let plan = schedule(&cluster, &requests, &config);
+        let batched = t.elapsed().as_secs_f64() * 1e6 / REPLICAS as f64;
+        let mut single = cluster.clone();
+        single
+            .workload
+            .extend(requests.iter().map(|r| (&r.resources, 1)));
+        let t = Instant::now();
+        let placed = requests
+            .iter()
+            .filter(|r| place_one(&mut single, r, &config).is_ok())
+            .count();
+        let one_by_one = t.elapsed().as_secs_f64() * 1e6 / REPLICAS as f64;
+        println!(
+            "{policy:?}: schedule {batched:.2} µs per replica ({} placed), place_one {one_by_one:.2} µs per replica ({placed} placed)",
+            plan.binds.len()
         );
     }
 }

@@ -38,8 +38,10 @@ pub struct PlaceArgs {
     /// Replicas per deployment (the last one takes the rest).
     #[arg(long, default_value_t = 100)]
     per_deployment: usize,
-    /// Deployments being created at once.
-    #[arg(long, default_value_t = 8)]
+    /// Deployments being created at once. Under a placement burst each
+    /// creation waits tens of milliseconds for its commit, so a few clients
+    /// measure write latency rather than how fast replicas are placed.
+    #[arg(long, default_value_t = 32)]
     clients: usize,
     /// Each hollow node's simulated GPUs.
     #[arg(long, default_value = "8xH100-80GB")]

@@ -357,11 +357,13 @@ impl NodeTracker {
         if late.is_empty() || self.leader_confirmed().await.is_err() {
             return;
         }
-        for (name, instance) in late {
+        // Proposed together, so that many nodes lost at once (a rack, a
+        // switch) are marked down in one log entry, not one round trip each.
+        let downs = late.into_iter().filter_map(|(name, instance)| {
             // Look again: a heartbeat may have arrived while leadership was confirmed.
             let silent = silent_for(&name, &instance);
             if silent <= self.grace {
-                continue;
+                return None;
             }
             tracing::warn!(node = %name, silent_s = silent.as_secs_f64(), "node missed its heartbeats past the grace period: marking it down");
             let down = Command::SetNodeState {
@@ -370,10 +372,13 @@ impl NodeTracker {
                 to: NodeState::Down,
                 instance,
             };
-            if let Err(e) = self.member.write(down).await {
-                tracing::warn!(node = %name, error = %e, "could not mark the node down; retrying");
-            }
-        }
+            Some(async move {
+                if let Err(e) = self.member.write(down).await {
+                    tracing::warn!(node = %name, error = %e, "could not mark the node down; retrying");
+                }
+            })
+        });
+        futures::future::join_all(downs).await;
     }
 
     /// Runs the liveness check until `shutdown`.

@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 use berth_common::{GpuSlice, PlacementPolicy, Replica, ReplicaIntent};
 
 use crate::scheduler::{
-    self, Bind, Cluster, Config, Explanation, Gpu, GpuShare, GpuUse, Placed, Policy, QueueOrder,
-    Request, Workload,
+    self, Cluster, Config, Explanation, Gpu, GpuUse, Policy, QueueOrder, Request, Workload,
 };
 use crate::state::{ClusterState, PlanBind, capacity};
 
@@ -55,39 +54,22 @@ pub fn cluster(state: &ClusterState) -> Cluster {
             },
         );
     }
-    let placed: BTreeMap<String, Placed> = state
-        .replicas
-        .values()
-        .filter_map(|r| {
-            let node = r.node.clone()?;
-            Some((
-                r.id.clone(),
-                Placed {
-                    request: request(state, r),
-                    bind: Bind {
-                        replica: r.id.clone(),
-                        node,
-                        gpus: r
-                            .gpus
-                            .iter()
-                            .map(|g| GpuShare {
-                                index: g.index,
-                                milli: g.milli,
-                                memory_mib: g.memory_mib,
-                            })
-                            .collect(),
-                    },
-                },
-            ))
-        })
-        .collect();
     // Requests seen so far: the placed replicas (scheduling adds the
-    // pending ones), whose mix the default policy keeps room for.
+    // pending ones), whose mix the default policy keeps room for. The
+    // replicas themselves are not listed (`Cluster::placed`): the control
+    // plane does not preempt, so the scheduler never releases one, and
+    // copying every replica on every pass would cost more than scheduling.
     let mut workload = Workload::default();
-    workload.extend(placed.values().map(|p| (&p.request.resources, 1)));
+    workload.extend(
+        state
+            .replicas
+            .values()
+            .filter(|r| r.node.is_some())
+            .map(|r| (&r.resources, 1)),
+    );
     Cluster {
         nodes,
-        placed,
+        placed: BTreeMap::new(),
         scan_from: None,
         workload,
     }

@@ -354,8 +354,10 @@ pub fn schedule_in_place(cluster: &mut Cluster, requests: &[Request], config: &C
     let mut queue: Vec<&Request> = requests.iter().collect();
     sort_queue(&mut queue, config.queue);
     let mut plan = Plan::default();
+    let mut memo = Memo::new(cluster);
     for request in queue {
-        match place_one(cluster, request, config) {
+        memo.next_request(request);
+        match place_one_with(cluster, request, config, Some(&mut memo)) {
             Ok((bind, evictions)) => {
                 plan.evictions.extend(evictions);
                 plan.binds.push(bind);
@@ -372,10 +374,94 @@ pub fn place_one(
     request: &Request,
     config: &Config,
 ) -> Result<(Bind, Vec<Eviction>), Explanation> {
-    let (decision, next) = place(cluster, request, config);
+    place_one_with(cluster, request, config, None)
+}
+
+/// What each node answered for the current run of same-shaped requests
+/// (same resources, selector and GPU model) within one batch.
+///
+/// A node's answer (its filter verdict, the GPUs it would give, its score
+/// keys) depends only on the node, the request's shape, the policy and the
+/// batch's workload, none of which change within a run except the nodes
+/// the run's own binds (and evictions) touch, which are forgotten. So a
+/// deployment of many replicas checks each node once per change instead of
+/// once per replica, and the plan is the same as without the memo. Answers
+/// are kept by the node's position in name order (a batch adds or removes
+/// no node), so a lookup costs no hashing.
+struct Memo<'r> {
+    /// The request that opened the current run.
+    shape_of: Option<&'r Request>,
+    /// Runs so far; answers of older runs are stale.
+    run: u64,
+    /// Node names in order, for positions.
+    names: Vec<String>,
+    answers: Vec<Option<(u64, Answer)>>,
+}
+
+/// A node's answer to one request: score keys and GPUs, or why it is excluded.
+type Answer = Result<([i64; 3], Vec<GpuShare>), Exclusion>;
+
+impl<'r> Memo<'r> {
+    fn new(cluster: &Cluster) -> Self {
+        Memo {
+            shape_of: None,
+            run: 0,
+            names: cluster.nodes.keys().cloned().collect(),
+            answers: vec![None; cluster.nodes.len()],
+        }
+    }
+
+    /// Starts a new run unless `request` has the shape of the current one.
+    fn next_request(&mut self, request: &'r Request) {
+        let same = self.shape_of.is_some_and(|s| {
+            s.resources == request.resources
+                && s.selector == request.selector
+                && s.gpu_model == request.gpu_model
+        });
+        if !same {
+            self.shape_of = Some(request);
+            self.run += 1;
+        }
+    }
+
+    /// The position of the first node named `name` or after.
+    fn position(&self, name: &str) -> usize {
+        self.names.partition_point(|n| n.as_str() < name)
+    }
+
+    /// The answer at `slot`, computed by `answer` unless known for this run.
+    fn answer(&mut self, slot: usize, answer: impl FnOnce() -> Answer) -> Option<&Answer> {
+        let run = self.run;
+        let entry = self.answers.get_mut(slot)?;
+        if entry.as_ref().is_none_or(|(r, _)| *r != run) {
+            *entry = Some((run, answer()));
+        }
+        entry.as_ref().map(|(_, a)| a)
+    }
+
+    fn forget(&mut self, node: &str) {
+        let slot = self.position(node);
+        if self.names.get(slot).is_some_and(|n| n == node)
+            && let Some(a) = self.answers.get_mut(slot)
+        {
+            *a = None;
+        }
+    }
+}
+
+fn place_one_with(
+    cluster: &mut Cluster,
+    request: &Request,
+    config: &Config,
+    mut memo: Option<&mut Memo<'_>>,
+) -> Result<(Bind, Vec<Eviction>), Explanation> {
+    let (decision, next) = place(cluster, request, config, memo.as_deref_mut());
     cluster.scan_from = next;
     match decision {
         Ok(bind) => {
+            if let Some(m) = memo.as_deref_mut() {
+                m.forget(&bind.node);
+            }
             cluster.apply(request, &bind);
             Ok((bind, Vec::new()))
         }
@@ -398,6 +484,9 @@ pub fn place_one(
                         node: node.clone(),
                     });
                 }
+            }
+            if let Some(m) = memo {
+                m.forget(&node);
             }
             let bind = Bind {
                 replica: request.id.clone(),
@@ -610,6 +699,7 @@ fn place(
     cluster: &Cluster,
     request: &Request,
     config: &Config,
+    mut memo: Option<&mut Memo<'_>>,
 ) -> (Result<Bind, Explanation>, Option<String>) {
     let limit = score_limit(cluster.nodes.len(), config.policy);
     let start = match (&cluster.scan_from, config.policy) {
@@ -624,30 +714,62 @@ fn place(
                 .nodes
                 .range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(start))),
         );
-    let targets = (config.policy == Policy::Default)
-        .then(|| fragmentation::Targets::new(&cluster.workload, request));
+    // Built on the first node the memo does not answer.
+    let targets = std::cell::OnceCell::new();
     let mut why = Explanation::default();
+    let answer = |node: &Node| -> Answer {
+        let gpus = fit(node, request, config.policy)?;
+        let (growth, gpus) = if config.policy == Policy::Default {
+            targets
+                .get_or_init(|| fragmentation::Targets::new(&cluster.workload, request))
+                .place_on(node, request, gpus)
+        } else {
+            (0, gpus)
+        };
+        Ok((score(node, request, &gpus, growth, config).keys, gpus))
+    };
     let mut best: Option<(Score<'_>, Vec<GpuShare>)> = None;
     let mut feasible = 0usize;
     let mut next = None;
-    for (name, node) in order {
+    // `order` visits nodes in name order from `start`, wrapping: the k-th
+    // is at position first + k in the memo.
+    let first = memo.as_deref().map_or(0, |m| m.position(start));
+    let count = cluster.nodes.len().max(1);
+    for (k, (name, node)) in order.enumerate() {
         if feasible >= limit {
             next = Some(name.clone());
             break;
         }
-        match fit(node, request, config.policy) {
-            Ok(gpus) => {
+        let slot = (first + k) % count;
+        let computed;
+        let known = match memo
+            .as_deref_mut()
+            .filter(|m| m.names.get(slot) == Some(name))
+        {
+            Some(m) => m.answer(slot, || answer(node)),
+            None => {
+                computed = answer(node);
+                Some(&computed)
+            }
+        };
+        match known {
+            Some(Ok((keys, gpus))) => {
                 feasible += 1;
-                let (growth, gpus) = match &targets {
-                    Some(t) => t.place_on(node, request, gpus),
-                    None => (0, gpus),
+                let score = Score {
+                    keys: *keys,
+                    node: &node.name,
                 };
-                let score = score(node, request, &gpus, growth, config);
                 if best.as_ref().is_none_or(|(b, _)| score < *b) {
-                    best = Some((score, gpus));
+                    best = Some((score, gpus.clone()));
                 }
             }
-            Err(e) => *why.excluded.entry(e).or_default() += 1,
+            Some(Err(e)) => match why.excluded.get_mut(e) {
+                Some(n) => *n += 1,
+                None => {
+                    why.excluded.insert(e.clone(), 1);
+                }
+            },
+            None => {}
         }
     }
     let decision = match best {

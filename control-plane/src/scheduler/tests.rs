@@ -247,7 +247,11 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
 }
 
 fn arb_cluster() -> impl Strategy<Value = Cluster> {
-    (1usize..6)
+    arb_cluster_of(1..6)
+}
+
+fn arb_cluster_of(sizes: std::ops::Range<usize>) -> impl Strategy<Value = Cluster> {
+    sizes
         .prop_flat_map(|n| (0..n).map(arb_node).collect::<Vec<_>>())
         .prop_map(|nodes| Cluster {
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
@@ -296,6 +300,45 @@ fn arb_request(i: usize) -> impl Strategy<Value = Request> {
 
 fn arb_requests() -> impl Strategy<Value = Vec<Request>> {
     (0usize..30).prop_flat_map(|n| (0..n).map(arb_request).collect::<Vec<_>>())
+}
+
+/// Requests in runs of the same shape, as deployments of several replicas
+/// produce them.
+fn arb_runs() -> impl Strategy<Value = Vec<Request>> {
+    prop::collection::vec((arb_request(0), 1usize..12), 0..8).prop_map(|runs| {
+        let mut out = Vec::new();
+        for (template, count) in runs {
+            for _ in 0..count {
+                let i = out.len();
+                out.push(Request {
+                    id: format!("r{i:03}"),
+                    arrival: i as u64,
+                    ..template.clone()
+                });
+            }
+        }
+        out
+    })
+}
+
+/// `schedule_in_place` without its memo: one `place_one` per request.
+fn one_at_a_time(cluster: &mut Cluster, requests: &[Request], config: &Config) -> Plan {
+    cluster
+        .workload
+        .extend(requests.iter().map(|r| (&r.resources, 1)));
+    let mut queue: Vec<&Request> = requests.iter().collect();
+    sort_queue(&mut queue, config.queue);
+    let mut plan = Plan::default();
+    for request in queue {
+        match place_one(cluster, request, config) {
+            Ok((bind, evictions)) => {
+                plan.evictions.extend(evictions);
+                plan.binds.push(bind);
+            }
+            Err(why) => plan.pending.push((request.id.clone(), why)),
+        }
+    }
+    plan
 }
 
 fn arb_config() -> impl Strategy<Value = Config> {
@@ -356,6 +399,31 @@ proptest! {
     #[test]
     fn deterministic(cluster in arb_cluster(), requests in arb_requests(), config in arb_config()) {
         prop_assert_eq!(schedule(&cluster, &requests, &config), schedule(&cluster, &requests, &config));
+    }
+
+    /// A batch gives the plan (and leaves the cluster) that placing its
+    /// requests one at a time gives: the memo of same-shaped runs changes
+    /// nothing but the work.
+    #[test]
+    fn batches_place_as_one_at_a_time(cluster in arb_cluster(), requests in arb_runs(), config in arb_config()) {
+        let (mut batch, mut single) = (cluster.clone(), cluster);
+        let plan = schedule_in_place(&mut batch, &requests, &config);
+        prop_assert_eq!(&plan, &one_at_a_time(&mut single, &requests, &config));
+        prop_assert_eq!(batch, single);
+    }
+
+    /// The same on clusters past the scoring bound, where each decision
+    /// scans a window of nodes from where the last one stopped.
+    #[test]
+    fn batches_place_as_one_at_a_time_on_large_clusters(
+        cluster in arb_cluster_of(90..260),
+        requests in arb_runs(),
+        config in arb_config(),
+    ) {
+        let (mut batch, mut single) = (cluster.clone(), cluster);
+        let plan = schedule_in_place(&mut batch, &requests, &config);
+        prop_assert_eq!(&plan, &one_at_a_time(&mut single, &requests, &config));
+        prop_assert_eq!(batch, single);
     }
 
     /// Preemption evicts only lower priorities and only when the request
