@@ -19,7 +19,7 @@ use berth_common::Labels;
 use berth_proto::grpc::{self, LEADER_KEY};
 use berth_proto::v1::node_registry_client::NodeRegistryClient;
 use berth_proto::v1::{self as pb};
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -34,6 +34,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a phase change, how long to wait for others before heartbeating.
 const PHASE_DEBOUNCE: Duration = Duration::from_millis(20);
+/// The least time between two heartbeats sent early for phase changes: a
+/// lone change is reported within `PHASE_DEBOUNCE`, while a burst of them
+/// (many replicas placed on the node at once) costs a few heartbeats a
+/// second, not one per replica.
+const MIN_EARLY_GAP: Duration = Duration::from_millis(250);
 
 /// Counters the agent's /metrics shows.
 #[derive(Debug, Default)]
@@ -95,6 +100,7 @@ impl Registration {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let changed = self.supervisor.changed();
+        let mut last = Instant::now();
         let mut l = Loop {
             reg: self,
             next: 0,
@@ -109,10 +115,12 @@ impl Registration {
                 _ = tick.tick() => {}
                 // A replica changed phase: tell the leader now, not at the next tick.
                 _ = changed.notified() => {
-                    tokio::time::sleep(PHASE_DEBOUNCE).await;
+                    let due = (last + MIN_EARLY_GAP).max(Instant::now() + PHASE_DEBOUNCE);
+                    tokio::time::sleep_until(due).await;
                     tick.reset();
                 }
             }
+            last = Instant::now();
             let result = l.round().await;
             l.reg
                 .counters
