@@ -455,13 +455,17 @@ async fn an_agent_back_from_a_freeze_stops_the_replicas_moved_away() {
     a.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
     wait_exited(frozen[0].1, "the moved-away replica stopped").await;
     // Its next heartbeat (early ones are at least 250 ms apart) reports none.
-    wait_until(DEADLINE, "the node ready again, with no replica", || async {
-        let v = berth_json(&["--server", &servers, "node", "list"]).await;
-        v.as_array()?
-            .iter()
-            .find(|n| n["name"] == "frozen" && n["state"] == "ready" && n["replicas"] == 0)
-            .cloned()
-    })
+    wait_until(
+        DEADLINE,
+        "the node ready again, with no replica",
+        || async {
+            let v = berth_json(&["--server", &servers, "node", "list"]).await;
+            v.as_array()?
+                .iter()
+                .find(|n| n["name"] == "frozen" && n["state"] == "ready" && n["replicas"] == 0)
+                .cloned()
+        },
+    )
     .await;
 }
 
