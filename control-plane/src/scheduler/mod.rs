@@ -348,6 +348,17 @@ pub fn schedule(cluster: &Cluster, requests: &[Request], config: &Config) -> Pla
 /// `cluster.workload`: requests seen, so the default policy keeps room for
 /// the later ones of the same batch.
 pub fn schedule_in_place(cluster: &mut Cluster, requests: &[Request], config: &Config) -> Plan {
+    schedule_batch(cluster, requests, config, true)
+}
+
+/// `schedule_in_place`, with or without the memo of same-shaped runs (tests
+/// compare the two).
+fn schedule_batch(
+    cluster: &mut Cluster,
+    requests: &[Request],
+    config: &Config,
+    remember: bool,
+) -> Plan {
     cluster
         .workload
         .extend(requests.iter().map(|r| (&r.resources, 1)));
@@ -357,7 +368,8 @@ pub fn schedule_in_place(cluster: &mut Cluster, requests: &[Request], config: &C
     let mut memo = Memo::new(cluster);
     for request in queue {
         memo.next_request(request);
-        match place_one_with(cluster, request, config, Some(&mut memo)) {
+        let memo = remember.then_some(&mut memo);
+        match place_one_with(cluster, request, config, memo) {
             Ok((bind, evictions)) => {
                 plan.evictions.extend(evictions);
                 plan.binds.push(bind);

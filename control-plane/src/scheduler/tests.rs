@@ -321,26 +321,6 @@ fn arb_runs() -> impl Strategy<Value = Vec<Request>> {
     })
 }
 
-/// `schedule_in_place` without its memo: one `place_one` per request.
-fn one_at_a_time(cluster: &mut Cluster, requests: &[Request], config: &Config) -> Plan {
-    cluster
-        .workload
-        .extend(requests.iter().map(|r| (&r.resources, 1)));
-    let mut queue: Vec<&Request> = requests.iter().collect();
-    sort_queue(&mut queue, config.queue);
-    let mut plan = Plan::default();
-    for request in queue {
-        match place_one(cluster, request, config) {
-            Ok((bind, evictions)) => {
-                plan.evictions.extend(evictions);
-                plan.binds.push(bind);
-            }
-            Err(why) => plan.pending.push((request.id.clone(), why)),
-        }
-    }
-    plan
-}
-
 fn arb_config() -> impl Strategy<Value = Config> {
     (
         prop::sample::select(vec![Policy::Default, Policy::Binpack, Policy::Spread]),
@@ -401,14 +381,14 @@ proptest! {
         prop_assert_eq!(schedule(&cluster, &requests, &config), schedule(&cluster, &requests, &config));
     }
 
-    /// A batch gives the plan (and leaves the cluster) that placing its
-    /// requests one at a time gives: the memo of same-shaped runs changes
-    /// nothing but the work.
+    /// A batch gives the plan (and leaves the cluster) that it gives
+    /// without the memo of same-shaped runs: the memo changes nothing but
+    /// the work.
     #[test]
     fn batches_place_as_one_at_a_time(cluster in arb_cluster(), requests in arb_runs(), config in arb_config()) {
         let (mut batch, mut single) = (cluster.clone(), cluster);
         let plan = schedule_in_place(&mut batch, &requests, &config);
-        prop_assert_eq!(&plan, &one_at_a_time(&mut single, &requests, &config));
+        prop_assert_eq!(&plan, &schedule_batch(&mut single, &requests, &config, false));
         prop_assert_eq!(batch, single);
     }
 
@@ -422,7 +402,7 @@ proptest! {
     ) {
         let (mut batch, mut single) = (cluster.clone(), cluster);
         let plan = schedule_in_place(&mut batch, &requests, &config);
-        prop_assert_eq!(&plan, &one_at_a_time(&mut single, &requests, &config));
+        prop_assert_eq!(&plan, &schedule_batch(&mut single, &requests, &config, false));
         prop_assert_eq!(batch, single);
     }
 
