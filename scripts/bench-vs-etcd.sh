@@ -2,7 +2,7 @@
 # Berth vs etcd 3.4: replicated writes on a 3-member loopback cluster of each,
 # with 1 and 256 concurrent writers, default durability on both sides.
 # Not part of CI. Run as root (it apt-get installs etcd-server, etcd-client,
-# protobuf-compiler and jq when missing) on a Debian machine:
+# protobuf-compiler, libprotobuf-dev and jq when missing) on a Debian machine:
 #
 #   sudo DURATION=10s scripts/bench-vs-etcd.sh
 #
@@ -30,6 +30,9 @@ missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler) # etcd-client crate's build.rs
+# ... which also needs protoc's well-known types (google/protobuf/*.proto),
+# only recommended by protobuf-compiler, so not installed with it here.
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 if ((${#missing[@]})); then
     log "installing ${missing[*]}"
