@@ -359,26 +359,29 @@ impl NodeTracker {
         }
         // Proposed together, so that many nodes lost at once (a rack, a
         // switch) are marked down in one log entry, not one round trip each.
-        let downs = late.into_iter().filter_map(|(name, instance)| {
-            // Look again: a heartbeat may have arrived while leadership was confirmed.
-            let silent = silent_for(&name, &instance);
-            if silent <= self.grace {
-                return None;
-            }
-            tracing::warn!(node = %name, silent_s = silent.as_secs_f64(), "node missed its heartbeats past the grace period: marking it down");
-            let down = Command::SetNodeState {
-                name: name.clone(),
-                from: NodeState::Ready,
-                to: NodeState::Down,
-                instance,
-            };
-            Some(async move {
-                if let Err(e) = self.member.write(down).await {
-                    tracing::warn!(node = %name, error = %e, "could not mark the node down; retrying");
+        let (names, downs): (Vec<String>, Vec<Command>) = late
+            .into_iter()
+            .filter_map(|(name, instance)| {
+                // Look again: a heartbeat may have arrived while leadership was confirmed.
+                let silent = silent_for(&name, &instance);
+                if silent <= self.grace {
+                    return None;
                 }
+                tracing::warn!(node = %name, silent_s = silent.as_secs_f64(), "node missed its heartbeats past the grace period: marking it down");
+                let down = Command::SetNodeState {
+                    name: name.clone(),
+                    from: NodeState::Ready,
+                    to: NodeState::Down,
+                    instance,
+                };
+                Some((name, down))
             })
-        });
-        futures::future::join_all(downs).await;
+            .unzip();
+        for (name, result) in names.iter().zip(self.member.write_all(downs).await) {
+            if let Err(e) = result {
+                tracing::warn!(node = %name, error = %e, "could not mark the node down; retrying");
+            }
+        }
     }
 
     /// Runs the liveness check until `shutdown`.

@@ -312,11 +312,16 @@ impl Replicas {
         }
     }
 
-    /// Writes independent commands together: they are proposed at once,
-    /// so the proposer commits them as one log entry instead of one
-    /// round trip each (removing a deployment of thousands of replicas).
+    /// `Member::write_all` (removing a deployment of thousands of replicas
+    /// is one entry), each failure logged as `write` does.
     async fn write_all(&self, commands: impl IntoIterator<Item = Command>) {
-        futures::future::join_all(commands.into_iter().map(|c| self.write(c))).await;
+        let commands: Vec<Command> = commands.into_iter().collect();
+        let kinds: Vec<&'static str> = commands.iter().map(Command::kind).collect();
+        for (kind, result) in kinds.into_iter().zip(self.member.write_all(commands).await) {
+            if let Err(e) = result {
+                tracing::warn!(command = kind, error = %e, "reconciler write failed; retrying next pass");
+            }
+        }
     }
 
     async fn pass(&self, tasks: &TaskTracker) {
