@@ -80,8 +80,7 @@ impl RaftRpc for RaftService {
         let commands: Vec<Command> = decode_payload(request.get_ref())?;
         let is_leader = self
             .member
-            .view()
-            .leader
+            .leader_now()
             .is_some_and(|l| l.0 == self.member.id);
         let replies: Vec<ProposeReply> = if is_leader {
             let deadline = Instant::now() + self.member.request_timeout;
@@ -113,7 +112,7 @@ impl RaftRpc for RaftService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let req = request.into_inner();
         let voters = self.member.join(req.id, req.addr).await.map_err(status)?;
-        let leader_id = self.member.view().leader.map(|l| l.0).unwrap_or(0);
+        let leader_id = self.member.leader_now().map(|l| l.0).unwrap_or(0);
         Ok(Response::new(JoinResponse { leader_id, voters }))
     }
 }

@@ -211,11 +211,22 @@ impl Member {
         }
     }
 
+    /// The leader this member knows of and its address. Cheaper than
+    /// `view()` (no copy of the metrics or the member list): every write and
+    /// every heartbeat asks.
+    pub fn leader_now(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some((id, node.addr.clone()))
+    }
+
     /// Waits until a leader is known, or the deadline passes.
     async fn leader(&self, deadline: Instant) -> Result<(NodeId, String), MemberError> {
         let mut rx = self.raft.metrics();
         loop {
-            if let Some(l) = self.view().leader {
+            if let Some(l) = self.leader_now() {
                 return Ok(l);
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {

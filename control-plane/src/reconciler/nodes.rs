@@ -171,7 +171,7 @@ impl NodeTracker {
 
     /// This member's own address when it leads, or where the leader is.
     pub fn leader_here(&self) -> Result<String, NotHere> {
-        match self.member.view().leader {
+        match self.member.leader_now() {
             Some((id, addr)) if id == self.member.id => Ok(addr),
             Some((_, addr)) => Err(NotHere::Leader(addr)),
             None => Err(NotHere::NoLeader),
