@@ -99,6 +99,9 @@ free_port() {
 log "building bench/etcd-load (release)"
 (cd "$LOAD_DIR" && cargo build --release --locked)
 ETCD_LOAD="$LOAD_DIR/target/release/etcd-load"
+log "building berth (cargo build --release --bins)"
+(cd "$ROOT" && cargo build --release --bins)
+sync
 
 log "starting a 3-member etcd cluster in $WORK/etcd"
 declare -a ETCD_CLIENT ETCD_PEER
@@ -151,10 +154,12 @@ done
 
 log "stopping etcd"
 stop_all
+# etcd's dirty pages (its WAL files are preallocated 64 MiB each) would
+# otherwise be written back while Berth's fsyncs run.
+sync
+sleep 5
 
 # -------------------------------------------------------------- Berth side
-log "building berth (cargo build --release --bins)"
-(cd "$ROOT" && cargo build --release --bins)
 BERTH="$ROOT/target/release/berth"
 BERTH_CONTROL="$ROOT/target/release/berth-control"
 

@@ -13,11 +13,10 @@
 //!   when acknowledged; failed writes are counted as errors.
 //!
 //! Connections: each writer owns one etcd client (one HTTP/2 connection to
-//! its endpoint), opened before the clock starts. That is how etcd clients
-//! are normally used. Berth's CLI instead builds a lazily connecting gRPC
-//! channel per request attempt, i.e. a new TCP connection per write inside
-//! the timed region; `--connect-per-write` reproduces that for etcd, but the
-//! default (persistent connections) is the stricter baseline for Berth.
+//! its endpoint), opened before the clock starts, as each of Berth's writers
+//! owns one client whose channels connect on the first request (made before
+//! the clock starts) and are reused. `--connect-per-write` opens a new
+//! connection per write instead.
 
 use std::time::Duration;
 

@@ -206,9 +206,10 @@ async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), C
         "bench writes: {} clients for {:?} against {servers}",
         a.clients, duration
     );
-    // One model per writer, created before the clock starts.
-    for i in 0..a.clients {
-        let client = rotated(servers, i);
+    // One client and one model per writer, created before the clock starts
+    // (which also opens the client's connection).
+    let clients: Vec<Client> = (0..a.clients).map(|i| rotated(servers, i)).collect();
+    for (i, client) in clients.iter().enumerate() {
         let name = format!("bench-{run_id}-{i}");
         let req = pb::CreateModelRequest {
             name: name.clone(),
@@ -224,8 +225,7 @@ async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), C
     let start = Instant::now();
     let deadline = start + duration;
     let mut handles = Vec::new();
-    for i in 0..a.clients {
-        let client = rotated(servers, i);
+    for (i, client) in clients.iter().cloned().enumerate() {
         let name = format!("bench-{run_id}-{i}");
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -285,8 +285,7 @@ async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), C
         clients: a.clients,
         duration_s: elapsed,
     };
-    for i in 0..a.clients {
-        let client = rotated(servers, i);
+    for (i, client) in clients.iter().enumerate() {
         let name = format!("bench-{run_id}-{i}");
         let _ = client
             .admin(|mut c| {

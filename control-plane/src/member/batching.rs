@@ -27,8 +27,11 @@ use crate::state::{Command, Outcome, Request};
 
 /// The most commands one log entry (or one forwarded call) carries.
 const MAX_BATCH: usize = 1024;
-/// Batches in flight at once.
-const MAX_IN_FLIGHT: usize = 4;
+/// Batches in flight at once. Two keep the log writer busy while the
+/// previous batch replicates; more only made smaller batches (more entries,
+/// fsyncs and RPCs for the same writes): 256 writers on 3 members measured
+/// 15.1k-15.4k writes/s with 2 in flight, 13.2k-13.6k with 4.
+const MAX_IN_FLIGHT: usize = 2;
 /// A batch still unanswered after this gives up (its callers have long timed out).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
