@@ -169,6 +169,13 @@ impl PeerClients {
 
 const NO_LEADER: &str = "no leader: the cluster has not elected one (is a majority of members up and reachable?); retry in a moment";
 
+/// The leader named in `m` and its address, if it is a known member.
+fn leader_of(m: &openraft::RaftMetrics<NodeId, BasicNode>) -> Option<(NodeId, String)> {
+    let id = m.current_leader?;
+    let node = m.membership_config.membership().get_node(&id)?;
+    Some((id, node.addr.clone()))
+}
+
 impl Member {
     /// This member's current view of leader, term and members.
     pub fn view(&self) -> ClusterView {
@@ -183,12 +190,7 @@ impl Member {
             .voter_ids()
             .filter(|id| configs.iter().all(|c| c.contains(id)))
             .collect();
-        let leader = m.current_leader.and_then(|id| {
-            membership
-                .membership()
-                .get_node(&id)
-                .map(|n| (id, n.addr.clone()))
-        });
+        let leader = leader_of(&m);
         let members = members(&membership)
             .into_iter()
             .map(|(id, addr, _)| {
@@ -215,11 +217,7 @@ impl Member {
     /// `view()` (no copy of the metrics or the member list): every write and
     /// every heartbeat asks.
     pub fn leader_now(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let id = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&id)?;
-        Some((id, node.addr.clone()))
+        leader_of(&self.raft.metrics().borrow())
     }
 
     /// Waits until a leader is known, or the deadline passes.
