@@ -69,6 +69,10 @@ enum Op {
         /// Whether the caller waits for durability (the vote) or not (committed index).
         done: Option<oneshot::Sender<Result<(), String>>>,
     },
+    /// Tests: the writer holds its batch, and so every later change, until
+    /// the paired sender is dropped.
+    #[cfg(test)]
+    Hold(Receiver<()>),
 }
 
 struct Shared {
@@ -168,6 +172,15 @@ impl LogStore {
             .map_err(|_| write_err(std::io::Error::other("raft log writer thread has stopped")))
     }
 
+    /// Tests: nothing reaches the disk (and no append is reported flushed)
+    /// until the returned sender is dropped; reads still see every change.
+    #[cfg(test)]
+    pub fn hold_writes(&self) -> Sender<()> {
+        let (release, held) = channel();
+        self.send(Op::Hold(held)).expect("log writer thread runs");
+        release
+    }
+
     async fn wait(done: oneshot::Receiver<Result<(), String>>) -> Result<(), StorageError> {
         match done.await {
             Ok(Ok(())) => Ok(()),
@@ -222,6 +235,8 @@ fn writer(db: &Database, rx: &Receiver<Op>) {
                 op => durable.push(op),
             }
         }
+        #[cfg(test)]
+        hold_while_asked(&mut durable);
         if durable.is_empty() {
             continue;
         }
@@ -229,6 +244,19 @@ fn writer(db: &Database, rx: &Receiver<Op>) {
         let result = write_batch(db, &durable, true);
         finish(durable, result);
     }
+}
+
+/// Tests: blocks while any `Op::Hold` of the batch is held, then drops them.
+#[cfg(test)]
+fn hold_while_asked(batch: &mut Vec<Op>) {
+    batch.retain(|op| match op {
+        Op::Hold(release) => {
+            // Returns once the test drops its sender.
+            let _ = release.recv();
+            false
+        }
+        _ => true,
+    });
 }
 
 /// Reports a batch's result to everyone waiting on it.
@@ -250,6 +278,8 @@ fn finish(batch: Vec<Op>, result: Result<(), redb::Error>) {
                     let _ = done.send(result.clone());
                 }
             }
+            #[cfg(test)]
+            Op::Hold(_) => {}
         }
     }
 }
@@ -282,6 +312,8 @@ fn write_batch(db: &Database, batch: &[Op], durable: bool) -> Result<(), redb::E
                 Op::Meta { key, value, .. } => {
                     meta.insert(*key, value.as_slice())?;
                 }
+                #[cfg(test)]
+                Op::Hold(_) => {}
             }
         }
     }

@@ -175,3 +175,237 @@ async fn log_store_survives_reopen() {
     assert_eq!(format!("{got:?}"), format!("{:?}", &entries[2..5]));
     assert!(log.has_state());
 }
+
+/// Three in-process Raft members on the real stores, wired by direct calls,
+/// to pin the patched openraft's leader log I/O (third_party/README.md).
+// openraft's RPC errors are large by its design.
+#[allow(clippy::result_large_err)]
+mod leader_flush {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    };
+    use openraft::{BasicNode, Config, RaftLogReader};
+
+    use super::super::log_store::LogStore;
+    use super::super::state_machine::StateMachineStore;
+    use super::super::{NodeId, Raft, TypeConfig};
+
+    /// Who is up, and which members are cut off from everyone.
+    #[derive(Clone, Default)]
+    struct Net {
+        rafts: Arc<Mutex<BTreeMap<NodeId, Raft>>>,
+        isolated: Arc<Mutex<BTreeSet<NodeId>>>,
+    }
+
+    struct Factory {
+        net: Net,
+        from: NodeId,
+    }
+
+    struct Conn {
+        net: Net,
+        from: NodeId,
+        target: NodeId,
+    }
+
+    type Rpc<T, E = openraft::error::Infallible> =
+        Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+    impl Conn {
+        fn peer<E: std::error::Error>(&self) -> Rpc<Raft, E> {
+            let cut = self.net.isolated.lock().unwrap();
+            let peer = self.net.rafts.lock().unwrap().get(&self.target).cloned();
+            match peer {
+                Some(raft) if !cut.contains(&self.from) && !cut.contains(&self.target) => Ok(raft),
+                _ => Err(RPCError::Unreachable(Unreachable::new(
+                    &std::io::Error::other("cut off"),
+                ))),
+            }
+        }
+
+        fn remote<T, E: std::error::Error>(&self, r: Result<T, RaftError<NodeId, E>>) -> Rpc<T, E> {
+            r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        }
+    }
+
+    impl RaftNetworkFactory<TypeConfig> for Factory {
+        type Network = Conn;
+        async fn new_client(&mut self, target: NodeId, _: &BasicNode) -> Conn {
+            Conn {
+                net: self.net.clone(),
+                from: self.from,
+                target,
+            }
+        }
+    }
+
+    impl RaftNetwork<TypeConfig> for Conn {
+        async fn append_entries(
+            &mut self,
+            rpc: AppendEntriesRequest<TypeConfig>,
+            _: RPCOption,
+        ) -> Rpc<AppendEntriesResponse<NodeId>> {
+            let raft = self.peer()?;
+            self.remote(raft.append_entries(rpc).await)
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            rpc: InstallSnapshotRequest<TypeConfig>,
+            _: RPCOption,
+        ) -> Rpc<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+            let raft = self.peer()?;
+            self.remote(raft.install_snapshot(rpc).await)
+        }
+
+        async fn vote(
+            &mut self,
+            rpc: VoteRequest<NodeId>,
+            _: RPCOption,
+        ) -> Rpc<VoteResponse<NodeId>> {
+            let raft = self.peer()?;
+            self.remote(raft.vote(rpc).await)
+        }
+    }
+
+    struct Cluster {
+        net: Net,
+        logs: BTreeMap<NodeId, LogStore>,
+        leader: NodeId,
+        _dirs: Vec<tempfile::TempDir>,
+    }
+
+    impl Cluster {
+        async fn start() -> Cluster {
+            let config = Arc::new(
+                Config {
+                    heartbeat_interval: 50,
+                    election_timeout_min: 500,
+                    election_timeout_max: 1000,
+                    ..Default::default()
+                }
+                .validate()
+                .unwrap(),
+            );
+            let net = Net::default();
+            let (mut logs, mut dirs) = (BTreeMap::new(), Vec::new());
+            for id in 1..=3 {
+                let dir = tempfile::tempdir().unwrap();
+                let log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+                let sm = StateMachineStore::open(dir.path()).unwrap();
+                let factory = Factory {
+                    net: net.clone(),
+                    from: id,
+                };
+                let raft = Raft::new(id, config.clone(), factory, log.clone(), sm)
+                    .await
+                    .unwrap();
+                net.rafts.lock().unwrap().insert(id, raft);
+                logs.insert(id, log);
+                dirs.push(dir);
+            }
+            let members: BTreeMap<NodeId, BasicNode> = (1..=3)
+                .map(|id| (id, BasicNode::new(format!("m{id}"))))
+                .collect();
+            let first = net.rafts.lock().unwrap()[&1].clone();
+            first.initialize(members).await.unwrap();
+            let leader = first
+                .wait(Some(Duration::from_secs(30)))
+                .metrics(|m| m.current_leader.is_some(), "a leader is elected")
+                .await
+                .unwrap()
+                .current_leader
+                .unwrap();
+            Cluster {
+                net,
+                logs,
+                leader,
+                _dirs: dirs,
+            }
+        }
+
+        fn raft(&self, id: NodeId) -> Raft {
+            self.net.rafts.lock().unwrap()[&id].clone()
+        }
+
+        fn followers(&self) -> Vec<NodeId> {
+            (1..=3).filter(|id| *id != self.leader).collect()
+        }
+
+        /// Starts a client write on the leader and returns its handle.
+        fn write(&self) -> tokio::task::JoinHandle<u64> {
+            let raft = self.raft(self.leader);
+            let request = crate::state::tests::fixture_requests().remove(0);
+            tokio::spawn(async move {
+                raft.client_write(request)
+                    .await
+                    .expect("the write commits")
+                    .log_id
+                    .index
+            })
+        }
+
+        async fn stop(self) {
+            let rafts: Vec<Raft> = self.net.rafts.lock().unwrap().values().cloned().collect();
+            for raft in rafts {
+                let _ = raft.shutdown().await;
+            }
+        }
+    }
+
+    /// The leader sends its entries while its own flush is held, so two
+    /// followers that stored them make the write committed.
+    #[tokio::test]
+    async fn leader_replicates_while_its_own_flush_is_held() {
+        let cluster = Cluster::start().await;
+        let held = cluster.logs[&cluster.leader].hold_writes();
+        let write = cluster.write();
+        let index = tokio::time::timeout(Duration::from_secs(30), write)
+            .await
+            .expect("committed by the two followers while the leader's flush is held")
+            .unwrap();
+        for id in cluster.followers() {
+            let stored = cluster.logs[&id]
+                .clone()
+                .try_get_log_entries(index..=index)
+                .await;
+            assert_eq!(
+                stored.unwrap().len(),
+                1,
+                "follower {id} holds entry {index}"
+            );
+        }
+        drop(held);
+        cluster.stop().await;
+    }
+
+    /// With one follower cut off, the leader's copy is needed for a majority:
+    /// the write waits for the leader's own flush, and commits right after it.
+    #[tokio::test]
+    async fn leader_counts_itself_only_once_flushed() {
+        let cluster = Cluster::start().await;
+        let cut = cluster.followers()[1];
+        cluster.net.isolated.lock().unwrap().insert(cut);
+        let held = cluster.logs[&cluster.leader].hold_writes();
+        let mut write = cluster.write();
+        // Bounded look for a violation: nothing may commit on one durable copy.
+        let early = tokio::time::timeout(Duration::from_secs(1), &mut write).await;
+        assert!(
+            early.is_err(),
+            "committed before the leader's own flush: {early:?}"
+        );
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(30), write)
+            .await
+            .expect("committed once the leader's flush completed")
+            .unwrap();
+        cluster.stop().await;
+    }
+}
