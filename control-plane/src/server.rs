@@ -247,7 +247,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     )))
     .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))
     .add_service(
-        RaftServer::new(RaftService::new(member.clone()))
+        RaftServer::new(RaftService::new(member.clone(), shutdown.clone()))
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
     );

@@ -1,17 +1,21 @@
 //! `berth.v1.Raft`: the server half of the Raft network, plus the leader's
 //! side of write forwarding, read indexes and joins.
 
+use std::pin::Pin;
+
 use berth_proto::v1::raft_server::Raft as RaftRpc;
 use berth_proto::v1::{
     JoinRequest, JoinResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
+use futures::Stream;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
-use tonic::{Request, Response, Status};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::status;
 use crate::member::{Member, ProposeReply};
@@ -21,12 +25,14 @@ use crate::state::Command;
 /// The Raft service of one member.
 pub struct RaftService {
     member: Member,
+    /// Ends replication streams when the member stops.
+    stop: CancellationToken,
 }
 
 impl RaftService {
-    /// Serves Raft calls for `member`.
-    pub fn new(member: Member) -> Self {
-        Self { member }
+    /// Serves Raft calls for `member` until `stop`.
+    pub fn new(member: Member, stop: CancellationToken) -> Self {
+        Self { member, stop }
     }
 }
 
@@ -40,24 +46,59 @@ fn encode_payload<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> 
         .map_err(|e| Status::internal(format!("encode reply: {e}")))
 }
 
+/// One AppendEntries, from either the unary call or the stream.
+async fn append(member: &Member, payload: &RaftPayload) -> Result<RaftPayload, Status> {
+    let req: AppendEntriesRequest<TypeConfig> = decode_payload(payload)?;
+    let reply = member.raft.append_entries(req).await;
+    // Only a leader this member accepts counts as contact.
+    if matches!(
+        reply,
+        Ok(AppendEntriesResponse::Success
+            | AppendEntriesResponse::PartialSuccess(_)
+            | AppendEntriesResponse::Conflict)
+    ) {
+        member.contact.touch();
+    }
+    encode_payload(&reply).map(Response::into_inner)
+}
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = decode_payload(request.get_ref())?;
-        let reply = self.member.raft.append_entries(req).await;
-        // Only a leader this member accepts counts as contact.
-        if matches!(
-            reply,
-            Ok(AppendEntriesResponse::Success
-                | AppendEntriesResponse::PartialSuccess(_)
-                | AppendEntriesResponse::Conflict)
-        ) {
-            self.member.contact.touch();
-        }
-        encode_payload(&reply)
+        append(&self.member, request.get_ref())
+            .await
+            .map(Response::new)
+    }
+
+    type AppendStreamStream =
+        Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let state = (request.into_inner(), self.member.clone(), self.stop.clone());
+        // Answers each request in order, in the stream's own task; ends when
+        // the leader closes its side, on a bad payload, or when this member
+        // stops (so a graceful stop does not wait for the leader).
+        let replies = futures::stream::unfold(Some(state), |state| async move {
+            let (mut incoming, member, stop) = state?;
+            let next = tokio::select! {
+                _ = stop.cancelled() => return None,
+                next = incoming.message() => next,
+            };
+            match next {
+                Ok(Some(payload)) => match append(&member, &payload).await {
+                    Ok(reply) => Some((Ok(reply), Some((incoming, member, stop)))),
+                    Err(status) => Some((Err(status), None)),
+                },
+                Ok(None) | Err(_) => None,
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
