@@ -198,10 +198,14 @@ const COMMITTED_LINGER: std::time::Duration = std::time::Duration::from_millis(1
 
 /// The writer thread: one transaction and one fsync per drained batch.
 /// Committed-index updates do not need durability, so they ride along with
-/// the next durable batch instead of costing a transaction of their own
-/// (written alone only after `COMMITTED_LINGER` of quiet).
+/// a durable batch at most once per `COMMITTED_LINGER` instead of costing a
+/// transaction of their own (written alone only after `COMMITTED_LINGER` of
+/// quiet). Writing it with every batch would add the `meta` table's pages
+/// to each commit; a stale committed index only means a restarted member
+/// re-applies less from its log and learns the rest from the leader.
 fn writer(db: &Database, rx: &Receiver<Op>) {
     let mut lingering: Option<Op> = None;
+    let mut committed_written = std::time::Instant::now();
     loop {
         let first = match &lingering {
             None => match rx.recv() {
@@ -214,6 +218,7 @@ fn writer(db: &Database, rx: &Receiver<Op>) {
                     let batch: Vec<Op> = lingering.take().into_iter().collect();
                     let result = write_batch(db, &batch, false);
                     finish(batch, result);
+                    committed_written = std::time::Instant::now();
                     continue;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
@@ -240,7 +245,12 @@ fn writer(db: &Database, rx: &Receiver<Op>) {
         if durable.is_empty() {
             continue;
         }
-        durable.extend(lingering.take());
+        if committed_written.elapsed() >= COMMITTED_LINGER
+            && let Some(op) = lingering.take()
+        {
+            durable.push(op);
+            committed_written = std::time::Instant::now();
+        }
         let result = write_batch(db, &durable, true);
         finish(durable, result);
     }
@@ -370,7 +380,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not waited for: the committed index only spares re-applying after a
-        // restart, and it is written before any later durable change.
+        // restart. Queue order puts it in the same or a later transaction than
+        // the entries it covers, so the stored value never runs ahead of the
+        // stored log; the writer stores it at most every `COMMITTED_LINGER`.
         let value = encode(&committed).map_err(write_err)?;
         self.cache().committed = committed;
         self.send(Op::Meta {
