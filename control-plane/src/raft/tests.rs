@@ -138,6 +138,18 @@ fn snapshot_header_is_checked() {
 
 const SNAPSHOT_MAGIC_FOR_TEST: &[u8] = state_machine::SNAPSHOT_MAGIC;
 
+/// Opens the log store at `path` again once the dropped one let go of it
+/// (its writer thread closes the file after the store is dropped).
+async fn reopen(path: &std::path::Path) -> LogStore {
+    for _ in 0..100 {
+        match LogStore::open(path) {
+            Ok(log) => return log,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    LogStore::open(path).expect("reopen the log store")
+}
+
 /// What the log store acknowledged is on disk: a store reopened from the
 /// same file has the vote, the entries and the purge point.
 #[tokio::test]
@@ -155,18 +167,7 @@ async fn log_store_survives_reopen() {
         log.purge(entries[1].log_id).await.unwrap();
         log.truncate(entries[5].log_id).await.unwrap();
     }
-    // The writer thread closes the file once the store is dropped.
-    let mut reopened = None;
-    for _ in 0..100 {
-        match LogStore::open(&path) {
-            Ok(l) => {
-                reopened = Some(l);
-                break;
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-        }
-    }
-    let mut log = reopened.expect("reopen the log store");
+    let mut log = reopen(&path).await;
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(entries[1].log_id));
@@ -174,6 +175,27 @@ async fn log_store_survives_reopen() {
     let got = log.try_get_log_entries(0..100).await.unwrap();
     assert_eq!(format!("{got:?}"), format!("{:?}", &entries[2..5]));
     assert!(log.has_state());
+}
+
+/// The committed index is not waited for, but once writes go quiet it is
+/// stored, and a reopened store reads it back.
+#[tokio::test]
+async fn committed_index_is_stored_once_writes_go_quiet() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let entries = fixture_entries();
+    let committed = Some(entries[3].log_id);
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        log.blocking_append(entries.clone()).await.unwrap();
+        log.save_committed(committed).await.unwrap();
+        // Longer than the writer's linger for a lone committed index.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    let mut log = reopen(&path).await;
+    assert_eq!(log.read_committed().await.unwrap(), committed);
 }
 
 /// Three in-process Raft members on the real stores, wired by direct calls,
