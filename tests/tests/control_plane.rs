@@ -197,6 +197,36 @@ async fn acknowledged_writes_survive_killing_every_member() {
     assert_eq!(names, expected);
 }
 
+/// A follower stops on SIGTERM while its leader replicates to it over a
+/// long-lived stream: the member ends that stream itself, so its graceful
+/// stop does not sit out the 5 s server deadline; restarted, it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stops_cleanly_while_its_leader_streams_to_it() {
+    let mut cluster = LocalCluster::start(3, MemberOptions::default())
+        .await
+        .unwrap();
+    let leader = cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let leader_addr = addr(&cluster, leader);
+    let follower = followers(&cluster, leader)[0];
+    create_grpc(&leader_addr, "before-stop").await.unwrap();
+
+    cluster.stop(follower).await.unwrap();
+    let member = cluster.members.iter().find(|m| m.id == follower).unwrap();
+    let log = std::fs::read_to_string(&member.log_path).unwrap();
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("servers did not stop"), "{log}");
+
+    create_grpc(&leader_addr, "while-stopped").await.unwrap();
+    cluster.restart(follower).unwrap();
+    let follower_addr = addr(&cluster, follower);
+    wait_until(DEADLINE, "the restarted follower to catch up", || async {
+        local_models(&follower_addr)
+            .await
+            .filter(|m| m.iter().any(|n| n == "while-stopped"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_joins_and_member_is_removed() {
     let mut cluster = LocalCluster::start(3, MemberOptions::default())
