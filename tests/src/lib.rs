@@ -146,6 +146,16 @@ pub fn admin(addr: &str) -> AdminClient<Channel> {
     AdminClient::new(berth_proto::grpc::channel(addr).expect("channel"))
 }
 
+/// Waits until the member at `addr` holds model `name` in its local state.
+pub async fn wait_for_model(addr: &str, name: &str, what: &str) {
+    wait_until(DEADLINE, what, || async {
+        local_models(addr)
+            .await
+            .filter(|m| m.iter().any(|n| n == name))
+    })
+    .await;
+}
+
 /// Model names on one member, read from its local state (stale read).
 pub async fn local_models(addr: &str) -> Option<Vec<String>> {
     let r = admin(addr)

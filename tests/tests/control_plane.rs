@@ -115,12 +115,7 @@ async fn writes_replicate_and_survive_leader_kill() {
     // The killed member restarts with only --data-dir and --listen and catches up.
     cluster.restart(leader).unwrap();
     let back = addr(&cluster, leader);
-    wait_until(DEADLINE, "the restarted member to catch up", || async {
-        local_models(&back)
-            .await
-            .filter(|m| m.iter().any(|n| n == "after-kill"))
-    })
-    .await;
+    wait_for_model(&back, "after-kill", "the restarted member to catch up").await;
     cluster.wait_for_voters(3, DEADLINE).await.unwrap();
 }
 
@@ -219,11 +214,11 @@ async fn a_follower_stops_cleanly_while_its_leader_streams_to_it() {
     create_grpc(&leader_addr, "while-stopped").await.unwrap();
     cluster.restart(follower).unwrap();
     let follower_addr = addr(&cluster, follower);
-    wait_until(DEADLINE, "the restarted follower to catch up", || async {
-        local_models(&follower_addr)
-            .await
-            .filter(|m| m.iter().any(|n| n == "while-stopped"))
-    })
+    wait_for_model(
+        &follower_addr,
+        "while-stopped",
+        "the restarted follower to catch up",
+    )
     .await;
 }
 
@@ -238,11 +233,11 @@ async fn member_joins_and_member_is_removed() {
     cluster.add_member(4, Some(&first)).unwrap();
     cluster.wait_for_voters(4, DEADLINE).await.unwrap();
     let fourth = addr(&cluster, 4);
-    wait_until(DEADLINE, "the new member to have the old data", || async {
-        local_models(&fourth)
-            .await
-            .filter(|m| m.iter().any(|n| n == "before-join"))
-    })
+    wait_for_model(
+        &fourth,
+        "before-join",
+        "the new member to have the old data",
+    )
     .await;
     let members = berth_json(&["--server", &fourth, "cluster", "members"]).await;
     assert_eq!(members.as_array().unwrap().len(), 4);

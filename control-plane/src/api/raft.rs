@@ -40,10 +40,14 @@ fn decode_payload<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> {
     decode(&p.data).map_err(|e| Status::invalid_argument(format!("payload does not decode: {e}")))
 }
 
-fn encode_payload<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+fn to_payload<T: Serialize>(v: &T) -> Result<RaftPayload, Status> {
     encode(v)
-        .map(|data| Response::new(RaftPayload { data }))
+        .map(|data| RaftPayload { data })
         .map_err(|e| Status::internal(format!("encode reply: {e}")))
+}
+
+fn encode_payload<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    to_payload(v).map(Response::new)
 }
 
 /// One AppendEntries, from either the unary call or the stream.
@@ -59,7 +63,7 @@ async fn append(member: &Member, payload: &RaftPayload) -> Result<RaftPayload, S
     ) {
         member.contact.touch();
     }
-    encode_payload(&reply).map(Response::into_inner)
+    to_payload(&reply)
 }
 
 #[tonic::async_trait]

@@ -224,7 +224,7 @@ impl Member {
     async fn leader(&self, deadline: Instant) -> Result<(NodeId, String), MemberError> {
         let mut rx = self.raft.metrics();
         loop {
-            if let Some(l) = self.leader_now() {
+            if let Some(l) = leader_of(&rx.borrow_and_update()) {
                 return Ok(l);
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
