@@ -21,8 +21,9 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
@@ -63,12 +64,13 @@ enum Op {
         last_purged: Vec<u8>,
         done: oneshot::Sender<Result<(), String>>,
     },
-    Meta {
-        key: &'static str,
+    Vote {
         value: Vec<u8>,
-        /// Whether the caller waits for durability (the vote) or not (committed index).
-        done: Option<oneshot::Sender<Result<(), String>>>,
+        done: oneshot::Sender<Result<(), String>>,
     },
+    /// A committed index waits in `Shared::committed` (sent when it starts
+    /// waiting, so an idle writer knows to store it in time).
+    CommittedWaiting,
     /// Tests: the writer holds its batch, and so every later change, until
     /// the paired sender is dropped.
     #[cfg(test)]
@@ -78,6 +80,8 @@ enum Op {
 struct Shared {
     cache: Mutex<Cache>,
     tx: Mutex<Sender<Op>>,
+    /// The newest committed index not yet handed to the writer, encoded.
+    committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 /// The redb-backed log store. Cloning shares it.
@@ -136,14 +140,17 @@ impl LogStore {
         // The thread owns the database; it exits (closing it) once every
         // clone of this store is dropped.
         let (tx, rx) = channel();
+        let committed = Arc::new(Mutex::new(None));
+        let slot = committed.clone();
         std::thread::Builder::new()
             .name("berth-raft-log".into())
-            .spawn(move || writer(&db, &rx))
+            .spawn(move || writer(&db, &rx, &slot))
             .map_err(write_err)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 cache: Mutex::new(cache),
                 tx: Mutex::new(tx),
+                committed,
             }),
         })
     }
@@ -192,68 +199,76 @@ impl LogStore {
     }
 }
 
-/// How long a lone committed-index update may wait for a durable write to
+/// How long a committed-index update may wait for a durable write to
 /// travel with.
-const COMMITTED_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+const COMMITTED_LINGER: Duration = Duration::from_millis(100);
 
 /// The writer thread: one transaction and one fsync per drained batch.
-/// Committed-index updates do not need durability, so they ride along with
-/// a durable batch at most once per `COMMITTED_LINGER` instead of costing a
-/// transaction of their own (written alone only after `COMMITTED_LINGER` of
-/// quiet). Writing it with every batch would add the `meta` table's pages
-/// to each commit; a stale committed index only means a restarted member
-/// re-applies less from its log and learns the rest from the leader.
-fn writer(db: &Database, rx: &Receiver<Op>) {
-    let mut lingering: Option<Op> = None;
-    let mut committed_written = std::time::Instant::now();
+///
+/// Committed-index updates do not need durability. They wait in `committed`
+/// (not the queue, so they do not wake this thread on every commit) and
+/// ride along with a durable batch at most once per `COMMITTED_LINGER`, or
+/// are written alone after `COMMITTED_LINGER` of quiet. Writing the index
+/// with every batch would add the `meta` table's pages to each commit; a
+/// stale stored index only means a restarted member re-applies less from
+/// its log and learns the rest from the leader.
+fn writer(db: &Database, rx: &Receiver<Op>, committed: &Mutex<Option<Vec<u8>>>) {
+    let mut committed_written = Instant::now();
     loop {
-        let first = match &lingering {
-            None => match rx.recv() {
-                Ok(op) => op,
+        let first = if lock(committed).is_some() {
+            let wait = COMMITTED_LINGER.saturating_sub(committed_written.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(op) => Some(op),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => Some(op),
                 Err(_) => return,
-            },
-            Some(_) => match rx.recv_timeout(COMMITTED_LINGER) {
-                Ok(op) => op,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let batch: Vec<Op> = lingering.take().into_iter().collect();
-                    let result = write_batch(db, &batch, false);
-                    finish(batch, result);
-                    committed_written = std::time::Instant::now();
-                    continue;
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-            },
+            }
         };
-        let mut batch = vec![first];
+        // Taken before the queue is drained: the entries a committed index
+        // covers were queued before it was set, so they are in this batch or
+        // an earlier one, and the stored index never runs ahead of the log.
+        let mut index = if committed_written.elapsed() >= COMMITTED_LINGER {
+            lock(committed).take()
+        } else {
+            None
+        };
+        let mut batch: Vec<Op> = first.into_iter().collect();
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
-        // Keep only the newest committed index; hold it back if nothing
-        // durable is being written now.
-        let mut durable = Vec::with_capacity(batch.len());
-        for op in batch {
-            match op {
-                Op::Meta { done: None, .. } => lingering = Some(op),
-                op => durable.push(op),
-            }
+        if batch.len() == MAX_BATCH
+            && let Some(value) = index.take()
+        {
+            // Entries it covers may still be queued: keep it for a later batch
+            // (unless a newer index has arrived meanwhile).
+            lock(committed).get_or_insert(value);
         }
+        batch.retain(|op| !matches!(op, Op::CommittedWaiting));
         #[cfg(test)]
-        hold_while_asked(&mut durable);
-        if durable.is_empty() {
+        hold_while_asked(&mut batch);
+        if batch.is_empty() && index.is_none() {
             continue;
         }
-        if committed_written.elapsed() >= COMMITTED_LINGER
-            && let Some(op) = lingering.take()
-        {
-            durable.push(op);
-            committed_written = std::time::Instant::now();
+        if index.is_some() {
+            committed_written = Instant::now();
         }
-        let result = write_batch(db, &durable, true);
-        finish(durable, result);
+        let result = write_batch(db, &batch, index.as_deref());
+        finish(batch, result);
     }
+}
+
+/// Locks the committed-index slot. Its critical sections only move a value
+/// in or out, so a poisoned lock still holds a consistent value.
+fn lock(slot: &Mutex<Option<Vec<u8>>>) -> MutexGuard<'_, Option<Vec<u8>>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Tests: blocks while any `Op::Hold` of the batch is held, then drops them.
@@ -280,24 +295,22 @@ fn finish(batch: Vec<Op>, result: Result<(), redb::Error>) {
             Op::Append { callback, .. } => {
                 callback.log_io_completed(result.clone().map_err(std::io::Error::other))
             }
-            Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+            Op::Truncate { done, .. } | Op::Purge { done, .. } | Op::Vote { done, .. } => {
                 let _ = done.send(result.clone());
             }
-            Op::Meta { done, .. } => {
-                if let Some(done) = done {
-                    let _ = done.send(result.clone());
-                }
-            }
+            Op::CommittedWaiting => {}
             #[cfg(test)]
             Op::Hold(_) => {}
         }
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op], durable: bool) -> Result<(), redb::Error> {
+/// Writes `batch`, plus the committed index if given, in one transaction:
+/// durable (fsync) unless the committed index is all there is to write.
+fn write_batch(db: &Database, batch: &[Op], committed: Option<&[u8]>) -> Result<(), redb::Error> {
     let mut tx = db.begin_write()?;
-    if !durable {
-        // Only committed-index updates: the next durable commit persists them.
+    if batch.is_empty() {
+        // Only the committed index: the next durable commit persists it.
         tx.set_durability(Durability::None)?;
     }
     {
@@ -319,12 +332,16 @@ fn write_batch(db: &Database, batch: &[Op], durable: bool) -> Result<(), redb::E
                     meta.insert(LAST_PURGED, last_purged.as_slice())?;
                     log.retain_in::<u64, _>(..=*upto, |_, _| false)?;
                 }
-                Op::Meta { key, value, .. } => {
-                    meta.insert(*key, value.as_slice())?;
+                Op::Vote { value, .. } => {
+                    meta.insert(VOTE, value.as_slice())?;
                 }
+                Op::CommittedWaiting => {}
                 #[cfg(test)]
                 Op::Hold(_) => {}
             }
+        }
+        if let Some(value) = committed {
+            meta.insert(COMMITTED, value)?;
         }
     }
     // Immediate durability (the default unless set above): commit returns after fsync.
@@ -366,11 +383,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let value = encode(vote).map_err(write_err)?;
         let (done, wait) = oneshot::channel();
         self.cache().vote = Some(*vote);
-        self.send(Op::Meta {
-            key: VOTE,
-            value,
-            done: Some(done),
-        })?;
+        self.send(Op::Vote { value, done })?;
         Self::wait(wait).await
     }
 
@@ -380,16 +393,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not waited for: the committed index only spares re-applying after a
-        // restart. Queue order puts it in the same or a later transaction than
-        // the entries it covers, so the stored value never runs ahead of the
-        // stored log; the writer stores it at most every `COMMITTED_LINGER`.
+        // restart. The writer stores it at most every `COMMITTED_LINGER`,
+        // never ahead of the stored log (see `writer`).
         let value = encode(&committed).map_err(write_err)?;
         self.cache().committed = committed;
-        self.send(Op::Meta {
-            key: COMMITTED,
-            value,
-            done: None,
-        })?;
+        let was_waiting = lock(&self.shared.committed).replace(value).is_some();
+        if !was_waiting {
+            self.send(Op::CommittedWaiting)?;
+        }
         Ok(())
     }
 
