@@ -3,7 +3,8 @@
 //! * `Proposer` (leader): openraft 0.9 writes and fsyncs each proposal on
 //!   its own, so concurrent writes are gathered into one `Command::Batch`
 //!   entry: one append, one fsync, one replication round for all of them.
-//!   A lone write is proposed as itself.
+//!   A write that finds nothing queued and a batch slot free is proposed
+//!   at once, alone, on its caller's task.
 //! * `Forwarder` (follower): the writes forwarded to the leader while a
 //!   `Raft.Propose` call is in flight travel together in the next call.
 //!
@@ -12,6 +13,7 @@
 //! waits for nobody.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use berth_proto::v1::RaftPayload;
@@ -35,27 +37,65 @@ const MAX_IN_FLIGHT: usize = 2;
 /// A batch still unanswered after this gives up (its callers have long timed out).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs the shared gather loop: take a permit, wait for a first item, take
-/// whatever else is queued, hand the batch to `flush` on its own task.
-async fn gather<T, F, Fut>(mut rx: mpsc::Receiver<T>, shutdown: CancellationToken, flush: F)
-where
+/// What a gather loop shares with those who queue for it.
+struct Lane {
+    /// One per batch in flight.
+    slots: Arc<Semaphore>,
+    /// Writes queued and not yet taken into a batch.
+    waiting: AtomicUsize,
+}
+
+impl Lane {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            waiting: AtomicUsize::new(0),
+        })
+    }
+
+    /// Queues `item` for the gather loop. False when it has stopped.
+    async fn queue<T>(&self, tx: &mpsc::Sender<T>, item: T) -> bool {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let queued = tx.send(item).await.is_ok();
+        if !queued {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        queued
+    }
+
+    /// A batch slot, if one is free and no write waits for one.
+    fn idle_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if self.waiting.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Runs the shared gather loop: wait for a first item and a free slot, take
+/// whatever else is queued by then, hand the batch to `flush` on its own task.
+async fn gather<T, F, Fut>(
+    mut rx: mpsc::Receiver<T>,
+    lane: Arc<Lane>,
+    shutdown: CancellationToken,
+    flush: F,
+) where
     T: Send + 'static,
     F: Fn(Vec<T>, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
         let first = tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let slot = tokio::select! {
+            p = lane.slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
             },
             _ = shutdown.cancelled() => return,
         };
@@ -66,7 +106,8 @@ where
                 Err(_) => break,
             }
         }
-        tokio::spawn(flush(batch, permit));
+        lane.waiting.fetch_sub(batch.len(), Ordering::AcqRel);
+        tokio::spawn(flush(batch, slot));
     }
 }
 
@@ -79,29 +120,45 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    lane: Arc<Lane>,
+    raft: Raft,
 }
 
 impl Proposer {
     /// Starts the batching task for `raft`.
     pub fn start(raft: Raft, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        tasks.spawn(gather(rx, shutdown, move |batch, permit| {
-            let raft = raft.clone();
+        let lane = Lane::new();
+        let batch_raft = raft.clone();
+        tasks.spawn(gather(rx, lane.clone(), shutdown, move |batch, slot| {
+            let raft = batch_raft.clone();
             async move {
                 propose_batch(&raft, batch).await;
-                drop(permit);
+                drop(slot);
             }
         }));
-        Self { tx }
+        Self { tx, lane, raft }
     }
 
-    /// Queues `command`; the answer comes on `reply`. False when stopped.
+    /// Proposes `command`; the answer comes on `reply`. False when stopped.
+    ///
+    /// When no write waits and a batch slot is free, the command is proposed
+    /// at once on the caller's task, which spares a lone write the hand-offs
+    /// to the gather loop and to a batch task; otherwise it joins the queue.
     pub(super) async fn submit(
         &self,
         command: Command,
         reply: oneshot::Sender<ProposeReply>,
     ) -> bool {
-        self.tx.send(Pending { command, reply }).await.is_ok()
+        let pending = Pending { command, reply };
+        match self.lane.idle_slot() {
+            Some(slot) => {
+                propose_batch(&self.raft, vec![pending]).await;
+                drop(slot);
+                true
+            }
+            None => self.lane.queue(&self.tx, pending).await,
+        }
     }
 }
 
@@ -165,20 +222,22 @@ struct Forward {
 #[derive(Clone)]
 pub struct Forwarder {
     tx: mpsc::Sender<Forward>,
+    lane: Arc<Lane>,
 }
 
 impl Forwarder {
     /// Starts the forwarding task.
     pub fn start(peers: PeerClients, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        tasks.spawn(gather(rx, shutdown, move |batch, permit| {
+        let lane = Lane::new();
+        tasks.spawn(gather(rx, lane.clone(), shutdown, move |batch, slot| {
             let peers = peers.clone();
             async move {
                 forward_batch(&peers, batch).await;
-                drop(permit);
+                drop(slot);
             }
         }));
-        Self { tx }
+        Self { tx, lane }
     }
 
     /// Forwards `command` to the leader at `leader`, waiting until `deadline`.
@@ -189,12 +248,12 @@ impl Forwarder {
         deadline: Instant,
     ) -> Forwarded {
         let (reply, answer) = oneshot::channel();
-        let queued = self.tx.send(Forward {
+        let forward = Forward {
             command,
             leader: leader.to_string(),
             reply,
-        });
-        if queued.await.is_err() {
+        };
+        if !self.lane.queue(&self.tx, forward).await {
             return Forwarded::Reply(ProposeReply::Failed("this member is shutting down".into()));
         }
         match tokio::time::timeout_at(deadline, answer).await {
@@ -264,5 +323,115 @@ async fn call_propose(
             .map_err(|e| Some(format!("leader's reply does not decode: {e}"))),
         Err(s) if s.code() == tonic::Code::Unavailable => Err(None),
         Err(s) => Err(Some(s.message().to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::storage::RaftLogStorage;
+    use openraft::{EntryPayload, RaftLogReader};
+
+    use super::*;
+    use crate::raft::tests::cluster::Cluster;
+    use crate::state::tests::fixture_requests;
+
+    fn create_model(name: &str) -> Command {
+        let mut command = fixture_requests().remove(0).command;
+        if let Command::CreateModel { name: n, .. } = &mut command {
+            *n = name.into();
+        }
+        command
+    }
+
+    /// The last index the leader's log holds, stored or not.
+    async fn last_index(cluster: &Cluster) -> u64 {
+        let mut log = cluster.logs[&cluster.leader].clone();
+        let state = log.get_log_state().await.unwrap();
+        state.last_log_id.map_or(0, |l| l.index)
+    }
+
+    /// Polls `check` until it holds; the deadline only bounds a hang.
+    async fn eventually(what: &str, check: impl AsyncFn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// While every batch slot is taken, writes queue up, and they go together
+    /// in one entry once a slot frees; the writes that found a free slot went
+    /// alone, one entry each, and no more than the slots were in flight.
+    #[tokio::test]
+    async fn queued_writes_share_one_entry_once_a_slot_frees() {
+        let cluster = Cluster::start().await;
+        // Nothing commits while the leader's flush is held and a follower is cut off.
+        let cut = cluster.followers()[1];
+        cluster.net.isolated.lock().unwrap().insert(cut);
+        let held = cluster.logs[&cluster.leader].hold_writes();
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let proposer = Proposer::start(cluster.raft(cluster.leader), &tasks, shutdown.clone());
+        let submit = |name: String| {
+            let proposer = proposer.clone();
+            let (reply, answer) = oneshot::channel();
+            tokio::spawn(async move {
+                assert!(proposer.submit(create_model(&name), reply).await);
+                answer.await.expect("every write is answered")
+            })
+        };
+
+        let start = last_index(&cluster).await;
+        let mut writes = Vec::new();
+        for i in 1..=MAX_IN_FLIGHT as u64 {
+            writes.push(submit(format!("alone-{i}")));
+            eventually("the lone write is in the log", async || {
+                last_index(&cluster).await == start + i
+            })
+            .await;
+        }
+        for i in 0..8 {
+            writes.push(submit(format!("queued-{i}")));
+        }
+        eventually("eight writes queue", async || {
+            proposer.lane.waiting.load(Ordering::Acquire) == 8
+        })
+        .await;
+        assert_eq!(
+            last_index(&cluster).await,
+            start + MAX_IN_FLIGHT as u64,
+            "a queued write reached the log while every slot was taken"
+        );
+
+        drop(held);
+        for write in writes {
+            let reply = tokio::time::timeout(Duration::from_secs(30), write)
+                .await
+                .expect("the write is answered once the flush is released")
+                .unwrap();
+            assert!(matches!(reply, ProposeReply::Applied(Ok(_))), "{reply:?}");
+        }
+        let entries = cluster.logs[&cluster.leader]
+            .clone()
+            .try_get_log_entries(start + 1..)
+            .await
+            .unwrap();
+        let sizes: Vec<usize> = entries
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Normal(r) => Some(match &r.command {
+                    Command::Batch(commands) => commands.len(),
+                    _ => 1,
+                }),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sizes, vec![1, 1, 8], "commands per entry");
+
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        cluster.stop().await;
     }
 }

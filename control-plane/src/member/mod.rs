@@ -297,12 +297,16 @@ impl Member {
     pub async fn propose_local(&self, command: Command, deadline: Instant) -> ProposeReply {
         let kind = command.kind();
         let (reply, answer) = oneshot::channel();
-        if !self.proposer.submit(command, reply).await {
-            return ProposeReply::Failed("this member is shutting down".into());
-        }
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => ProposeReply::Failed("this member is shutting down".into()),
+        let write = async {
+            if !self.proposer.submit(command, reply).await {
+                return ProposeReply::Failed("this member is shutting down".into());
+            }
+            answer
+                .await
+                .unwrap_or_else(|_| ProposeReply::Failed("this member is shutting down".into()))
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(reply) => reply,
             Err(_) => ProposeReply::Failed(format!(
                 "write {kind} was not committed in {:?}: is a majority of members up? it may still be applied",
                 self.request_timeout

@@ -17,7 +17,7 @@ pub mod network;
 pub mod state_machine;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// A Raft member id.
 pub type NodeId = u64;

@@ -198,11 +198,12 @@ async fn committed_index_is_stored_once_writes_go_quiet() {
     assert_eq!(log.read_committed().await.unwrap(), committed);
 }
 
-/// Three in-process Raft members on the real stores, wired by direct calls,
-/// to pin the patched openraft's leader log I/O (third_party/README.md).
+/// Three in-process Raft members on the real stores, wired by direct calls:
+/// they pin the patched openraft's leader log I/O (third_party/README.md)
+/// and serve the proposer's tests.
 // openraft's RPC errors are large by its design.
 #[allow(clippy::result_large_err)]
-mod leader_flush {
+pub(crate) mod cluster {
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -221,9 +222,9 @@ mod leader_flush {
 
     /// Who is up, and which members are cut off from everyone.
     #[derive(Clone, Default)]
-    struct Net {
+    pub(crate) struct Net {
         rafts: Arc<Mutex<BTreeMap<NodeId, Raft>>>,
-        isolated: Arc<Mutex<BTreeSet<NodeId>>>,
+        pub(crate) isolated: Arc<Mutex<BTreeSet<NodeId>>>,
     }
 
     struct Factory {
@@ -297,15 +298,15 @@ mod leader_flush {
         }
     }
 
-    struct Cluster {
-        net: Net,
-        logs: BTreeMap<NodeId, LogStore>,
-        leader: NodeId,
+    pub(crate) struct Cluster {
+        pub(crate) net: Net,
+        pub(crate) logs: BTreeMap<NodeId, LogStore>,
+        pub(crate) leader: NodeId,
         _dirs: Vec<tempfile::TempDir>,
     }
 
     impl Cluster {
-        async fn start() -> Cluster {
+        pub(crate) async fn start() -> Cluster {
             let config = Arc::new(
                 Config {
                     heartbeat_interval: 50,
@@ -353,11 +354,11 @@ mod leader_flush {
             }
         }
 
-        fn raft(&self, id: NodeId) -> Raft {
+        pub(crate) fn raft(&self, id: NodeId) -> Raft {
             self.net.rafts.lock().unwrap()[&id].clone()
         }
 
-        fn followers(&self) -> Vec<NodeId> {
+        pub(crate) fn followers(&self) -> Vec<NodeId> {
             (1..=3).filter(|id| *id != self.leader).collect()
         }
 
@@ -374,7 +375,7 @@ mod leader_flush {
             })
         }
 
-        async fn stop(self) {
+        pub(crate) async fn stop(self) {
             let rafts: Vec<Raft> = self.net.rafts.lock().unwrap().values().cloned().collect();
             for raft in rafts {
                 let _ = raft.shutdown().await;
