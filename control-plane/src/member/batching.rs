@@ -3,8 +3,7 @@
 //! * `Proposer` (leader): openraft 0.9 writes and fsyncs each proposal on
 //!   its own, so concurrent writes are gathered into one `Command::Batch`
 //!   entry: one append, one fsync, one replication round for all of them.
-//!   A write that finds nothing queued and a batch slot free is proposed
-//!   at once, alone, on its caller's task.
+//!   A lone write is proposed as itself.
 //! * `Forwarder` (follower): the writes forwarded to the leader while a
 //!   `Raft.Propose` call is in flight travel together in the next call.
 //!
@@ -13,7 +12,6 @@
 //! waits for nobody.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use berth_proto::v1::RaftPayload;
@@ -37,65 +35,27 @@ const MAX_IN_FLIGHT: usize = 2;
 /// A batch still unanswered after this gives up (its callers have long timed out).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a gather loop shares with those who queue for it.
-struct Lane {
-    /// One per batch in flight.
-    slots: Arc<Semaphore>,
-    /// Writes queued and not yet taken into a batch.
-    waiting: AtomicUsize,
-}
-
-impl Lane {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            waiting: AtomicUsize::new(0),
-        })
-    }
-
-    /// Queues `item` for the gather loop. False when it has stopped.
-    async fn queue<T>(&self, tx: &mpsc::Sender<T>, item: T) -> bool {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let queued = tx.send(item).await.is_ok();
-        if !queued {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-        }
-        queued
-    }
-
-    /// A batch slot, if one is free and no write waits for one.
-    fn idle_slot(&self) -> Option<OwnedSemaphorePermit> {
-        if self.waiting.load(Ordering::Acquire) != 0 {
-            return None;
-        }
-        self.slots.clone().try_acquire_owned().ok()
-    }
-}
-
-/// Runs the shared gather loop: wait for a first item and a free slot, take
-/// whatever else is queued by then, hand the batch to `flush` on its own task.
-async fn gather<T, F, Fut>(
-    mut rx: mpsc::Receiver<T>,
-    lane: Arc<Lane>,
-    shutdown: CancellationToken,
-    flush: F,
-) where
+/// Runs the shared gather loop: take a permit, wait for a first item, take
+/// whatever else is queued, hand the batch to `flush` on its own task.
+async fn gather<T, F, Fut>(mut rx: mpsc::Receiver<T>, shutdown: CancellationToken, flush: F)
+where
     T: Send + 'static,
     F: Fn(Vec<T>, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
         let first = tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let slot = tokio::select! {
-            p = lane.slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
             },
             _ = shutdown.cancelled() => return,
         };
@@ -106,8 +66,7 @@ async fn gather<T, F, Fut>(
                 Err(_) => break,
             }
         }
-        lane.waiting.fetch_sub(batch.len(), Ordering::AcqRel);
-        tokio::spawn(flush(batch, slot));
+        tokio::spawn(flush(batch, permit));
     }
 }
 
@@ -120,45 +79,29 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
-    lane: Arc<Lane>,
-    raft: Raft,
 }
 
 impl Proposer {
     /// Starts the batching task for `raft`.
     pub fn start(raft: Raft, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        let lane = Lane::new();
-        let batch_raft = raft.clone();
-        tasks.spawn(gather(rx, lane.clone(), shutdown, move |batch, slot| {
-            let raft = batch_raft.clone();
+        tasks.spawn(gather(rx, shutdown, move |batch, permit| {
+            let raft = raft.clone();
             async move {
                 propose_batch(&raft, batch).await;
-                drop(slot);
+                drop(permit);
             }
         }));
-        Self { tx, lane, raft }
+        Self { tx }
     }
 
-    /// Proposes `command`; the answer comes on `reply`. False when stopped.
-    ///
-    /// When no write waits and a batch slot is free, the command is proposed
-    /// at once on the caller's task, which spares a lone write the hand-offs
-    /// to the gather loop and to a batch task; otherwise it joins the queue.
+    /// Queues `command`; the answer comes on `reply`. False when stopped.
     pub(super) async fn submit(
         &self,
         command: Command,
         reply: oneshot::Sender<ProposeReply>,
     ) -> bool {
-        let pending = Pending { command, reply };
-        match self.lane.idle_slot() {
-            Some(slot) => {
-                propose_batch(&self.raft, vec![pending]).await;
-                drop(slot);
-                true
-            }
-            None => self.lane.queue(&self.tx, pending).await,
-        }
+        self.tx.send(Pending { command, reply }).await.is_ok()
     }
 }
 
@@ -222,22 +165,20 @@ struct Forward {
 #[derive(Clone)]
 pub struct Forwarder {
     tx: mpsc::Sender<Forward>,
-    lane: Arc<Lane>,
 }
 
 impl Forwarder {
     /// Starts the forwarding task.
     pub fn start(peers: PeerClients, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        let lane = Lane::new();
-        tasks.spawn(gather(rx, lane.clone(), shutdown, move |batch, slot| {
+        tasks.spawn(gather(rx, shutdown, move |batch, permit| {
             let peers = peers.clone();
             async move {
                 forward_batch(&peers, batch).await;
-                drop(slot);
+                drop(permit);
             }
         }));
-        Self { tx, lane }
+        Self { tx }
     }
 
     /// Forwards `command` to the leader at `leader`, waiting until `deadline`.
@@ -248,12 +189,12 @@ impl Forwarder {
         deadline: Instant,
     ) -> Forwarded {
         let (reply, answer) = oneshot::channel();
-        let forward = Forward {
+        let queued = self.tx.send(Forward {
             command,
             leader: leader.to_string(),
             reply,
-        };
-        if !self.lane.queue(&self.tx, forward).await {
+        });
+        if queued.await.is_err() {
             return Forwarded::Reply(ProposeReply::Failed("this member is shutting down".into()));
         }
         match tokio::time::timeout_at(deadline, answer).await {
@@ -363,7 +304,7 @@ mod tests {
 
     /// While every batch slot is taken, writes queue up, and they go together
     /// in one entry once a slot frees; the writes that found a free slot went
-    /// alone, one entry each, and no more than the slots were in flight.
+    /// alone, one entry each, and no more batches than the slots were in flight.
     #[tokio::test]
     async fn queued_writes_share_one_entry_once_a_slot_frees() {
         let cluster = Cluster::start().await;
@@ -395,7 +336,7 @@ mod tests {
             writes.push(submit(format!("queued-{i}")));
         }
         eventually("eight writes queue", async || {
-            proposer.lane.waiting.load(Ordering::Acquire) == 8
+            proposer.tx.max_capacity() - proposer.tx.capacity() == 8
         })
         .await;
         assert_eq!(

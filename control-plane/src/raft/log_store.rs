@@ -315,7 +315,8 @@ fn write_batch(db: &Database, batch: &[Op], committed: Option<&[u8]>) -> Result<
     }
     {
         let mut log = tx.open_table(LOG)?;
-        let mut meta = tx.open_table(META)?;
+        // `meta` is opened only when written to: most batches are appends alone.
+        let mut meta: Vec<(&str, &[u8])> = Vec::new();
         for op in batch {
             match op {
                 Op::Append { entries, .. } => {
@@ -329,19 +330,23 @@ fn write_batch(db: &Database, batch: &[Op], committed: Option<&[u8]>) -> Result<
                 Op::Purge {
                     upto, last_purged, ..
                 } => {
-                    meta.insert(LAST_PURGED, last_purged.as_slice())?;
+                    meta.push((LAST_PURGED, last_purged));
                     log.retain_in::<u64, _>(..=*upto, |_, _| false)?;
                 }
                 Op::Vote { value, .. } => {
-                    meta.insert(VOTE, value.as_slice())?;
+                    meta.push((VOTE, value));
                 }
                 Op::CommittedWaiting => {}
                 #[cfg(test)]
                 Op::Hold(_) => {}
             }
         }
-        if let Some(value) = committed {
-            meta.insert(COMMITTED, value)?;
+        meta.extend(committed.map(|value| (COMMITTED, value)));
+        if !meta.is_empty() {
+            let mut table = tx.open_table(META)?;
+            for (key, value) in meta {
+                table.insert(key, value)?;
+            }
         }
     }
     // Immediate durability (the default unless set above): commit returns after fsync.
