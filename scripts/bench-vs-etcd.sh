@@ -82,6 +82,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # A loopback port nobody listens on and this script has not handed out.
+# Writer i talks to endpoint i % 3 on both sides, so the endpoints are put
+# leader first: the single writer then reaches its leader directly on both
+# sides, instead of one side's paying a forward to its leader and the
+# other's not (etcd's first member is a follower in two runs of three).
+leader_first() {
+    local leader=$1 all=$2
+    echo "$leader$(tr ',' '\n' <<<"$all" | grep -vxF "$leader" | sed 's/^/,/' | tr -d '\n')"
+}
+
 free_port() {
     local p
     while :; do
@@ -144,6 +153,14 @@ if ((!healthy)); then
     exit 1
 fi
 etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint status -w table >&2
+# `simple` output: endpoint, id, version, db size, is leader, ...
+ETCD_LEADER=$(etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint status -w simple | awk -F', ' '$5 == "true" {print $1}')
+if [[ -z "$ETCD_LEADER" ]]; then
+    echo "bench-vs-etcd: etcd reports no leader" >&2
+    exit 1
+fi
+ETCD_ENDPOINTS=$(leader_first "$ETCD_LEADER" "$ETCD_ENDPOINTS")
+log "etcd leader: $ETCD_LEADER; endpoints in writer order: $ETCD_ENDPOINTS"
 
 for c in "${CLIENTS_LIST[@]}"; do
     log "etcd: $c clients for $DURATION"
@@ -204,6 +221,13 @@ start_member 2 --join "${BERTH_ADDR[1]}"
 start_member 3 --join "${BERTH_ADDR[1]}"
 wait_voters 3
 "$BERTH" --server "$BERTH_SERVERS" cluster status >&2
+BERTH_LEADER=$("$BERTH" --server "$BERTH_SERVERS" cluster status --output json | jq -r '.leader_addr // empty')
+if [[ -z "$BERTH_LEADER" ]]; then
+    echo "bench-vs-etcd: berth reports no leader" >&2
+    exit 1
+fi
+BERTH_SERVERS=$(leader_first "$BERTH_LEADER" "$BERTH_SERVERS")
+log "berth leader: $BERTH_LEADER; servers in writer order: $BERTH_SERVERS"
 
 for c in "${CLIENTS_LIST[@]}"; do
     log "berth: $c clients for $DURATION"
@@ -220,6 +244,7 @@ field() { jq -r ".$2" "$WORK/$1.json"; }
 
 echo
 echo "berth vs etcd $(etcd --version | awk '/etcd Version/ {print $3}'), 3 members on loopback, $DURATION per run, $(nproc) CPUs"
+echo "writer i talks to member i % 3, the leader first: the single writer talks to the leader on both sides"
 printf '%-7s %8s %10s %9s %9s %9s %7s\n' SYSTEM CLIENTS WRITES/S P50_MS P99_MS MAX_MS ERRORS
 for sys in etcd berth; do
     for c in "${CLIENTS_LIST[@]}"; do
