@@ -308,10 +308,7 @@ mod tests {
     #[tokio::test]
     async fn queued_writes_share_one_entry_once_a_slot_frees() {
         let cluster = Cluster::start().await;
-        // Nothing commits while the leader's flush is held and a follower is cut off.
-        let cut = cluster.followers()[1];
-        cluster.net.isolated.lock().unwrap().insert(cut);
-        let held = cluster.logs[&cluster.leader].hold_writes();
+        let held = cluster.hold_commits();
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let proposer = Proposer::start(cluster.raft(cluster.leader), &tasks, shutdown.clone());
         let submit = |name: String| {

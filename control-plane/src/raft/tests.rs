@@ -222,9 +222,9 @@ pub(crate) mod cluster {
 
     /// Who is up, and which members are cut off from everyone.
     #[derive(Clone, Default)]
-    pub(crate) struct Net {
+    struct Net {
         rafts: Arc<Mutex<BTreeMap<NodeId, Raft>>>,
-        pub(crate) isolated: Arc<Mutex<BTreeSet<NodeId>>>,
+        isolated: Arc<Mutex<BTreeSet<NodeId>>>,
     }
 
     struct Factory {
@@ -299,7 +299,7 @@ pub(crate) mod cluster {
     }
 
     pub(crate) struct Cluster {
-        pub(crate) net: Net,
+        net: Net,
         pub(crate) logs: BTreeMap<NodeId, LogStore>,
         pub(crate) leader: NodeId,
         _dirs: Vec<tempfile::TempDir>,
@@ -358,6 +358,15 @@ pub(crate) mod cluster {
             self.net.rafts.lock().unwrap()[&id].clone()
         }
 
+        /// Cuts one follower off and holds the leader's log writer: the
+        /// leader's own copy is then needed for a majority, so nothing commits
+        /// until the returned sender is dropped.
+        pub(crate) fn hold_commits(&self) -> std::sync::mpsc::Sender<()> {
+            let cut = self.followers()[1];
+            self.net.isolated.lock().unwrap().insert(cut);
+            self.logs[&self.leader].hold_writes()
+        }
+
         pub(crate) fn followers(&self) -> Vec<NodeId> {
             (1..=3).filter(|id| *id != self.leader).collect()
         }
@@ -414,9 +423,7 @@ pub(crate) mod cluster {
     #[tokio::test]
     async fn leader_counts_itself_only_once_flushed() {
         let cluster = Cluster::start().await;
-        let cut = cluster.followers()[1];
-        cluster.net.isolated.lock().unwrap().insert(cut);
-        let held = cluster.logs[&cluster.leader].hold_writes();
+        let held = cluster.hold_commits();
         let mut write = cluster.write();
         // Bounded look for a violation: nothing may commit on one durable copy.
         let early = tokio::time::timeout(Duration::from_secs(1), &mut write).await;
