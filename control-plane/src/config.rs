@@ -24,6 +24,12 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
 /// Default time a request waits for a leader or a commit.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of threads that run a member's async work. One: a write's
+/// path hands off between tasks a dozen times, and on one thread those
+/// hand-offs wake no other thread (ARCHITECTURE.md, "One worker thread").
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// The most worker threads `--worker-threads` accepts.
+pub const MAX_WORKER_THREADS: usize = 256;
 /// Default time `--join` keeps trying to reach the cluster.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default time a node may miss heartbeats before it is marked down.
@@ -95,6 +101,9 @@ pub struct Flags {
     /// Log format: text or json [default: text].
     #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Threads for gRPC, Raft and heartbeats; raise it for fleets of many thousands of nodes [default: 1].
+    #[arg(long, env = "BERTH_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// The keys of the TOML config file.
@@ -117,6 +126,7 @@ struct FileConfig {
     node_grace: Option<String>,
     progress_deadline: Option<String>,
     log_format: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 /// A validated configuration.
@@ -154,6 +164,9 @@ pub struct Config {
     pub progress_deadline: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Threads of the async runtime (`berth-control` only; `berth dev`
+    /// runs members on its own runtime).
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -176,6 +189,7 @@ impl Config {
             node_grace: DEFAULT_NODE_GRACE,
             progress_deadline: DEFAULT_PROGRESS_DEADLINE,
             log_format: LogFormat::Text,
+            worker_threads: DEFAULT_WORKER_THREADS,
         }
     }
 
@@ -244,6 +258,10 @@ impl Config {
                 .map(|f| f.parse())
                 .transpose()?
                 .unwrap_or_default(),
+            worker_threads: flags
+                .worker_threads
+                .or(file.worker_threads)
+                .unwrap_or(DEFAULT_WORKER_THREADS),
         };
         config.validate()?;
         Ok(config)
@@ -279,6 +297,12 @@ impl Config {
         if self.snapshot_every == 0 {
             return Err("snapshot_every 0 is invalid: it must be at least 1 entry".into());
         }
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            return Err(format!(
+                "worker_threads {} is invalid: it must be 1 to {MAX_WORKER_THREADS}",
+                self.worker_threads
+            ));
+        }
         if let Some(a) = &self.advertise {
             validate_host_port("advertise", a)?;
         }
@@ -303,7 +327,7 @@ mod tests {
     #[test]
     fn file_and_flags_merge() {
         let (_d, p) = write(
-            "id = 3\nlisten = \"127.0.0.1:7410\"\nelection_timeout = \"1s\"\nsnapshot_every = 50\n",
+            "id = 3\nlisten = \"127.0.0.1:7410\"\nelection_timeout = \"1s\"\nsnapshot_every = 50\nworker_threads = 4\n",
         );
         let c = Config::load(Flags {
             config: Some(p),
@@ -316,6 +340,9 @@ mod tests {
         assert_eq!(c.election_timeout, Duration::from_secs(1));
         assert_eq!(c.snapshot_every, 7, "a flag beats the file");
         assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        assert_eq!(c.worker_threads, 4);
+        let c = Config::load(Flags::default()).unwrap();
+        assert_eq!(c.worker_threads, DEFAULT_WORKER_THREADS);
     }
 
     /// The annotated example in deploy/ stays valid.
@@ -388,5 +415,15 @@ mod tests {
             })
             .contains("id 0")
         );
+        for n in [0, MAX_WORKER_THREADS + 1] {
+            let e = bad(Flags {
+                worker_threads: Some(n),
+                ..Flags::default()
+            });
+            assert!(
+                e.contains(&format!("worker_threads {n}")) && e.contains("1 to"),
+                "{e}"
+            );
+        }
     }
 }

@@ -23,7 +23,11 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = berth_common::fsutil::raise_open_files_limit() {
         tracing::warn!(error = %e, "cannot raise the open-files limit; a large fleet may exhaust it");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: start async runtime: {e}");
@@ -43,6 +47,7 @@ fn main() -> std::process::ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let running = server::start(config, shutdown.clone()).await?;
+    server::load::watch(shutdown.clone());
     let signal = shutdown.clone();
     tokio::spawn(async move {
         server::wait_for_signal().await;

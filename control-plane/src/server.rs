@@ -38,6 +38,7 @@ use crate::reconciler::nodes::NodeTracker;
 use crate::reconciler::replicas::Replicas;
 
 mod http;
+pub mod load;
 
 const IDENTITY_FILE: &str = "member.toml";
 

@@ -2,6 +2,7 @@
 //! term) and `GET /metrics` (Prometheus text).
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
 use axum::Router;
@@ -112,6 +113,15 @@ async fn metrics(State(member): State<Member>) -> impl IntoResponse {
         v.members.len() as i64,
     );
     gauge(&mut registry, "models", "Registered models", models);
+    if let Some(busy) = super::load::busy_ratio() {
+        let g: Gauge<f64, AtomicU64> = Gauge::default();
+        g.set(busy);
+        registry.register(
+            "runtime_busy_ratio",
+            "Share of the last 10 s the worker threads spent running tasks (see --worker-threads)",
+            g,
+        );
+    }
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return (
