@@ -4,9 +4,8 @@
 
 use std::future::Future;
 
-use berth_proto::grpc;
+use berth_proto::grpc::{Channel, Dialer};
 use berth_proto::v1::admin_client::AdminClient;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Errors the CLI reports.
@@ -50,6 +49,8 @@ impl CliError {
             Code::AlreadyExists => "pick another name or version, or inspect it with `berth model show NAME`".into(),
             Code::InvalidArgument => "fix the named field and retry; `berth <command> --help` lists the rules".into(),
             Code::FailedPrecondition => "the request is valid but the cluster's state does not allow it now".into(),
+            Code::Unauthenticated => "check the credentials: `berth config show` says which file and token the CLI uses; BERTH_TOKEN overrides the file's token".into(),
+            Code::PermissionDenied => "this token's role may not do that: ask an admin for a token with a wider role (`berth token create --role operator`)".into(),
             _ => return None,
         })
     }
@@ -70,13 +71,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for a comma-separated address list.
-    pub fn new(servers: &str) -> Self {
+    /// A client for a comma-separated address list, dialling through `dialer`.
+    pub fn new(servers: &str, dialer: &Dialer) -> Self {
         let members = servers
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-            .map(|a| (a.to_string(), grpc::channel(a).map_err(|e| e.to_string())))
+            .map(|a| (a.to_string(), dialer.channel(a).map_err(|e| e.to_string())))
             .collect();
         Self {
             members,

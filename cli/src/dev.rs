@@ -125,14 +125,23 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
     let mut config = Config::new(data_dir.clone(), args.listen);
     config.id = Some(1);
     config.bootstrap = fresh;
+    // Secure like a real cluster: the CLI finds the credentials by itself
+    // (ARCHITECTURE.md, "berth dev is secure").
+    config.insecure = false;
     config.http = Some(args.http);
     let shutdown = CancellationToken::new();
     let running = server::start(config, shutdown.clone())
         .await
         .with_context(|| format!("start the dev control plane on {} (is another berth running? pick --listen and --http)", args.listen))?;
     let addr = running.grpc_addr.to_string();
+    let admin_conf = data_dir.join(server::security::ADMIN_CONF);
+    let dev_conf = DevCredentials::install(&admin_conf)?;
     let mut agent_config = AgentConfig::new(data_dir.join("agent"), args.agent, DEV_NODE);
     agent_config.control = vec![addr.clone()];
+    agent_config.insecure = false;
+    agent_config.token = std::fs::read_to_string(data_dir.join(server::security::AGENT_TOKEN))
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
     agent_config.simulate_gpus =
         Some(args.simulate_gpus.clone()).filter(|s| s != "none" && !s.is_empty());
     agent_config.stop_replicas_on_exit = true;
@@ -145,7 +154,8 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
                 args.agent
             )
         })?;
-    let client = Client::new(&addr);
+    let dialer = crate::local::dialer_from(&admin_conf)?;
+    let client = Client::new(&addr, &dialer);
     register_demo(&client).await?;
     let server_flag = if addr == crate::DEFAULT_SERVER {
         String::new()
@@ -164,6 +174,10 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         } else {
             ""
         }
+    );
+    out!(
+        "CLI credentials: {} (admin; the berth CLI reads it while this runs)",
+        dev_conf.path.display()
     );
     match &agent_config_gpus {
         Some(spec) => out!(
@@ -214,6 +228,38 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
     });
     agent.wait().await?;
     running.wait().await?;
+    drop(dev_conf);
     drop(temp);
     Ok(())
+}
+
+/// The dev cluster's admin credentials where the CLI looks last
+/// (`credentials::dev_path`), removed when `berth dev` stops, unless another
+/// `berth dev` replaced them meanwhile.
+struct DevCredentials {
+    path: PathBuf,
+    written: Vec<u8>,
+}
+
+impl DevCredentials {
+    fn install(admin_conf: &std::path::Path) -> anyhow::Result<Self> {
+        let path = crate::credentials::dev_path()
+            .context("neither HOME nor XDG_CONFIG_HOME is set: cannot place the dev credentials")?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let written =
+            std::fs::read(admin_conf).with_context(|| format!("read {}", admin_conf.display()))?;
+        berth_common::fsutil::write_private(&path, &written)
+            .with_context(|| format!("write {}", path.display()))?;
+        Ok(DevCredentials { path, written })
+    }
+}
+
+impl Drop for DevCredentials {
+    fn drop(&mut self) {
+        if std::fs::read(&self.path).is_ok_and(|now| now == self.written) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }

@@ -17,6 +17,7 @@ macro_rules! out {
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod credentials;
 pub mod deploy;
 pub mod dev;
 pub mod events;
@@ -25,6 +26,7 @@ pub mod model;
 pub mod node;
 pub mod output;
 pub mod sim;
+pub mod token;
 
 /// clap value parsers shared by the subcommands; a rejection states the rule
 /// (clap names the flag and the value).
@@ -69,13 +71,34 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
     long_about = "Berth: run model servers on a fleet of GPU machines.\n\nStart a local cluster with `berth dev`, then try `berth cluster status` and `berth model list` in another terminal."
 )]
 struct Cli {
-    /// Control-plane members to talk to; the next is tried when one is down.
-    #[arg(long, global = true, env = "BERTH_SERVER", value_name = "ADDR[,ADDR..]", default_value = DEFAULT_SERVER)]
-    server: String,
+    /// Control-plane members to talk to; the next is tried when one is down [default: the config file's, else 127.0.0.1:7400].
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_SERVER",
+        value_name = "ADDR[,ADDR..]"
+    )]
+    server: Option<String>,
+    /// Credentials file (written by bootstrap as admin.conf) [default: ~/.config/berth/config].
+    #[arg(long, global = true, env = "BERTH_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Trust the cluster whose CA has this SHA-256 (bootstrap prints it), without a config file; pair it with BERTH_TOKEN.
+    #[arg(long, global = true, value_name = "SHA256")]
+    ca_fingerprint: Option<String>,
+    /// The token to call with (overrides the config file's).
+    #[arg(
+        long = "token",
+        global = true,
+        env = "BERTH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    token: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
-    /// Talk plaintext gRPC (the only mode until TLS lands).
+    /// Talk plaintext gRPC to a development cluster started with --insecure.
     #[arg(long, global = true)]
     insecure: bool,
     #[command(subcommand)]
@@ -116,10 +139,17 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Replay a cluster and workload trace through the scheduler (`sim generate` makes one).
     Sim(sim::SimArgs),
+    /// Join tokens for agents and members, API tokens for people and tools.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// The CLI's credentials file: import the admin.conf bootstrap wrote, or show which is used.
+    #[command(subcommand)]
+    Config(credentials::ConfigCommand),
 }
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
+    berth_proto::tls::install_crypto_provider();
     let cli = Cli::parse();
     if let Command::Shim { dir } = &cli.command {
         return berth_node_agent::supervisor::shim::main(dir);
@@ -132,9 +162,31 @@ pub fn main() -> ExitCode {
         }
     };
     let out = cli.output;
+    let connect = credentials::ConnectArgs {
+        server: cli.server.clone(),
+        config: cli.config.clone(),
+        ca_fingerprint: cli.ca_fingerprint.clone(),
+        token: cli.token.clone(),
+        insecure: cli.insecure,
+    };
     let result = runtime.block_on(async move {
+        // Commands that reach no cluster need no credentials.
+        match cli.command {
+            Command::DemoModel(a) => {
+                return berth_node_agent::demo_model::run(a)
+                    .await
+                    .map_err(CliError::Other);
+            }
+            Command::Shim { .. } => return Ok(()),
+            Command::Dev(a) => return dev::run(a).await,
+            Command::Sim(a) => return sim::run(a, out),
+            Command::Config(c) => return credentials::run(c, &connect, out),
+            Command::Bench(c) => return bench::run(c, &connect, out).await,
+            _ => {}
+        }
         // Channels need the runtime: build the client inside it.
-        let client = Client::new(&cli.server);
+        let connection = connect.resolve()?;
+        let client = Client::new(&connection.servers, &connection.dialer);
         match cli.command {
             Command::Cluster(c) => cluster::run(c, &client, out).await,
             Command::Model(c) => model::run(c, &client, out).await,
@@ -142,13 +194,13 @@ pub fn main() -> ExitCode {
             Command::Deploy(c) => deploy::run(c, &client, out).await,
             Command::Replica(c) => deploy::run_replica(c, &client, out).await,
             Command::Events(a) => events::run(a, &client, out).await,
-            Command::DemoModel(a) => berth_node_agent::demo_model::run(a)
-                .await
-                .map_err(CliError::Other),
-            Command::Shim { .. } => Ok(()),
-            Command::Dev(a) => dev::run(a).await,
-            Command::Bench(c) => bench::run(c, &cli.server, out).await,
-            Command::Sim(a) => sim::run(a, out),
+            Command::Token(c) => token::run(c, &client, out).await,
+            Command::DemoModel(_)
+            | Command::Shim { .. }
+            | Command::Dev(_)
+            | Command::Sim(_)
+            | Command::Config(_)
+            | Command::Bench(_) => Ok(()),
         }
     });
     match result {

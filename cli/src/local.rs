@@ -2,6 +2,10 @@
 //! for `berth bench failover` and the end-to-end tests: free ports,
 //! temporary data dirs, logs in files, SIGKILL and restart. Processes are
 //! killed when the cluster is dropped, even when a test fails.
+//!
+//! Secure by default, the way an operator runs it: member 1 bootstraps (CA,
+//! `admin.conf`, `agent.token`), every other member joins with a member
+//! token made through the admin API, agents join with the agent token.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -10,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use berth_proto::v1::ClusterStatusRequest;
+use berth_proto::grpc::Dialer;
+use berth_proto::tls::{ClientFile, Trust};
+use berth_proto::v1::{ClusterStatusRequest, CreateTokenRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::Instant;
@@ -61,6 +67,9 @@ pub struct MemberOptions {
     pub snapshot_every: u64,
     /// More flags for every member.
     pub extra: Vec<String>,
+    /// Plaintext without authentication (`--insecure`), for benchmarks
+    /// that compare against it and for hollow agents.
+    pub insecure: bool,
 }
 
 impl Default for MemberOptions {
@@ -70,8 +79,49 @@ impl Default for MemberOptions {
             heartbeat_interval: "50ms".into(),
             snapshot_every: 10_000,
             extra: Vec::new(),
+            insecure: false,
         }
     }
+}
+
+/// The last cluster this process started: the end-to-end tests run one
+/// cluster per process and hand its credentials to the CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CurrentCluster {
+    /// It runs `--insecure`.
+    Insecure,
+    /// Its admin credentials file.
+    Secure(PathBuf),
+}
+
+static CURRENT: std::sync::Mutex<Option<CurrentCluster>> = std::sync::Mutex::new(None);
+
+/// The last cluster this process started, if any.
+pub fn current_cluster() -> Option<CurrentCluster> {
+    CURRENT.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn set_current(c: CurrentCluster) {
+    *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+}
+
+/// How to dial the last cluster this process started (plaintext if none or insecure).
+pub fn current_dialer() -> Dialer {
+    match current_cluster() {
+        Some(CurrentCluster::Secure(p)) => dialer_from(&p).unwrap_or(Dialer::Insecure),
+        _ => Dialer::Insecure,
+    }
+}
+
+/// A dialer with the trust and token of a credentials file.
+pub fn dialer_from(admin_conf: &Path) -> anyhow::Result<Dialer> {
+    let file = ClientFile::load(admin_conf)?;
+    let trust = Trust::from_pem(&file.ca_pem, "admin.conf ca_pem")?;
+    Ok(Dialer::tls(
+        trust,
+        None,
+        file.token.map(berth_proto::pki::Secret::new),
+    )?)
 }
 
 /// One member process.
@@ -106,6 +156,9 @@ impl LocalMember {
 pub struct LocalCluster {
     /// The members, by position (member id = position + 1 unless added later).
     pub members: Vec<LocalMember>,
+    /// How to call the cluster as its admin.
+    pub dialer: Dialer,
+    admin_conf: Option<PathBuf>,
     binary: PathBuf,
     options: MemberOptions,
     root: Option<tempfile::TempDir>,
@@ -122,6 +175,8 @@ impl LocalCluster {
             .context("create cluster dir")?;
         let mut cluster = LocalCluster {
             members: Vec::new(),
+            dialer: Dialer::Insecure,
+            admin_conf: None,
             binary,
             options,
             root_path: root.path().to_path_buf(),
@@ -130,8 +185,9 @@ impl LocalCluster {
         for i in 0..n {
             let id = i as u64 + 1;
             let join = (i > 0).then(|| cluster.members[0].addr.clone());
-            cluster.add_member(id, join.as_deref())?;
+            cluster.add_member(id, join.as_deref()).await?;
             if i == 0 {
+                cluster.await_credentials(Duration::from_secs(30)).await?;
                 cluster.wait_for_leader(Duration::from_secs(30)).await?;
             }
         }
@@ -144,8 +200,77 @@ impl LocalCluster {
         self.root_path.as_path()
     }
 
-    /// Starts a new member process with `id`, bootstrapping when `join` is None.
-    pub fn add_member(&mut self, id: u64, join: Option<&str>) -> anyhow::Result<&mut LocalMember> {
+    /// Waits for the bootstrap member's `admin.conf`, then calls as admin.
+    async fn await_credentials(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        if self.options.insecure {
+            set_current(CurrentCluster::Insecure);
+            return Ok(());
+        }
+        let path = self.members[0].data_dir.join("admin.conf");
+        let deadline = Instant::now() + timeout;
+        while !path.is_file() {
+            if Instant::now() > deadline {
+                bail!(
+                    "member 1 wrote no {} within {timeout:?}; logs in {}",
+                    path.display(),
+                    self.root_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.dialer = dialer_from(&path)?;
+        set_current(CurrentCluster::Secure(path.clone()));
+        self.admin_conf = Some(path);
+        Ok(())
+    }
+
+    /// The admin credentials file bootstrap wrote (None when insecure).
+    pub fn admin_conf(&self) -> Option<&Path> {
+        self.admin_conf.as_deref()
+    }
+
+    /// The agent join token bootstrap wrote (None when insecure).
+    pub fn agent_token(&self) -> Option<String> {
+        if self.options.insecure {
+            return None;
+        }
+        let path = self.members.first()?.data_dir.join("agent.token");
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
+    /// A client of every member, as admin.
+    pub fn client(&self) -> Client {
+        Client::new(&self.servers(), &self.dialer)
+    }
+
+    /// A new token of `role` (`agent`, `member`, `viewer`, …), made through the admin API.
+    pub async fn token(&self, role: &str) -> anyhow::Result<String> {
+        let role = role.to_string();
+        let r = self
+            .client()
+            .admin(|mut c| {
+                let req = CreateTokenRequest {
+                    role: role.clone(),
+                    ttl_s: Some(3600),
+                    uses: None,
+                    description: "local cluster".into(),
+                };
+                async move { c.create_token(req).await }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("create a {role} token: {e}"))?;
+        Ok(r.token)
+    }
+
+    /// Starts a new member process with `id`, bootstrapping when `join` is
+    /// None; a joining member of a secure cluster gets a member token.
+    pub async fn add_member(
+        &mut self,
+        id: u64,
+        join: Option<&str>,
+    ) -> anyhow::Result<&mut LocalMember> {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let data_dir = self.root_path.as_path().join(format!("member-{id}"));
@@ -159,7 +284,12 @@ impl LocalCluster {
             data_dir.display().to_string(),
         ];
         match join {
-            Some(j) => args.extend(["--join".to_string(), j.to_string()]),
+            Some(j) => {
+                args.extend(["--join".to_string(), j.to_string()]);
+                if !self.options.insecure {
+                    args.extend(["--token".to_string(), self.token("member").await?]);
+                }
+            }
             None => args.push("--bootstrap".into()),
         }
         let mut member = LocalMember {
@@ -181,9 +311,11 @@ impl LocalCluster {
             .open(&m.log_path)
             .with_context(|| format!("open {}", m.log_path.display()))?;
         let mut cmd = Command::new(&self.binary);
+        if self.options.insecure {
+            cmd.arg("--insecure");
+        }
         cmd.args(extra)
             .args([
-                "--insecure",
                 "--election-timeout",
                 &self.options.election_timeout,
                 "--heartbeat-interval",
@@ -289,7 +421,7 @@ impl LocalCluster {
                 if m.child.is_none() {
                     continue;
                 }
-                let client = Client::new(&m.addr);
+                let client = Client::new(&m.addr, &self.dialer);
                 let status = client
                     .admin(|mut c| async move {
                         c.cluster_status(ClusterStatusRequest { stale: true }).await
@@ -319,7 +451,7 @@ impl LocalCluster {
     pub async fn wait_for_voters(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let client = Client::new(&self.servers());
+            let client = self.client();
             if let Ok(s) = client
                 .admin(|mut c| async move {
                     c.cluster_status(ClusterStatusRequest { stale: false })
@@ -390,6 +522,8 @@ pub struct AgentOptions {
     pub simulate_gpus: Option<String>,
     /// `--control` addresses (comma-separated); None: standalone.
     pub control: Option<String>,
+    /// `--token` (a join token); None: `--insecure` (standalone agents, insecure clusters).
+    pub token: Option<String>,
     /// More flags.
     pub extra: Vec<String>,
 }
@@ -401,6 +535,7 @@ impl AgentOptions {
             node: node.into(),
             simulate_gpus: Some("2xA100-80GB".into()),
             control: None,
+            token: None,
             extra: Vec::new(),
         }
     }
@@ -446,8 +581,7 @@ impl LocalAgent {
         let data_dir = dir.join(format!("agent-{}", options.node));
         let log_path = dir.join(format!("agent-{}.log", options.node));
         let mut args = vec![
-            "--insecure".to_string(),
-            "--node-name".into(),
+            "--node-name".to_string(),
             options.node.clone(),
             "--listen".into(),
             addr.clone(),
@@ -459,6 +593,10 @@ impl LocalAgent {
         }
         if let Some(c) = &options.control {
             args.extend(["--control".to_string(), c.clone()]);
+        }
+        match &options.token {
+            Some(t) => args.extend(["--token".to_string(), t.clone()]),
+            None => args.push("--insecure".into()),
         }
         args.extend(options.extra.iter().cloned());
         let mut agent = LocalAgent {

@@ -13,19 +13,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace(path, bytes, true)
 }
 
+/// Atomically and durably replaces `path` with `bytes`, readable by its
+/// owner only (mode 0600 from creation, so the secret is never readable by
+/// others, not even between the write and a `chmod`).
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_with_mode(path, bytes, true, 0o600)
+}
+
 /// Atomically replaces `path` with `bytes`, without waiting for the disk.
 pub fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace(path, bytes, false)
 }
 
 fn replace(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    replace_with_mode(path, bytes, durable, 0o644)
+}
+
+fn replace_with_mode(path: &Path, bytes: &[u8], durable: bool, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     {
-        let mut f = File::create(&tmp)?;
+        let _ = fs::remove_file(&tmp);
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;

@@ -12,6 +12,7 @@ pub mod names;
 pub mod node;
 pub mod replica;
 pub mod resources;
+pub mod security;
 pub mod telemetry;
 pub mod units;
 

@@ -34,6 +34,8 @@ pub const MAX_WORKER_THREADS: usize = 256;
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default time a node may miss heartbeats before it is marked down.
 pub const DEFAULT_NODE_GRACE: Duration = crate::reconciler::nodes::DEFAULT_NODE_GRACE;
+/// Default lifetime of the leaf certificates this member signs.
+pub const DEFAULT_CERT_LIFETIME: Duration = berth_proto::pki::DEFAULT_LEAF_LIFETIME;
 /// Default time a new replica of a rollout has to become healthy.
 pub const DEFAULT_PROGRESS_DEADLINE: Duration =
     crate::reconciler::replicas::DEFAULT_PROGRESS_DEADLINE;
@@ -51,7 +53,7 @@ pub const DEFAULT_PROGRESS_DEADLINE: Duration =
 )]
 pub struct Flags {
     /// TOML config file; flags and BERTH_* variables override its keys.
-    #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "BERTH_CONTROL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This member's id, unique in the cluster (required on first start; stored in the data dir).
     #[arg(long, env = "BERTH_ID")]
@@ -74,9 +76,29 @@ pub struct Flags {
     /// HTTP address for /health and /metrics (off unless given).
     #[arg(long, env = "BERTH_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
-    /// Serve plaintext gRPC (the only mode until TLS lands; without it a warning is logged).
+    /// Development only: plaintext gRPC, no authentication, loopback addresses only.
     #[arg(long, env = "BERTH_INSECURE")]
     pub insecure: bool,
+    /// With --insecure: allow listening on a non-loopback address (never on a shared network).
+    #[arg(long, env = "BERTH_INSECURE_BIND_ANY")]
+    pub insecure_bind_any: bool,
+    /// Join token (berth1.…, from `berth token create --role member`); with --join on first start.
+    #[arg(
+        long,
+        env = "BERTH_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// With --bootstrap: use this CA certificate (PEM) instead of making one.
+    #[arg(long, env = "BERTH_CA_CERT", value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// With --ca-cert: the CA's private key (PEM, mode 0600).
+    #[arg(long, env = "BERTH_CA_KEY", value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates this member signs for members and agents [default: 30d; at least 1m].
+    #[arg(long, env = "BERTH_CERT_LIFETIME", value_name = "DURATION")]
+    pub cert_lifetime: Option<String>,
     /// Minimum election timeout T; the maximum is 2T [default: 150ms].
     #[arg(long, env = "BERTH_ELECTION_TIMEOUT", value_name = "DURATION")]
     pub election_timeout: Option<String>,
@@ -118,6 +140,11 @@ struct FileConfig {
     join: Option<String>,
     http: Option<SocketAddr>,
     insecure: Option<bool>,
+    insecure_bind_any: Option<bool>,
+    token: Option<String>,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    cert_lifetime: Option<String>,
     election_timeout: Option<String>,
     heartbeat_interval: Option<String>,
     snapshot_every: Option<u64>,
@@ -146,8 +173,16 @@ pub struct Config {
     pub join: Vec<String>,
     /// HTTP health/metrics address.
     pub http: Option<SocketAddr>,
-    /// Plaintext acknowledged.
+    /// Plaintext, no authentication (development).
     pub insecure: bool,
+    /// Plaintext on a non-loopback address allowed.
+    pub insecure_bind_any: bool,
+    /// The join token, on first start with `--join`.
+    pub token: Option<berth_proto::auth::Token>,
+    /// An operator's CA certificate and key, for `--bootstrap`.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of the leaves this member signs.
+    pub cert_lifetime: Duration,
     /// Minimum election timeout.
     pub election_timeout: Duration,
     /// Heartbeat interval.
@@ -181,6 +216,10 @@ impl Config {
             join: Vec::new(),
             http: None,
             insecure: true,
+            insecure_bind_any: false,
+            token: None,
+            ca: None,
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
             election_timeout: DEFAULT_ELECTION_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
@@ -212,6 +251,23 @@ impl Config {
             join: address_list(flags.join.or(file.join)),
             http: flags.http.or(file.http),
             insecure: flags.insecure || file.insecure.unwrap_or(false),
+            insecure_bind_any: flags.insecure_bind_any || file.insecure_bind_any.unwrap_or(false),
+            token: flags
+                .token
+                .or(file.token)
+                .map(|t| t.parse().map_err(|e: berth_common::ValidationError| format!("--token: {e}")))
+                .transpose()?,
+            ca: match (flags.ca_cert.or(file.ca_cert), flags.ca_key.or(file.ca_key)) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => return Err("ca_cert and ca_key go together: give both, or neither to let --bootstrap make a CA".into()),
+            },
+            cert_lifetime: duration(
+                "cert_lifetime",
+                flags.cert_lifetime,
+                file.cert_lifetime,
+                DEFAULT_CERT_LIFETIME,
+            )?,
             election_timeout: duration(
                 "election_timeout",
                 flags.election_timeout,
@@ -277,6 +333,25 @@ impl Config {
                 "--bootstrap and --join exclude each other: bootstrap starts a new cluster, join enters an existing one"
                     .into(),
             );
+        }
+        if self.insecure && !self.insecure_bind_any {
+            berth_proto::tls::check_loopback(self.listen, "--listen")?;
+        }
+        if self.insecure && (self.token.is_some() || self.ca.is_some()) {
+            return Err("--insecure excludes --token, --ca-cert and --ca-key: a plaintext member has no certificates".into());
+        }
+        if self.ca.is_some() && !self.bootstrap {
+            return Err("--ca-cert and --ca-key are for --bootstrap: a joining member receives the cluster's CA when it joins".into());
+        }
+        if self.token.is_some() && self.join.is_empty() {
+            return Err("--token is for joining: give --join ADDR too".into());
+        }
+        if self.cert_lifetime < berth_proto::pki::MIN_LEAF_LIFETIME {
+            return Err(format!(
+                "cert_lifetime {:?} is invalid: it must be at least {:?}",
+                self.cert_lifetime,
+                berth_proto::pki::MIN_LEAF_LIFETIME
+            ));
         }
         if self.heartbeat_interval.is_zero() {
             return Err("heartbeat_interval must be above 0".into());

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    berth_proto::tls::install_crypto_provider();
     let flags = Flags::parse();
     let config = match Config::load(flags) {
         Ok(c) => c,
@@ -47,6 +48,9 @@ fn main() -> std::process::ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let running = server::start(config, shutdown.clone()).await?;
+    if let Some(b) = &running.bootstrapped {
+        print_join_commands(b, &running.identity.advertise);
+    }
     server::load::watch(shutdown.clone());
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -55,4 +59,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
         signal.cancel();
     });
     running.wait().await
+}
+
+/// What an operator needs after bootstrap. The tokens stay in their 0600
+/// files: this output often ends up in a log.
+fn print_join_commands(b: &server::security::Bootstrapped, advertise: &str) {
+    let conf = std::path::absolute(&b.admin_conf).unwrap_or_else(|_| b.admin_conf.clone());
+    let agent = std::path::absolute(&b.agent_token).unwrap_or_else(|_| b.agent_token.clone());
+    let lines = [
+        format!(
+            "Berth cluster bootstrapped. CA fingerprint (sha256): {}",
+            b.ca_fingerprint
+        ),
+        String::new(),
+        format!("Admin credentials for the berth CLI: {}", conf.display()),
+        format!(
+            "  berth config import {}      # then: berth cluster status",
+            conf.display()
+        ),
+        String::new(),
+        format!(
+            "Join a GPU machine (the agent token in {} works for 24 h):",
+            agent.display()
+        ),
+        format!(
+            "  berth-agent --control {advertise} --token \"$(cat {})\"",
+            agent.display()
+        ),
+        String::new(),
+        "Add a control-plane member:".to_string(),
+        "  berth token create --role member --uses 1".to_string(),
+        format!("  berth-control --id 2 --join {advertise} --token TOKEN --data-dir DIR"),
+    ];
+    println!("{}", lines.join("\n"));
 }

@@ -3,7 +3,9 @@
 //! health/metrics endpoint, and ordered shutdown.
 //!
 //! Data dir layout: `member.toml` (id, advertised address, whether the join
-//! completed), `raft.redb` (log, vote, committed index), `snapshot.bin`.
+//! completed), `raft.redb` (log, vote, committed index), `snapshot.bin`,
+//! `tls/` (CA bundle and key, this member's certificate and key), and after
+//! bootstrap `admin.conf` and `agent.token` (see `security`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use berth_proto::grpc;
 use berth_proto::v1::JoinRequest;
 use berth_proto::v1::admin_server::AdminServer;
 use berth_proto::v1::node_registry_server::NodeRegistryServer;
+use berth_proto::v1::pki_server::PkiServer;
 use berth_proto::v1::raft_client::RaftClient;
 use berth_proto::v1::raft_server::RaftServer;
 use openraft::{BasicNode, SnapshotPolicy};
@@ -26,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
 
 use crate::api::admin::AdminService;
+use crate::api::pki::PkiService;
 use crate::api::raft::RaftService;
 use crate::api::registry::RegistryService;
 use crate::config::Config;
@@ -39,6 +43,7 @@ use crate::reconciler::replicas::Replicas;
 
 mod http;
 pub mod load;
+pub mod security;
 
 const IDENTITY_FILE: &str = "member.toml";
 
@@ -149,6 +154,10 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     /// The bound HTTP address, if any.
     pub http_addr: Option<SocketAddr>,
+    /// What `--bootstrap` made for people (admin credentials, agent token).
+    pub bootstrapped: Option<security::Bootstrapped>,
+    /// This member's TLS identity (None with `--insecure`).
+    pub credentials: Option<Arc<berth_proto::tls::Credentials>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -176,11 +185,6 @@ impl Running {
 
 /// Starts a member and returns once it serves and has bootstrapped or joined.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    if !config.insecure {
-        tracing::warn!(
-            "serving plaintext gRPC: TLS is not implemented yet; pass --insecure to acknowledge"
-        );
-    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let mut identity = resolve_identity(&config, config.listen)?;
@@ -204,6 +208,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("load snapshot in {}", config.data_dir.display()))?;
     let state = sm.view();
     let events = sm.events();
+    let security = security::prepare(&config, &identity, state.clone()).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind gRPC address {}", config.listen))?;
@@ -212,11 +217,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let timing = raft_config(&config)?;
     let lease = Duration::from_millis(timing.election_timeout_max);
-    let raft = Raft::new(identity.id, Arc::new(timing), Network, log, sm)
+    let network = Network {
+        dialer: security.dialer.clone(),
+    };
+    let raft = Raft::new(identity.id, Arc::new(timing), network, log, sm)
         .await
         .context("start raft")?;
     let tasks = TaskTracker::new();
-    let peers = PeerClients::default();
+    let peers = PeerClients::new(security.dialer.clone());
     let member = Member {
         id: identity.id,
         raft: raft.clone(),
@@ -228,6 +236,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         forwarder: Forwarder::start(peers, &tasks, shutdown.clone()),
         contact: Default::default(),
         events,
+        dialer: security.dialer.clone(),
     };
     detector::start(
         member.clone(),
@@ -241,10 +250,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     nodes.start(&tasks, shutdown.clone());
     let replicas = Replicas::new(member.clone(), nodes.clone(), config.progress_deadline);
     replicas.start(&tasks, shutdown.clone());
-    let routes = Routes::new(AdminServer::new(AdminService::new(
+    let mut routes = Routes::new(AdminServer::new(AdminService::new(
         member.clone(),
         nodes.clone(),
         replicas,
+        security.signer.clone(),
     )))
     .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))
     .add_service(
@@ -252,11 +262,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
     );
+    let mut services = vec!["berth.v1.Admin", "berth.v1.NodeRegistry", "berth.v1.Raft"];
+    if let Some(signer) = &security.signer {
+        routes = routes.add_service(PkiServer::new(PkiService::new(
+            member.clone(),
+            signer.clone(),
+        )));
+        services.push("berth.v1.Pki");
+    }
     let stop = shutdown.clone();
+    let server_security = security.server.clone();
     tasks.spawn(async move {
-        let services = ["berth.v1.Admin", "berth.v1.NodeRegistry", "berth.v1.Raft"];
-        if let Err(e) =
-            grpc::serve(listener, routes, &services, stop.clone().cancelled_owned()).await
+        if let Err(e) = grpc::serve(
+            listener,
+            routes,
+            &services,
+            &server_security,
+            stop.clone().cancelled_owned(),
+        )
+        .await
         {
             tracing::error!(error = %e, "gRPC server failed; stopping");
             stop.cancel();
@@ -264,6 +288,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     });
     tracing::info!(member = identity.id, addr = %grpc_addr, advertise = %identity.advertise, "serving gRPC");
 
+    let mut bootstrapped = None;
     if config.bootstrap {
         let nodes = BTreeMap::from([(identity.id, BasicNode::new(identity.advertise.clone()))]);
         raft.initialize(nodes)
@@ -272,8 +297,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tracing::info!(member = identity.id, "bootstrapped a new cluster");
         identity.joined = true;
         identity.save(&config.data_dir)?;
+        bootstrapped =
+            security::after_bootstrap(&member, &security, &config.data_dir, &identity.advertise)
+                .await?;
     } else if !config.join.is_empty() && !identity.joined {
-        if let Err(e) = join(&config, &identity).await {
+        if let Err(e) = join(&config, &identity, &security.dialer).await {
             shutdown.cancel();
             let _ = raft.shutdown().await;
             return Err(e);
@@ -291,18 +319,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         identity,
         grpc_addr,
         http_addr,
+        bootstrapped,
+        credentials: security.credentials,
         shutdown,
         tasks,
     })
 }
 
 /// Asks the cluster, through any of `config.join`, to add this member.
-async fn join(config: &Config, identity: &Identity) -> anyhow::Result<()> {
+async fn join(config: &Config, identity: &Identity, dialer: &grpc::Dialer) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + config.join_timeout;
     let mut last_error = String::new();
     loop {
         for addr in &config.join {
-            let channel = grpc::channel(addr)?;
+            let channel = dialer.channel(addr)?;
             let mut req = tonic::Request::new(JoinRequest {
                 id: identity.id,
                 addr: identity.advertise.clone(),

@@ -43,7 +43,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug, Args, Default, Clone)]
 pub struct Flags {
     /// TOML config file; flags and BERTH_* variables override its keys.
-    #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "BERTH_AGENT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Control-plane members (comma-separated); the agent follows the leader.
     /// Without it the agent runs standalone (no registration).
@@ -64,9 +64,20 @@ pub struct Flags {
     /// A label for scheduling selectors, key=value (repeatable).
     #[arg(long = "label", value_name = "K=V")]
     pub labels: Vec<String>,
-    /// Serve plaintext gRPC (the only mode until TLS lands; without it a warning is logged).
+    /// Development only: plaintext gRPC, no authentication, loopback addresses only.
     #[arg(long, env = "BERTH_INSECURE")]
     pub insecure: bool,
+    /// With --insecure: allow listening on a non-loopback address (never on a shared network).
+    #[arg(long, env = "BERTH_INSECURE_BIND_ANY")]
+    pub insecure_bind_any: bool,
+    /// Join token (berth1.…; bootstrap writes one to agent.token, or `berth token create --role agent`); needed on first start.
+    #[arg(
+        long,
+        env = "BERTH_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
     /// Simulated GPUs instead of NVML, e.g. 2xA100-80GB or 8xH100-80GB (shown as simulated).
     #[arg(long, env = "BERTH_SIMULATE_GPUS", value_name = "SPEC")]
     pub simulate_gpus: Option<String>,
@@ -116,6 +127,8 @@ struct FileConfig {
     node_name: Option<String>,
     labels: Option<Labels>,
     insecure: Option<bool>,
+    insecure_bind_any: Option<bool>,
+    token: Option<String>,
     simulate_gpus: Option<String>,
     heartbeat_interval: Option<String>,
     inventory_interval: Option<String>,
@@ -145,8 +158,12 @@ pub struct Config {
     pub node_name: String,
     /// Labels.
     pub labels: Labels,
-    /// Plaintext acknowledged.
+    /// Plaintext, no authentication (development).
     pub insecure: bool,
+    /// Plaintext on a non-loopback address allowed.
+    pub insecure_bind_any: bool,
+    /// The join token, on first start.
+    pub token: Option<berth_proto::auth::Token>,
     /// Simulated GPU spec.
     pub simulate_gpus: Option<String>,
     /// Heartbeat interval.
@@ -186,6 +203,8 @@ impl Config {
             node_name: node_name.to_string(),
             labels: Labels::new(),
             insecure: true,
+            insecure_bind_any: false,
+            token: None,
             simulate_gpus: None,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             inventory_interval: DEFAULT_INVENTORY_INTERVAL,
@@ -241,6 +260,15 @@ impl Config {
             node_name,
             labels,
             insecure: flags.insecure || file.insecure.unwrap_or(false),
+            insecure_bind_any: flags.insecure_bind_any || file.insecure_bind_any.unwrap_or(false),
+            token: flags
+                .token
+                .or(file.token)
+                .map(|t| {
+                    t.parse()
+                        .map_err(|e: berth_common::ValidationError| format!("--token: {e}"))
+                })
+                .transpose()?,
             simulate_gpus: flags.simulate_gpus.or(file.simulate_gpus),
             heartbeat_interval: duration(
                 "heartbeat_interval",
@@ -299,6 +327,15 @@ impl Config {
             format!("{e}; set --node-name to a name unique in the cluster, e.g. gpu-01")
         })?;
         validate_labels("label", &self.labels).map_err(|e| e.to_string())?;
+        if self.insecure && !self.insecure_bind_any {
+            berth_proto::tls::check_loopback(self.listen, "--listen")?;
+        }
+        if self.insecure && self.token.is_some() {
+            return Err("--insecure excludes --token: a plaintext agent has no certificate".into());
+        }
+        if !self.insecure && self.control.is_empty() {
+            return Err("an agent without --control has no cluster to trust: give --control ADDR --token TOKEN, or --insecure to run it alone for development".into());
+        }
         for (field, d) in [
             ("heartbeat_interval", self.heartbeat_interval),
             ("inventory_interval", self.inventory_interval),

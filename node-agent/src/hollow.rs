@@ -168,6 +168,9 @@ impl Fleet {
                     supervisor: replicas,
                     counters: c,
                     clients: clients.clone(),
+                    // Hollow agents share connections, so they cannot each
+                    // hold a node certificate: they run against --insecure clusters.
+                    dialer: grpc::Dialer::Insecure,
                 };
                 let delay = if options.start_rate == 0 {
                     Duration::ZERO
@@ -190,6 +193,7 @@ impl Fleet {
                     listener,
                     routes,
                     &["berth.v1.Agent"],
+                    &grpc::ServerSecurity::Insecure,
                     stop.clone().cancelled_owned(),
                 )
                 .await

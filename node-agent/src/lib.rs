@@ -12,5 +12,6 @@ pub mod demo_model;
 pub mod hollow;
 pub mod inventory;
 pub mod registration;
+pub mod security;
 pub mod server;
 pub mod supervisor;

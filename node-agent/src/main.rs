@@ -39,6 +39,7 @@ enum Sub {
 }
 
 fn main() -> ExitCode {
+    berth_proto::tls::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         Some(Sub::Shim { dir }) => berth_node_agent::supervisor::shim::main(&dir),

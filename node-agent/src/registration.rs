@@ -16,12 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use berth_common::Labels;
-use berth_proto::grpc::{self, LEADER_KEY};
+use berth_proto::grpc::{Channel, Dialer, LEADER_KEY};
 use berth_proto::v1::node_registry_client::NodeRegistryClient;
 use berth_proto::v1::{self as pb};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::api::replica_to_proto;
 use crate::inventory::{SharedInventory, heartbeat_readings};
@@ -74,6 +73,8 @@ pub struct Registration {
     /// Clients of the control-plane members, by address: an agent's own,
     /// or shared by the hollow agents of `berth bench`.
     pub clients: Clients,
+    /// How members are dialled (with the node's certificate, or plaintext).
+    pub dialer: Dialer,
 }
 
 /// Registry clients by member address.
@@ -152,7 +153,7 @@ impl Loop {
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let c = NodeRegistryClient::new(grpc::channel(addr).map_err(|e| e.to_string())?);
+        let c = NodeRegistryClient::new(self.reg.dialer.channel(addr).map_err(|e| e.to_string())?);
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }

@@ -85,11 +85,6 @@ struct Shared {
 
 /// Starts the agent and returns once it serves.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    if !config.insecure {
-        tracing::warn!(
-            "serving plaintext gRPC: TLS is not implemented yet; pass --insecure to acknowledge"
-        );
-    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let lock = lock_data_dir(&config.data_dir)?;
@@ -113,6 +108,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("bind gRPC address {}", config.listen))?;
     let grpc_addr = listener.local_addr().context("read bound address")?;
     let advertised = config.advertised(grpc_addr);
+    let security = crate::security::prepare(&config, &advertised).await?;
 
     let agent_exe = match &config.agent_exe {
         Some(p) => p.clone(),
@@ -146,11 +142,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     );
     let routes = Routes::new(AgentServer::new(service));
     let stop = shutdown.clone();
+    let server_security = security.server.clone();
     tasks.spawn(async move {
         if let Err(e) = grpc::serve(
             listener,
             routes,
             &["berth.v1.Agent"],
+            &server_security,
             stop.clone().cancelled_owned(),
         )
         .await
@@ -196,6 +194,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             supervisor: Arc::new(supervisor.clone()),
             counters: counters.clone(),
             clients: Default::default(),
+            dialer: security.dialer.clone(),
         };
         tasks.spawn(registration.run(shutdown.clone()));
     }

@@ -5,11 +5,19 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use berth_common::ValidationError;
 use tokio::net::TcpListener;
+use tonic::Status;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Endpoint, Server};
+
+use crate::auth::{AuthLayer, Gate};
+use crate::pki::Secret;
+use crate::tls::{self, Credentials, Expect, Trust};
 
 /// The largest message a Berth server or client accepts (snapshots travel in one message).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -50,17 +58,45 @@ pub enum GrpcError {
     /// Reflection could not be set up.
     #[error("build reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// TLS could not be set up.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `routes` on `listener`, plus health and reflection, until `shutdown` resolves.
-/// `services` are the fully qualified names reported as serving by the health service.
+/// How a server guards its port.
+#[derive(Clone)]
+pub enum ServerSecurity {
+    /// Plaintext and no authentication (`--insecure`, loopback only).
+    Insecure,
+    /// TLS with the process's credentials, and the authorization layer.
+    Tls {
+        /// The server's certificate and trusted CAs.
+        credentials: Arc<Credentials>,
+        /// Decides who may call what.
+        gate: Arc<Gate>,
+    },
+}
+
+impl std::fmt::Debug for ServerSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerSecurity::Insecure => f.write_str("Insecure"),
+            ServerSecurity::Tls { credentials, .. } => write!(f, "Tls({:?})", credentials.leaf()),
+        }
+    }
+}
+
+/// Serves `routes` on `listener`, plus health and reflection (v1 and
+/// v1alpha), until `shutdown` resolves. `services` are the fully qualified
+/// names reported as serving by the health service.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
+    security: &ServerSecurity,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -69,37 +105,211 @@ pub async fn serve(
             .set_service_status(*name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let gate = match security {
+        ServerSecurity::Insecure => None,
+        ServerSecurity::Tls { gate, .. } => Some(gate.clone()),
+    };
+    let router = Server::builder()
+        .layer(AuthLayer(gate))
         .add_routes(routes)
         .add_service(health)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    match security {
+        ServerSecurity::Insecure => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?
+        }
+        ServerSecurity::Tls { credentials, .. } => {
+            let config = credentials
+                .server_config()
+                .map_err(|e| GrpcError::Tls(e.to_string()))?;
+            router
+                .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+                .await?
+        }
+    }
     Ok(())
 }
 
-/// A lazily connecting channel to `addr` (`host:port`, or a full `http://` URL).
+/// How a process dials other Berth processes: plaintext, or TLS with the
+/// cluster's trust, its own certificate (members, agents) and/or a token
+/// (the CLI). Cheap to clone.
+#[derive(Clone)]
+pub enum Dialer {
+    /// Plaintext (`--insecure`).
+    Insecure,
+    /// TLS.
+    Tls {
+        /// What the server must chain to.
+        trust: Trust,
+        /// The client certificate, if any.
+        identity: Option<Arc<Credentials>>,
+        /// The bearer token, if any.
+        token: Option<Secret>,
+        /// The configuration for members, made once.
+        member: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dialer::Insecure => f.write_str("Insecure"),
+            Dialer::Tls {
+                trust, identity, ..
+            } => write!(
+                f,
+                "Tls({trust:?}, {:?})",
+                identity.as_ref().map(|c| c.leaf())
+            ),
+        }
+    }
+}
+
+impl Dialer {
+    /// A TLS dialer.
+    pub fn tls(
+        trust: Trust,
+        identity: Option<Arc<Credentials>>,
+        token: Option<Secret>,
+    ) -> Result<Self, GrpcError> {
+        let member = tls::client_config(trust.clone(), Expect::Member, identity.clone())
+            .map_err(|e| GrpcError::Tls(e.to_string()))?;
+        Ok(Dialer::Tls {
+            trust,
+            identity,
+            token,
+            member,
+        })
+    }
+
+    /// A dialer presenting `credentials` and trusting their CAs.
+    pub fn with_credentials(credentials: Arc<Credentials>) -> Result<Self, GrpcError> {
+        Self::tls(credentials.trust(), Some(credentials), None)
+    }
+
+    /// A lazily connecting channel to a control-plane member at `addr`
+    /// (`host:port`, or a full URL).
+    pub fn channel(&self, addr: &str) -> Result<Channel, GrpcError> {
+        match self {
+            Dialer::Insecure => self.build(addr, None),
+            Dialer::Tls { member, .. } => self.build(addr, Some(member.clone())),
+        }
+    }
+
+    /// A lazily connecting channel to the agent of `node` at `addr`: the
+    /// server must prove it is that node's agent.
+    pub fn agent_channel(&self, addr: &str, node: &str) -> Result<Channel, GrpcError> {
+        match self {
+            Dialer::Insecure => self.build(addr, None),
+            Dialer::Tls {
+                trust, identity, ..
+            } => {
+                let config = tls::client_config(
+                    trust.clone(),
+                    Expect::Node(node.to_string()),
+                    identity.clone(),
+                )
+                .map_err(|e| GrpcError::Tls(e.to_string()))?;
+                self.build(addr, Some(config))
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        addr: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Channel, GrpcError> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let bad = |source| GrpcError::BadAddress {
+            addr: addr.to_string(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(bad)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let bearer = match self {
+            Dialer::Tls { token: Some(t), .. } => {
+                let mut v =
+                    tonic::metadata::MetadataValue::try_from(format!("Bearer {}", t.expose()))
+                        .map_err(|_| {
+                            GrpcError::Tls(
+                                "the token holds characters a header cannot carry".into(),
+                            )
+                        })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            _ => None,
+        };
+        let channel = match tls {
+            None => endpoint.connect_lazy(),
+            Some(config) => {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|_| GrpcError::Tls(format!("address {addr:?} is not host:port")))?;
+                let host = uri.host().unwrap_or("127.0.0.1").to_string();
+                let port = uri.port_u16().unwrap_or(443);
+                let connector = tower::service_fn(move |_: http::Uri| {
+                    let config = config.clone();
+                    let host = host.clone();
+                    async move {
+                        let stream = tls::connect(&host, port, config).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                });
+                endpoint.connect_with_connector_lazy(connector)
+            }
+        };
+        Ok(InterceptedService::new(channel, Bearer(bearer)))
+    }
+}
+
+/// A channel that adds the dialer's bearer token, if any, to every call.
+pub type Channel = InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// Adds `authorization: Bearer …` to each request.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer([redacted])"
+        } else {
+            "Bearer(None)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A plaintext channel to `addr` (development mode; `Dialer::channel` for the rest).
 pub fn channel(addr: &str) -> Result<Channel, GrpcError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url).map_err(|source| GrpcError::BadAddress {
-        addr: addr.to_string(),
-        source,
-    })?;
-    Ok(endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+    Dialer::Insecure.channel(addr)
 }
 
 /// Turns a validation error into `InvalidArgument` carrying its message.

@@ -5,8 +5,11 @@
 //! A missing or malformed field becomes a `ValidationError` naming the field,
 //! which callers turn into `InvalidArgument`.
 
+pub mod auth;
 pub mod convert;
 pub mod grpc;
+pub mod pki;
+pub mod tls;
 
 /// Generated protobuf and gRPC code for package `berth.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -1,16 +1,18 @@
 //! Helpers for Berth's end-to-end tests: run the real `berth` CLI, wait on
 //! conditions with generous deadlines (never bare sleeps), and talk gRPC to
 //! a member. Clusters come from `berth_cli::local::LocalCluster`, which kills
-//! its processes on drop.
+//! its processes on drop; they run secure (mTLS, tokens), and the CLI and
+//! the gRPC helpers use the admin credentials of the last cluster the test
+//! started (one test per process under nextest).
 
 use std::future::Future;
 use std::process::Output;
 use std::time::Duration;
 
 use berth_cli::local::find_binary;
+use berth_proto::grpc::Channel;
 use berth_proto::v1::admin_client::AdminClient;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 pub use berth_cli::local::{LocalCluster, MemberOptions};
 
@@ -19,13 +21,23 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs the `berth` CLI with `args` and returns its output.
 pub async fn berth(args: &[&str]) -> Output {
+    berth_provider();
     let bin = find_binary("berth").expect("berth binary (run `cargo build --bins` first)");
-    tokio::process::Command::new(bin)
-        .args(args)
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args)
         .env_remove("BERTH_SERVER")
-        .output()
-        .await
-        .expect("run berth")
+        .env_remove("BERTH_TOKEN");
+    cmd.env_remove("BERTH_CONFIG");
+    match berth_cli::local::current_cluster() {
+        Some(berth_cli::local::CurrentCluster::Secure(conf)) => {
+            cmd.env("BERTH_CONFIG", conf);
+        }
+        Some(berth_cli::local::CurrentCluster::Insecure) => {
+            cmd.arg("--insecure");
+        }
+        None => {}
+    }
+    cmd.output().await.expect("run berth")
 }
 
 /// Runs `berth-control` with `args` to completion (for start-up errors).
@@ -141,9 +153,19 @@ fn poll_every(every: Duration) -> tokio::time::Interval {
     ticks
 }
 
-/// A gRPC Admin client for one member.
+/// Installs the process's crypto provider (ring), as every binary does first.
+pub fn berth_provider() {
+    berth_proto::tls::install_crypto_provider();
+}
+
+/// A gRPC Admin client for one member, as the admin of the last cluster started.
 pub fn admin(addr: &str) -> AdminClient<Channel> {
-    AdminClient::new(berth_proto::grpc::channel(addr).expect("channel"))
+    berth_provider();
+    AdminClient::new(
+        berth_cli::local::current_dialer()
+            .channel(addr)
+            .expect("channel"),
+    )
 }
 
 /// Waits until the member at `addr` holds model `name` in its local state.
@@ -169,7 +191,7 @@ pub use berth_cli::local::{AgentOptions, LocalAgent};
 use berth_proto::v1::agent_client::AgentClient;
 use std::collections::HashMap;
 
-/// A gRPC Agent client for one agent.
+/// A gRPC Agent client for a standalone (plaintext) agent.
 pub fn agent(addr: &str) -> AgentClient<Channel> {
     AgentClient::new(berth_proto::grpc::channel(addr).expect("channel"))
 }

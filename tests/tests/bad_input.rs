@@ -286,7 +286,8 @@ async fn start_up_errors_are_clear() {
         &nowhere,
         "--join-timeout",
         "1s",
-        "--insecure",
+        "--token",
+        &format!("berth1.{}.abcdef.{}", "0".repeat(64), "s".repeat(40)),
     ])
     .await;
     assert_eq!(o.status.code(), Some(1));
@@ -297,27 +298,10 @@ async fn start_up_errors_are_clear() {
     );
 
     // No --id on a fresh data dir; no --bootstrap nor --join.
-    let o = berth_control(&[
-        "--listen",
-        &port(),
-        "--data-dir",
-        &d("noid"),
-        "--bootstrap",
-        "--insecure",
-    ])
-    .await;
+    let o = berth_control(&["--listen", &port(), "--data-dir", &d("noid"), "--bootstrap"]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--id is required"), "{}", stderr(&o));
-    let o = berth_control(&[
-        "--id",
-        "1",
-        "--listen",
-        &port(),
-        "--data-dir",
-        &d("lost"),
-        "--insecure",
-    ])
-    .await;
+    let o = berth_control(&["--id", "1", "--listen", &port(), "--data-dir", &d("lost")]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--bootstrap"), "{}", stderr(&o));
 
@@ -327,15 +311,7 @@ async fn start_up_errors_are_clear() {
         .unwrap();
     let data_dir = cluster.members[0].data_dir.display().to_string();
     cluster.stop(1).await.unwrap();
-    let o = berth_control(&[
-        "--listen",
-        &port(),
-        "--data-dir",
-        &data_dir,
-        "--bootstrap",
-        "--insecure",
-    ])
-    .await;
+    let o = berth_control(&["--listen", &port(), "--data-dir", &data_dir, "--bootstrap"]).await;
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(

@@ -230,7 +230,7 @@ async fn member_joins_and_member_is_removed() {
     let first = addr(&cluster, 1);
     create_grpc(&first, "before-join").await.unwrap();
 
-    cluster.add_member(4, Some(&first)).unwrap();
+    cluster.add_member(4, Some(&first)).await.unwrap();
     cluster.wait_for_voters(4, DEADLINE).await.unwrap();
     let fourth = addr(&cluster, 4);
     wait_for_model(
@@ -294,7 +294,9 @@ async fn health_and_reflection_answer_on_every_member() {
     let cluster = LocalCluster::start(1, MemberOptions::default())
         .await
         .unwrap();
-    let channel = berth_proto::grpc::channel(&cluster.members[0].addr).unwrap();
+    let channel = berth_cli::local::current_dialer()
+        .channel(&cluster.members[0].addr)
+        .unwrap();
     for service in ["", "berth.v1.Admin", "berth.v1.Raft"] {
         let r = HealthClient::new(channel.clone())
             .check(HealthCheckRequest {

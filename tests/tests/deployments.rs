@@ -132,6 +132,7 @@ async fn demo_cluster(
                     node: node.to_string(),
                     simulate_gpus: Some("2xA100-80GB".into()),
                     control: Some(servers.clone()),
+                    token: cluster.agent_token(),
                     extra: Vec::new(),
                 },
             )

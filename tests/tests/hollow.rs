@@ -9,9 +9,12 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hollow_agents_take_replicas_and_show_as_hollow() {
-    let cluster = LocalCluster::start(1, MemberOptions::default())
-        .await
-        .unwrap();
+    // Hollow agents share connections, so they hold no node certificates.
+    let options = MemberOptions {
+        insecure: true,
+        ..MemberOptions::default()
+    };
+    let cluster = LocalCluster::start(1, options).await.unwrap();
     cluster.wait_for_leader(DEADLINE).await.unwrap();
     let servers = cluster.servers();
     let fleet = Fleet::start(&FleetOptions {

@@ -37,6 +37,7 @@ async fn agents_register_go_down_come_back_and_survive_a_leader_change() {
                 node: node.into(),
                 simulate_gpus: Some(gpus.into()),
                 control: Some(servers.clone()),
+                token: cluster.agent_token(),
                 extra: vec!["--label".into(), label.into()],
             },
         )

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{cpu_seconds, percentile, wait_for};
-use crate::client::{CliError, Client};
+use crate::client::CliError;
 use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
@@ -38,7 +38,7 @@ pub struct AgentStartReport {
     pub max_ms: f64,
 }
 
-async fn wait_serving(addr: &str) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
+async fn wait_serving(addr: &str) -> anyhow::Result<AgentClient<berth_proto::grpc::Channel>> {
     let client = AgentClient::new(berth_proto::grpc::channel(addr)?);
     wait_for("the agent to serve", Duration::from_secs(30), || async {
         let mut c = client.clone();
@@ -173,6 +173,7 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
             node: "idle-node".into(),
             simulate_gpus: Some(a.simulate_gpus.clone()),
             control: Some(cluster.servers()),
+            token: cluster.agent_token(),
             extra: vec![
                 "--heartbeat-interval".into(),
                 format!("{}ms", a.heartbeat_interval.as_millis()),
@@ -182,7 +183,7 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
         },
     )?;
     let pid = agent.pid().context("the agent is not running")?;
-    let client = Client::new(&cluster.servers());
+    let client = cluster.client();
     wait_for("the agent to register", Duration::from_secs(30), || async {
         let nodes = client
             .admin(|mut c| async move { c.list_nodes(pb::ListNodesRequest { stale: false }).await })

@@ -63,14 +63,18 @@ pub struct FailoverArgs {
 }
 
 /// Runs a benchmark.
-pub async fn run(cmd: BenchCommand, servers: &str, out: OutputFormat) -> Result<(), CliError> {
+pub async fn run(
+    cmd: BenchCommand,
+    connect: &crate::credentials::ConnectArgs,
+    out: OutputFormat,
+) -> Result<(), CliError> {
     match cmd {
-        BenchCommand::Writes(a) => writes(a, servers, out).await,
+        BenchCommand::Writes(a) => writes(a, &connect.resolve()?, out).await,
         BenchCommand::Failover(a) => failover(a, out).await,
         BenchCommand::AgentStart(a) => agent::agent_start(a, out).await,
         BenchCommand::AgentIdle(a) => agent::agent_idle(a, out).await,
         BenchCommand::NodeLoss(a) => node_loss::node_loss(a, out).await,
-        BenchCommand::Place(a) => place::place(a, servers, out).await,
+        BenchCommand::Place(a) => place::place(a, connect, out).await,
     }
 }
 
@@ -186,14 +190,19 @@ fn version_spec(model: &str, n: u64) -> pb::ModelVersionSpec {
 }
 
 /// A client whose first address is the `i`-th, so writers spread out.
-fn rotated(servers: &str, i: usize) -> Client {
+fn rotated(servers: &str, dialer: &berth_proto::grpc::Dialer, i: usize) -> Client {
     let addrs: Vec<&str> = servers.split(',').filter(|s| !s.is_empty()).collect();
     let n = addrs.len().max(1);
     let order: Vec<&str> = (0..addrs.len()).map(|k| addrs[(i + k) % n]).collect();
-    Client::new(&order.join(","))
+    Client::new(&order.join(","), dialer)
 }
 
-async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), CliError> {
+async fn writes(
+    a: WritesArgs,
+    connection: &crate::credentials::Connection,
+    out: OutputFormat,
+) -> Result<(), CliError> {
+    let servers = connection.servers.as_str();
     let duration =
         parse_duration("--duration", &a.duration).map_err(|e| CliError::Usage(e.to_string()))?;
     if a.clients == 0 {
@@ -208,7 +217,9 @@ async fn writes(a: WritesArgs, servers: &str, out: OutputFormat) -> Result<(), C
     );
     // One client and one model per writer, created before the clock starts
     // (which also opens the client's connection).
-    let clients: Vec<Client> = (0..a.clients).map(|i| rotated(servers, i)).collect();
+    let clients: Vec<Client> = (0..a.clients)
+        .map(|i| rotated(servers, &connection.dialer, i))
+        .collect();
     for (i, client) in clients.iter().enumerate() {
         let name = format!("bench-{run_id}-{i}");
         let req = pb::CreateModelRequest {
@@ -354,8 +365,7 @@ async fn failover(a: FailoverArgs, out: OutputFormat) -> Result<(), CliError> {
         ..MemberOptions::default()
     };
     let mut cluster = LocalCluster::start(3, options).await?;
-    let servers = cluster.servers();
-    let client = Client::new(&servers);
+    let client = cluster.client();
     let model = format!("failover-{}", std::process::id());
     let req = pb::CreateModelRequest {
         name: model.clone(),

@@ -66,7 +66,7 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
         return Err(CliError::Usage("--trials must be at least 1".into()));
     }
     let cluster = LocalCluster::start(3, MemberOptions::default()).await?;
-    let client = Client::new(&cluster.servers());
+    let client = cluster.client();
     let mut agents = Vec::new();
     for node in ["loss-a", "loss-b"] {
         agents.push(LocalAgent::start_in(
@@ -75,6 +75,7 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
                 node: node.into(),
                 simulate_gpus: Some("2xA100-80GB".into()),
                 control: Some(cluster.servers()),
+                token: cluster.agent_token(),
                 extra: Vec::new(),
             },
         )?);

@@ -172,7 +172,11 @@ async fn leader_cores<T>(pid: Option<u32>, during: impl Future<Output = T>) -> (
 }
 
 /// Runs the benchmark.
-pub async fn place(a: PlaceArgs, servers: &str, out: OutputFormat) -> Result<(), CliError> {
+pub async fn place(
+    a: PlaceArgs,
+    connect: &crate::credentials::ConnectArgs,
+    out: OutputFormat,
+) -> Result<(), CliError> {
     for (flag, v) in [
         ("--nodes", a.nodes),
         ("--replicas", a.replicas),
@@ -188,16 +192,26 @@ pub async fn place(a: PlaceArgs, servers: &str, out: OutputFormat) -> Result<(),
     }
     let mut cluster = if a.local {
         eprintln!("starting a local 3-member control plane");
-        let c = LocalCluster::start(3, MemberOptions::default()).await?;
+        // Hollow agents share connections, so they hold no node
+        // certificates: the local cluster runs plaintext.
+        let options = MemberOptions {
+            insecure: true,
+            ..MemberOptions::default()
+        };
+        let c = LocalCluster::start(3, options).await?;
         c.wait_for_leader(Duration::from_secs(30)).await?;
         Some(c)
     } else {
         None
     };
-    let servers = cluster
-        .as_ref()
-        .map_or(servers.to_string(), LocalCluster::servers);
-    let client = Client::new(&servers);
+    let (servers, client) = match &cluster {
+        Some(c) => (c.servers(), c.client()),
+        None => {
+            let connection = connect.resolve()?;
+            let client = Client::new(&connection.servers, &connection.dialer);
+            (connection.servers, client)
+        }
+    };
     create_demo_model(
         &client,
         MODEL,

@@ -3,7 +3,7 @@
 use berth_common::Model;
 use berth_common::names::validate_version;
 use berth_proto::convert::version_spec_from_proto;
-use berth_proto::grpc::{self, invalid_argument};
+use berth_proto::grpc::invalid_argument;
 use berth_proto::v1::admin_client::AdminClient;
 use berth_proto::v1::admin_server::Admin;
 use berth_proto::v1::{self as pb};
@@ -22,16 +22,24 @@ pub struct AdminService {
     member: Member,
     nodes: NodeTracker,
     replicas: Replicas,
+    signer: Option<std::sync::Arc<super::pki::Signer>>,
 }
 
 impl AdminService {
     /// Serves Admin calls through `member`; node calls through `nodes`;
     /// deployment calls wake `replicas`.
-    pub fn new(member: Member, nodes: NodeTracker, replicas: Replicas) -> Self {
+    /// `signer` is the cluster CA (None with `--insecure`: no tokens).
+    pub fn new(
+        member: Member,
+        nodes: NodeTracker,
+        replicas: Replicas,
+        signer: Option<std::sync::Arc<super::pki::Signer>>,
+    ) -> Self {
         Self {
             member,
             nodes,
             replicas,
+            signer,
         }
     }
 
@@ -122,7 +130,11 @@ impl Admin for AdminService {
                 Ok(Response::new(self.status_response()))
             }
             Some((_, addr)) => {
-                let channel = grpc::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+                let channel = self
+                    .member
+                    .dialer
+                    .channel(&addr)
+                    .map_err(|e| Status::internal(e.to_string()))?;
                 AdminClient::new(channel)
                     .remove_member(pb::RemoveMemberRequest { id })
                     .await
@@ -403,5 +415,31 @@ impl Admin for AdminService {
         nodes::get(&self.nodes, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(role = %request.get_ref().role))]
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        super::pki::create_token(&self.member, self.signer.as_deref(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        Ok(Response::new(super::pki::list_tokens(&self.member)))
+    }
+
+    #[tracing::instrument(skip_all, fields(token = %request.get_ref().id))]
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        super::pki::revoke_token(&self.member, request.into_inner().id).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 }

@@ -192,7 +192,7 @@ impl Deployments<'_> {
         req: pb::ExplainDeploymentRequest,
     ) -> Result<pb::ExplainDeploymentResponse, Status> {
         if let Route::Leader(addr) = route(self.nodes, false).await? {
-            return leader_client(&addr)?
+            return leader_client(&self.nodes.member.dialer, &addr)?
                 .explain_deployment(req)
                 .await
                 .map(tonic::Response::into_inner);
@@ -337,8 +337,12 @@ impl Deployments<'_> {
             };
             (node.name.clone(), node.addr.clone())
         };
-        let channel =
-            berth_proto::grpc::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+        let channel = self
+            .nodes
+            .member
+            .dialer
+            .agent_channel(&addr, &node)
+            .map_err(|e| Status::internal(e.to_string()))?;
         AgentClient::new(channel)
             .stream_logs(berth_proto::grpc::for_node(
                 &node,

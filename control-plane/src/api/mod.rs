@@ -3,9 +3,9 @@
 //! `Member`, and map errors to status codes in one place (`status`).
 
 use berth_proto::grpc;
+use berth_proto::grpc::Channel;
 use berth_proto::v1::admin_client::AdminClient;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::member::MemberError;
 use crate::reconciler::nodes::{NodeTracker, NotHere};
@@ -14,6 +14,7 @@ use crate::state::{ObjectKind, Outcome, Rejection};
 pub mod admin;
 mod deployments;
 mod nodes;
+pub mod pki;
 pub mod raft;
 pub mod registry;
 
@@ -51,7 +52,7 @@ macro_rules! here_or_leader {
         match super::route($nodes, $stale).await? {
             super::Route::Here { readings } => readings,
             super::Route::Leader(addr) => {
-                return super::leader_client(&addr)?
+                return super::leader_client(&$nodes.member.dialer, &addr)?
                     .$method($req)
                     .await
                     .map(tonic::Response::into_inner);
@@ -87,8 +88,9 @@ async fn route(nodes: &NodeTracker, stale: bool) -> Result<Route, Status> {
     }
 }
 
-fn leader_client(addr: &str) -> Result<AdminClient<Channel>, Status> {
-    grpc::channel(addr)
+fn leader_client(dialer: &grpc::Dialer, addr: &str) -> Result<AdminClient<Channel>, Status> {
+    dialer
+        .channel(addr)
         .map(AdminClient::new)
         .map_err(|e| Status::internal(e.to_string()))
 }

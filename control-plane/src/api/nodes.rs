@@ -64,10 +64,11 @@ pub(super) async fn get(
     } else {
         None
     };
-    let (live, live_error) = match live_inventory(&node.name, &node.addr).await {
-        Ok(inv) => (Some(inv), String::new()),
-        Err(e) => (None, e),
-    };
+    let (live, live_error) =
+        match live_inventory(&nodes.member.dialer, &node.name, &node.addr).await {
+            Ok(inv) => (Some(inv), String::new()),
+            Err(e) => (None, e),
+        };
     Ok(pb::GetNodeResponse {
         node: Some(summary(&node, observation.as_ref(), Instant::now())),
         registered: Some((&node.inventory).into()),
@@ -77,8 +78,14 @@ pub(super) async fn get(
     })
 }
 
-async fn live_inventory(node: &str, addr: &str) -> Result<pb::Inventory, String> {
-    let channel = grpc::channel(addr).map_err(|e| e.to_string())?;
+async fn live_inventory(
+    dialer: &grpc::Dialer,
+    node: &str,
+    addr: &str,
+) -> Result<pb::Inventory, String> {
+    let channel = dialer
+        .agent_channel(addr, node)
+        .map_err(|e| e.to_string())?;
     let mut req = grpc::for_node(node, pb::GetInventoryRequest {});
     req.set_timeout(AGENT_TIMEOUT);
     AgentClient::new(channel)

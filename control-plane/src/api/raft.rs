@@ -155,6 +155,18 @@ impl RaftRpc for RaftService {
 
     #[tracing::instrument(skip_all, fields(member = request.get_ref().id))]
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // A member joins as the id its certificate names.
+        if let Some(p) = berth_proto::auth::caller(&request)
+            && p.via
+                != berth_proto::auth::Via::Certificate(berth_proto::pki::Identity::Member(
+                    request.get_ref().id,
+                ))
+        {
+            return Err(Status::permission_denied(format!(
+                "a member certificate for another id cannot join as member {}",
+                request.get_ref().id
+            )));
+        }
         let req = request.into_inner();
         let voters = self.member.join(req.id, req.addr).await.map_err(status)?;
         let leader_id = self.member.leader_now().map(|l| l.0).unwrap_or(0);

@@ -47,6 +47,21 @@ pub fn redirect(not_here: NotHere) -> Status {
     }
 }
 
+/// An agent speaks for its own node only: the node its certificate names.
+/// (No principal: plaintext development mode, nothing to check.)
+fn own_node<T>(request: &Request<T>, node: &str) -> Result<(), Status> {
+    match berth_proto::auth::caller(request) {
+        Some(p) if p.node() != Some(node) => Err(Status::permission_denied(format!(
+            "{} may not speak for node {node:?}: an agent's certificate is good for its own node only",
+            p.node().map_or_else(
+                || "this caller".to_string(),
+                |n| format!("the agent of node {n:?}")
+            )
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl NodeRegistry for RegistryService {
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().node))]
@@ -54,6 +69,7 @@ impl NodeRegistry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        own_node(&request, &request.get_ref().node)?;
         let leader_addr = self.leader().await?;
         let registration =
             registration_from_proto(request.into_inner()).map_err(|e| invalid_argument(&e))?;
@@ -69,6 +85,7 @@ impl NodeRegistry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        own_node(&request, &request.get_ref().node)?;
         self.leader().await?;
         let answer = self
             .nodes

@@ -91,7 +91,7 @@ pub fn start(
                 if *id == member.id || Some(*id) == leader || *role == Role::Learner {
                     continue;
                 }
-                if let Some(theirs) = last_log_index(addr, heartbeat * 2).await {
+                if let Some(theirs) = last_log_index(&member.dialer, addr, heartbeat * 2).await {
                     best = best.max((theirs, *id));
                 }
             }
@@ -109,8 +109,8 @@ pub fn start(
     });
 }
 
-async fn last_log_index(addr: &str, timeout: Duration) -> Option<u64> {
-    let channel = grpc::channel(addr).ok()?;
+async fn last_log_index(dialer: &grpc::Dialer, addr: &str, timeout: Duration) -> Option<u64> {
+    let channel = dialer.channel(addr).ok()?;
     let mut req = tonic::Request::new(ClusterStatusRequest { stale: true });
     req.set_timeout(timeout);
     let reply = AdminClient::new(channel).cluster_status(req).await.ok()?;

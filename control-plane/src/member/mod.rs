@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_proto::grpc;
+use berth_proto::grpc::{Channel, Dialer};
 use berth_proto::v1::raft_client::RaftClient;
 use berth_proto::v1::{JoinRequest, ReadIndexRequest};
 use openraft::error::{ClientWriteError, RaftError};
@@ -22,7 +23,6 @@ use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::raft::state_machine::{StateView, members};
 use crate::raft::{NodeId, Raft};
@@ -130,6 +130,9 @@ pub struct Member {
     pub contact: detector::LeaderContact,
     /// What happened: applied commands, and the leader's observations.
     pub events: crate::events::EventLog,
+    /// How this member dials other members and agents (TLS with its
+    /// member certificate, or plaintext in development mode).
+    pub dialer: Dialer,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -141,12 +144,21 @@ pub(crate) fn now_ms() -> u64 {
 
 /// Clients to other members by address, created once and reused: a
 /// forwarded write must not pay for a new connection.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct PeerClients {
     clients: Arc<std::sync::Mutex<HashMap<String, RaftClient<Channel>>>>,
+    dialer: Dialer,
 }
 
 impl PeerClients {
+    /// An empty cache whose clients dial through `dialer`.
+    pub fn new(dialer: Dialer) -> Self {
+        PeerClients {
+            clients: Arc::default(),
+            dialer,
+        }
+    }
+
     fn get(&self, addr: &str) -> Result<RaftClient<Channel>, MemberError> {
         let mut clients = self
             .clients
@@ -155,7 +167,9 @@ impl PeerClients {
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let client = grpc::channel(addr)
+        let client = self
+            .dialer
+            .channel(addr)
             .map(|c| {
                 RaftClient::new(c)
                     .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use berth_proto::grpc;
+use berth_proto::grpc::{Channel, Dialer};
 use berth_proto::v1::RaftPayload;
 use berth_proto::v1::raft_client::RaftClient;
 use futures::SinkExt;
@@ -25,19 +26,21 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig, decode, encode};
 
 /// Creates a client per peer; openraft keeps one per replication stream.
-#[derive(Clone, Default)]
-pub struct Network;
+#[derive(Clone)]
+pub struct Network {
+    /// How peers are dialled.
+    pub dialer: Dialer,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let client = grpc::channel(&node.addr).map(|c| {
+        let client = self.dialer.channel(&node.addr).map(|c| {
             RaftClient::new(c)
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
@@ -320,9 +323,13 @@ mod tests {
             listener,
             routes,
             &[],
+            &grpc::ServerSecurity::Insecure,
             stop.clone().cancelled_owned(),
         ));
-        let client = Network.new_client(2, &BasicNode::new(addr)).await;
+        let mut network = Network {
+            dialer: grpc::Dialer::Insecure,
+        };
+        let client = network.new_client(2, &BasicNode::new(addr)).await;
         (client, stop)
     }
 

@@ -4,7 +4,8 @@
 //! Snapshot file format (also the bytes sent to a lagging follower):
 //! `b"BERTHSNP"`, a little-endian `u32` format version, then the postcard
 //! encoding of `SnapshotBody`. Version 2 added nodes, deployments and
-//! replicas; version 1 (models only) is still read and converted. A reader refuses versions it does not know.
+//! replicas, version 3 the security ledger (tokens, issued certificates);
+//! versions 1 (models only) and 2 are still read and converted. A reader refuses versions it does not know.
 //! After a restart the snapshot is loaded and openraft re-applies the log
 //! from there up to the committed index (saved by the log store).
 
@@ -23,13 +24,13 @@ use super::{
     decode, encode,
 };
 use crate::events::EventLog;
-use crate::state::legacy::ClusterStateV1;
+use crate::state::legacy::{ClusterStateV1, ClusterStateV2};
 use crate::state::{self, ClusterState, Outcome};
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
 /// The snapshot format this build writes (it also reads every earlier one).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What a snapshot holds after its header.
@@ -46,6 +47,13 @@ pub struct SnapshotBody {
 struct SnapshotBodyV1 {
     meta: SnapshotMeta,
     state: ClusterStateV1,
+}
+
+/// Format 2 of the body: a state without the security ledger.
+#[derive(Debug, Clone, Deserialize)]
+struct SnapshotBodyV2 {
+    meta: SnapshotMeta,
+    state: ClusterStateV2,
 }
 
 /// Why a snapshot could not be read.
@@ -94,6 +102,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
             Ok(SnapshotBody {
                 meta: v1.meta,
                 state: v1.state.into(),
+            })
+        }
+        2 => {
+            let v2: SnapshotBodyV2 = decode(body)?;
+            Ok(SnapshotBody {
+                meta: v2.meta,
+                state: v2.state.into(),
             })
         }
         SNAPSHOT_FORMAT_VERSION => Ok(decode(body)?),

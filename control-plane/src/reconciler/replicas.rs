@@ -29,13 +29,13 @@ use std::time::Duration;
 
 use berth_common::{NodeState, Replica, ReplicaIntent, ReplicaSpec};
 use berth_proto::grpc;
+use berth_proto::grpc::Channel;
 use berth_proto::v1::agent_client::AgentClient;
 use berth_proto::v1::{self as pb};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
 use super::nodes::NodeTracker;
 use super::placement;
@@ -666,13 +666,16 @@ impl Replicas {
         (calls, removed)
     }
 
-    fn agent(&self, addr: &str) -> Option<AgentClient<Channel>> {
+    /// The client of `node`'s agent at `addr` (one per node and address:
+    /// the TLS client checks that it talks to that node's agent).
+    fn agent(&self, node: &str, addr: &str) -> Option<AgentClient<Channel>> {
+        let key = format!("{node}@{addr}");
         let mut agents = self.shared.agents.lock().ok()?;
-        if let Some(c) = agents.get(addr) {
+        if let Some(c) = agents.get(&key) {
             return Some(c.clone());
         }
-        let c = AgentClient::new(grpc::channel(addr).ok()?);
-        agents.insert(addr.to_string(), c.clone());
+        let c = AgentClient::new(self.member.dialer.agent_channel(addr, node).ok()?);
+        agents.insert(key, c.clone());
         Some(c)
     }
 
@@ -704,7 +707,7 @@ impl Replicas {
             }
             a.in_flight = true;
         }
-        let Some(mut client) = self.agent(&addr) else {
+        let Some(mut client) = self.agent(&node, &addr) else {
             return;
         };
         let shared = self.shared.clone();

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_common::Model;
+use berth_common::{Deployment, Model, Node, Replica};
 use serde::{Deserialize, Serialize};
 
 use super::ClusterState;
@@ -21,6 +21,34 @@ impl From<ClusterStateV1> for ClusterState {
     fn from(v1: ClusterStateV1) -> Self {
         ClusterState {
             models: v1.models,
+            ..ClusterState::default()
+        }
+    }
+}
+
+/// Snapshot format 2: models, nodes, deployments, replicas, no security ledger.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStateV2 {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replicas by id.
+    pub replicas: BTreeMap<String, Replica>,
+    /// The state version.
+    pub version: u64,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(v2: ClusterStateV2) -> Self {
+        ClusterState {
+            models: v2.models,
+            nodes: v2.nodes,
+            deployments: v2.deployments,
+            replicas: v2.replicas,
+            version: v2.version,
             ..ClusterState::default()
         }
     }

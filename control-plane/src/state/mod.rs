@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use berth_common::security::{IssuedCert, TokenRecord};
 use berth_common::{
     Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node, NodeAdmin,
     NodeRegistration, NodeState, Replica, ValidationError,
@@ -23,6 +24,7 @@ pub mod deployments;
 pub mod events;
 pub mod legacy;
 mod nodes;
+pub mod security;
 
 pub use deployments::{DeploymentChange, PlanBind};
 #[cfg(test)]
@@ -44,6 +46,8 @@ pub struct ClusterState {
     /// Bumped by every command that succeeds: agents compare the version of
     /// the desired set they hear with when their replicas were placed.
     pub version: u64,
+    /// Tokens, issued certificates, revocations (snapshot format 3).
+    pub security: security::SecurityState,
 }
 
 /// A change to the cluster state, as written to the Raft log.
@@ -190,6 +194,21 @@ pub enum Command {
         /// Why, for people.
         reason: String,
     },
+    /// Records a new token (its secret's hash only).
+    CreateToken(TokenRecord),
+    /// Forgets a token: it stops working at once.
+    RevokeToken {
+        /// The token's id.
+        id: String,
+    },
+    /// Records a certificate the CA signed; with `token`, spends a use of
+    /// that join token (refused when it has none left).
+    IssueCertificate {
+        /// The join token that paid for it, if any.
+        token: Option<String>,
+        /// The certificate.
+        cert: IssuedCert,
+    },
 }
 
 impl Command {
@@ -218,6 +237,9 @@ impl Command {
             Command::EvacuateReplica { .. } => "evacuate_replica",
             Command::FinishEvacuation { .. } => "finish_evacuation",
             Command::ReplaceFailedReplica { .. } => "replace_failed_replica",
+            Command::CreateToken(_) => "create_token",
+            Command::RevokeToken { .. } => "revoke_token",
+            Command::IssueCertificate { .. } => "issue_certificate",
         }
     }
 }
@@ -249,6 +271,8 @@ pub enum Outcome {
     Deployment(Box<Deployment>),
     /// The result of each bind of a plan, in order.
     Plan(Vec<Result<(), Rejection>>),
+    /// The token as recorded.
+    Token(TokenRecord),
 }
 
 /// The kinds of object a rejection can name.
@@ -266,6 +290,10 @@ pub enum ObjectKind {
     Replica,
     /// A revision of a deployment.
     Revision,
+    /// A token.
+    Token,
+    /// An issued certificate.
+    Certificate,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -277,6 +305,8 @@ impl std::fmt::Display for ObjectKind {
             ObjectKind::Deployment => "deployment",
             ObjectKind::Replica => "replica",
             ObjectKind::Revision => "revision",
+            ObjectKind::Token => "token",
+            ObjectKind::Certificate => "certificate",
         })
     }
 }
@@ -434,6 +464,11 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             deployments::rollout_retire(state, &name, &replicas)
         }
         Command::PauseRollout { name, reason } => deployments::pause(state, &name, reason),
+        Command::CreateToken(token) => security::create_token(state, token),
+        Command::RevokeToken { id } => security::revoke_token(state, &id),
+        Command::IssueCertificate { token, cert } => {
+            security::issue(state, token.as_deref(), cert, at_ms)
+        }
         Command::SetNodeState {
             name,
             from,

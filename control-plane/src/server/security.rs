@@ -1,0 +1,315 @@
+//! A member's TLS identity: made at `--bootstrap` (the cluster CA, this
+//! member's certificate), bought with a join token on the first `--join`,
+//! or loaded from `<data-dir>/tls/` on every later start. Also the
+//! bootstrap's credentials for people: `admin.conf` and `agent.token`.
+//!
+//! `tls/ca.key` (the CA's key) and `tls/key.pem` are written 0600 and read
+//! only if they are still 0600.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use berth_common::security::{Role, TokenRecord};
+use berth_proto::auth::{Gate, Token};
+use berth_proto::grpc::{Dialer, ServerSecurity};
+use berth_proto::pki::{self, Ca, Identity, Secret};
+use berth_proto::tls::{ClientFile, Credentials, TlsFiles, Trust};
+use berth_proto::v1::PkiJoinRequest;
+use berth_proto::v1::pki_client::PkiClient;
+
+use super::Identity as MemberIdentity;
+use crate::api::pki::{ClusterAuth, Signer};
+use crate::config::Config;
+use crate::member::{Member, now_ms};
+use crate::raft::state_machine::StateView;
+use crate::state::{Command, Outcome};
+
+/// The CLI credentials bootstrap writes into the data dir.
+pub const ADMIN_CONF: &str = "admin.conf";
+/// The agent join token bootstrap writes into the data dir (0600).
+pub const AGENT_TOKEN: &str = "agent.token";
+/// How long the agent join token made at bootstrap works.
+pub const BOOTSTRAP_AGENT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How a member guards its port and dials its peers.
+pub struct Security {
+    /// The server side.
+    pub server: ServerSecurity,
+    /// The client side.
+    pub dialer: Dialer,
+    /// The CA (None with `--insecure`).
+    pub signer: Option<Arc<Signer>>,
+    /// This member's certificate (None with `--insecure`).
+    pub credentials: Option<Arc<Credentials>>,
+}
+
+/// What bootstrap made for people.
+#[derive(Debug, Clone)]
+pub struct Bootstrapped {
+    /// The CLI credentials file (admin token inside).
+    pub admin_conf: PathBuf,
+    /// The file holding the agent join token.
+    pub agent_token: PathBuf,
+    /// The CA's SHA-256 fingerprint.
+    pub ca_fingerprint: String,
+}
+
+/// Names for the member's certificate: its advertised host and loopback,
+/// for clients that verify by address.
+fn names(identity: &MemberIdentity) -> Vec<String> {
+    let host = identity
+        .advertise
+        .rsplit_once(':')
+        .map_or(identity.advertise.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let mut names = vec![host, "localhost".to_string(), "127.0.0.1".to_string()];
+    names.dedup();
+    names
+}
+
+/// Loads, makes or buys this member's TLS identity (see the module doc).
+pub async fn prepare(
+    config: &Config,
+    identity: &MemberIdentity,
+    state: StateView,
+) -> anyhow::Result<Security> {
+    if config.insecure {
+        tracing::warn!(
+            "--insecure: plaintext gRPC and no authentication; anyone who reaches {} controls this cluster. For development only",
+            config.listen
+        );
+        return Ok(Security {
+            server: ServerSecurity::Insecure,
+            dialer: Dialer::Insecure,
+            signer: None,
+            credentials: None,
+        });
+    }
+    let files = TlsFiles::under(&config.data_dir);
+    if !files.exist() {
+        if config.bootstrap {
+            make_ca(config, identity, &files)?;
+        } else if let Some(token) = &config.token {
+            buy_certificate(config, identity, token, &files).await?;
+        } else if !config.join.is_empty() {
+            bail!(
+                "--join needs --token on a member's first start: on the cluster run `berth token create --role member`, then pass --token TOKEN"
+            );
+        } else {
+            bail!(
+                "data dir {} has no TLS identity (tls/cert.pem): it was made with --insecure, or tls/ was removed; start a new member with --bootstrap or --join ADDR --token TOKEN",
+                config.data_dir.display()
+            );
+        }
+    }
+    let credentials = Credentials::load(&files)?;
+    let leaf = credentials.leaf();
+    if leaf.identity != Some(Identity::Member(identity.id)) {
+        bail!(
+            "{} names {} but this is member {}: the data dir's tls/ belongs to another member",
+            files.cert().display(),
+            leaf.identity
+                .as_ref()
+                .map_or_else(|| "no Berth identity".to_string(), |i| i.to_string()),
+            identity.id
+        );
+    }
+    let ca_pem = std::fs::read_to_string(files.ca())
+        .with_context(|| format!("read {}", files.ca().display()))?;
+    let ca_key = pki::read_private(&files.ca_key())?;
+    let ca = Ca::from_pem(&ca_pem, &ca_key, &files.ca_key().display().to_string())?;
+    let signer = Arc::new(Signer {
+        ca,
+        lifetime: config.cert_lifetime,
+    });
+    let gate = Gate::new(Arc::new(ClusterAuth::new(state, signer.ca.fingerprint())));
+    let dialer = Dialer::with_credentials(credentials.clone())?;
+    tracing::info!(
+        member = identity.id,
+        ca = %signer.ca.fingerprint(),
+        serial = %leaf.serial,
+        "serving mTLS"
+    );
+    Ok(Security {
+        server: ServerSecurity::Tls {
+            credentials: credentials.clone(),
+            gate,
+        },
+        dialer,
+        signer: Some(signer),
+        credentials: Some(credentials),
+    })
+}
+
+/// Bootstrap: the cluster's CA (or the operator's) and this member's leaf.
+fn make_ca(config: &Config, identity: &MemberIdentity, files: &TlsFiles) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    let ca = match &config.ca {
+        Some((cert, key)) => {
+            let pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("read --ca-cert {}", cert.display()))?;
+            pki::parse_certs(pem.as_bytes(), &cert.display().to_string())?;
+            let key_pem = pki::read_private(key)?;
+            Ca::from_pem(&pem, &key_pem, &key.display().to_string())?
+        }
+        None => {
+            let cluster_id = pki::random_hex(8)?;
+            Ca::generate(&cluster_id, now)?
+        }
+    };
+    let request = pki::new_key_and_csr()?;
+    let issued = ca.sign_csr(
+        &request.csr_der,
+        &Identity::Member(identity.id),
+        &names(identity),
+        config.cert_lifetime,
+        now,
+    )?;
+    std::fs::create_dir_all(&files.dir)
+        .with_context(|| format!("create {}", files.dir.display()))?;
+    pki::write_private(&files.ca_key(), ca.key_pem())?;
+    files.store(
+        ca.cert_pem(),
+        &format!("{}{}", issued.cert_pem, ca.cert_pem()),
+        &request.key_pem,
+    )?;
+    tracing::info!(ca = %ca.fingerprint(), "made the cluster CA and this member's certificate");
+    Ok(())
+}
+
+/// First `--join`: checks the server against the CA the token pins, and only
+/// then sends the token with a CSR; stores the certificate, CA and CA key.
+async fn buy_certificate(
+    config: &Config,
+    identity: &MemberIdentity,
+    token: &Token,
+    files: &TlsFiles,
+) -> anyhow::Result<()> {
+    let trust = Trust::pinned(&token.ca_fingerprint);
+    let dialer = Dialer::tls(trust, None, Some(token.reveal()))?;
+    let request = pki::new_key_and_csr()?;
+    let deadline = tokio::time::Instant::now() + config.join_timeout;
+    let mut last_error = String::new();
+    loop {
+        for addr in &config.join {
+            let mut req = tonic::Request::new(PkiJoinRequest {
+                csr_der: request.csr_der.clone(),
+                node_name: String::new(),
+                member_id: identity.id,
+                names: names(identity),
+            });
+            req.set_timeout(Duration::from_secs(30));
+            match PkiClient::new(dialer.channel(addr)?).join(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    std::fs::create_dir_all(&files.dir)
+                        .with_context(|| format!("create {}", files.dir.display()))?;
+                    pki::write_private(&files.ca_key(), &Secret::new(r.ca_key_pem))?;
+                    files.store(&r.ca_pem, &r.cert_pem, &request.key_pem)?;
+                    tracing::info!(member = identity.id, through = %addr, "received this member's certificate");
+                    return Ok(());
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    last_error = format!("{addr}: {}", s.message());
+                }
+                Err(s) => bail!("join through {addr} refused: {}", s.message()),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "could not join the cluster through {} within {:?}: no member gave a certificate ({last_error}); check the address and that a member runs there",
+                config.join.join(","),
+                config.join_timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// After bootstrap: records this member's certificate, makes the admin
+/// token and a 24 h agent join token, and writes `admin.conf` and
+/// `agent.token` into the data dir for the operator.
+pub async fn after_bootstrap(
+    member: &Member,
+    security: &Security,
+    data_dir: &Path,
+    advertise: &str,
+) -> anyhow::Result<Option<Bootstrapped>> {
+    let (Some(signer), Some(credentials)) = (&security.signer, &security.credentials) else {
+        return Ok(None);
+    };
+    let leaf = credentials.leaf();
+    let own = berth_common::security::IssuedCert {
+        serial: leaf.serial.clone(),
+        identity: Identity::Member(member.id).to_string(),
+        not_after_ms: leaf
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        issued_ms: now_ms(),
+    };
+    member
+        .write(Command::IssueCertificate {
+            token: None,
+            cert: own,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("record this member's certificate: {e}"))?;
+    let fingerprint = signer.ca.fingerprint();
+    let admin = new_token(member, &fingerprint, Role::Admin, None, "made at bootstrap").await?;
+    let agent = new_token(
+        member,
+        &fingerprint,
+        Role::Agent,
+        Some(BOOTSTRAP_AGENT_TOKEN_TTL),
+        "agent join token made at bootstrap",
+    )
+    .await?;
+    let admin_conf = data_dir.join(ADMIN_CONF);
+    ClientFile {
+        servers: vec![advertise.to_string()],
+        ca_fingerprint: fingerprint.clone(),
+        ca_pem: signer.ca.cert_pem().to_string(),
+        token: Some(admin.reveal().expose().to_string()),
+    }
+    .save(&admin_conf)?;
+    let agent_token = data_dir.join(AGENT_TOKEN);
+    pki::write_private(
+        &agent_token,
+        &Secret::new(format!("{}\n", agent.reveal().expose())),
+    )?;
+    Ok(Some(Bootstrapped {
+        admin_conf,
+        agent_token,
+        ca_fingerprint: fingerprint,
+    }))
+}
+
+async fn new_token(
+    member: &Member,
+    fingerprint: &str,
+    role: Role,
+    ttl: Option<Duration>,
+    description: &str,
+) -> anyhow::Result<Token> {
+    let token = Token::generate(fingerprint)?;
+    let now = now_ms();
+    let record = TokenRecord {
+        id: token.id.clone(),
+        role,
+        secret_sha256: token.secret_sha256(),
+        created_ms: now,
+        expires_ms: ttl.map(|t| now + t.as_millis() as u64),
+        uses_left: None,
+        description: description.to_string(),
+    };
+    match member.write(Command::CreateToken(record)).await {
+        Ok(Outcome::Token(_)) => Ok(token),
+        Ok(other) => bail!("make the {role} token: unexpected outcome {other:?}"),
+        Err(e) => bail!("make the {role} token: {e}"),
+    }
+}

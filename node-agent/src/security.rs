@@ -1,0 +1,154 @@
+//! The agent's TLS identity: bought with a join token on first start (the
+//! control plane is checked against the CA the token pins before the token
+//! is sent), then loaded from `<data-dir>/tls/`. The Agent service accepts
+//! only control-plane members' certificates (the access table says so);
+//! the agent dials members with its node certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use berth_proto::auth::{AuthError, Authenticate, Gate, Principal, Token, Via, certificate_role};
+use berth_proto::grpc::{Dialer, ServerSecurity};
+use berth_proto::pki::{self, Identity, LeafInfo};
+use berth_proto::tls::{Credentials, TlsFiles, Trust};
+use berth_proto::v1::PkiJoinRequest;
+use berth_proto::v1::pki_client::PkiClient;
+
+use crate::config::Config;
+
+/// How long the first start keeps trying to buy a certificate.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the agent guards its port and dials the control plane.
+pub struct AgentSecurity {
+    /// The server side.
+    pub server: ServerSecurity,
+    /// The client side.
+    pub dialer: Dialer,
+    /// The node certificate (None with `--insecure`).
+    pub credentials: Option<Arc<Credentials>>,
+}
+
+/// Certificates only: an agent knows no tokens, and its access table lets
+/// only members in.
+struct CertificatesOnly;
+
+impl Authenticate for CertificatesOnly {
+    fn token(&self, _token: &Token) -> Result<Principal, AuthError> {
+        Err(AuthError::Unauthenticated(
+            "an agent accepts no tokens: only the control plane's member certificates".into(),
+        ))
+    }
+
+    fn certificate(&self, leaf: &LeafInfo) -> Result<Principal, AuthError> {
+        let identity = leaf.identity.clone().ok_or_else(|| {
+            AuthError::Unauthenticated("the client certificate carries no Berth identity".into())
+        })?;
+        Ok(Principal {
+            role: certificate_role(&identity),
+            via: Via::Certificate(identity),
+        })
+    }
+}
+
+/// Loads or buys the agent's identity; `advertised` goes into the
+/// certificate for clients that verify by address.
+pub async fn prepare(config: &Config, advertised: &str) -> anyhow::Result<AgentSecurity> {
+    if config.insecure {
+        tracing::warn!(
+            "--insecure: plaintext gRPC and no authentication; anyone who reaches {} can start any command on this machine. For development only",
+            config.listen
+        );
+        return Ok(AgentSecurity {
+            server: ServerSecurity::Insecure,
+            dialer: Dialer::Insecure,
+            credentials: None,
+        });
+    }
+    let files = TlsFiles::under(&config.data_dir);
+    if !files.exist() {
+        let Some(token) = &config.token else {
+            bail!(
+                "this agent has no certificate yet ({} is missing): start it once with --token TOKEN (bootstrap wrote one to agent.token; or run `berth token create --role agent`)",
+                files.cert().display()
+            );
+        };
+        buy_certificate(config, advertised, token, &files).await?;
+    }
+    let credentials = Credentials::load(&files)?;
+    let leaf = credentials.leaf();
+    if leaf.identity != Some(Identity::Node(config.node_name.clone())) {
+        bail!(
+            "{} names {} but this agent runs node {:?}: the data dir belongs to another node (use its --node-name, or another --data-dir)",
+            files.cert().display(),
+            leaf.identity
+                .as_ref()
+                .map_or_else(|| "no Berth identity".to_string(), |i| i.to_string()),
+            config.node_name
+        );
+    }
+    tracing::info!(node = %config.node_name, serial = %leaf.serial, "serving mTLS");
+    Ok(AgentSecurity {
+        server: ServerSecurity::Tls {
+            credentials: credentials.clone(),
+            gate: Gate::new(Arc::new(CertificatesOnly)),
+        },
+        dialer: Dialer::with_credentials(credentials.clone())?,
+        credentials: Some(credentials),
+    })
+}
+
+async fn buy_certificate(
+    config: &Config,
+    advertised: &str,
+    token: &Token,
+    files: &TlsFiles,
+) -> anyhow::Result<()> {
+    let dialer = Dialer::tls(
+        Trust::pinned(&token.ca_fingerprint),
+        None,
+        Some(token.reveal()),
+    )?;
+    let request = pki::new_key_and_csr()?;
+    let host = advertised
+        .rsplit_once(':')
+        .map_or(advertised, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let mut last_error = String::new();
+    loop {
+        for addr in &config.control {
+            let mut req = tonic::Request::new(PkiJoinRequest {
+                csr_der: request.csr_der.clone(),
+                node_name: config.node_name.clone(),
+                member_id: 0,
+                names: vec![host.clone()],
+            });
+            req.set_timeout(Duration::from_secs(30));
+            match PkiClient::new(dialer.channel(addr)?).join(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    files
+                        .store(&r.ca_pem, &r.cert_pem, &request.key_pem)
+                        .context("store the node certificate")?;
+                    tracing::info!(node = %config.node_name, through = %addr, "received this node's certificate");
+                    return Ok(());
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    last_error = format!("{addr}: {}", s.message());
+                }
+                Err(s) => bail!("join through {addr} refused: {}", s.message()),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "could not get a certificate through {} within {JOIN_TIMEOUT:?}: {last_error}",
+                config.control.join(",")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
