@@ -2,7 +2,9 @@
 # Starts a 3-member Berth control plane on this machine (ports 7400, 7410,
 # 7420; data in ${BERTH_LOCAL_DIR:-/tmp/berth-local}) and waits for it,
 # then two agents with simulated GPUs (nodes gpu-1 on 7500, gpu-2 on 7510;
-# BERTH_LOCAL_AGENTS=0 leaves them out).
+# BERTH_LOCAL_AGENTS=0 leaves them out). Secure like a real cluster: member 1
+# bootstraps the CA, the others join with member tokens, agents with the
+# agent token; the CLI uses $dir/1/admin.conf (export BERTH_CONFIG=...).
 # Stop it with: deploy/local-cluster.sh stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,15 +23,22 @@ fi
 mkdir -p "$dir"
 start() {
     local id=$1 port=$2; shift 2
-    local args=(--listen "127.0.0.1:$port" --data-dir "$dir/$id" --insecure)
+    local args=(--listen "127.0.0.1:$port" --data-dir "$dir/$id")
     if [[ ! -f "$dir/$id/member.toml" ]]; then args+=(--id "$id" "$@"); fi
     "$bin/berth-control" "${args[@]}" >>"$dir/$id.log" 2>&1 &
     echo $! >"$dir/$id.pid"
 }
 start 1 7400 --bootstrap
+export BERTH_CONFIG="$dir/1/admin.conf"
+for _ in $(seq 100); do [[ -f "$BERTH_CONFIG" ]] && break; sleep 0.1; done
 for _ in $(seq 50); do "$bin/berth" --server 127.0.0.1:7400 cluster status >/dev/null 2>&1 && break; sleep 0.1; done
-start 2 7410 --join 127.0.0.1:7400
-start 3 7420 --join 127.0.0.1:7400
+member_token() {
+    "$bin/berth" --server 127.0.0.1:7400 token create --role member --uses 1 --description "local-cluster.sh"
+}
+[[ -f "$dir/2/member.toml" ]] || start 2 7410 --join 127.0.0.1:7400 --token "$(member_token)"
+[[ -f "$dir/2/member.toml" ]] && [[ ! -f "$dir/2.pid" || -z "$(ps -p "$(cat "$dir/2.pid")" -o pid= 2>/dev/null)" ]] && start 2 7410
+[[ -f "$dir/3/member.toml" ]] || start 3 7420 --join 127.0.0.1:7400 --token "$(member_token)"
+[[ -f "$dir/3/member.toml" ]] && [[ ! -f "$dir/3.pid" || -z "$(ps -p "$(cat "$dir/3.pid")" -o pid= 2>/dev/null)" ]] && start 3 7420
 export BERTH_SERVER=127.0.0.1:7400,127.0.0.1:7410,127.0.0.1:7420
 for _ in $(seq 100); do
     voters=$("$bin/berth" cluster members --output json 2>/dev/null | grep -c '"role": "\(leader\|follower\)"' || true)
@@ -41,7 +50,8 @@ if [[ "${BERTH_LOCAL_AGENTS:-1}" != 0 ]]; then
     agent() {
         local n=$1 port=$2 gpus=$3
         "$bin/berth-agent" --control "$BERTH_SERVER" --node-name "gpu-$n" --listen "127.0.0.1:$port" \
-            --data-dir "$dir/agent-$n" --simulate-gpus "$gpus" --insecure >>"$dir/agent-$n.log" 2>&1 &
+            --data-dir "$dir/agent-$n" --simulate-gpus "$gpus" --token "$(cat "$dir/1/agent.token")" \
+            >>"$dir/agent-$n.log" 2>&1 &
         echo $! >"$dir/agent-$n.pid"
     }
     agent 1 7500 2xA100-80GB
@@ -55,4 +65,4 @@ if [[ "${BERTH_LOCAL_AGENTS:-1}" != 0 ]]; then
     "$bin/berth" node list
 fi
 echo
-echo "logs in $dir/*.log; use: export BERTH_SERVER=$BERTH_SERVER"
+echo "logs in $dir/*.log; use: export BERTH_CONFIG=$BERTH_CONFIG BERTH_SERVER=$BERTH_SERVER"

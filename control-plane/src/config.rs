@@ -433,6 +433,47 @@ mod tests {
     }
 
     #[test]
+    fn security_settings_are_checked() {
+        let err = |f: Flags| Config::load(f).unwrap_err();
+        let e = err(Flags {
+            insecure: true,
+            listen: Some("0.0.0.0:7400".parse().unwrap()),
+            ..Flags::default()
+        });
+        assert!(
+            e.contains("0.0.0.0:7400") && e.contains("--insecure-bind-any"),
+            "{e}"
+        );
+        let e = err(Flags {
+            join: Some("127.0.0.1:7400".into()),
+            token: Some(format!("berth1.{}.abc.{}", "0".repeat(64), "s".repeat(40))),
+            ..Flags::default()
+        });
+        assert!(e.contains("--token") && e.contains("id"), "{e}");
+        let e = err(Flags {
+            token: Some(format!(
+                "berth1.{}.abcdef.{}",
+                "0".repeat(64),
+                "s".repeat(40)
+            )),
+            ..Flags::default()
+        });
+        assert!(e.contains("--join"), "{e}");
+        let e = err(Flags {
+            bootstrap: true,
+            cert_lifetime: Some("10s".into()),
+            ..Flags::default()
+        });
+        assert!(e.contains("cert_lifetime") && e.contains("at least"), "{e}");
+        let e = err(Flags {
+            ca_cert: Some("/tmp/ca.pem".into()),
+            ca_key: Some("/tmp/ca.key".into()),
+            ..Flags::default()
+        });
+        assert!(e.contains("--bootstrap"), "{e}");
+    }
+
+    #[test]
     fn malformed_file_names_file_and_line() {
         let (_d, p) = write("id = 1\nlisten = \n");
         let e = Config::load(Flags {

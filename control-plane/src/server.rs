@@ -344,15 +344,15 @@ async fn join(config: &Config, identity: &Identity, dialer: &grpc::Dialer) -> an
                     tracing::info!(member = identity.id, leader = r.leader_id, voters = ?r.voters, "joined the cluster");
                     return Ok(());
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    last_error = format!("{addr}: {}", s.message());
+                Err(s) if grpc::is_refusal(&s) => {
+                    bail!("join through {addr} refused: {}", s.message())
                 }
-                Err(s) => bail!("join through {addr} refused: {}", s.message()),
+                Err(s) => last_error = format!("{addr}: {}", grpc::describe(&s)),
             }
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
-                "could not join the cluster through {} within {:?}: nothing answered ({last_error}); check the address and that a member runs there",
+                "could not join the cluster through {} within {:?}: nothing answered ({last_error}); check the address and that a member runs there (a member started with --insecure cannot join a secure cluster)",
                 config.join.join(","),
                 config.join_timeout
             );

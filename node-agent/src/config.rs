@@ -406,8 +406,45 @@ mod tests {
     fn flags() -> Flags {
         Flags {
             node_name: Some("gpu-1".into()),
+            insecure: true,
             ..Flags::default()
         }
+    }
+
+    #[test]
+    fn security_settings_are_checked() {
+        let err = |f: Flags| Config::load(f).unwrap_err();
+        let e = err(Flags {
+            insecure: false,
+            ..flags()
+        });
+        assert!(e.contains("--control") && e.contains("--insecure"), "{e}");
+        let e = err(Flags {
+            listen: Some("0.0.0.0:7500".parse().unwrap()),
+            ..flags()
+        });
+        assert!(
+            e.contains("0.0.0.0:7500") && e.contains("--insecure-bind-any"),
+            "{e}"
+        );
+        assert!(
+            Config::load(Flags {
+                listen: Some("0.0.0.0:7500".parse().unwrap()),
+                insecure_bind_any: true,
+                ..flags()
+            })
+            .is_ok()
+        );
+        let e = err(Flags {
+            insecure: false,
+            control: Some("127.0.0.1:7400".into()),
+            token: Some("berth1.nope".into()),
+            ..flags()
+        });
+        assert!(
+            e.contains("--token") && e.contains("4 parts") && !e.contains("nope"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -522,6 +559,7 @@ mod tests {
             bad(Flags {
                 listen: Some("0.0.0.0:7500".parse().unwrap()),
                 control: Some("10.0.0.1:7400".into()),
+                insecure: false,
                 ..flags()
             })
             .contains("--advertise")

@@ -316,3 +316,42 @@ pub fn channel(addr: &str) -> Result<Channel, GrpcError> {
 pub fn invalid_argument(e: &ValidationError) -> tonic::Status {
     tonic::Status::invalid_argument(e.to_string())
 }
+
+/// A status with its chain of causes: a transport error says only
+/// "transport error" and keeps the reason (a refused certificate, a pin
+/// mismatch) in its sources.
+pub fn describe(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Whether a call failed because the server's CA is not the pinned one
+/// (retrying cannot help: the token names another cluster).
+pub fn is_pin_mismatch(status: &Status) -> bool {
+    describe(status).contains(tls::PIN_MISMATCH)
+}
+
+/// Whether a handler answered with a refusal (bad request, bad or spent
+/// credentials), as opposed to a transport failure or an unavailable
+/// cluster, which a retry may get past.
+pub fn is_refusal(status: &Status) -> bool {
+    use tonic::Code::*;
+    matches!(
+        status.code(),
+        InvalidArgument
+            | FailedPrecondition
+            | PermissionDenied
+            | Unauthenticated
+            | AlreadyExists
+            | NotFound
+    )
+}

@@ -31,6 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::auth::PeerInfo;
 use crate::pki::{self, Identity, LeafInfo, PkiError, Secret};
 
+/// The words of a pin mismatch, which callers look for to stop retrying.
+pub const PIN_MISMATCH: &str = "does not match the pinned fingerprint";
+
 /// How long a peer has to finish the TLS handshake before it is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -357,7 +360,7 @@ impl ServerCertVerifier for ClusterVerifier {
                     .find(|c| pki::fingerprint(c) == *fingerprint)
                 else {
                     return Err(rustls::Error::General(format!(
-                        "the server's CA does not match the pinned fingerprint {fingerprint}: this is not the cluster the token or --ca-fingerprint names"
+                        "the server's CA {PIN_MISMATCH} {fingerprint}: this is not the cluster the token or --ca-fingerprint names"
                     )));
                 };
                 let ca = ca.clone().into_owned();

@@ -21,6 +21,12 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs the `berth` CLI with `args` and returns its output.
 pub async fn berth(args: &[&str]) -> Output {
+    berth_command(args).output().await.expect("run berth")
+}
+
+/// The `berth` CLI with `args`, calling the last cluster this test started
+/// with its admin credentials (or `--insecure` when that cluster is).
+pub fn berth_command(args: &[&str]) -> tokio::process::Command {
     berth_provider();
     let bin = find_binary("berth").expect("berth binary (run `cargo build --bins` first)");
     let mut cmd = tokio::process::Command::new(bin);
@@ -37,7 +43,7 @@ pub async fn berth(args: &[&str]) -> Output {
         }
         None => {}
     }
-    cmd.output().await.expect("run berth")
+    cmd
 }
 
 /// Runs `berth-control` with `args` to completion (for start-up errors).
@@ -50,6 +56,18 @@ pub async fn berth_control(args: &[&str]) -> Output {
     .await
     .expect("berth-control exits")
     .expect("run berth-control")
+}
+
+/// Runs `berth-agent` with `args` to completion (for start-up errors).
+pub async fn berth_agent(args: &[&str]) -> Output {
+    let bin = find_binary("berth-agent").expect("berth-agent binary");
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(bin).args(args).output(),
+    )
+    .await
+    .expect("berth-agent exits")
+    .expect("run berth-agent")
 }
 
 /// stdout as text.

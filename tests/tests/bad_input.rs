@@ -234,7 +234,16 @@ async fn invalid_requests_are_refused_and_change_nothing() {
 async fn nothing_listening_is_a_clear_error() {
     let port = berth_cli::local::free_port().unwrap();
     let server = format!("127.0.0.1:{port}");
-    let o = berth(&["--server", &server, "model", "list"]).await;
+    let fingerprint = "0".repeat(64);
+    let o = berth(&[
+        "--server",
+        &server,
+        "--ca-fingerprint",
+        &fingerprint,
+        "model",
+        "list",
+    ])
+    .await;
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(

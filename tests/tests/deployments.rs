@@ -371,15 +371,13 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
         );
     }
     // Following: a new change arrives on the open stream.
-    let mut follow =
-        tokio::process::Command::new(berth_cli::local::find_binary("berth").expect("berth"))
-            .args([
-                "--server", &survivors, "events", "--tail", "0", "-f", "-o", "json",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("berth events -f");
+    let mut follow = berth_command(&[
+        "--server", &survivors, "events", "--tail", "0", "-f", "-o", "json",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("berth events -f");
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
         follow.stdout.take().expect("stdout"),
     ));

@@ -213,10 +213,16 @@ async fn buy_certificate(
                     tracing::info!(member = identity.id, through = %addr, "received this member's certificate");
                     return Ok(());
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    last_error = format!("{addr}: {}", s.message());
+                Err(s) if berth_proto::grpc::is_pin_mismatch(&s) => {
+                    bail!(
+                        "refused to send the token to {addr}: {}",
+                        berth_proto::grpc::describe(&s)
+                    );
                 }
-                Err(s) => bail!("join through {addr} refused: {}", s.message()),
+                Err(s) if berth_proto::grpc::is_refusal(&s) => {
+                    bail!("join through {addr} refused: {}", s.message())
+                }
+                Err(s) => last_error = format!("{addr}: {}", berth_proto::grpc::describe(&s)),
             }
         }
         if tokio::time::Instant::now() >= deadline {
