@@ -1,6 +1,7 @@
-//! `berth dev`: brings up a working control plane with the demo model and a
-//! node with simulated GPUs, and SIGTERM (like Ctrl-C) stops it cleanly and
-//! removes its temporary data.
+//! `berth dev`: brings up a working, secure control plane with the demo
+//! model and a node with simulated GPUs; the CLI finds its credentials by
+//! itself; SIGTERM (like Ctrl-C) stops it cleanly and removes its temporary
+//! data and the credentials it placed.
 
 use std::process::Stdio;
 
@@ -13,8 +14,28 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
     let grpc = format!("127.0.0.1:{}", free_port().unwrap());
     let http = format!("127.0.0.1:{}", free_port().unwrap());
     let agent = format!("127.0.0.1:{}", free_port().unwrap());
+    // The CLI's config directory, private to this test: `berth dev` puts its
+    // credentials there and the CLI finds them with no flag.
+    let home = tempfile::tempdir().unwrap();
+    let xdg = home.path().display().to_string();
+    let cli = |args: &'static [&'static str], grpc: String| {
+        let xdg = xdg.clone();
+        async move {
+            let mut all = vec!["--server", grpc.as_str()];
+            all.extend_from_slice(args);
+            all.extend(["--output", "json"]);
+            let o = berth_command(&all)
+                .env("XDG_CONFIG_HOME", &xdg)
+                .output()
+                .await
+                .expect("run berth");
+            assert!(o.status.success(), "berth {all:?}: {}", stderr(&o));
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("JSON")
+        }
+    };
     let mut child = tokio::process::Command::new(find_binary("berth").unwrap())
         .args(["dev", "--listen", &grpc, "--http", &http, "--agent", &agent])
+        .env("XDG_CONFIG_HOME", &xdg)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -40,13 +61,15 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
     let data_dir = data_dir.expect("berth dev prints its data dir");
     assert!(data_dir.join("member.toml").exists());
 
-    let models = berth_json(&["--server", &grpc, "model", "list"]).await;
+    let dev_conf = home.path().join("berth").join("dev");
+    assert!(dev_conf.is_file(), "berth dev placed the CLI's credentials");
+    let models = cli(&["model", "list"], grpc.clone()).await;
     assert_eq!(models[0]["name"], "demo");
     assert_eq!(models[0]["versions"][0]["runtime"], "demo");
-    let status = berth_json(&["--server", &grpc, "cluster", "status"]).await;
+    let status = cli(&["cluster", "status"], grpc.clone()).await;
     assert_eq!(status["leader_id"], 1);
     let node = wait_until(DEADLINE, "the dev node is ready", || async {
-        let nodes = berth_json(&["--server", &grpc, "node", "list"]).await;
+        let nodes = cli(&["node", "list"], grpc.clone()).await;
         nodes
             .as_array()
             .and_then(|n| n.first())
@@ -58,7 +81,7 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
     assert_eq!(node["simulated"], true);
     assert_eq!(node["gpus"], 2);
     // Two demo replicas run and answer (dev printed their endpoints once they ran).
-    let replicas = berth_json(&["--server", &grpc, "replica", "list"]).await;
+    let replicas = cli(&["replica", "list"], grpc.clone()).await;
     let replicas = replicas.as_array().expect("a list");
     assert_eq!(replicas.len(), 2, "{replicas:?}");
     let mut pids = Vec::new();
@@ -92,6 +115,7 @@ async fn dev_serves_the_demo_model_and_cleans_up() {
         "temporary data dir {} was removed",
         data_dir.display()
     );
+    assert!(!dev_conf.exists(), "the dev credentials were removed");
     for pid in pids {
         assert!(
             !alive(pid),
