@@ -38,6 +38,8 @@ pub struct MemberView {
     pub addr: String,
     /// leader, follower or learner.
     pub role: String,
+    /// Seconds before its newest certificate expires; null in plaintext clusters.
+    pub cert_expires_in_s: Option<i64>,
 }
 
 /// `cluster status` as printed.
@@ -72,6 +74,7 @@ impl From<ClusterStatusResponse> for StatusView {
                     id: m.id,
                     addr: m.addr,
                     role: m.role,
+                    cert_expires_in_s: crate::credentials::seconds_left(m.cert_expires_ms),
                 })
                 .collect(),
             answered_by: r.answered_by,
@@ -82,11 +85,38 @@ impl From<ClusterStatusResponse> for StatusView {
 }
 
 fn members_table(members: &[MemberView]) -> String {
-    let mut t = table(&["ID", "ADDRESS", "ROLE"]);
+    let mut t = table(&["ID", "ADDRESS", "ROLE", "CERTIFICATE"]);
     for m in members {
-        t.add_row(vec![m.id.to_string(), m.addr.clone(), m.role.clone()]);
+        crate::credentials::warn_expiry(&format!("member {}", m.id), m.cert_expires_in_s);
+        t.add_row(vec![
+            m.id.to_string(),
+            m.addr.clone(),
+            m.role.clone(),
+            expiry_cell(m.cert_expires_in_s),
+        ]);
     }
     t.to_string()
+}
+
+/// `expires in 19d` for a table cell.
+pub(crate) fn expiry_cell(left_s: Option<i64>) -> String {
+    match left_s {
+        None => "-".into(),
+        Some(s) if s <= 0 => "EXPIRED".into(),
+        Some(s) => {
+            let days = s / 86_400;
+            let text = if days > 0 {
+                format!("{days}d")
+            } else if s >= 3600 {
+                format!("{}h", s / 3600)
+            } else if s >= 60 {
+                format!("{}m", s / 60)
+            } else {
+                format!("{s}s")
+            };
+            format!("expires in {text}")
+        }
+    }
 }
 
 async fn fetch_status(client: &Client, stale: bool) -> Result<StatusView, CliError> {

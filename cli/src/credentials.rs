@@ -25,6 +25,36 @@ pub fn default_path() -> Option<PathBuf> {
     Some(base.join("berth").join("config"))
 }
 
+/// Below this, `cluster status` and `node list` warn about a certificate.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Seconds from now until `expires_ms` (negative once past).
+pub fn seconds_left(expires_ms: Option<u64>) -> Option<i64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    expires_ms.map(|e| (e as i64 - now) / 1000)
+}
+
+/// Prints a warning on stderr for `what` (e.g. `member 2`) when its
+/// certificate has less than [`EXPIRY_WARNING`] left.
+pub fn warn_expiry(what: &str, left_s: Option<i64>) {
+    let Some(left) = left_s else { return };
+    if left < EXPIRY_WARNING.as_secs() as i64 {
+        let when = if left <= 0 {
+            "has expired".to_string()
+        } else {
+            format!(
+                "expires in {}",
+                humantime::format_duration(std::time::Duration::from_secs(left as u64))
+            )
+        };
+        eprintln!(
+            "warning: the certificate of {what} {when}; it renews itself at two thirds of its lifetime, so renewal is failing: check that process's log"
+        );
+    }
+}
+
 /// Where a running `berth dev` puts its admin credentials.
 pub fn dev_path() -> Option<PathBuf> {
     default_path().map(|p| p.with_file_name("dev"))

@@ -88,6 +88,8 @@ pub struct NodeView {
     pub gpu_source: String,
     /// When the state last changed, ms since the epoch.
     pub state_since_ms: u64,
+    /// Seconds before the node's newest certificate expires; null in plaintext clusters.
+    pub cert_expires_in_s: Option<i64>,
 }
 
 impl From<pb::NodeSummary> for NodeView {
@@ -110,6 +112,7 @@ impl From<pb::NodeSummary> for NodeView {
             replicas: n.replicas,
             gpu_source: n.gpu_source,
             state_since_ms: n.state_since_ms,
+            cert_expires_in_s: crate::credentials::seconds_left(n.cert_expires_ms),
         }
     }
 }
@@ -608,6 +611,9 @@ pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result
                 .admin(|mut c| async move { c.list_nodes(pb::ListNodesRequest { stale }).await })
                 .await?;
             let nodes: Vec<NodeView> = r.nodes.into_iter().map(Into::into).collect();
+            for n in &nodes {
+                crate::credentials::warn_expiry(&format!("node {}", n.name), n.cert_expires_in_s);
+            }
             match out {
                 OutputFormat::Json => print_json(&nodes),
                 OutputFormat::Table if nodes.is_empty() => eprintln!(

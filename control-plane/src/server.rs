@@ -310,8 +310,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         identity.save(&config.data_dir)?;
     }
 
+    security::keep_renewed(
+        &member,
+        &security,
+        &config.data_dir,
+        &identity,
+        &tasks,
+        shutdown.clone(),
+    );
     let http_addr = match config.http {
-        Some(addr) => Some(http::serve(addr, member.clone(), &tasks, shutdown.clone()).await?),
+        Some(addr) => Some(
+            http::serve(
+                addr,
+                member.clone(),
+                security.credentials.clone(),
+                &tasks,
+                shutdown.clone(),
+            )
+            .await?,
+        ),
         None => None,
     };
     Ok(Running {

@@ -111,12 +111,7 @@ async fn buy_certificate(
         Some(token.reveal()),
     )?;
     let request = pki::new_key_and_csr()?;
-    let host = advertised
-        .rsplit_once(':')
-        .map_or(advertised, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let host = berth_proto::tls::host_of(advertised);
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let mut last_error = String::new();
     loop {
@@ -157,4 +152,45 @@ async fn buy_certificate(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Renews the node certificate at two thirds of its lifetime through
+/// `Pki.Renew` on any member, paid for with the current certificate.
+pub fn keep_renewed(
+    security: &AgentSecurity,
+    config: &Config,
+    advertised: &str,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(credentials) = &security.credentials else {
+        return;
+    };
+    let dialer = security.dialer.clone();
+    let control = config.control.clone();
+    let names = vec![berth_proto::tls::host_of(advertised)];
+    tasks.spawn(berth_proto::tls::keep_renewed(
+        credentials.clone(),
+        TlsFiles::under(&config.data_dir),
+        shutdown,
+        move |csr| {
+            let (dialer, control, names) = (dialer.clone(), control.clone(), names.clone());
+            async move {
+                let mut last = String::from("no control-plane address");
+                for addr in &control {
+                    let channel = dialer.channel(addr).map_err(|e| e.to_string())?;
+                    let mut req = tonic::Request::new(berth_proto::v1::PkiRenewRequest {
+                        csr_der: csr.clone(),
+                        names: names.clone(),
+                    });
+                    req.set_timeout(Duration::from_secs(30));
+                    match PkiClient::new(channel).renew(req).await {
+                        Ok(r) => return Ok(r.into_inner().cert_pem),
+                        Err(s) => last = format!("{addr}: {}", berth_proto::grpc::describe(&s)),
+                    }
+                }
+                Err(last)
+            }
+        },
+    ));
 }

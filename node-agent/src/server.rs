@@ -81,6 +81,7 @@ struct Shared {
     inventory: Arc<SharedInventory>,
     counters: Arc<Counters>,
     standalone: bool,
+    credentials: Option<Arc<berth_proto::tls::Credentials>>,
 }
 
 /// Starts the agent and returns once it serves.
@@ -197,6 +198,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             dialer: security.dialer.clone(),
         };
         tasks.spawn(registration.run(shutdown.clone()));
+        crate::security::keep_renewed(&security, &config, &advertised, &tasks, shutdown.clone());
     }
 
     let shared = Shared {
@@ -205,6 +207,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         inventory,
         counters,
         standalone: config.control.is_empty(),
+        credentials: security.credentials.clone(),
     };
     let http_addr = match config.http {
         Some(addr) => Some(serve_http(addr, shared, &tasks, shutdown.clone()).await?),
@@ -345,6 +348,14 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         "1 when registered with the leader",
         i64::from(s.counters.registered.load(Ordering::Relaxed)),
     );
+    if let Some(c) = &s.credentials {
+        gauge(
+            &mut registry,
+            "tls_certificate_expiry_seconds",
+            "Seconds before this agent's TLS certificate expires (renewed at two thirds of its lifetime)",
+            c.leaf().left(std::time::SystemTime::now()).as_secs() as i64,
+        );
+    }
     gauge(
         &mut registry,
         "inventory_refresh_us",

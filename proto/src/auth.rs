@@ -601,6 +601,7 @@ mod tests {
                 Arc::new(LeafInfo {
                     identity: Some(identity),
                     serial: "01".into(),
+                    not_before: std::time::SystemTime::now(),
                     not_after: std::time::SystemTime::now(),
                 })
             }),

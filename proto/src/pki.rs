@@ -24,11 +24,15 @@ use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKey
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long a leaf certificate is valid unless configured otherwise.
 pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
-/// The shortest leaf lifetime accepted (tests of rotation use minutes).
-pub const MIN_LEAF_LIFETIME: Duration = Duration::from_secs(60);
+/// The shortest leaf lifetime accepted (tests of rotation use under a minute).
+pub const MIN_LEAF_LIFETIME: Duration = Duration::from_secs(30);
 /// Clock skew tolerated between the issuer and the holder: a new leaf is
-/// valid from this long before it was issued.
+/// valid from this long before it was issued (a tenth of a short lifetime).
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 10)
+}
 const URI_PREFIX: &str = "berth://";
 
 /// Errors of the PKI: each names the file or field it is about.
@@ -316,7 +320,7 @@ impl Ca {
         let serial = random_serial()?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let not_after = now + lifetime;
-        params.not_before = offset(now - BACKDATE);
+        params.not_before = offset(now - backdate(lifetime));
         params.not_after = offset(not_after);
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
@@ -379,8 +383,26 @@ pub struct LeafInfo {
     pub identity: Option<Identity>,
     /// Its serial number, lowercase hex.
     pub serial: String,
+    /// When it becomes valid.
+    pub not_before: SystemTime,
     /// When it expires.
     pub not_after: SystemTime,
+}
+
+impl LeafInfo {
+    /// When its holder renews it: at two thirds of its lifetime.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life * 2 / 3
+    }
+
+    /// Time left before it expires at `now` (zero once expired).
+    pub fn left(&self, now: SystemTime) -> Duration {
+        self.not_after.duration_since(now).unwrap_or_default()
+    }
 }
 
 /// Reads the identity, serial and expiry of a DER certificate.
@@ -397,11 +419,12 @@ pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, PkiError> {
                 _ => None,
             })
         });
-    let not_after = cert.validity().not_after.timestamp();
+    let at = |t: i64| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
     Ok(LeafInfo {
         identity,
         serial: hex(cert.raw_serial()),
-        not_after: UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
+        not_before: at(cert.validity().not_before.timestamp()),
+        not_after: at(cert.validity().not_after.timestamp()),
     })
 }
 

@@ -93,6 +93,55 @@ impl TlsFiles {
         self.cert().is_file() && self.key().is_file() && self.ca().is_file()
     }
 
+    fn next(path: PathBuf) -> PathBuf {
+        let mut s = path.into_os_string();
+        s.push(".next");
+        PathBuf::from(s)
+    }
+
+    /// Replaces the leaf and its key, so that a crash at any point leaves
+    /// a matching pair: both are staged as `*.next` first, then renamed key
+    /// first; [`TlsFiles::recover`] finishes or drops a half-done swap.
+    pub fn replace_leaf(&self, cert_pem: &str, key_pem: &Secret) -> Result<(), PkiError> {
+        let (cert_next, key_next) = (Self::next(self.cert()), Self::next(self.key()));
+        pki::write_private(&key_next, key_pem)?;
+        pki::write_public(&cert_next, cert_pem)?;
+        self.finish_swap()
+    }
+
+    fn finish_swap(&self) -> Result<(), PkiError> {
+        let io = |path: PathBuf| {
+            move |source| PkiError::Io {
+                path: path.display().to_string(),
+                source,
+            }
+        };
+        let (cert_next, key_next) = (Self::next(self.cert()), Self::next(self.key()));
+        if key_next.exists() {
+            std::fs::rename(&key_next, self.key()).map_err(io(key_next.clone()))?;
+        }
+        if cert_next.exists() {
+            std::fs::rename(&cert_next, self.cert()).map_err(io(cert_next.clone()))?;
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(self.dir.clone()))
+    }
+
+    /// After a crash during [`TlsFiles::replace_leaf`]: a staged pair, or a
+    /// staged certificate whose key was already moved, is completed; a
+    /// staged key without its certificate is dropped.
+    pub fn recover(&self) -> Result<(), PkiError> {
+        let (cert_next, key_next) = (Self::next(self.cert()), Self::next(self.key()));
+        if cert_next.exists() {
+            return self.finish_swap();
+        }
+        if key_next.exists() {
+            let _ = std::fs::remove_file(&key_next);
+        }
+        Ok(())
+    }
+
     /// Stores a bundle, a certificate chain and its key (key 0600, all atomic).
     pub fn store(&self, ca_pem: &str, cert_pem: &str, key_pem: &Secret) -> Result<(), PkiError> {
         std::fs::create_dir_all(&self.dir).map_err(|source| PkiError::Io {
@@ -169,6 +218,7 @@ impl Credentials {
 
     /// Loads the credentials stored in `files`; errors name the file.
     pub fn load(files: &TlsFiles) -> Result<Arc<Self>, PkiError> {
+        files.recover()?;
         let read = |p: &Path| {
             std::fs::read_to_string(p).map_err(|source| PkiError::Io {
                 path: p.display().to_string(),
@@ -574,6 +624,15 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// The host part of `host:port` (brackets of an IPv6 address removed).
+pub fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
 /// Makes sure `addr` is loopback, for plaintext mode.
 pub fn check_loopback(addr: SocketAddr, flag: &str) -> Result<(), String> {
     if addr.ip().is_loopback() {
@@ -644,5 +703,65 @@ impl ClientFile {
         let header =
             "# Berth CLI credentials: cluster addresses, CA, token. Keep it private (mode 0600).\n";
         pki::write_private(path, &Secret::new(format!("{header}{text}")))
+    }
+}
+
+/// Keeps `credentials` renewed until `shutdown`: at two thirds of each
+/// leaf's lifetime a new key and CSR are made, `obtain` turns the CSR into
+/// a certificate chain (PEM), the new leaf is swapped in (new handshakes use
+/// it at once, open connections carry on) and stored in `files`. A failed
+/// renewal is retried every tenth of the time left (between 1 s and 1 min).
+pub async fn keep_renewed<F, Fut>(
+    credentials: Arc<Credentials>,
+    files: TlsFiles,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut obtain: F,
+) where
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let mut retry: Option<Duration> = None;
+    loop {
+        let leaf = credentials.leaf();
+        let now = std::time::SystemTime::now();
+        let wait = retry.unwrap_or_else(|| leaf.renew_at().duration_since(now).unwrap_or_default());
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let outcome = async {
+            let request = pki::new_key_and_csr().map_err(|e| e.to_string())?;
+            let chain = obtain(request.csr_der).await?;
+            credentials
+                .replace(&chain, &request.key_pem)
+                .map_err(|e| e.to_string())?;
+            files
+                .replace_leaf(&chain, &request.key_pem)
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                let new = credentials.leaf();
+                tracing::info!(
+                    identity = ?new.identity,
+                    serial = %new.serial,
+                    valid_for_s = new.left(std::time::SystemTime::now()).as_secs(),
+                    "renewed this process's certificate"
+                );
+                retry = None;
+            }
+            Err(e) => {
+                let left = leaf.left(std::time::SystemTime::now());
+                let next = (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                tracing::warn!(
+                    error = %e,
+                    expires_in_s = left.as_secs(),
+                    retry_in_s = next.as_secs(),
+                    "could not renew this process's certificate"
+                );
+                retry = Some(next);
+            }
+        }
     }
 }

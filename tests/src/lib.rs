@@ -328,3 +328,21 @@ pub async fn http_get(port: u32, path: &str) -> Option<(u16, String)> {
 pub async fn http(port: u32, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     berth_cli::local::http_request(&format!("127.0.0.1:{port}"), method, path, body).await
 }
+
+/// The serial of the certificate the process at `addr` presents now (a
+/// fresh TLS handshake, verified against `ca_pem` and `expect`).
+pub async fn presented_serial(
+    addr: &str,
+    ca_pem: &str,
+    expect: berth_proto::tls::Expect,
+) -> Option<String> {
+    berth_provider();
+    let trust = berth_proto::tls::Trust::from_pem(ca_pem, "ca").ok()?;
+    let config = berth_proto::tls::client_config(trust, expect, None).ok()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    let stream = berth_proto::tls::connect(host, port.parse().ok()?, config)
+        .await
+        .ok()?;
+    let der = stream.get_ref().1.peer_certificates()?.first()?.clone();
+    Some(berth_proto::pki::leaf_info(&der).ok()?.serial)
+}

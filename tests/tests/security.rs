@@ -341,3 +341,157 @@ async fn bad_credentials_files_give_clear_errors() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_restarts_while_writes_and_heartbeats_flow() {
+    use berth_proto::tls::{ClientFile, Expect};
+    use std::collections::{BTreeMap, BTreeSet};
+    // Leaves of 30 s: each process renews about every 20 s.
+    let options = MemberOptions {
+        extra: vec!["--cert-lifetime".into(), "30s".into()],
+        ..MemberOptions::default()
+    };
+    let cluster = LocalCluster::start(3, options).await.unwrap();
+    let servers = cluster.servers();
+    let agents: Vec<LocalAgent> = ["rot-a", "rot-b"]
+        .iter()
+        .map(|node| {
+            LocalAgent::start_in(
+                cluster.root(),
+                AgentOptions {
+                    node: node.to_string(),
+                    simulate_gpus: Some("1xA100-80GB".into()),
+                    control: Some(servers.clone()),
+                    token: cluster.agent_token(),
+                    extra: Vec::new(),
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    let ready = || async {
+        let v = try_berth_json(&["--server", &servers, "node", "list"]).await?;
+        let n = v
+            .as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count();
+        Some(n)
+    };
+    wait_until(DEADLINE, "both nodes ready", || async {
+        (ready().await? == 2).then_some(())
+    })
+    .await;
+    berth_json(&[
+        "--server",
+        &servers,
+        "model",
+        "create",
+        "rot",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "10GiB",
+        "--gpu-share",
+        "250",
+    ])
+    .await;
+    berth_json(&[
+        "--server",
+        &servers,
+        "deploy",
+        "create",
+        "rot",
+        "--model",
+        "rot",
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--wait",
+    ])
+    .await;
+    let running = |v: serde_json::Value| -> BTreeMap<String, (u64, u64)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    (
+                        r["pid"].as_u64().unwrap_or(0),
+                        r["restarts"].as_u64().unwrap_or(0),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let before = running(berth_json(&["--server", &servers, "replica", "list"]).await);
+    assert_eq!(before.len(), 2);
+
+    let ca = ClientFile::load(cluster.admin_conf().unwrap())
+        .unwrap()
+        .ca_pem;
+    let mut targets: Vec<(String, Expect)> = cluster
+        .members
+        .iter()
+        .map(|m| (m.addr.clone(), Expect::Member))
+        .collect();
+    for a in &agents {
+        targets.push((a.addr.clone(), Expect::Node(a.node.clone())));
+    }
+    let mut seen: Vec<BTreeSet<String>> = vec![BTreeSet::new(); targets.len()];
+    let client = cluster.client();
+    let mut writes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    // Until every process has presented four certificates (three rotations).
+    while seen.iter().any(|s| s.len() < 4) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every process rotated 3 times within 180 s: {seen:?}"
+        );
+        for (i, (addr, expect)) in targets.iter().enumerate() {
+            if let Some(serial) = presented_serial(addr, &ca, expect.clone()).await {
+                seen[i].insert(serial);
+            }
+        }
+        // A write through any member: none may fail.
+        let name = format!("w{writes}");
+        client
+            .admin(|mut c| {
+                let req = pb::CreateModelRequest {
+                    name: name.clone(),
+                    version: Some(pb::ModelVersionSpec {
+                        version: "v1".into(),
+                        runtime: "demo".into(),
+                        source: "builtin:demo".into(),
+                        ..Default::default()
+                    }),
+                };
+                async move { c.create_model(req).await }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("write {writes} failed during rotation: {e}"));
+        writes += 1;
+        // Heartbeats keep flowing: both nodes stay ready.
+        assert_eq!(ready().await, Some(2), "a node left ready during rotation");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = running(berth_json(&["--server", &servers, "replica", "list"]).await);
+    assert_eq!(
+        before, after,
+        "a replica restarted or moved during rotation"
+    );
+    // The ledger holds the renewals, and every process reports time left.
+    let status = berth_json(&["--server", &servers, "cluster", "status"]).await;
+    for m in status["members"].as_array().unwrap() {
+        let left = m["cert_expires_in_s"].as_i64().unwrap();
+        assert!((1..=30).contains(&left), "{m}");
+    }
+    assert!(writes > 10);
+    drop(agents);
+}

@@ -52,6 +52,8 @@ impl AdminService {
 
     fn status_response(&self) -> pb::ClusterStatusResponse {
         let v = self.member.view();
+        let applied = self.member.state.read();
+        let expiries = applied.state.security.expiries();
         pb::ClusterStatusResponse {
             leader_id: v.leader.as_ref().map(|l| l.0),
             leader_addr: v.leader.map(|l| l.1).unwrap_or_default(),
@@ -63,6 +65,7 @@ impl AdminService {
                     id,
                     addr,
                     role: role.as_str().to_string(),
+                    cert_expires_ms: expiries.get(format!("member {id}").as_str()).copied(),
                 })
                 .collect(),
             answered_by: self.member.id,

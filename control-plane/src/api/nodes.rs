@@ -34,12 +34,17 @@ pub(super) async fn list(
     };
     let now = Instant::now();
     let applied = nodes.member.state.read();
+    let expiries = applied.state.security.expiries();
     Ok(pb::ListNodesResponse {
         nodes: applied
             .state
             .nodes
             .values()
-            .map(|n| summary(n, observed.get(&n.name), now))
+            .map(|n| {
+                let mut s = summary(n, observed.get(&n.name), now);
+                s.cert_expires_ms = expiries.get(format!("node {}", n.name).as_str()).copied();
+                s
+            })
             .collect(),
     })
 }
@@ -69,8 +74,18 @@ pub(super) async fn get(
             Ok(inv) => (Some(inv), String::new()),
             Err(e) => (None, e),
         };
+    let mut summary = summary(&node, observation.as_ref(), Instant::now());
+    summary.cert_expires_ms = nodes
+        .member
+        .state
+        .read()
+        .state
+        .security
+        .expiries()
+        .get(format!("node {}", node.name).as_str())
+        .copied();
     Ok(pb::GetNodeResponse {
-        node: Some(summary(&node, observation.as_ref(), Instant::now())),
+        node: Some(summary),
         registered: Some((&node.inventory).into()),
         live,
         live_error,
@@ -135,6 +150,7 @@ fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::Nod
                 .count() as u32
         }),
         gpu_source: node.inventory.gpu_source.to_string(),
+        cert_expires_ms: None,
     }
 }
 

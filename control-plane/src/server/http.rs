@@ -2,7 +2,10 @@
 //! term) and `GET /metrics` (Prometheus text).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+
+use berth_proto::tls::Credentials;
 
 use anyhow::Context;
 use axum::Router;
@@ -23,6 +26,7 @@ use crate::member::{Member, Role};
 pub(super) async fn serve(
     addr: SocketAddr,
     member: Member,
+    credentials: Option<Arc<Credentials>>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
@@ -33,7 +37,10 @@ pub(super) async fn serve(
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(member);
+        .with_state(Http {
+            member,
+            credentials,
+        });
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -46,7 +53,14 @@ pub(super) async fn serve(
     Ok(bound)
 }
 
-async fn health(State(member): State<Member>) -> impl IntoResponse {
+/// What the HTTP handlers read.
+#[derive(Clone)]
+struct Http {
+    member: Member,
+    credentials: Option<Arc<Credentials>>,
+}
+
+async fn health(State(Http { member, .. }): State<Http>) -> impl IntoResponse {
     let v = member.view();
     let role = v
         .members
@@ -69,7 +83,12 @@ async fn health(State(member): State<Member>) -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(member): State<Member>) -> impl IntoResponse {
+async fn metrics(
+    State(Http {
+        member,
+        credentials,
+    }): State<Http>,
+) -> impl IntoResponse {
     let v = member.view();
     let models = member.state.read().state.models.len() as i64;
     let mut registry = Registry::with_prefix("berth");
@@ -113,6 +132,14 @@ async fn metrics(State(member): State<Member>) -> impl IntoResponse {
         v.members.len() as i64,
     );
     gauge(&mut registry, "models", "Registered models", models);
+    if let Some(c) = &credentials {
+        gauge(
+            &mut registry,
+            "tls_certificate_expiry_seconds",
+            "Seconds before this member's TLS certificate expires (renewed at two thirds of its lifetime)",
+            c.leaf().left(std::time::SystemTime::now()).as_secs() as i64,
+        );
+    }
     if let Some(busy) = super::load::busy_ratio() {
         let g: Gauge<f64, AtomicU64> = Gauge::default();
         g.set(busy);

@@ -59,13 +59,7 @@ pub struct Bootstrapped {
 /// Names for the member's certificate: its advertised host and loopback,
 /// for clients that verify by address.
 fn names(identity: &MemberIdentity) -> Vec<String> {
-    let host = identity
-        .advertise
-        .rsplit_once(':')
-        .map_or(identity.advertise.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let host = berth_proto::tls::host_of(&identity.advertise);
     let mut names = vec![host, "localhost".to_string(), "127.0.0.1".to_string()];
     names.dedup();
     names
@@ -318,4 +312,39 @@ async fn new_token(
         Ok(other) => bail!("make the {role} token: unexpected outcome {other:?}"),
         Err(e) => bail!("make the {role} token: {e}"),
     }
+}
+
+/// Renews this member's certificate at two thirds of its lifetime: it signs
+/// its own CSR with the CA it holds and records the new certificate through
+/// Raft like any other (so renewal needs a quorum, and retries without one).
+pub fn keep_renewed(
+    member: &Member,
+    security: &Security,
+    data_dir: &Path,
+    identity: &MemberIdentity,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (Some(signer), Some(credentials)) = (&security.signer, &security.credentials) else {
+        return;
+    };
+    let (member, signer) = (member.clone(), signer.clone());
+    let names = names(identity);
+    let me = Identity::Member(identity.id);
+    tasks.spawn(berth_proto::tls::keep_renewed(
+        credentials.clone(),
+        TlsFiles::under(data_dir),
+        shutdown,
+        move |csr| {
+            let (member, signer, names, me) =
+                (member.clone(), signer.clone(), names.clone(), me.clone());
+            async move {
+                let issued = signer
+                    .issue(&member, &csr, &me, &names, None)
+                    .await
+                    .map_err(|s| s.message().to_string())?;
+                Ok(format!("{}{}", issued.cert_pem, signer.ca.cert_pem()))
+            }
+        },
+    ));
 }

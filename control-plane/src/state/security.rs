@@ -22,6 +22,19 @@ pub struct SecurityState {
     pub revoked: BTreeSet<String>,
 }
 
+impl SecurityState {
+    /// The expiry (unix ms) of each identity's newest certificate, by
+    /// identity (`member 3`, `node gpu-1`).
+    pub fn expiries(&self) -> std::collections::HashMap<&str, u64> {
+        let mut out = std::collections::HashMap::new();
+        for c in self.certificates.values() {
+            let e = out.entry(c.identity.as_str()).or_insert(0);
+            *e = (*e).max(c.not_after_ms);
+        }
+        out
+    }
+}
+
 pub(super) fn create_token(
     state: &mut ClusterState,
     token: TokenRecord,
