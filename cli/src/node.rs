@@ -49,6 +49,14 @@ pub enum NodeCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// Forget a node and revoke its certificates (its agent is cut off; the token it joined with cannot bring it back).
+    Remove {
+        /// The node's name.
+        name: String,
+        /// Remove it even with replicas placed there (they are replaced elsewhere; drain first to move them without downtime).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// One node in `node list`.
@@ -622,6 +630,20 @@ pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result
                 ),
                 OutputFormat::Table => out!("{}", nodes_table(&nodes)),
             }
+        }
+        NodeCommand::Remove { name, force } => {
+            client
+                .admin(|mut c| {
+                    let name = name.clone();
+                    async move { c.remove_node(pb::RemoveNodeRequest { name, force }).await }
+                })
+                .await?;
+            if out == OutputFormat::Json {
+                print_json(&serde_json::json!({ "removed": name }));
+            }
+            eprintln!(
+                "node {name} removed: its certificates are revoked and its connections closed; the token it joined with cannot bring it back (to rejoin under another name as well, revoke that token: `berth token list`, `berth token revoke ID`)"
+            );
         }
         NodeCommand::Cordon { name } => {
             let n = client

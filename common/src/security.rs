@@ -113,6 +113,8 @@ pub struct IssuedCert {
     pub not_after_ms: u64,
     /// When it was issued (unix ms).
     pub issued_ms: u64,
+    /// The join token that paid for it (None: bootstrap or a renewal).
+    pub token: Option<String>,
 }
 
 /// A token id: 6 to 32 lowercase letters and digits.

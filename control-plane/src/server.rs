@@ -310,6 +310,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         identity.save(&config.data_dir)?;
     }
 
+    security::cut_revoked(member.state.clone(), &security, &tasks, shutdown.clone());
     security::keep_renewed(
         &member,
         &security,

@@ -93,6 +93,7 @@ pub async fn prepare(config: &Config, advertised: &str) -> anyhow::Result<AgentS
         server: ServerSecurity::Tls {
             credentials: credentials.clone(),
             gate: Gate::new(Arc::new(CertificatesOnly)),
+            connections: Default::default(),
         },
         dialer: Dialer::with_credentials(credentials.clone())?,
         credentials: Some(credentials),

@@ -239,6 +239,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/berth.v1.Admin/CreateToken", Access::Roles(ADMIN)),
     ("/berth.v1.Admin/ListTokens", Access::Roles(ADMIN)),
     ("/berth.v1.Admin/RevokeToken", Access::Roles(ADMIN)),
+    ("/berth.v1.Admin/RemoveNode", Access::Roles(ADMIN)),
     ("/berth.v1.NodeRegistry/Register", Access::Roles(AGENT)),
     ("/berth.v1.NodeRegistry/Heartbeat", Access::Roles(AGENT)),
     ("/berth.v1.Pki/Join", Access::JoinToken),

@@ -77,6 +77,8 @@ pub enum ServerSecurity {
         credentials: Arc<Credentials>,
         /// Decides who may call what.
         gate: Arc<Gate>,
+        /// Open connections, for cutting those of revoked certificates.
+        connections: tls::Connections,
     },
 }
 
@@ -127,12 +129,17 @@ pub async fn serve(
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?
         }
-        ServerSecurity::Tls { credentials, .. } => {
+        ServerSecurity::Tls {
+            credentials,
+            connections,
+            ..
+        } => {
             let config = credentials
                 .server_config()
                 .map_err(|e| GrpcError::Tls(e.to_string()))?;
+            let incoming = tls::incoming(listener, config, connections.clone());
             router
-                .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?
         }
     }

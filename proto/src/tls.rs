@@ -516,10 +516,101 @@ pub async fn connect(
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
+/// Open server connections by the serial of their client certificate, so
+/// that a revocation can close them (`Connections::cut`), not just refuse
+/// their next call.
+#[derive(Clone, Default)]
+pub struct Connections {
+    inner: Arc<Mutex<ConnTable>>,
+}
+
+#[derive(Default)]
+struct ConnTable {
+    next: u64,
+    open: std::collections::HashMap<u64, (String, tokio_util::sync::CancellationToken)>,
+}
+
+impl fmt::Debug for Connections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Connections({})", self.len())
+    }
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, serial: &str) -> (u64, tokio_util::sync::CancellationToken) {
+        let mut t = self.lock();
+        t.next += 1;
+        let id = t.next;
+        let token = tokio_util::sync::CancellationToken::new();
+        t.open.insert(id, (serial.to_string(), token.clone()));
+        (id, token)
+    }
+
+    fn forget(&self, id: u64) {
+        self.lock().open.remove(&id);
+    }
+
+    /// Open connections that presented a client certificate.
+    pub fn len(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Whether no connection with a client certificate is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every connection whose certificate serial `revoked` names;
+    /// returns how many it closed.
+    pub fn cut(&self, revoked: impl Fn(&str) -> bool) -> usize {
+        let t = self.lock();
+        let mut n = 0;
+        for (serial, token) in t.open.values() {
+            if revoked(serial) && !token.is_cancelled() {
+                token.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
 /// One accepted, handshaken server connection and what it proved.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Resolves when a revocation cuts this connection.
+    cut: Option<(
+        Connections,
+        u64,
+        Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    )>,
+}
+
+impl TlsConn {
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        if let Some((_, _, cut)) = &mut self.cut
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's certificate was revoked",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TlsConn {
+    fn drop(&mut self) {
+        if let Some((connections, id, _)) = &self.cut {
+            connections.forget(*id);
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -536,6 +627,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_cut(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -546,6 +638,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_cut(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -576,6 +669,7 @@ impl AsyncWrite for TlsConn {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    connections: Connections,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -597,6 +691,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -607,11 +702,16 @@ pub fn incoming(
                             .and_then(|c| c.first())
                             .and_then(|c| pki::leaf_info(c).ok())
                             .map(Arc::new);
+                        let cut = leaf.as_ref().map(|l| {
+                            let (id, token) = connections.register(&l.serial);
+                            (connections.clone(), id, Box::pin(token.cancelled_owned()))
+                        });
                         let peer = PeerInfo { addr, leaf };
                         let _ = tx
                             .send(Ok(TlsConn {
                                 inner: stream,
                                 peer,
+                                cut,
                             }))
                             .await;
                     }

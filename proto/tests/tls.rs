@@ -97,6 +97,7 @@ async fn serve(credentials: Arc<Credentials>) -> Server {
     let security = ServerSecurity::Tls {
         credentials,
         gate: Gate::new(recorder.clone()),
+        connections: Default::default(),
     };
     let stop = CancellationToken::new();
     let shutdown = stop.clone().cancelled_owned();

@@ -495,3 +495,114 @@ async fn certificates_rotate_without_restarts_while_writes_and_heartbeats_flow()
     assert!(writes > 10);
     drop(agents);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_is_cut_off_and_cannot_rejoin_with_its_old_token() {
+    use berth_proto::tls::{Expect, client_config, connect};
+    use tokio::io::AsyncReadExt;
+    let (cluster, _agent) = cluster_with_agent("gone").await;
+    let agent = &_agent;
+    let addr = cluster.members[0].addr.clone();
+    let s = cluster.servers();
+
+    // A replica placed there: removal is refused until --force.
+    berth_json(&[
+        "--server",
+        &s,
+        "model",
+        "create",
+        "demo",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "10GiB",
+    ])
+    .await;
+    berth_json(&[
+        "--server", &s, "deploy", "create", "one", "--model", "demo", "--wait",
+    ])
+    .await;
+    let o = berth(&["--server", &s, "node", "remove", "gone"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("drain it first"), "{}", stderr(&o));
+
+    // The node's credentials, an idle connection, and a call that works.
+    let creds = Credentials::load(&TlsFiles::under(&agent.data_dir)).unwrap();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let config = client_config(creds.trust(), Expect::Member, Some(creds.clone())).unwrap();
+    let mut idle = connect(host, port.parse().unwrap(), config).await.unwrap();
+    let mut registry = pb::node_registry_client::NodeRegistryClient::new(
+        Dialer::with_credentials(creds)
+            .unwrap()
+            .channel(&addr)
+            .unwrap(),
+    );
+    let heartbeat = || pb::HeartbeatRequest {
+        node: "gone".into(),
+        ..Default::default()
+    };
+    registry.heartbeat(heartbeat()).await.unwrap();
+
+    let o = berth(&["--server", &s, "node", "remove", "gone", "--force"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let nodes = berth_json(&["--server", &s, "node", "list"]).await;
+    assert_eq!(nodes.as_array().map(Vec::len), Some(0), "{nodes}");
+
+    // Its next call fails, and its idle connection is closed by the server.
+    let e = registry.heartbeat(heartbeat()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("revoked"), "{e:?}");
+    // (The server's HTTP/2 settings arrive first; then the connection ends.)
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, idle.read_to_end(&mut sink)).await;
+    assert!(
+        closed.is_ok(),
+        "the revoked node's open connection stayed open for {DEADLINE:?}"
+    );
+
+    // Its old token cannot bring it back, even with a fresh data dir.
+    let dir = tempfile::tempdir().unwrap();
+    let token = cluster.agent_token().unwrap();
+    let data = dir.path().join("again").display().to_string();
+    let listen = format!("127.0.0.1:{}", berth_cli::local::free_port().unwrap());
+    let o = berth_agent(&[
+        "--node-name",
+        "gone",
+        "--control",
+        &addr,
+        "--listen",
+        &listen,
+        "--data-dir",
+        &data,
+        "--simulate-gpus",
+        "1xA100-80GB",
+        "--token",
+        &token,
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("removed"), "{}", stderr(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_is_revoked() {
+    let cluster = LocalCluster::start(3, MemberOptions::default())
+        .await
+        .unwrap();
+    let s = cluster.servers_except(3);
+    let third = cluster.members[2].data_dir.clone();
+    let o = berth(&["--server", &s, "cluster", "remove", "3"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let creds = Credentials::load(&TlsFiles::under(&third)).unwrap();
+    let dialer = Dialer::with_credentials(creds).unwrap();
+    let e = pb::raft_client::RaftClient::new(dialer.channel(&cluster.members[0].addr).unwrap())
+        .read_index(pb::ReadIndexRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("member 3"), "{e:?}");
+}

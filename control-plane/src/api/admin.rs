@@ -130,6 +130,14 @@ impl Admin for AdminService {
         match view.leader {
             Some((leader, _)) if leader == self.member.id => {
                 self.member.remove(id).await.map_err(status)?;
+                // Its certificates stop working on every member, and the token
+                // it joined with cannot bring it back.
+                self.member
+                    .write(Command::RevokeIdentity {
+                        identity: berth_proto::pki::Identity::Member(id).to_string(),
+                    })
+                    .await
+                    .map_err(status)?;
                 Ok(Response::new(self.status_response()))
             }
             Some((_, addr)) => {
@@ -444,5 +452,24 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         super::pki::revoke_token(&self.member, request.into_inner().id).await?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let pb::RemoveNodeRequest { name, force } = request.into_inner();
+        berth_common::names::validate_name("name", &name).map_err(|e| invalid_argument(&e))?;
+        self.member
+            .write(Command::RemoveNode {
+                name: name.clone(),
+                force,
+            })
+            .await
+            .map_err(status)?;
+        tracing::info!(node = %name, force, "removed a node and revoked its certificates");
+        self.replicas.wake();
+        Ok(Response::new(pb::RemoveNodeResponse {}))
     }
 }

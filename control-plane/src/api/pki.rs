@@ -78,6 +78,7 @@ impl Signer {
             identity: identity.to_string(),
             not_after_ms: ms(issued.not_after),
             issued_ms: ms(now),
+            token: None,
         };
         member
             .write(Command::IssueCertificate {

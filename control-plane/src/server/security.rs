@@ -132,6 +132,7 @@ pub async fn prepare(
         server: ServerSecurity::Tls {
             credentials: credentials.clone(),
             gate,
+            connections: Default::default(),
         },
         dialer,
         signer: Some(signer),
@@ -251,6 +252,7 @@ pub async fn after_bootstrap(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         issued_ms: now_ms(),
+        token: None,
     };
     member
         .write(Command::IssueCertificate {
@@ -347,4 +349,45 @@ pub fn keep_renewed(
             }
         },
     ));
+}
+
+/// Closes open connections whose client certificate was revoked (`node
+/// remove`, `cluster remove`): every call is checked against the ledger
+/// anyway, and this also ends streams that make no new calls. Looks once a
+/// second, and only when the revoked set changed.
+pub fn cut_revoked(
+    state: StateView,
+    security: &Security,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let ServerSecurity::Tls { connections, .. } = &security.server else {
+        return;
+    };
+    let connections = connections.clone();
+    tasks.spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let revoked = {
+                let applied = state.read();
+                let revoked = &applied.state.security.revoked;
+                if *revoked == seen {
+                    continue;
+                }
+                seen = revoked.clone();
+                seen.clone()
+            };
+            let cut = connections.cut(|serial| revoked.contains(serial));
+            if cut > 0 {
+                tracing::info!(
+                    connections = cut,
+                    "closed connections of revoked certificates"
+                );
+            }
+        }
+    });
 }

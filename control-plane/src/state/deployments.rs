@@ -213,12 +213,20 @@ pub(super) fn replace_lost(
             n.state
         )));
     }
+    forget_replicas_on(state, node, at_ms);
+    Ok(Outcome::Noop)
+}
+
+/// Forgets the replicas placed on `node`; their deployments get new pending
+/// replicas in their place. Returns how many were forgotten.
+pub(super) fn forget_replicas_on(state: &mut ClusterState, node: &str, at_ms: u64) -> usize {
     let lost: Vec<String> = state
         .replicas
         .values()
         .filter(|r| r.node.as_deref() == Some(node))
         .map(|r| r.id.clone())
         .collect();
+    let count = lost.len();
     let mut deployments: Vec<String> = Vec::new();
     for id in lost {
         if let Some(r) = state.replicas.remove(&id)
@@ -230,7 +238,7 @@ pub(super) fn replace_lost(
     for d in deployments {
         keep_count(state, &d, at_ms);
     }
-    Ok(Outcome::Noop)
+    count
 }
 
 /// Unplaces replicas that a node's new inventory can no longer hold (a GPU

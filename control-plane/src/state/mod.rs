@@ -209,6 +209,20 @@ pub enum Command {
         /// The certificate.
         cert: IssuedCert,
     },
+    /// Revokes every certificate of an identity (`member 3`) and blocks the
+    /// tokens that paid for them from buying it another (`cluster remove`).
+    RevokeIdentity {
+        /// The identity, as the ledger writes it.
+        identity: String,
+    },
+    /// Forgets a node and revokes its certificates. Refused while replicas
+    /// are placed there, unless `force`: then they are replaced elsewhere.
+    RemoveNode {
+        /// The node.
+        name: String,
+        /// Remove even with replicas placed there.
+        force: bool,
+    },
 }
 
 impl Command {
@@ -240,6 +254,8 @@ impl Command {
             Command::CreateToken(_) => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
             Command::IssueCertificate { .. } => "issue_certificate",
+            Command::RevokeIdentity { .. } => "revoke_identity",
+            Command::RemoveNode { .. } => "remove_node",
         }
     }
 }
@@ -469,6 +485,11 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::IssueCertificate { token, cert } => {
             security::issue(state, token.as_deref(), cert, at_ms)
         }
+        Command::RevokeIdentity { identity } => {
+            security::revoke_identity(state, &identity);
+            Ok(Outcome::Noop)
+        }
+        Command::RemoveNode { name, force } => nodes::remove(state, &name, force, at_ms),
         Command::SetNodeState {
             name,
             from,

@@ -119,6 +119,32 @@ pub(super) fn set_admin(
 }
 
 /// Node invariants: keyed by name, every record valid.
+/// `RemoveNode`: see `Command::RemoveNode`.
+pub(super) fn remove(
+    state: &mut ClusterState,
+    name: &str,
+    force: bool,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    if !state.nodes.contains_key(name) {
+        return Err(Rejection::not_found(ObjectKind::Node, name));
+    }
+    let placed = state
+        .replicas
+        .values()
+        .filter(|r| r.node.as_deref() == Some(name))
+        .count();
+    if placed > 0 && !force {
+        return Err(Rejection::FailedPrecondition(format!(
+            "node {name} has {placed} replicas placed on it: drain it first (`berth node drain {name} --wait`), or pass --force to replace them elsewhere"
+        )));
+    }
+    super::deployments::forget_replicas_on(state, name, at_ms);
+    state.nodes.remove(name);
+    super::security::revoke_identity(state, &format!("node {name}"));
+    Ok(Outcome::Deleted)
+}
+
 pub(super) fn check_invariants(state: &ClusterState) -> Result<(), String> {
     for (name, node) in &state.nodes {
         if name != &node.name {

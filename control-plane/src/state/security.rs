@@ -20,6 +20,9 @@ pub struct SecurityState {
     pub certificates: BTreeMap<String, IssuedCert>,
     /// Serials no longer accepted.
     pub revoked: BTreeSet<String>,
+    /// (token id, identity) pairs that may not buy a certificate again: the
+    /// identity was removed, and the token that let it in cannot bring it back.
+    pub blocked: BTreeSet<(String, String)>,
 }
 
 impl SecurityState {
@@ -78,6 +81,17 @@ pub(super) fn issue(
     cert: IssuedCert,
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
+    if let Some(id) = token
+        && state
+            .security
+            .blocked
+            .contains(&(id.to_string(), cert.identity.clone()))
+    {
+        return Err(Rejection::FailedPrecondition(format!(
+            "token {id} cannot buy a certificate for {} again: it was removed from the cluster; an admin can make a new token (`berth token create`)",
+            cert.identity
+        )));
+    }
     if let Some(id) = token {
         let refused = || {
             Rejection::FailedPrecondition(format!(
@@ -100,15 +114,35 @@ pub(super) fn issue(
     }
     // Forget certificates that expired long ago: the ledger would grow with every renewal.
     let horizon = at_ms.saturating_sub(24 * 3600 * 1000);
-    state
-        .security
+    let security = &mut state.security;
+    security
         .certificates
         .retain(|_, c| c.not_after_ms > horizon);
-    state
-        .security
-        .certificates
-        .insert(cert.serial.clone(), cert);
+    // A revoked serial whose certificate expired long ago needs no entry:
+    // the handshake refuses it anyway.
+    let certificates = &security.certificates;
+    security.revoked.retain(|s| certificates.contains_key(s));
+    let mut cert = cert;
+    cert.token = token.map(str::to_string);
+    security.certificates.insert(cert.serial.clone(), cert);
     Ok(Outcome::Noop)
+}
+
+/// Revokes every certificate of `identity` (`node gpu-1`, `member 3`) and
+/// blocks the tokens that paid for them from buying it another; returns how
+/// many certificates it revoked.
+pub(super) fn revoke_identity(state: &mut ClusterState, identity: &str) -> usize {
+    let security = &mut state.security;
+    let mut n = 0;
+    for c in security.certificates.values() {
+        if c.identity == identity {
+            n += usize::from(security.revoked.insert(c.serial.clone()));
+            if let Some(t) = &c.token {
+                security.blocked.insert((t.clone(), identity.to_string()));
+            }
+        }
+    }
+    n
 }
 
 #[cfg(test)]
@@ -135,6 +169,7 @@ mod tests {
             identity: "node gpu-1".into(),
             not_after_ms: 10_000_000,
             issued_ms: 1,
+            token: None,
         }
     }
 
@@ -205,6 +240,35 @@ mod tests {
             ),
             Err(Rejection::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_removed_identity_is_revoked_and_its_token_cannot_bring_it_back() {
+        let mut s = ClusterState::default();
+        run(&mut s, 1, Command::CreateToken(token("join03", None, None))).unwrap();
+        let issue = |serial: &str, identity: &str| Command::IssueCertificate {
+            token: Some("join03".into()),
+            cert: IssuedCert {
+                identity: identity.into(),
+                ..cert(serial)
+            },
+        };
+        run(&mut s, 2, issue("01", "node gpu-1")).unwrap();
+        run(&mut s, 3, issue("02", "node gpu-2")).unwrap();
+        run(
+            &mut s,
+            4,
+            Command::RevokeIdentity {
+                identity: "node gpu-1".into(),
+            },
+        )
+        .unwrap();
+        assert!(s.security.revoked.contains("01"));
+        assert!(!s.security.revoked.contains("02"));
+        let e = run(&mut s, 5, issue("03", "node gpu-1")).unwrap_err();
+        assert!(e.to_string().contains("removed"), "{e}");
+        // The token still works for other names: revoking it is the admin's call.
+        run(&mut s, 6, issue("04", "node gpu-3")).unwrap();
     }
 
     #[test]

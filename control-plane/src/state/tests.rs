@@ -1241,6 +1241,7 @@ pub(crate) fn fixture_requests_v3() -> Vec<Request> {
                     identity: "node gpu-1".into(),
                     not_after_ms: 1_702_592_102_000,
                     issued_ms: 1_700_000_102_000,
+                    token: None,
                 },
             },
         },
@@ -1248,6 +1249,29 @@ pub(crate) fn fixture_requests_v3() -> Vec<Request> {
             at_ms: 1_700_000_103_000,
             command: Command::RevokeToken {
                 id: "admin0".into(),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_104_000,
+            command: Command::RevokeIdentity {
+                identity: "member 9".into(),
+            },
+        },
+        Request {
+            at_ms: 1_700_000_105_000,
+            command: Command::RegisterNode(registration("gone-1", "g1", 0)),
+        },
+        Request {
+            at_ms: 1_700_000_106_000,
+            command: Command::RemoveNode {
+                name: "gone-1".into(),
+                force: false,
+            },
+        },
+        Request {
+            at_ms: 1_700_000_107_000,
+            command: Command::RevokeIdentity {
+                identity: "node gpu-1".into(),
             },
         },
     ]
@@ -1262,10 +1286,14 @@ fn security_fixtures_stay_readable() {
     let stored = fixture("requests-v3.postcard", &fresh);
     let decoded: Vec<Request> = postcard::from_bytes(&stored).unwrap();
     assert_eq!(decoded, requests);
-    let (state, _) = replay(&requests);
+    let (state, results) = replay(&requests);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(state.security.tokens.len(), 1);
     assert_eq!(state.security.tokens["agent0"].uses_left, Some(1));
     assert_eq!(state.security.certificates.len(), 1);
+    assert!(state.nodes.is_empty());
+    assert_eq!(state.security.revoked.len(), 1);
+    assert_eq!(state.security.blocked.len(), 1);
     let fresh = postcard::to_stdvec(&state).unwrap();
     let stored = fixture("state-v3.postcard", &fresh);
     let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
