@@ -13,6 +13,12 @@
 //! sockets for 10,000 agents, within the usual open-file limits): a shared
 //! listener routes each Agent call by the node the control plane names in
 //! its metadata (`berth_proto::grpc::NODE_KEY`).
+//!
+//! With `FleetOptions::tls` each agent instead holds its own node
+//! certificate, minted from the cluster CA the bench was handed, and its
+//! own mTLS connection to each member, like a real agent; its Agent
+//! listener stays plaintext, so such a fleet measures registration and
+//! heartbeats, not placement (the control plane cannot start replicas on it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -36,6 +42,26 @@ use crate::inventory::{Inventory, SharedInventory};
 use crate::registration::{Clients, Counters, Registration, new_instance_id};
 use crate::supervisor::replica::{Desired, Record, Status};
 use crate::supervisor::{Replicas, SupervisorError};
+
+/// A node certificate for hollow agent `name`, signed with `ca` directly
+/// (the bench holds the CA key of a local cluster; nothing is recorded).
+fn hollow_dialer(ca: &berth_proto::pki::Ca, name: &str) -> anyhow::Result<grpc::Dialer> {
+    let request = berth_proto::pki::new_key_and_csr()?;
+    let issued = ca.sign_csr(
+        &request.csr_der,
+        &berth_proto::pki::Identity::Node(name.to_string()),
+        &[],
+        Duration::from_secs(24 * 3600),
+        std::time::SystemTime::now(),
+    )?;
+    let credentials = berth_proto::tls::Credentials::from_pem(
+        ca.cert_pem(),
+        &format!("{}{}", issued.cert_pem, ca.cert_pem()),
+        &request.key_pem,
+        name,
+    )?;
+    Ok(grpc::Dialer::with_credentials(credentials)?)
+}
 
 /// The label every hollow node carries.
 pub const HOLLOW_LABEL: &str = "berth.dev/hollow";
@@ -62,6 +88,9 @@ pub struct FleetOptions {
     /// Agents started per second (a fleet comes up over time, not in one
     /// instant; 0 starts them all at once).
     pub start_rate: usize,
+    /// The cluster CA (with its key): each agent gets its own node
+    /// certificate and connections; None: plaintext, shared connections.
+    pub tls: Option<Arc<berth_proto::pki::Ca>>,
 }
 
 /// When each replica's first start reached a hollow agent.
@@ -152,7 +181,11 @@ impl Fleet {
                     name.clone(),
                     AgentService::new(name, replicas.clone(), inventory.clone(), shutdown.clone()),
                 );
-                if index.is_multiple_of(per_connection) {
+                let dialer = match &options.tls {
+                    Some(ca) => hollow_dialer(ca, name)?,
+                    None => grpc::Dialer::Insecure,
+                };
+                if options.tls.is_some() || index.is_multiple_of(per_connection) {
                     clients = Clients::default();
                 }
                 let c = Arc::new(Counters::default());
@@ -168,9 +201,7 @@ impl Fleet {
                     supervisor: replicas,
                     counters: c,
                     clients: clients.clone(),
-                    // Hollow agents share connections, so they cannot each
-                    // hold a node certificate: they run against --insecure clusters.
-                    dialer: grpc::Dialer::Insecure,
+                    dialer,
                 };
                 let delay = if options.start_rate == 0 {
                     Duration::ZERO

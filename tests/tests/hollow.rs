@@ -27,6 +27,7 @@ async fn hollow_agents_take_replicas_and_show_as_hollow() {
         agents_per_listener: 2,
         agents_per_connection: 2,
         start_rate: 0,
+        tls: None,
     })
     .await
     .unwrap();
@@ -156,4 +157,49 @@ async fn bench_place_reports_its_figures() {
     let usage = berth(&["bench", "place", "--nodes", "0"]).await;
     assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
     assert!(stderr(&usage).contains("--nodes"), "{}", stderr(&usage));
+}
+
+/// With the cluster's CA, each hollow agent holds its own node certificate
+/// and connection: the fleet registers and heartbeats over mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hollow_agents_heartbeat_over_mtls_with_their_own_certificates() {
+    let cluster = LocalCluster::start(1, MemberOptions::default())
+        .await
+        .unwrap();
+    let files = berth_proto::tls::TlsFiles::under(&cluster.members[0].data_dir);
+    let ca = berth_proto::pki::Ca::from_pem(
+        &std::fs::read_to_string(files.ca()).unwrap(),
+        &berth_proto::pki::read_private(&files.ca_key()).unwrap(),
+        "test",
+    )
+    .unwrap();
+    let servers = cluster.servers();
+    let fleet = Fleet::start(&FleetOptions {
+        control: vec![servers.clone()],
+        nodes: 4,
+        gpus: "2xH100-80GB".into(),
+        cpus: 16,
+        memory_mib: 64 * 1024,
+        heartbeat: std::time::Duration::from_millis(500),
+        agents_per_listener: 2,
+        agents_per_connection: 2,
+        start_rate: 0,
+        tls: Some(std::sync::Arc::new(ca)),
+    })
+    .await
+    .unwrap();
+    wait_until(DEADLINE, "4 hollow nodes ready over mTLS", || async {
+        let nodes = try_berth_json(&["--server", &servers, "node", "list"]).await?;
+        let ready = nodes
+            .as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count();
+        (ready == 4).then_some(())
+    })
+    .await;
+    wait_until(DEADLINE, "4 hollow agents heartbeating", || async {
+        (fleet.heartbeating() == 4).then_some(())
+    })
+    .await;
 }

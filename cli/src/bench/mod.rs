@@ -20,8 +20,10 @@ use crate::local::{LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
 mod agent;
+mod heartbeats;
 mod node_loss;
 mod place;
+mod tls;
 
 /// Benchmark subcommands.
 #[derive(Debug, Subcommand)]
@@ -38,6 +40,10 @@ pub enum BenchCommand {
     NodeLoss(node_loss::NodeLossArgs),
     /// Placements per second through a real cluster, with hollow agents (no processes).
     Place(place::PlaceArgs),
+    /// Writes through local 3-member clusters with mTLS and plaintext, side by side; time to a first write and to a ready node.
+    Tls(tls::TlsArgs),
+    /// The leader's CPU while N hollow agents heartbeat, over mTLS (or --insecure).
+    Heartbeats(heartbeats::HeartbeatsArgs),
 }
 
 /// `bench writes` options.
@@ -75,6 +81,8 @@ pub async fn run(
         BenchCommand::AgentIdle(a) => agent::agent_idle(a, out).await,
         BenchCommand::NodeLoss(a) => node_loss::node_loss(a, out).await,
         BenchCommand::Place(a) => place::place(a, connect, out).await,
+        BenchCommand::Tls(a) => tls::tls(a, out).await,
+        BenchCommand::Heartbeats(a) => heartbeats::heartbeats(a, out).await,
     }
 }
 
@@ -197,27 +205,23 @@ fn rotated(servers: &str, dialer: &berth_proto::grpc::Dialer, i: usize) -> Clien
     Client::new(&order.join(","), dialer)
 }
 
-async fn writes(
-    a: WritesArgs,
+/// `clients` writers, each with its own connections and model, for
+/// `duration`: acknowledged writes, latencies, errors.
+pub(crate) async fn measure_writes(
+    clients_n: usize,
+    duration: Duration,
     connection: &crate::credentials::Connection,
-    out: OutputFormat,
-) -> Result<(), CliError> {
+) -> Result<WritesReport, CliError> {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let servers = connection.servers.as_str();
-    let duration =
-        parse_duration("--duration", &a.duration).map_err(|e| CliError::Usage(e.to_string()))?;
-    if a.clients == 0 {
-        return Err(CliError::Usage(
-            "--clients 0 is invalid: use at least 1".into(),
-        ));
-    }
-    let run_id = std::process::id();
-    eprintln!(
-        "bench writes: {} clients for {:?} against {servers}",
-        a.clients, duration
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
     );
     // One client and one model per writer, created before the clock starts
     // (which also opens the client's connection).
-    let clients: Vec<Client> = (0..a.clients)
+    let clients: Vec<Client> = (0..clients_n)
         .map(|i| rotated(servers, &connection.dialer, i))
         .collect();
     for (i, client) in clients.iter().enumerate() {
@@ -293,7 +297,7 @@ async fn writes(
         p99_ms: percentile(&all, 0.99),
         max_ms: all.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
         errors,
-        clients: a.clients,
+        clients: clients_n,
         duration_s: elapsed,
     };
     for (i, client) in clients.iter().enumerate() {
@@ -305,6 +309,26 @@ async fn writes(
             })
             .await;
     }
+    Ok(report)
+}
+
+async fn writes(
+    a: WritesArgs,
+    connection: &crate::credentials::Connection,
+    out: OutputFormat,
+) -> Result<(), CliError> {
+    let duration =
+        parse_duration("--duration", &a.duration).map_err(|e| CliError::Usage(e.to_string()))?;
+    if a.clients == 0 {
+        return Err(CliError::Usage(
+            "--clients 0 is invalid: use at least 1".into(),
+        ));
+    }
+    eprintln!(
+        "bench writes: {} clients for {:?} against {}",
+        a.clients, duration, connection.servers
+    );
+    let report = measure_writes(a.clients, duration, connection).await?;
     match out {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Table => {

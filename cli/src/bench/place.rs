@@ -240,6 +240,7 @@ pub async fn place(
         agents_per_listener: 100,
         agents_per_connection: 100,
         start_rate: a.start_rate,
+        tls: None,
     })
     .await?;
     let shown = std::sync::atomic::AtomicUsize::new(0);
