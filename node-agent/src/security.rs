@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use berth_proto::auth::{AuthError, Authenticate, Gate, Principal, Token, Via, certificate_role};
 use berth_proto::grpc::{Dialer, ServerSecurity};
 use berth_proto::pki::{self, Identity, LeafInfo};
-use berth_proto::tls::{Credentials, TlsFiles, Trust};
+use berth_proto::tls::{Credentials, TlsFiles};
 use berth_proto::v1::PkiJoinRequest;
 use berth_proto::v1::pki_client::PkiClient;
 
@@ -106,53 +106,21 @@ async fn buy_certificate(
     token: &Token,
     files: &TlsFiles,
 ) -> anyhow::Result<()> {
-    let dialer = Dialer::tls(
-        Trust::pinned(&token.ca_fingerprint),
-        None,
-        Some(token.reveal()),
-    )?;
     let request = pki::new_key_and_csr()?;
-    let host = berth_proto::tls::host_of(advertised);
-    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
-    let mut last_error = String::new();
-    loop {
-        for addr in &config.control {
-            let mut req = tonic::Request::new(PkiJoinRequest {
-                csr_der: request.csr_der.clone(),
-                node_name: config.node_name.clone(),
-                member_id: 0,
-                names: vec![host.clone()],
-            });
-            req.set_timeout(Duration::from_secs(30));
-            match PkiClient::new(dialer.channel(addr)?).join(req).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    files
-                        .store(&r.ca_pem, &r.cert_pem, &request.key_pem)
-                        .context("store the node certificate")?;
-                    tracing::info!(node = %config.node_name, through = %addr, "received this node's certificate");
-                    return Ok(());
-                }
-                Err(s) if berth_proto::grpc::is_pin_mismatch(&s) => {
-                    bail!(
-                        "refused to send the token to {addr}: {}",
-                        berth_proto::grpc::describe(&s)
-                    );
-                }
-                Err(s) if berth_proto::grpc::is_refusal(&s) => {
-                    bail!("join through {addr} refused: {}", s.message())
-                }
-                Err(s) => last_error = format!("{addr}: {}", berth_proto::grpc::describe(&s)),
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "could not get a certificate through {} within {JOIN_TIMEOUT:?}: {last_error}",
-                config.control.join(",")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let join = PkiJoinRequest {
+        csr_der: request.csr_der.clone(),
+        node_name: config.node_name.clone(),
+        member_id: 0,
+        names: vec![berth_proto::tls::host_of(advertised)],
+    };
+    let r = berth_proto::grpc::join_with_token(&config.control, token, join, JOIN_TIMEOUT)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    files
+        .store(&r.ca_pem, &r.cert_pem, &request.key_pem)
+        .context("store the node certificate")?;
+    tracing::info!(node = %config.node_name, "received this node's certificate");
+    Ok(())
 }
 
 /// Renews the node certificate at two thirds of its lifetime through

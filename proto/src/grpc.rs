@@ -362,3 +362,54 @@ pub fn is_refusal(status: &Status) -> bool {
             | NotFound
     )
 }
+
+/// Buys a certificate with a join token: tries each of `addrs` in turn
+/// until `timeout`, each time over TLS that trusts only the CA the token
+/// pins, so the token is never sent to another cluster. A refusal (bad or
+/// spent token, bad request) or a pin mismatch ends it at once; anything
+/// else (nothing listening, no leader) is retried. Errors say what to do.
+pub async fn join_with_token(
+    addrs: &[String],
+    token: &crate::auth::Token,
+    request: crate::v1::PkiJoinRequest,
+    timeout: Duration,
+) -> Result<crate::v1::PkiJoinResponse, String> {
+    let dialer = Dialer::tls(
+        Trust::pinned(&token.ca_fingerprint),
+        None,
+        Some(token.reveal()),
+    )
+    .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = String::from("no address given");
+    loop {
+        for addr in addrs {
+            let channel = dialer.channel(addr).map_err(|e| e.to_string())?;
+            let mut req = tonic::Request::new(request.clone());
+            req.set_timeout(Duration::from_secs(30));
+            match crate::v1::pki_client::PkiClient::new(channel)
+                .join(req)
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if is_pin_mismatch(&s) => {
+                    return Err(format!(
+                        "refused to send the token to {addr}: {}",
+                        describe(&s)
+                    ));
+                }
+                Err(s) if is_refusal(&s) => {
+                    return Err(format!("join through {addr} refused: {}", s.message()));
+                }
+                Err(s) => last_error = format!("{addr}: {}", describe(&s)),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "could not join the cluster through {} within {timeout:?}: no member gave a certificate ({last_error}); check the address and that a member runs there",
+                addrs.join(",")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

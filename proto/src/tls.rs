@@ -500,9 +500,9 @@ pub async fn connect(
     port: u16,
     config: Arc<ClientConfig>,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect((host, port)).await?;
-    tcp.set_nodelay(true)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = TcpStream::connect((bare, port)).await?;
+    tcp.set_nodelay(true)?;
     let name = match bare.parse::<std::net::IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
         Err(_) => ServerName::try_from(host.to_string())

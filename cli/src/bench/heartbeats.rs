@@ -88,9 +88,19 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
             "mTLS, one certificate and connection each"
         }
     );
+    // Agents are given the leader's address: real agents settle on the
+    // leader too, and a crowd of thousands finding it through redirects
+    // would measure the redirects (and this 2-core machine), not heartbeats.
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let leader_addr = cluster
+        .members
+        .iter()
+        .find(|m| m.id == leader)
+        .map(|m| m.addr.clone())
+        .unwrap_or_default();
     let started = Instant::now();
     let fleet = Fleet::start(&FleetOptions {
-        control: cluster.members.iter().map(|m| m.addr.clone()).collect(),
+        control: vec![leader_addr],
         nodes: a.nodes,
         gpus: "8xH100-80GB".into(),
         cpus: 256,

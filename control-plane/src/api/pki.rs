@@ -183,6 +183,26 @@ impl Pki for PkiService {
     }
 }
 
+/// What the ledger keeps of `token`: its id and the hash of its secret.
+pub fn token_record(
+    token: &Token,
+    role: Role,
+    ttl: Option<Duration>,
+    uses: Option<u32>,
+    description: String,
+) -> TokenRecord {
+    let now = now_ms();
+    TokenRecord {
+        id: token.id.clone(),
+        role,
+        secret_sha256: token.secret_sha256(),
+        created_ms: now,
+        expires_ms: ttl.map(|t| now.saturating_add(t.as_millis() as u64)),
+        uses_left: uses,
+        description,
+    }
+}
+
 fn token_info(t: &TokenRecord) -> pb::TokenInfo {
     pb::TokenInfo {
         id: t.id.clone(),
@@ -215,19 +235,11 @@ pub async fn create_token(
     }
     let token =
         Token::generate(&signer.ca.fingerprint()).map_err(|e| Status::internal(e.to_string()))?;
-    let now = now_ms();
-    let record = TokenRecord {
-        id: token.id.clone(),
-        role,
-        secret_sha256: token.secret_sha256(),
-        created_ms: now,
-        expires_ms: req
-            .ttl_s
-            .filter(|s| *s > 0)
-            .map(|s| now.saturating_add(s.saturating_mul(1000))),
-        uses_left: req.uses,
-        description: req.description,
-    };
+    let ttl = req
+        .ttl_s
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(s.min(u64::MAX / 1000)));
+    let record = token_record(&token, role, ttl, req.uses, req.description);
     match member
         .write(Command::CreateToken(record))
         .await

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use berth_common::security::{Role, TokenRecord};
+use berth_common::security::Role;
 use berth_proto::auth::{Gate, Token};
 use berth_proto::grpc::{Dialer, ServerSecurity};
 use berth_proto::pki::{self, Ca, Identity, Secret};
-use berth_proto::tls::{ClientFile, Credentials, TlsFiles, Trust};
+use berth_proto::tls::{ClientFile, Credentials, TlsFiles};
 use berth_proto::v1::PkiJoinRequest;
-use berth_proto::v1::pki_client::PkiClient;
 
 use super::Identity as MemberIdentity;
 use crate::api::pki::{ClusterAuth, Signer};
@@ -184,51 +183,22 @@ async fn buy_certificate(
     token: &Token,
     files: &TlsFiles,
 ) -> anyhow::Result<()> {
-    let trust = Trust::pinned(&token.ca_fingerprint);
-    let dialer = Dialer::tls(trust, None, Some(token.reveal()))?;
     let request = pki::new_key_and_csr()?;
-    let deadline = tokio::time::Instant::now() + config.join_timeout;
-    let mut last_error = String::new();
-    loop {
-        for addr in &config.join {
-            let mut req = tonic::Request::new(PkiJoinRequest {
-                csr_der: request.csr_der.clone(),
-                node_name: String::new(),
-                member_id: identity.id,
-                names: names(identity),
-            });
-            req.set_timeout(Duration::from_secs(30));
-            match PkiClient::new(dialer.channel(addr)?).join(req).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    std::fs::create_dir_all(&files.dir)
-                        .with_context(|| format!("create {}", files.dir.display()))?;
-                    pki::write_private(&files.ca_key(), &Secret::new(r.ca_key_pem))?;
-                    files.store(&r.ca_pem, &r.cert_pem, &request.key_pem)?;
-                    tracing::info!(member = identity.id, through = %addr, "received this member's certificate");
-                    return Ok(());
-                }
-                Err(s) if berth_proto::grpc::is_pin_mismatch(&s) => {
-                    bail!(
-                        "refused to send the token to {addr}: {}",
-                        berth_proto::grpc::describe(&s)
-                    );
-                }
-                Err(s) if berth_proto::grpc::is_refusal(&s) => {
-                    bail!("join through {addr} refused: {}", s.message())
-                }
-                Err(s) => last_error = format!("{addr}: {}", berth_proto::grpc::describe(&s)),
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "could not join the cluster through {} within {:?}: no member gave a certificate ({last_error}); check the address and that a member runs there",
-                config.join.join(","),
-                config.join_timeout
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let join = PkiJoinRequest {
+        csr_der: request.csr_der.clone(),
+        node_name: String::new(),
+        member_id: identity.id,
+        names: names(identity),
+    };
+    let r = berth_proto::grpc::join_with_token(&config.join, token, join, config.join_timeout)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&files.dir)
+        .with_context(|| format!("create {}", files.dir.display()))?;
+    pki::write_private(&files.ca_key(), &Secret::new(r.ca_key_pem))?;
+    files.store(&r.ca_pem, &r.cert_pem, &request.key_pem)?;
+    tracing::info!(member = identity.id, "received this member's certificate");
+    Ok(())
 }
 
 /// After bootstrap: records this member's certificate, makes the admin
@@ -299,16 +269,7 @@ async fn new_token(
     description: &str,
 ) -> anyhow::Result<Token> {
     let token = Token::generate(fingerprint)?;
-    let now = now_ms();
-    let record = TokenRecord {
-        id: token.id.clone(),
-        role,
-        secret_sha256: token.secret_sha256(),
-        created_ms: now,
-        expires_ms: ttl.map(|t| now + t.as_millis() as u64),
-        uses_left: None,
-        description: description.to_string(),
-    };
+    let record = crate::api::pki::token_record(&token, role, ttl, None, description.to_string());
     match member.write(Command::CreateToken(record)).await {
         Ok(Outcome::Token(_)) => Ok(token),
         Ok(other) => bail!("make the {role} token: unexpected outcome {other:?}"),
