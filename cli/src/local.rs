@@ -513,6 +513,87 @@ pub async fn http_request(
     Some((code, body))
 }
 
+/// The CA of the standalone agents this process starts, and a member
+/// credential it signed to call them with.
+struct StandaloneTls {
+    ca: berth_proto::pki::Ca,
+    member: Dialer,
+}
+
+static STANDALONE: std::sync::OnceLock<Result<StandaloneTls, String>> = std::sync::OnceLock::new();
+/// Standalone agents by address, for `standalone_channel`.
+static STANDALONE_NODES: std::sync::Mutex<Vec<(String, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn standalone_tls() -> anyhow::Result<&'static StandaloneTls> {
+    let made = STANDALONE.get_or_init(|| {
+        let make = || -> anyhow::Result<StandaloneTls> {
+            berth_proto::tls::install_crypto_provider();
+            let ca = berth_proto::pki::Ca::generate("standalone", std::time::SystemTime::now())?;
+            let request = berth_proto::pki::new_key_and_csr()?;
+            let issued = ca.sign_csr(
+                &request.csr_der,
+                &berth_proto::pki::Identity::Member(1),
+                &[],
+                Duration::from_secs(7 * 24 * 3600),
+                std::time::SystemTime::now(),
+            )?;
+            let credentials = berth_proto::tls::Credentials::from_pem(
+                ca.cert_pem(),
+                &format!("{}{}", issued.cert_pem, ca.cert_pem()),
+                &request.key_pem,
+                "standalone member",
+            )?;
+            Ok(StandaloneTls {
+                member: Dialer::with_credentials(credentials)?,
+                ca,
+            })
+        };
+        make().map_err(|e| format!("{e:#}"))
+    });
+    made.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Puts a node certificate for `node` from the standalone CA into the data
+/// dir (unless one is there), and remembers which node serves `addr`.
+fn provision_standalone(data_dir: &Path, node: &str, addr: &str) -> anyhow::Result<()> {
+    let tls = standalone_tls()?;
+    let files = berth_proto::tls::TlsFiles::under(data_dir);
+    if !files.exist() {
+        let request = berth_proto::pki::new_key_and_csr()?;
+        let issued = tls.ca.sign_csr(
+            &request.csr_der,
+            &berth_proto::pki::Identity::Node(node.to_string()),
+            &["127.0.0.1".to_string()],
+            Duration::from_secs(7 * 24 * 3600),
+            std::time::SystemTime::now(),
+        )?;
+        files.store(
+            tls.ca.cert_pem(),
+            &format!("{}{}", issued.cert_pem, tls.ca.cert_pem()),
+            &request.key_pem,
+        )?;
+    }
+    STANDALONE_NODES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((addr.to_string(), node.to_string()));
+    Ok(())
+}
+
+/// A channel to the standalone agent this process started at `addr`, as a
+/// member of its CA.
+pub fn standalone_channel(addr: &str) -> anyhow::Result<berth_proto::grpc::Channel> {
+    let node = STANDALONE_NODES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(a, _)| a == addr)
+        .map(|(_, n)| n.clone())
+        .with_context(|| format!("no standalone agent was started at {addr}"))?;
+    Ok(standalone_tls()?.member.agent_channel(addr, &node)?)
+}
+
 /// Options for a local agent's command line.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -594,9 +675,12 @@ impl LocalAgent {
         if let Some(c) = &options.control {
             args.extend(["--control".to_string(), c.clone()]);
         }
-        match &options.token {
-            Some(t) => args.extend(["--token".to_string(), t.clone()]),
-            None => args.push("--insecure".into()),
+        match (&options.token, &options.control) {
+            (Some(t), _) => args.extend(["--token".to_string(), t.clone()]),
+            // Standalone: a node certificate from this process's test CA,
+            // placed in the data dir as an operator with their own PKI would.
+            (None, None) => provision_standalone(&data_dir, &options.node, &addr)?,
+            (None, Some(_)) => args.push("--insecure".into()),
         }
         args.extend(options.extra.iter().cloned());
         let mut agent = LocalAgent {

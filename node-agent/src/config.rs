@@ -333,8 +333,8 @@ impl Config {
         if self.insecure && self.token.is_some() {
             return Err("--insecure excludes --token: a plaintext agent has no certificate".into());
         }
-        if !self.insecure && self.control.is_empty() {
-            return Err("an agent without --control has no cluster to trust: give --control ADDR --token TOKEN, or --insecure to run it alone for development".into());
+        if self.token.is_some() && self.control.is_empty() {
+            return Err("--token is for joining a cluster: give --control ADDR too".into());
         }
         for (field, d) in [
             ("heartbeat_interval", self.heartbeat_interval),
@@ -416,9 +416,14 @@ mod tests {
         let err = |f: Flags| Config::load(f).unwrap_err();
         let e = err(Flags {
             insecure: false,
+            token: Some(format!(
+                "berth1.{}.abcdef.{}",
+                "0".repeat(64),
+                "s".repeat(40)
+            )),
             ..flags()
         });
-        assert!(e.contains("--control") && e.contains("--insecure"), "{e}");
+        assert!(e.contains("--token") && e.contains("--control"), "{e}");
         let e = err(Flags {
             listen: Some("0.0.0.0:7500".parse().unwrap()),
             ..flags()

@@ -70,8 +70,10 @@ pub async fn prepare(config: &Config, advertised: &str) -> anyhow::Result<AgentS
     if !files.exist() {
         let Some(token) = &config.token else {
             bail!(
-                "this agent has no certificate yet ({} is missing): start it once with --token TOKEN (bootstrap wrote one to agent.token; or run `berth token create --role agent`)",
-                files.cert().display()
+                "this agent has no certificate yet ({} is missing): start it once with --control ADDR --token TOKEN (bootstrap wrote one to agent.token; or run `berth token create --role agent`), or put a certificate for node {} signed by the cluster CA in {} (ca.pem, cert.pem, key.pem), or run with --insecure for development",
+                files.cert().display(),
+                config.node_name,
+                files.dir.display()
             );
         };
         buy_certificate(config, advertised, token, &files).await?;

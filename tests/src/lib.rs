@@ -209,9 +209,10 @@ pub use berth_cli::local::{AgentOptions, LocalAgent};
 use berth_proto::v1::agent_client::AgentClient;
 use std::collections::HashMap;
 
-/// A gRPC Agent client for a standalone (plaintext) agent.
+/// A gRPC Agent client for a standalone agent this test started (mTLS, as
+/// a member of the CA that signed the agent's certificate).
 pub fn agent(addr: &str) -> AgentClient<Channel> {
-    AgentClient::new(berth_proto::grpc::channel(addr).expect("channel"))
+    AgentClient::new(berth_cli::local::standalone_channel(addr).expect("standalone agent channel"))
 }
 
 /// A spec running the demo model server on simulated GPU `gpu` (or none).

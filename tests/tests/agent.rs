@@ -511,7 +511,7 @@ async fn agent_start_up_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
     let base = |extra: &[&str]| {
-        let mut v: Vec<String> = ["--node-name", "n1", "--data-dir", &data, "--insecure"]
+        let mut v: Vec<String> = ["--node-name", "n1", "--data-dir", &data]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -544,7 +544,6 @@ async fn agent_start_up_errors_are_clear() {
         first.data_dir.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
-        "--insecure".into(),
     ])
     .await;
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

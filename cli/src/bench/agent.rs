@@ -39,7 +39,7 @@ pub struct AgentStartReport {
 }
 
 async fn wait_serving(addr: &str) -> anyhow::Result<AgentClient<berth_proto::grpc::Channel>> {
-    let client = AgentClient::new(berth_proto::grpc::channel(addr)?);
+    let client = AgentClient::new(crate::local::standalone_channel(addr)?);
     wait_for("the agent to serve", Duration::from_secs(30), || async {
         let mut c = client.clone();
         c.list_replicas(pb::ListReplicasRequest {})
