@@ -119,6 +119,8 @@ pub async fn prepare(
         ca,
         lifetime: config.cert_lifetime,
     });
+    heal_if_expired(&credentials, &files, &signer, identity, SystemTime::now())?;
+    let leaf = credentials.leaf();
     let gate = Gate::new(Arc::new(ClusterAuth::new(state, signer.ca.fingerprint())));
     let dialer = Dialer::with_credentials(credentials.clone())?;
     tracing::info!(
@@ -137,6 +139,41 @@ pub async fn prepare(
         signer: Some(signer),
         credentials: Some(credentials),
     })
+}
+
+/// A member that was down past its certificate's expiry cannot renew
+/// through the cluster (peers refuse an expired certificate), but it holds
+/// the CA key: it signs itself a new leaf before it serves. The renewal
+/// loop records the next one in the ledger as usual.
+fn heal_if_expired(
+    credentials: &Credentials,
+    files: &TlsFiles,
+    signer: &Signer,
+    identity: &MemberIdentity,
+    now: SystemTime,
+) -> anyhow::Result<()> {
+    let old = credentials.leaf();
+    if old.left(now) >= Duration::from_secs(60) {
+        return Ok(());
+    }
+    let request = pki::new_key_and_csr()?;
+    let issued = signer.ca.sign_csr(
+        &request.csr_der,
+        &Identity::Member(identity.id),
+        &names(identity),
+        signer.lifetime,
+        now,
+    )?;
+    let chain = format!("{}{}", issued.cert_pem, signer.ca.cert_pem());
+    credentials.replace(&chain, &request.key_pem)?;
+    files.replace_leaf(&chain, &request.key_pem)?;
+    tracing::warn!(
+        member = identity.id,
+        expired_serial = %old.serial,
+        serial = %issued.serial,
+        "this member's certificate had expired (it was down past its lifetime): signed a new one with the cluster CA"
+    );
+    Ok(())
 }
 
 /// Bootstrap: the cluster's CA (or the operator's) and this member's leaf.
@@ -351,4 +388,60 @@ pub fn cut_revoked(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_back_after_its_certificate_expired_signs_itself_a_new_one() {
+        berth_proto::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::under(dir.path());
+        let day = Duration::from_secs(24 * 3600);
+        let now = SystemTime::now();
+        let ca = Ca::generate("c", now - 90 * day).unwrap();
+        let identity = MemberIdentity {
+            id: 2,
+            advertise: "127.0.0.1:7410".into(),
+            joined: true,
+        };
+        // A leaf issued 60 days ago for 30 days: expired a month ago.
+        let request = pki::new_key_and_csr().unwrap();
+        let old = ca
+            .sign_csr(
+                &request.csr_der,
+                &Identity::Member(2),
+                &[],
+                30 * day,
+                now - 60 * day,
+            )
+            .unwrap();
+        files
+            .store(
+                ca.cert_pem(),
+                &format!("{}{}", old.cert_pem, ca.cert_pem()),
+                &request.key_pem,
+            )
+            .unwrap();
+        let credentials = Credentials::load(&files).unwrap();
+        let signer = Signer {
+            ca,
+            lifetime: 30 * day,
+        };
+        heal_if_expired(&credentials, &files, &signer, &identity, now).unwrap();
+        let healed = credentials.leaf();
+        assert_ne!(healed.serial, old.serial);
+        assert_eq!(healed.identity, Some(Identity::Member(2)));
+        assert!(healed.left(now) > 29 * day);
+        // Stored too: a restart loads the new one.
+        assert_eq!(
+            Credentials::load(&files).unwrap().leaf().serial,
+            healed.serial
+        );
+        // A valid leaf is left alone.
+        heal_if_expired(&credentials, &files, &signer, &identity, now).unwrap();
+        assert_eq!(credentials.leaf().serial, healed.serial);
+    }
 }
