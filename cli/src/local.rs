@@ -240,6 +240,18 @@ impl LocalCluster {
             .map(|t| t.trim().to_string())
     }
 
+    /// Options for an agent of node `node` with simulated `gpus` that joins
+    /// this cluster (with the agent token, or plaintext when the cluster is).
+    pub fn agent_options(&self, node: &str, gpus: &str) -> AgentOptions {
+        AgentOptions {
+            node: node.to_string(),
+            simulate_gpus: Some(gpus.to_string()),
+            control: Some(self.servers()),
+            token: self.agent_token(),
+            extra: Vec::new(),
+        }
+    }
+
     /// A client of every member, as admin.
     pub fn client(&self) -> Client {
         Client::new(&self.servers(), &self.dialer)

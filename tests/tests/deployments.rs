@@ -126,17 +126,8 @@ async fn demo_cluster(
     let agents: Vec<LocalAgent> = nodes
         .iter()
         .map(|node| {
-            LocalAgent::start_in(
-                cluster.root(),
-                AgentOptions {
-                    node: node.to_string(),
-                    simulate_gpus: Some("2xA100-80GB".into()),
-                    control: Some(servers.clone()),
-                    token: cluster.agent_token(),
-                    extra: Vec::new(),
-                },
-            )
-            .expect("start agent")
+            LocalAgent::start_in(cluster.root(), cluster.agent_options(node, "2xA100-80GB"))
+                .expect("start agent")
         })
         .collect();
     wait_until(DEADLINE, "every node ready", || async {

@@ -34,11 +34,8 @@ async fn agents_register_go_down_come_back_and_survive_a_leader_change() {
         LocalAgent::start_in(
             cluster.root(),
             AgentOptions {
-                node: node.into(),
-                simulate_gpus: Some(gpus.into()),
-                control: Some(servers.clone()),
-                token: cluster.agent_token(),
                 extra: vec!["--label".into(), label.into()],
+                ..cluster.agent_options(node, gpus)
             },
         )
         .expect("start agent")

@@ -15,17 +15,8 @@ async fn cluster_with_agent(node: &str) -> (LocalCluster, LocalAgent) {
     let cluster = LocalCluster::start(1, MemberOptions::default())
         .await
         .expect("start the control plane");
-    let agent = LocalAgent::start_in(
-        cluster.root(),
-        AgentOptions {
-            node: node.into(),
-            simulate_gpus: Some("1xA100-80GB".into()),
-            control: Some(cluster.servers()),
-            token: cluster.agent_token(),
-            extra: Vec::new(),
-        },
-    )
-    .expect("start the agent");
+    let agent = LocalAgent::start_in(cluster.root(), cluster.agent_options(node, "1xA100-80GB"))
+        .expect("start the agent");
     let servers = cluster.servers();
     wait_until(DEADLINE, "the node is ready", || async {
         let v = try_berth_json(&["--server", &servers, "node", "list"]).await?;
@@ -356,17 +347,8 @@ async fn certificates_rotate_without_restarts_while_writes_and_heartbeats_flow()
     let agents: Vec<LocalAgent> = ["rot-a", "rot-b"]
         .iter()
         .map(|node| {
-            LocalAgent::start_in(
-                cluster.root(),
-                AgentOptions {
-                    node: node.to_string(),
-                    simulate_gpus: Some("1xA100-80GB".into()),
-                    control: Some(servers.clone()),
-                    token: cluster.agent_token(),
-                    extra: Vec::new(),
-                },
-            )
-            .unwrap()
+            LocalAgent::start_in(cluster.root(), cluster.agent_options(node, "1xA100-80GB"))
+                .unwrap()
         })
         .collect();
     let ready = || async {
@@ -448,8 +430,11 @@ async fn certificates_rotate_without_restarts_while_writes_and_heartbeats_flow()
     let client = cluster.client();
     let mut writes = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    // Until every process has presented four certificates (three rotations).
+    // Until every process has presented four certificates (three rotations),
+    // a round of probes, a write and a look at the nodes every 250 ms.
+    let mut rounds = tokio::time::interval(Duration::from_millis(250));
     while seen.iter().any(|s| s.len() < 4) {
+        rounds.tick().await;
         assert!(
             tokio::time::Instant::now() < deadline,
             "not every process rotated 3 times within 180 s: {seen:?}"
@@ -479,7 +464,6 @@ async fn certificates_rotate_without_restarts_while_writes_and_heartbeats_flow()
         writes += 1;
         // Heartbeats keep flowing: both nodes stay ready.
         assert_eq!(ready().await, Some(2), "a node left ready during rotation");
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let after = running(berth_json(&["--server", &servers, "replica", "list"]).await);
     assert_eq!(

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{create_demo_model, percentile, wait_for};
 use crate::client::{CliError, Client};
-use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
+use crate::local::{LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
 /// How long one step of a trial may take before the bench gives up.
@@ -71,13 +71,7 @@ pub async fn node_loss(a: NodeLossArgs, out: OutputFormat) -> Result<(), CliErro
     for node in ["loss-a", "loss-b"] {
         agents.push(LocalAgent::start_in(
             cluster.root(),
-            AgentOptions {
-                node: node.into(),
-                simulate_gpus: Some("2xA100-80GB".into()),
-                control: Some(cluster.servers()),
-                token: cluster.agent_token(),
-                extra: Vec::new(),
-            },
+            cluster.agent_options(node, "2xA100-80GB"),
         )?);
     }
     create_demo_model(

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::{WritesReport, create_demo_model, measure_writes, wait_for};
 use crate::client::CliError;
 use crate::credentials::Connection;
-use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
+use crate::local::{LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
 /// `bench tls` options.
@@ -100,13 +100,7 @@ async fn one_mode(secure: bool, round: usize, a: &TlsArgs) -> Result<ModeReport,
     let started = Instant::now();
     let _agent = LocalAgent::start_in(
         cluster.root(),
-        AgentOptions {
-            node: "bench-tls".into(),
-            simulate_gpus: Some("1xA100-80GB".into()),
-            control: Some(cluster.servers()),
-            token: cluster.agent_token(),
-            extra: Vec::new(),
-        },
+        cluster.agent_options("bench-tls", "1xA100-80GB"),
     )?;
     let client = cluster.client();
     wait_for(
