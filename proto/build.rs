@@ -5,13 +5,14 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: [&str; 6] = [
+const PROTOS: [&str; 7] = [
     "berth/v1/types.proto",
     "berth/v1/admin.proto",
     "berth/v1/agent.proto",
     "berth/v1/registry.proto",
     "berth/v1/raft.proto",
     "berth/v1/pki.proto",
+    "berth/v1/serving.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

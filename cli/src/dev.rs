@@ -1,7 +1,7 @@
 //! `berth dev`: a whole local Berth in this process: a one-member control
 //! plane, one agent with two simulated GPUs registered as node `dev-node`,
-//! and the demo model deployed with two replicas, for trying Berth on one
-//! machine.
+//! a gateway (the OpenAI-compatible endpoint), and the demo model deployed
+//! with two replicas, for trying Berth on one machine.
 //! The agent runs replicas through `berth shim` and the demo runtime
 //! through `berth demo-model`, and stops them when dev stops.
 
@@ -34,6 +34,9 @@ pub struct DevArgs {
     /// gRPC address of the dev agent.
     #[arg(long, default_value = "127.0.0.1:7500")]
     agent: SocketAddr,
+    /// HTTP address of the dev gateway (the OpenAI-compatible endpoint).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway: SocketAddr,
     /// Simulated GPUs of the dev agent; `none` uses this machine's real GPUs through NVML.
     #[arg(long, default_value = "2xA100-80GB", value_name = "SPEC")]
     simulate_gpus: String,
@@ -104,6 +107,39 @@ async fn register_demo(client: &Client) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Starts the dev gateway with a gateway token of its own, as a real one runs.
+async fn start_gateway(
+    client: &Client,
+    control: &str,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<berth_gateway::Running, CliError> {
+    let created = client
+        .admin(|mut c| async move {
+            c.create_token(pb::CreateTokenRequest {
+                role: "gateway".into(),
+                ttl_s: None,
+                uses: None,
+                description: "berth dev gateway".into(),
+            })
+            .await
+        })
+        .await?;
+    let token = created
+        .token
+        .parse()
+        .map_err(|e: berth_common::ValidationError| anyhow::anyhow!("the gateway token: {e}"))?;
+    let mut config = berth_gateway::config::Config::new(
+        listen,
+        vec![control.to_string()],
+        berth_gateway::config::ControlAccess::Token(token),
+    );
+    config.name = "dev-gateway".into();
+    Ok(berth_gateway::start(config, shutdown)
+        .await
+        .with_context(|| format!("start the dev gateway on {listen} (is another berth running? pick --gateway)"))?)
+}
+
 /// Runs the dev cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
     berth_common::telemetry::init(Default::default(), "warn,berth_control_plane=info");
@@ -157,6 +193,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
     let dialer = crate::local::dialer_from(&admin_conf)?;
     let client = Client::new(&addr, &dialer);
     register_demo(&client).await?;
+    let gateway = start_gateway(&client, &addr, args.gateway, shutdown.clone()).await?;
     let server_flag = if addr == crate::DEFAULT_SERVER {
         String::new()
     } else {
@@ -208,10 +245,19 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         );
         first.get_or_insert(endpoint);
     }
+    out!(
+        "gateway: OpenAI-compatible endpoint on http://{}/v1 (models: curl http://{}/v1/models)",
+        gateway.addr,
+        gateway.addr
+    );
     out!();
     out!("try, in another terminal:");
+    out!(
+        "  curl -s http://{}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\":\"demo\",\"prompt\":\"hello\",\"max_tokens\":8}}'",
+        gateway.addr
+    );
     if let Some(e) = first {
-        out!("  curl -s http://{e}/v1/completions -d '{{\"prompt\":\"hello\",\"max_tokens\":8}}'");
+        out!("  curl -s http://{e}/v1/completions -d '{{\"prompt\":\"hello\",\"max_tokens\":8}}'   (one replica, directly)");
     }
     out!("  berth{server_flag} replica list");
     out!("  berth{server_flag} deploy scale {DEMO_DEPLOYMENT} 3 --wait");
@@ -227,6 +273,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         stop.cancel();
     });
     agent.wait().await?;
+    gateway.wait().await;
     running.wait().await?;
     drop(dev_conf);
     drop(temp);

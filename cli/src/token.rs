@@ -14,7 +14,7 @@ use crate::output::{OutputFormat, print_json, table};
 pub enum TokenCommand {
     /// Make a token; its text is printed once and stored nowhere.
     Create {
-        /// admin, operator or viewer (API tokens), agent or member (join tokens).
+        /// admin, operator or viewer (API tokens), gateway (for `berth-gateway`), agent or member (join tokens).
         #[arg(long)]
         role: String,
         /// How long it works (24h, 30m, 7d); 0 or left out: until revoked (join tokens default to 24h).

@@ -23,16 +23,20 @@ pub enum Role {
     Agent,
     /// A control-plane member: Raft and forwarding.
     Member,
+    /// A `berth-gateway`: watches the ready endpoints (appended: roles are
+    /// stored by index).
+    Gateway,
 }
 
 impl Role {
     /// Every role, in order.
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Admin,
         Role::Operator,
         Role::Viewer,
         Role::Agent,
         Role::Member,
+        Role::Gateway,
     ];
 
     /// The lowercase name used on the command line and in JSON.
@@ -43,6 +47,7 @@ impl Role {
             Role::Viewer => "viewer",
             Role::Agent => "agent",
             Role::Member => "member",
+            Role::Gateway => "gateway",
         }
     }
 
@@ -70,7 +75,7 @@ impl FromStr for Role {
                 ValidationError::new(
                     "role",
                     s,
-                    "must be one of admin, operator, viewer, agent, member",
+                    "must be one of admin, operator, viewer, agent, member, gateway",
                 )
             })
     }

@@ -18,6 +18,7 @@ use berth_proto::grpc;
 use berth_proto::v1::JoinRequest;
 use berth_proto::v1::admin_server::AdminServer;
 use berth_proto::v1::node_registry_server::NodeRegistryServer;
+use berth_proto::v1::serving_server::ServingServer;
 use berth_proto::v1::pki_server::PkiServer;
 use berth_proto::v1::raft_client::RaftClient;
 use berth_proto::v1::raft_server::RaftServer;
@@ -32,6 +33,7 @@ use crate::api::admin::AdminService;
 use crate::api::pki::PkiService;
 use crate::api::raft::RaftService;
 use crate::api::registry::RegistryService;
+use crate::api::serving::ServingService;
 use crate::config::Config;
 use crate::member::{Forwarder, Member, PeerClients, Proposer, detector};
 use crate::raft::log_store::LogStore;
@@ -256,13 +258,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         replicas,
         security.signer.clone(),
     )))
+    .add_service(ServingServer::new(ServingService::new(
+        nodes.clone(),
+        shutdown.clone(),
+    )))
     .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))
     .add_service(
         RaftServer::new(RaftService::new(member.clone(), shutdown.clone()))
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
     );
-    let mut services = vec!["berth.v1.Admin", "berth.v1.NodeRegistry", "berth.v1.Raft"];
+    let mut services = vec![
+        "berth.v1.Admin",
+        "berth.v1.NodeRegistry",
+        "berth.v1.Raft",
+        "berth.v1.Serving",
+    ];
     if let Some(signer) = &security.signer {
         routes = routes.add_service(PkiServer::new(PkiService::new(
             member.clone(),

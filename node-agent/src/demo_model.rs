@@ -1,8 +1,11 @@
 //! `demo-model`: a small, real HTTP model server for demos and tests. It
 //! speaks enough of the OpenAI API to be used like a real one:
-//! `GET /health`, `GET /v1/models`, `POST /v1/completions` (deterministic
-//! toy text: the same prompt always gives the same words). It says it is a
-//! demo everywhere. `--load-delay` mimics loading weights (health answers
+//! `GET /health`, `GET /v1/models`, `POST /v1/completions`,
+//! `/v1/chat/completions` (deterministic toy text: the same prompt always
+//! gives the same words; `"stream": true` sends server-sent events, one per
+//! word, `--token-delay` apart) and `/v1/embeddings`, and `GET /metrics`
+//! (requests running, served and cancelled by their client). It says it is
+//! a demo everywhere. `--load-delay` mimics loading weights (health answers
 //! 503 meanwhile); `--fail-health` makes it never healthy, for rollout tests.
 //! Runtime `demo` in the registry runs it (`berth-agent demo-model`).
 
@@ -39,6 +42,9 @@ pub struct DemoArgs {
     /// Never become healthy (for testing failed rollouts).
     #[arg(long, env = "BERTH_DEMO_FAIL_HEALTH")]
     pub fail_health: bool,
+    /// Time between two words of an answer (e.g. 20ms), like a model's decode step.
+    #[arg(long, default_value = "0s", env = "BERTH_DEMO_TOKEN_DELAY", value_parser = duration)]
+    pub token_delay: Duration,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -49,7 +55,10 @@ struct Demo {
     name: String,
     ready: AtomicBool,
     fail_health: bool,
+    token_delay: Duration,
     requests: AtomicU64,
+    running: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 /// Runs the demo model server until SIGTERM or Ctrl-C.
@@ -65,7 +74,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         name: args.name.clone(),
         ready: AtomicBool::new(args.load_delay.is_zero()),
         fail_health: args.fail_health,
+        token_delay: args.token_delay,
         requests: AtomicU64::new(0),
+        running: AtomicU64::new(0),
+        cancelled: AtomicU64::new(0),
     });
     println!(
         "berth demo model {:?} (a demo, not a real model) listening on http://{addr}",
@@ -85,6 +97,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics))
         .with_state(demo);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -152,60 +167,288 @@ struct CompletionRequest {
     #[serde(default)]
     prompt: Option<String>,
     #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
     max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    #[serde(default)]
+    content: Option<String>,
 }
 
 /// The most tokens one completion returns.
 const MAX_TOKENS: u32 = 512;
 
+fn error(status: StatusCode, message: String) -> Response {
+    json_response(
+        status,
+        json!({"error": {"message": message, "type": "invalid_request_error"}}),
+    )
+}
+
+/// Checks readiness, the body and the model name; the request, or the answer to give.
+fn admit(d: &Demo, body: &[u8]) -> Result<CompletionRequest, Response> {
+    if !d.ready.load(Ordering::SeqCst) {
+        return Err(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": {"message": "the model is still loading", "type": "unavailable"}}),
+        ));
+    }
+    let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a completion request: {e}"),
+        )
+    })?;
+    if let Some(m) = &req.model
+        && m != &d.name
+    {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model {m:?} is not served here; this server serves {:?}",
+                d.name
+            ),
+        ));
+    }
+    Ok(req)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |t| t.as_secs())
+}
+
 async fn completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
+    let req = match admit(&d, &body) {
+        Ok(r) => r,
+        Err(answer) => return answer,
+    };
+    answer(d, req, Kind::Completion)
+}
+
+async fn chat_completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
+    let req = match admit(&d, &body) {
+        Ok(r) => r,
+        Err(answer) => return answer,
+    };
+    answer(d, req, Kind::Chat)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Answers a completion or chat request, whole or streamed.
+fn answer(d: Arc<Demo>, req: CompletionRequest, kind: Kind) -> Response {
+    let prompt = match kind {
+        Kind::Completion => req.prompt.clone().unwrap_or_default(),
+        Kind::Chat => req
+            .messages
+            .iter()
+            .flatten()
+            .filter_map(|m| m.content.clone())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    let tokens = req.max_tokens.unwrap_or(16).clamp(1, MAX_TOKENS);
+    let words: Vec<String> = generate(&prompt, tokens)
+        .split(' ')
+        .map(String::from)
+        .collect();
+    let n = d.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let id = match kind {
+        Kind::Completion => format!("cmpl-demo-{n}"),
+        Kind::Chat => format!("chatcmpl-demo-{n}"),
+    };
+    let path = match kind {
+        Kind::Completion => "/v1/completions",
+        Kind::Chat => "/v1/chat/completions",
+    };
+    if req.stream {
+        println!("POST {path} 200 (streaming {tokens} tokens, request {n})");
+        return stream(d, id, words, kind);
+    }
+    println!("POST {path} 200 ({tokens} tokens, request {n})");
+    let text = words.join(" ");
+    let prompt_tokens = prompt.split_whitespace().count() as u32;
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": tokens,
+        "total_tokens": prompt_tokens + tokens,
+    });
+    let body = match kind {
+        Kind::Completion => json!({
+            "id": id,
+            "object": "text_completion",
+            "created": unix_now(),
+            "model": d.name,
+            "demo": true,
+            "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": null}],
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": unix_now(),
+            "model": d.name,
+            "demo": true,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+            "usage": usage,
+        }),
+    };
+    json_response(StatusCode::OK, body)
+}
+
+/// Server-sent events, one per word, `token_delay` apart, then `[DONE]`.
+/// A client that goes away stops the generation (counted as cancelled).
+fn stream(d: Arc<Demo>, id: String, words: Vec<String>, kind: Kind) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(1);
+    d.running.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        let created = unix_now();
+        let total = words.len();
+        let mut events = Vec::with_capacity(total + 2);
+        if kind == Kind::Chat {
+            events.push(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": d.name,
+                "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}]}));
+        }
+        for (i, w) in words.iter().enumerate() {
+            let text = if i == 0 { w.clone() } else { format!(" {w}") };
+            let finish = if i + 1 == total { json!("length") } else { json!(null) };
+            events.push(match kind {
+                Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": d.name,
+                    "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": null}]}),
+                Kind::Chat => json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": d.name,
+                    "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}),
+            });
+        }
+        let mut sent = 0;
+        let mut cancelled = false;
+        for event in events {
+            if !d.token_delay.is_zero() {
+                tokio::time::sleep(d.token_delay).await;
+            }
+            if tx.send(Ok(format!("data: {event}\n\n"))).await.is_err() {
+                cancelled = true;
+                break;
+            }
+            sent += 1;
+        }
+        if !cancelled && tx.send(Ok("data: [DONE]\n\n".into())).await.is_err() {
+            cancelled = true;
+        }
+        if cancelled {
+            d.cancelled.fetch_add(1, Ordering::SeqCst);
+            println!("{id}: the client went away after {sent} events; generation stopped");
+        }
+        d.running.fetch_sub(1, Ordering::SeqCst);
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(axum::body::Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap_or_else(|e| {
+            error(StatusCode::INTERNAL_SERVER_ERROR, format!("build the stream: {e}"))
+        })
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    #[serde(default)]
+    model: Option<String>,
+    input: serde_json::Value,
+}
+
+/// Dimensions of the demo's embeddings.
+const EMBEDDING_DIMS: usize = 8;
+
+async fn embeddings(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
     if !d.ready.load(Ordering::SeqCst) {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": {"message": "the model is still loading", "type": "unavailable"}}),
         );
     }
-    let req: CompletionRequest = match serde_json::from_slice(&body) {
+    let req: EmbeddingRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return json_response(
+            return error(
                 StatusCode::BAD_REQUEST,
-                json!({"error": {"message": format!("the body is not a completion request: {e}"), "type": "invalid_request_error"}}),
+                format!("the body is not an embeddings request: {e}"),
             );
         }
     };
     if let Some(m) = &req.model
         && m != &d.name
     {
-        return json_response(
+        return error(
             StatusCode::NOT_FOUND,
-            json!({"error": {"message": format!("model {m:?} is not served here; this server serves {:?}", d.name), "type": "invalid_request_error"}}),
+            format!("model {m:?} is not served here; this server serves {:?}", d.name),
         );
     }
-    let prompt = req.prompt.unwrap_or_default();
-    let tokens = req.max_tokens.unwrap_or(16).clamp(1, MAX_TOKENS);
-    let text = generate(&prompt, tokens);
-    let n = d.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    println!("POST /v1/completions 200 ({tokens} tokens, request {n})");
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |t| t.as_secs());
+    let inputs: Vec<String> = match &req.input {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(items) if items.iter().all(|i| i.is_string()) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(String::from))
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "input must be a string or an array of strings".into(),
+            );
+        }
+    };
+    d.requests.fetch_add(1, Ordering::Relaxed);
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed(text)}))
+        .collect();
+    let tokens: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
     json_response(
         StatusCode::OK,
-        json!({
-            "id": format!("cmpl-demo-{n}"),
-            "object": "text_completion",
-            "created": created,
-            "model": d.name,
-            "demo": true,
-            "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": null}],
-            "usage": {
-                "prompt_tokens": prompt.split_whitespace().count(),
-                "completion_tokens": tokens,
-                "total_tokens": prompt.split_whitespace().count() as u32 + tokens,
-            },
-        }),
+        json!({"object": "list", "data": data, "model": d.name, "demo": true,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
     )
+}
+
+/// A deterministic unit vector from the text's hash.
+fn embed(text: &str) -> Vec<f32> {
+    let mut x = fnv(text) | 1;
+    let raw: Vec<f32> = (0..EMBEDDING_DIMS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect();
+    let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::EPSILON);
+    raw.iter().map(|v| v / norm).collect()
+}
+
+async fn metrics(State(d): State<Arc<Demo>>) -> Response {
+    let text = format!(
+        "# HELP berth_demo:requests_running Streams being generated.\n# TYPE berth_demo:requests_running gauge\nberth_demo:requests_running {}\n\
+         # HELP berth_demo:requests_total Requests answered.\n# TYPE berth_demo:requests_total counter\nberth_demo:requests_total {}\n\
+         # HELP berth_demo:requests_cancelled_total Streams stopped because their client went away.\n# TYPE berth_demo:requests_cancelled_total counter\nberth_demo:requests_cancelled_total {}\n",
+        d.running.load(Ordering::SeqCst),
+        d.requests.load(Ordering::SeqCst),
+        d.cancelled.load(Ordering::SeqCst),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 const WORDS: [&str; 32] = [
@@ -215,14 +458,19 @@ const WORDS: [&str; 32] = [
     "horizon",
 ];
 
-/// Deterministic toy text: an FNV-1a hash of the prompt seeds a xorshift.
-pub fn generate(prompt: &str, tokens: u32) -> String {
+/// FNV-1a.
+fn fnv(text: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in prompt.bytes() {
+    for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let mut x = h | 1;
+    h
+}
+
+/// Deterministic toy text: an FNV-1a hash of the prompt seeds a xorshift.
+pub fn generate(prompt: &str, tokens: u32) -> String {
+    let mut x = fnv(prompt) | 1;
     (0..tokens)
         .map(|_| {
             x ^= x << 13;
@@ -243,5 +491,14 @@ mod tests {
         assert_eq!(generate("hello", 8), generate("hello", 8));
         assert_ne!(generate("hello", 8), generate("hullo", 8));
         assert_eq!(generate("x", 5).split(' ').count(), 5);
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embed("hello");
+        assert_eq!(a, embed("hello"));
+        assert_ne!(a, embed("hullo"));
+        let norm: f32 = a.iter().map(|v| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
     }
 }

@@ -199,6 +199,15 @@ const VIEWER: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer, Role::Membe
 const AGENT: &[Role] = &[Role::Agent];
 const MEMBER: &[Role] = &[Role::Member];
 const HOLDER: &[Role] = &[Role::Agent, Role::Member, Role::Admin];
+/// The serving path's watchers: gateways, people and tools that read, and
+/// members (a follower relays the leader's stream).
+const WATCHER: &[Role] = &[
+    Role::Gateway,
+    Role::Admin,
+    Role::Operator,
+    Role::Viewer,
+    Role::Member,
+];
 
 /// The access table: every method of every service Berth serves. A method
 /// not listed here is denied.
@@ -257,6 +266,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/berth.v1.Agent/ListReplicas", Access::Roles(MEMBER)),
     ("/berth.v1.Agent/GetInventory", Access::Roles(MEMBER)),
     ("/berth.v1.Agent/StreamLogs", Access::Roles(MEMBER)),
+    ("/berth.v1.Serving/WatchEndpoints", Access::Roles(WATCHER)),
     ("/grpc.health.v1.Health/Check", Access::Anyone),
     ("/grpc.health.v1.Health/Watch", Access::Anyone),
     (

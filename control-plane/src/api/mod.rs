@@ -17,6 +17,7 @@ mod nodes;
 pub mod pki;
 pub mod raft;
 pub mod registry;
+pub mod serving;
 
 /// The one mapping from Berth errors to gRPC status codes.
 pub fn status(e: MemberError) -> Status {

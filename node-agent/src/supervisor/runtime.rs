@@ -77,6 +77,9 @@ pub fn launch(
                 "0.0.0.0",
                 "--port",
                 &p,
+                // Clients (and the gateway) name the model as Berth does.
+                "--served-model-name",
+                &spec.model,
             ]);
             if !spec.gpus.is_empty() {
                 a.extend(s(&[
@@ -97,6 +100,8 @@ pub fn launch(
                 "0.0.0.0",
                 "--port",
                 &p,
+                "--alias",
+                &spec.model,
             ]);
             if !spec.gpus.is_empty() {
                 a.extend(s(&["--n-gpu-layers", "999"]));

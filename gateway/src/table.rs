@@ -1,0 +1,538 @@
+//! The routing table: which replicas serve which model name, and the
+//! gateway's own view of each replica's load and health. Choosing a replica
+//! is power of two choices on load; a replica at its in-flight cap is
+//! skipped, and one that keeps failing is ejected for a while (passive
+//! health checking). Requests that find no replica with room wait in the
+//! model's queue, bounded in size and time.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use berth_proto::v1 as pb;
+use tokio::sync::Notify;
+
+/// One replica as the gateway sees it.
+#[derive(Debug)]
+pub struct Replica {
+    /// The replica id.
+    pub id: String,
+    /// `host:port` of its model server.
+    pub address: String,
+    /// The model it serves (for metrics).
+    pub model: String,
+    inflight: AtomicU32,
+    failures: AtomicU32,
+    /// Milliseconds since the table's epoch until which it gets no new
+    /// requests; 0 when it is not ejected.
+    ejected_until_ms: AtomicU64,
+    /// How many times in a row it was ejected (the next ejection doubles).
+    ejections: AtomicU32,
+}
+
+impl Replica {
+    fn new(endpoint: &pb::Endpoint) -> Self {
+        Replica {
+            id: endpoint.replica.clone(),
+            address: endpoint.address.clone(),
+            model: endpoint.model.clone(),
+            inflight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    /// Requests this gateway has sent it that have not finished.
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+/// The routing settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most requests per replica at once.
+    pub max_inflight: u32,
+    /// Most waiting requests per model.
+    pub queue_size: u32,
+    /// Longest wait for a replica.
+    pub queue_timeout: Duration,
+    /// Consecutive failures before an ejection.
+    pub eject_after: u32,
+    /// The first ejection's length.
+    pub eject_for: Duration,
+    /// Share of requests that may be retried.
+    pub retry_budget: f64,
+}
+
+/// The replicas of every route name, rebuilt from each endpoint update.
+#[derive(Debug, Default)]
+struct Routes {
+    /// Route name (model, `model:version`, deployment) → its replicas.
+    by_name: BTreeMap<String, Vec<Arc<Replica>>>,
+}
+
+/// Per-model waiting line.
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: AtomicU32,
+    freed: Notify,
+}
+
+/// Why no replica was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoReplica {
+    /// No ready replica serves this name.
+    Unknown,
+    /// Every replica is at its cap and the queue is full.
+    QueueFull,
+    /// Waited `queue_timeout` without a replica freeing up.
+    Timeout,
+}
+
+/// The gateway's routing state: shared by every request.
+#[derive(Debug)]
+pub struct Table {
+    routes: RwLock<Arc<Routes>>,
+    queues: Mutex<HashMap<String, Arc<Queue>>>,
+    limits: Limits,
+    epoch: Instant,
+    /// Retry tokens, in thousandths: each request adds `retry_budget`, each
+    /// retry takes one whole token.
+    retry_tokens: AtomicU64,
+    endpoints: AtomicU64,
+}
+
+/// Most retry tokens saved up (in thousandths): a burst of failures can
+/// retry at most this many requests before the budget limits it.
+const MAX_RETRY_TOKENS: u64 = 10_000;
+
+impl Table {
+    /// An empty table.
+    pub fn new(limits: Limits) -> Self {
+        Table {
+            routes: RwLock::new(Arc::default()),
+            queues: Mutex::new(HashMap::new()),
+            limits,
+            epoch: Instant::now(),
+            retry_tokens: AtomicU64::new(MAX_RETRY_TOKENS),
+            endpoints: AtomicU64::new(0),
+        }
+    }
+
+    /// The settings.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Replaces the endpoints. A replica that is still there at the same
+    /// address keeps its counters, so that in-flight requests stay counted.
+    pub fn replace(&self, endpoints: &BTreeMap<String, pb::Endpoint>) {
+        let before: HashMap<String, Arc<Replica>> = self
+            .current()
+            .by_name
+            .values()
+            .flatten()
+            .map(|r| (r.id.clone(), r.clone()))
+            .collect();
+        let mut by_name: BTreeMap<String, Vec<Arc<Replica>>> = BTreeMap::new();
+        for e in endpoints.values() {
+            let replica = match before.get(&e.replica) {
+                Some(r) if r.address == e.address => r.clone(),
+                _ => Arc::new(Replica::new(e)),
+            };
+            let mut names = vec![e.model.clone(), format!("{}:{}", e.model, e.version)];
+            if e.deployment != e.model {
+                names.push(e.deployment.clone());
+            }
+            for name in names {
+                by_name.entry(name).or_default().push(replica.clone());
+            }
+        }
+        self.endpoints
+            .store(endpoints.len() as u64, Ordering::Relaxed);
+        let routes = Arc::new(Routes { by_name });
+        match self.routes.write() {
+            Ok(mut r) => *r = routes,
+            Err(p) => *p.into_inner() = routes,
+        }
+        // New replicas may give waiting requests a place.
+        if let Ok(queues) = self.queues.lock() {
+            for q in queues.values() {
+                q.freed.notify_waiters();
+            }
+        }
+    }
+
+    fn current(&self) -> Arc<Routes> {
+        match self.routes.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// How many endpoints the table holds.
+    pub fn endpoint_count(&self) -> u64 {
+        self.endpoints.load(Ordering::Relaxed)
+    }
+
+    /// Whether some replica serves `name`.
+    pub fn serves(&self, name: &str) -> bool {
+        self.current().by_name.contains_key(name)
+    }
+
+    /// Every route name with its replica count, sorted.
+    pub fn names(&self) -> Vec<(String, usize)> {
+        self.current()
+            .by_name
+            .iter()
+            .map(|(n, r)| (n.clone(), r.len()))
+            .collect()
+    }
+
+    /// Per route name: replicas and the requests in flight to them.
+    pub fn load(&self) -> Vec<(String, usize, u32)> {
+        self.current()
+            .by_name
+            .iter()
+            .map(|(n, r)| (n.clone(), r.len(), r.iter().map(|x| x.inflight()).sum()))
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Picks a replica for `name` now, not one of `tried`: two at random
+    /// among those with room, the less loaded of the two. Ejected replicas
+    /// are left out, unless every replica with room is ejected (then
+    /// trying one is better than failing the request). `Err(Unknown)` when
+    /// no replica serves the name; `Ok(None)` when all are at their cap.
+    fn pick(&self, name: &str, tried: &HashSet<String>) -> Result<Option<Arc<Replica>>, NoReplica> {
+        let routes = self.current();
+        let Some(all) = routes.by_name.get(name) else {
+            return Err(NoReplica::Unknown);
+        };
+        let untried: Vec<&Arc<Replica>> = all.iter().filter(|r| !tried.contains(&r.id)).collect();
+        if untried.is_empty() {
+            return Err(NoReplica::Unknown);
+        }
+        let now = self.now_ms();
+        let with_room: Vec<&Arc<Replica>> = untried
+            .into_iter()
+            .filter(|r| r.inflight() < self.limits.max_inflight)
+            .collect();
+        let healthy: Vec<&Arc<Replica>> = with_room
+            .iter()
+            .copied()
+            .filter(|r| r.ejected_until_ms.load(Ordering::Relaxed) <= now)
+            .collect();
+        let candidates = if healthy.is_empty() {
+            with_room
+        } else {
+            healthy
+        };
+        let chosen = match candidates.len() {
+            0 => return Ok(None),
+            1 => candidates[0],
+            n => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                if b.inflight() < a.inflight() { b } else { a }
+            }
+        };
+        Ok(Some(chosen.clone()))
+    }
+
+    fn queue(&self, name: &str) -> Arc<Queue> {
+        let mut queues = match self.queues.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        queues.entry(name.to_string()).or_default().clone()
+    }
+
+    /// A replica for `name`, waiting in the model's queue while every
+    /// replica is at its cap. The returned guard counts the request as in
+    /// flight until it is dropped.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        name: &str,
+        tried: &HashSet<String>,
+    ) -> Result<Inflight, NoReplica> {
+        if let Some(r) = self.pick(name, tried)? {
+            return Ok(self.start(name, r));
+        }
+        let queue = self.queue(name);
+        if queue.waiting.fetch_add(1, Ordering::SeqCst) >= self.limits.queue_size {
+            queue.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(NoReplica::QueueFull);
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.queue_timeout;
+        let result = loop {
+            let freed = queue.freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so that a release in between wakes us.
+            freed.as_mut().enable();
+            match self.pick(name, tried) {
+                Ok(Some(r)) => break Ok(self.start(name, r)),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                break Err(NoReplica::Timeout);
+            }
+        };
+        queue.waiting.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn start(self: &Arc<Self>, name: &str, replica: Arc<Replica>) -> Inflight {
+        replica.inflight.fetch_add(1, Ordering::SeqCst);
+        Inflight {
+            table: self.clone(),
+            name: name.to_string(),
+            replica,
+        }
+    }
+
+    /// Requests waiting for a replica, per route name.
+    pub fn waiting(&self) -> Vec<(String, u32)> {
+        match self.queues.lock() {
+            Ok(q) => q
+                .iter()
+                .map(|(n, q)| (n.clone(), q.waiting.load(Ordering::Relaxed)))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Records a request that reached a replica and got an answer.
+    pub fn succeeded(&self, replica: &Replica) {
+        replica.failures.store(0, Ordering::Relaxed);
+        replica.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failure of `replica` (no connection, reset, 502, 503).
+    /// Returns true when this failure ejected it.
+    pub fn failed(&self, replica: &Replica) -> bool {
+        let failures = replica.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.limits.eject_after {
+            return false;
+        }
+        replica.failures.store(0, Ordering::Relaxed);
+        // Doubles with each ejection in a row, up to 8 times the first.
+        let times = replica.ejections.fetch_add(1, Ordering::Relaxed).min(3);
+        let length = self.limits.eject_for.saturating_mul(1 << times);
+        replica
+            .ejected_until_ms
+            .store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Adds a first attempt's share to the retry budget.
+    pub fn deposit(&self) {
+        let add = (self.limits.retry_budget * 1000.0) as u64;
+        let _ = self
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + add).min(MAX_RETRY_TOKENS))
+            });
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn withdraw(&self) -> bool {
+        self.retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1000))
+            .is_ok()
+    }
+}
+
+/// A request in flight to a replica; dropping it ends the request's count
+/// and lets a waiting request in.
+#[derive(Debug)]
+pub struct Inflight {
+    table: Arc<Table>,
+    name: String,
+    /// The replica.
+    pub replica: Arc<Replica>,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.replica.inflight.fetch_sub(1, Ordering::SeqCst);
+        let queues = match self.table.queues.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(q) = queues.get(&self.name) {
+            q.freed.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_inflight: 2,
+            queue_size: 1,
+            queue_timeout: Duration::from_millis(200),
+            eject_after: 2,
+            eject_for: Duration::from_secs(60),
+            retry_budget: 0.2,
+        }
+    }
+
+    fn endpoints(list: &[(&str, &str, &str)]) -> BTreeMap<String, pb::Endpoint> {
+        list.iter()
+            .map(|(id, deployment, addr)| {
+                (
+                    id.to_string(),
+                    pb::Endpoint {
+                        replica: id.to_string(),
+                        deployment: deployment.to_string(),
+                        model: "llama".into(),
+                        version: "v2".into(),
+                        address: addr.to_string(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn table(list: &[(&str, &str, &str)]) -> Arc<Table> {
+        let t = Arc::new(Table::new(limits()));
+        t.replace(&endpoints(list));
+        t
+    }
+
+    #[test]
+    fn routes_by_model_version_and_deployment() {
+        let t = table(&[("chat-1", "chat", "h:1"), ("llama-1", "llama", "h:2")]);
+        let names: Vec<(String, usize)> = t.names();
+        assert_eq!(
+            names,
+            [
+                ("chat".to_string(), 1),
+                ("llama".to_string(), 2),
+                ("llama:v2".to_string(), 2)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn prefers_the_less_loaded_and_respects_the_cap() {
+        let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
+        let none = HashSet::new();
+        let first = t.acquire("llama", &none).await.expect("a replica");
+        // With two candidates, p2c always compares both: the idle one wins.
+        let second = t.acquire("llama", &none).await.expect("a replica");
+        assert_ne!(first.replica.id, second.replica.id);
+        let third = t.acquire("llama", &none).await.expect("a replica");
+        let fourth = t.acquire("llama", &none).await.expect("a replica");
+        assert_ne!(third.replica.id, fourth.replica.id);
+        // Both at the cap of 2: the next one waits; one more overflows the queue.
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move { t.acquire("llama", &HashSet::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            t.acquire("llama", &none).await.err(),
+            Some(NoReplica::QueueFull)
+        );
+        let freed = first.replica.id.clone();
+        drop(first);
+        let got = waiter.await.expect("joins").expect("a replica once one frees");
+        assert_eq!(got.replica.id, freed);
+        // Nothing frees now: a waiter times out.
+        assert_eq!(
+            t.acquire("llama", &none).await.err(),
+            Some(NoReplica::Timeout)
+        );
+    }
+
+    #[tokio::test]
+    async fn skips_tried_and_unknown_names() {
+        let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
+        let tried: HashSet<String> = ["a".to_string()].into();
+        let got = t.acquire("llama", &tried).await.expect("b");
+        assert_eq!(got.replica.id, "b");
+        let both: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        assert_eq!(
+            t.acquire("llama", &both).await.err(),
+            Some(NoReplica::Unknown)
+        );
+        assert_eq!(
+            t.acquire("mistral", &HashSet::new()).await.err(),
+            Some(NoReplica::Unknown)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_replica_is_ejected_unless_it_is_the_last() {
+        let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
+        let none = HashSet::new();
+        let a = t
+            .current()
+            .by_name
+            .get("llama")
+            .and_then(|r| r.iter().find(|x| x.id == "a").cloned())
+            .expect("a");
+        assert!(!t.failed(&a));
+        assert!(t.failed(&a), "second failure in a row ejects");
+        for _ in 0..20 {
+            let got = t.acquire("llama", &none).await.expect("b");
+            assert_eq!(got.replica.id, "b");
+        }
+        // With b tried, the ejected a is still better than nothing.
+        let tried: HashSet<String> = ["b".to_string()].into();
+        assert_eq!(
+            t.acquire("llama", &tried).await.expect("a").replica.id,
+            "a"
+        );
+    }
+
+    #[test]
+    fn counters_survive_an_update_when_the_address_stays() {
+        let t = table(&[("a", "llama", "h:1")]);
+        let held = futures::executor::block_on(t.acquire("llama", &HashSet::new())).expect("a");
+        t.replace(&endpoints(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]));
+        let a = t
+            .current()
+            .by_name
+            .get("llama")
+            .and_then(|r| r.iter().find(|x| x.id == "a").cloned())
+            .expect("a");
+        assert_eq!(a.inflight(), 1);
+        assert!(Arc::ptr_eq(&a, &held.replica));
+        t.replace(&endpoints(&[("a", "llama", "h:9")]));
+        let moved = t.current().by_name["llama"][0].clone();
+        assert_eq!(moved.inflight(), 0, "a new address is a new process");
+    }
+
+    #[test]
+    fn the_retry_budget_is_a_share_of_requests() {
+        let t = table(&[]);
+        for _ in 0..10 {
+            assert!(t.withdraw(), "the saved-up burst");
+        }
+        assert!(!t.withdraw());
+        for _ in 0..10 {
+            t.deposit();
+        }
+        assert!(t.withdraw(), "ten requests at 0.2 pay for two retries");
+        assert!(t.withdraw());
+        assert!(!t.withdraw());
+    }
+}
