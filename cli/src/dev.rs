@@ -137,7 +137,9 @@ async fn start_gateway(
     config.name = "dev-gateway".into();
     Ok(berth_gateway::start(config, shutdown)
         .await
-        .with_context(|| format!("start the dev gateway on {listen} (is another berth running? pick --gateway)"))?)
+        .with_context(|| {
+            format!("start the dev gateway on {listen} (is another berth running? pick --gateway)")
+        })?)
 }
 
 /// Runs the dev cluster until Ctrl-C.
@@ -257,7 +259,9 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         gateway.addr
     );
     if let Some(e) = first {
-        out!("  curl -s http://{e}/v1/completions -d '{{\"prompt\":\"hello\",\"max_tokens\":8}}'   (one replica, directly)");
+        out!(
+            "  curl -s http://{e}/v1/completions -d '{{\"prompt\":\"hello\",\"max_tokens\":8}}'   (one replica, directly)"
+        );
     }
     out!("  berth{server_flag} replica list");
     out!("  berth{server_flag} deploy scale {DEMO_DEPLOYMENT} 3 --wait");

@@ -33,7 +33,10 @@ fn main() -> ExitCode {
         }
     };
     berth_common::telemetry::init(config.log_format, "info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");

@@ -51,6 +51,7 @@ struct Metrics {
     replicas: Family<Labels, Gauge>,
     waiting: Family<Labels, Gauge>,
     connected: Gauge,
+    cut: Family<Labels, Counter>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -73,6 +74,12 @@ impl Metrics {
         let replicas = Family::<Labels, Gauge>::default();
         let waiting = Family::<Labels, Gauge>::default();
         let connected = Gauge::default();
+        let cut = Family::<Labels, Counter>::default();
+        registry.register(
+            "streams_cut",
+            "Answers cut off by their replica after their first byte (the client sees a broken stream, never a clean end)",
+            cut.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by model and HTTP status",
@@ -129,6 +136,7 @@ impl Metrics {
             replicas,
             waiting,
             connected,
+            cut,
         }
     }
 }
@@ -290,12 +298,18 @@ async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
     m.inflight.clear();
     m.replicas.clear();
     for (name, replicas, inflight) in g.table.load() {
-        m.replicas.get_or_create(&model_label(&name)).set(replicas as i64);
-        m.inflight.get_or_create(&model_label(&name)).set(inflight as i64);
+        m.replicas
+            .get_or_create(&model_label(&name))
+            .set(replicas as i64);
+        m.inflight
+            .get_or_create(&model_label(&name))
+            .set(inflight as i64);
     }
     m.waiting.clear();
     for (name, waiting) in g.table.waiting() {
-        m.waiting.get_or_create(&model_label(&name)).set(waiting as i64);
+        m.waiting
+            .get_or_create(&model_label(&name))
+            .set(waiting as i64);
     }
     m.connected.set(i64::from(g.link.connected()));
     let mut text = String::new();
@@ -416,11 +430,18 @@ impl Gateway {
             let inflight = match self.table.acquire(model, &tried).await {
                 Ok(i) => i,
                 Err(NoReplica::Unknown) if attempt == 1 => {
+                    let served: Vec<String> =
+                        self.table.names().into_iter().map(|(n, _)| n).collect();
                     return openai_error(
                         StatusCode::NOT_FOUND,
                         "model_not_found",
                         &format!(
-                            "no ready replica serves model {model:?}: it is not deployed, or none of its replicas is ready yet (GET /v1/models lists what is served)"
+                            "no ready replica serves model {model:?}: it is not deployed, or none of its replicas is ready yet; served now: {}",
+                            if served.is_empty() {
+                                "nothing".to_string()
+                            } else {
+                                served.join(", ")
+                            }
                         ),
                     );
                 }
@@ -462,7 +483,8 @@ impl Gateway {
             } else {
                 with_model(&body, &replica.model)
             };
-            let upstream = match upstream_request(parts, &path, &replica.address, sent, strip_auth) {
+            let upstream = match upstream_request(parts, &path, &replica.address, sent, strip_auth)
+            {
                 Ok(r) => r,
                 Err(e) => {
                     return openai_error(
@@ -481,7 +503,10 @@ impl Gateway {
                         answer.status().as_u16()
                     );
                     self.failure(&replica, &last_failure);
-                    self.metrics.retries.get_or_create(&model_label(model)).inc();
+                    self.metrics
+                        .retries
+                        .get_or_create(&model_label(model))
+                        .inc();
                 }
                 Ok(answer) => {
                     if retryable(answer.status()) {
@@ -500,7 +525,10 @@ impl Gateway {
                     if !(can_retry && self.table.withdraw()) {
                         break;
                     }
-                    self.metrics.retries.get_or_create(&model_label(model)).inc();
+                    self.metrics
+                        .retries
+                        .get_or_create(&model_label(model))
+                        .inc();
                 }
             }
         }
@@ -552,12 +580,22 @@ impl Gateway {
             first: false,
             first_byte: self.metrics.first_byte.get_or_create(&labels).clone(),
             duration: self.metrics.duration.get_or_create(&labels).clone(),
-            _inflight: inflight,
+            inflight,
         };
-        let body = body.map_frame(move |frame| {
-            meter.frame();
-            frame
-        });
+        let cut = self.metrics.cut.get_or_create(&labels).clone();
+        let replica = meter.inflight.replica.id.clone();
+        // An upstream error mid-answer reaches hyper as a body error: it
+        // aborts the response, so the client sees the stream break.
+        let body = body
+            .map_frame(move |frame| {
+                meter.frame();
+                frame
+            })
+            .map_err(move |e| {
+                cut.inc();
+                tracing::warn!(%replica, error = %e, "the replica broke off its answer");
+                e
+            });
         Response::from_parts(parts, Body::new(body))
     }
 }
@@ -568,7 +606,7 @@ struct Meter {
     first: bool,
     first_byte: Histogram,
     duration: Histogram,
-    _inflight: Inflight,
+    inflight: Inflight,
 }
 
 impl Meter {
@@ -610,7 +648,8 @@ fn upstream_request(
         .uri(format!("http://{address}{path}"));
     for (name, value) in &parts.headers {
         // The gateway's own API key is not the model server's business.
-        if !hop_by_hop(name) && !(strip_auth && name == header::AUTHORIZATION) {
+        let own_key = strip_auth && name == header::AUTHORIZATION;
+        if !hop_by_hop(name) && !own_key {
             builder = builder.header(name, value);
         }
     }

@@ -349,7 +349,9 @@ impl Table {
     /// Takes one retry from the budget; false when it is spent.
     pub fn withdraw(&self) -> bool {
         self.retry_tokens
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1000))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                t.checked_sub(1000)
+            })
             .is_ok()
     }
 }
@@ -453,7 +455,10 @@ mod tests {
         );
         let freed = first.replica.id.clone();
         drop(first);
-        let got = waiter.await.expect("joins").expect("a replica once one frees");
+        let got = waiter
+            .await
+            .expect("joins")
+            .expect("a replica once one frees");
         assert_eq!(got.replica.id, freed);
         // Nothing frees now: a waiter times out.
         assert_eq!(
@@ -497,10 +502,7 @@ mod tests {
         }
         // With b tried, the ejected a is still better than nothing.
         let tried: HashSet<String> = ["b".to_string()].into();
-        assert_eq!(
-            t.acquire("llama", &tried).await.expect("a").replica.id,
-            "a"
-        );
+        assert_eq!(t.acquire("llama", &tried).await.expect("a").replica.id, "a");
     }
 
     #[test]

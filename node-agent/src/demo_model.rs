@@ -191,29 +191,29 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 /// Checks readiness, the body and the model name; the request, or the answer to give.
-fn admit(d: &Demo, body: &[u8]) -> Result<CompletionRequest, Response> {
+fn admit(d: &Demo, body: &[u8]) -> Result<CompletionRequest, Box<Response>> {
     if !d.ready.load(Ordering::SeqCst) {
-        return Err(json_response(
+        return Err(Box::new(json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": {"message": "the model is still loading", "type": "unavailable"}}),
-        ));
+        )));
     }
     let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("the body is not a completion request: {e}"),
-        )
+        ))
     })?;
     if let Some(m) = &req.model
         && m != &d.name
     {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             format!(
                 "model {m:?} is not served here; this server serves {:?}",
                 d.name
             ),
-        ));
+        )));
     }
     Ok(req)
 }
@@ -227,7 +227,7 @@ fn unix_now() -> u64 {
 async fn completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
     let req = match admit(&d, &body) {
         Ok(r) => r,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     answer(d, req, Kind::Completion)
 }
@@ -235,7 +235,7 @@ async fn completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
 async fn chat_completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
     let req = match admit(&d, &body) {
         Ok(r) => r,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     answer(d, req, Kind::Chat)
 }
@@ -322,7 +322,11 @@ fn stream(d: Arc<Demo>, id: String, words: Vec<String>, kind: Kind) -> Response 
         }
         for (i, w) in words.iter().enumerate() {
             let text = if i == 0 { w.clone() } else { format!(" {w}") };
-            let finish = if i + 1 == total { json!("length") } else { json!(null) };
+            let finish = if i + 1 == total {
+                json!("length")
+            } else {
+                json!(null)
+            };
             events.push(match kind {
                 Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": d.name,
                     "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": null}]}),
@@ -359,7 +363,10 @@ fn stream(d: Arc<Demo>, id: String, words: Vec<String>, kind: Kind) -> Response 
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
         .unwrap_or_else(|e| {
-            error(StatusCode::INTERNAL_SERVER_ERROR, format!("build the stream: {e}"))
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("build the stream: {e}"),
+            )
         })
 }
 
@@ -394,7 +401,10 @@ async fn embeddings(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
     {
         return error(
             StatusCode::NOT_FOUND,
-            format!("model {m:?} is not served here; this server serves {:?}", d.name),
+            format!(
+                "model {m:?} is not served here; this server serves {:?}",
+                d.name
+            ),
         );
     }
     let inputs: Vec<String> = match &req.input {
@@ -435,7 +445,12 @@ fn embed(text: &str) -> Vec<f32> {
             (x % 2001) as f32 / 1000.0 - 1.0
         })
         .collect();
-    let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::EPSILON);
+    let norm = raw
+        .iter()
+        .map(|v| v * v)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
     raw.iter().map(|v| v / norm).collect()
 }
 

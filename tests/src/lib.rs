@@ -347,3 +347,69 @@ pub async fn presented_serial(
     let der = stream.get_ref().1.peer_certificates()?.first()?.clone();
     Some(berth_proto::pki::leaf_info(&der).ok()?.serial)
 }
+
+/// A `berth-gateway` process, killed on drop.
+pub struct Gateway {
+    /// Its HTTP port on 127.0.0.1.
+    pub port: u32,
+    /// The process.
+    pub child: tokio::process::Child,
+}
+
+/// Starts `berth-gateway --listen 127.0.0.1:0 ARGS` and reads the port it
+/// bound from its first line of output.
+pub async fn start_gateway(args: &[&str]) -> Gateway {
+    use tokio::io::AsyncBufReadExt;
+    let bin = find_binary("berth-gateway").expect("berth-gateway binary");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start berth-gateway");
+    let out = child.stdout.take().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("berth-gateway prints its address")
+        .expect("read its output")
+        .expect("a line before it exits");
+    let port = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    // Keep draining its output so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Gateway { port, child }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) read to its end: status,
+/// headers (lowercase names) and body.
+pub async fn http_full(
+    port: u32,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, HashMap<String, String>, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let code = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    Some((code, headers, body.to_string()))
+}

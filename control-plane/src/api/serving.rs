@@ -210,7 +210,10 @@ fn ready_endpoints(nodes: &NodeTracker) -> HashMap<String, pb::Endpoint> {
                     .map(|v| v.spec.runtime.name().to_string())
                     .unwrap_or_default();
                 // The agent's host, brackets of an IPv6 address kept.
-                let host = node.addr.rsplit_once(':').map_or(node.addr.as_str(), |(h, _)| h);
+                let host = node
+                    .addr
+                    .rsplit_once(':')
+                    .map_or(node.addr.as_str(), |(h, _)| h);
                 Some((
                     r.id.clone(),
                     pb::Endpoint {

@@ -84,10 +84,12 @@ impl DesiredIndex {
             Some((version, _)) if fresh => version,
             _ => {
                 self.by_node.clear();
+                // Replicas marked for removal stay desired while they are
+                // placed: the reconciler stops them itself, after gateways
+                // had time to stop sending them requests (a drain). Left
+                // out, the agent would stop them at its next heartbeat.
                 for r in state.replicas.values() {
-                    if let Some(n) = &r.node
-                        && r.intent == berth_common::ReplicaIntent::Run
-                    {
+                    if let Some(n) = &r.node {
                         self.by_node
                             .entry(n.clone())
                             .or_default()

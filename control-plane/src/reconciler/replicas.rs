@@ -55,6 +55,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(3);
 /// The grace period of stops the reconciler asks for.
 const STOP_GRACE_MS: u64 = 10_000;
+/// How long a replica marked for removal keeps running before it is told to
+/// stop: gateways learn within a few hundred milliseconds that it takes no
+/// more requests (the endpoint watch), so none is sent to a stopping server.
+pub const DRAIN_DELAY: Duration = Duration::from_secs(1);
 /// Restarts after which a replica that is still not running is replaced.
 pub const FAILING_RESTARTS: u32 = 3;
 /// Wait between replacements of a deployment's failing replicas: doubles
@@ -207,12 +211,17 @@ struct Attempt {
 }
 
 impl Attempt {
-    /// A first try of `call` for `generation`, due at `now`.
+    /// A first try of `call` for `generation`, due at `now` (a stop: after
+    /// the drain delay).
     fn new(call: Call, generation: u64, now: Instant) -> Self {
         Attempt {
             call,
             generation,
-            next_at: now,
+            next_at: if call == Call::Stop {
+                now + DRAIN_DELAY
+            } else {
+                now
+            },
             backoff: FIRST_BACKOFF,
             in_flight: false,
             failures: 0,
