@@ -319,6 +319,22 @@ mod tests {
         assert!(matches!(c.access, ControlAccess::Insecure));
     }
 
+    /// The annotated example in deploy/ stays valid.
+    #[test]
+    fn example_config_loads() {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/gateway.toml");
+        let c = Config::load(Flags {
+            config: Some(p),
+            // The example leaves the token out (it belongs in a secret store).
+            insecure: true,
+            ..Flags::default()
+        })
+        .expect("the example loads");
+        assert_eq!(c.control.len(), 3);
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().expect("parses"));
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+    }
+
     #[test]
     fn bad_values_name_the_field() {
         let e = Config::load(Flags {

@@ -412,6 +412,14 @@ mod tests {
             .collect()
     }
 
+    fn replica(t: &Table, id: &str) -> Arc<Replica> {
+        t.current()
+            .by_name
+            .get("llama")
+            .and_then(|r| r.iter().find(|x| x.id == id).cloned())
+            .expect("the replica")
+    }
+
     fn table(list: &[(&str, &str, &str)]) -> Arc<Table> {
         let t = Arc::new(Table::new(limits()));
         t.replace(&endpoints(list));
@@ -488,12 +496,7 @@ mod tests {
     async fn a_failing_replica_is_ejected_unless_it_is_the_last() {
         let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
         let none = HashSet::new();
-        let a = t
-            .current()
-            .by_name
-            .get("llama")
-            .and_then(|r| r.iter().find(|x| x.id == "a").cloned())
-            .expect("a");
+        let a = replica(&t, "a");
         assert!(!t.failed(&a));
         assert!(t.failed(&a), "second failure in a row ejects");
         for _ in 0..20 {
@@ -510,12 +513,7 @@ mod tests {
         let t = table(&[("a", "llama", "h:1")]);
         let held = futures::executor::block_on(t.acquire("llama", &HashSet::new())).expect("a");
         t.replace(&endpoints(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]));
-        let a = t
-            .current()
-            .by_name
-            .get("llama")
-            .and_then(|r| r.iter().find(|x| x.id == "a").cloned())
-            .expect("a");
+        let a = replica(&t, "a");
         assert_eq!(a.inflight(), 1);
         assert!(Arc::ptr_eq(&a, &held.replica));
         t.replace(&endpoints(&[("a", "llama", "h:9")]));
