@@ -323,6 +323,10 @@ pub struct ReplicaView {
     pub model: String,
     /// Model version.
     pub version: String,
+    /// Requests its engine queues (null when its runtime reports none).
+    pub queue_depth: Option<u32>,
+    /// Requests its engine is generating (null when unknown).
+    pub running_requests: Option<u32>,
 }
 
 impl From<pb::ClusterReplica> for ReplicaView {
@@ -344,6 +348,8 @@ impl From<pb::ClusterReplica> for ReplicaView {
             intent: r.intent,
             model: r.model,
             version: r.version,
+            queue_depth: r.queue_depth,
+            running_requests: r.running_requests,
         }
     }
 }
@@ -399,7 +405,7 @@ fn deployments_table(ds: &[DeploymentView]) -> String {
 /// A table of replicas.
 pub fn replicas_table(rs: &[ReplicaView]) -> String {
     let mut t = table(&[
-        "REPLICA", "REV", "NODE", "GPUS", "PHASE", "ENDPOINT", "RESTARTS", "REASON",
+        "REPLICA", "REV", "NODE", "GPUS", "PHASE", "ENDPOINT", "LOAD", "RESTARTS", "REASON",
     ]);
     for r in rs {
         let gpus: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
@@ -418,6 +424,11 @@ pub fn replicas_table(rs: &[ReplicaView]) -> String {
             },
             phase,
             r.endpoint.clone().unwrap_or_else(|| "-".into()),
+            // The engine's own count: running + queued.
+            match (r.running_requests, r.queue_depth) {
+                (Some(running), Some(queued)) => format!("{running}+{queued}q"),
+                _ => "-".into(),
+            },
             r.restarts.to_string(),
             r.reason.clone(),
         ]);

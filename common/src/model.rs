@@ -18,6 +18,19 @@ pub const TEMPLATE_PLACEHOLDERS: [&str; 4] =
 /// The longest accepted source or command template.
 pub const MAX_SOURCE_LEN: usize = 4096;
 
+/// Where a model server reports its load: a Prometheus text endpoint on
+/// its serving port, and the gauges that count the requests it queues and
+/// the ones it is generating (summed over their label sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineMetrics {
+    /// The HTTP path.
+    pub path: &'static str,
+    /// Gauges of requests waiting for a slot.
+    pub waiting: &'static [&'static str],
+    /// Gauges of requests being generated.
+    pub running: &'static [&'static str],
+}
+
 /// How a model server is started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Runtime {
@@ -87,6 +100,36 @@ impl Runtime {
             Runtime::Triton => "triton",
             Runtime::Demo => "demo",
             Runtime::Command { .. } => "command",
+        }
+    }
+
+    /// Where the server reports its load, and under which metric names,
+    /// for the runtimes that have one on their serving port.
+    pub fn engine_metrics(&self) -> Option<EngineMetrics> {
+        match self {
+            Runtime::Vllm => Some(EngineMetrics {
+                path: "/metrics",
+                waiting: &["vllm:num_requests_waiting"],
+                running: &["vllm:num_requests_running"],
+            }),
+            Runtime::LlamaCpp => Some(EngineMetrics {
+                path: "/metrics",
+                waiting: &["llamacpp:requests_deferred"],
+                running: &["llamacpp:requests_processing"],
+            }),
+            Runtime::Tgi => Some(EngineMetrics {
+                path: "/metrics",
+                waiting: &["tgi_queue_size"],
+                running: &["tgi_batch_current_size"],
+            }),
+            Runtime::Demo => Some(EngineMetrics {
+                path: "/metrics",
+                waiting: &["berth_demo:requests_waiting"],
+                running: &["berth_demo:requests_running"],
+            }),
+            // Triton reports on its own metrics port, which the preset
+            // turns off; a command's server is unknown.
+            Runtime::Triton | Runtime::Command { .. } => None,
         }
     }
 

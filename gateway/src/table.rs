@@ -1,6 +1,8 @@
 //! The routing table: which replicas serve which model name, and the
 //! gateway's own view of each replica's load and health. Choosing a replica
-//! is power of two choices on load; a replica at its in-flight cap is
+//! is power of two choices on load (this gateway's requests in flight to
+//! it, plus the requests its engine queues, as its agent last read them);
+//! a replica at its in-flight cap is
 //! skipped, and one that keeps failing is ejected for a while (passive
 //! health checking). Requests that find no replica with room wait in the
 //! model's queue, bounded in size and time.
@@ -23,6 +25,8 @@ pub struct Replica {
     /// The model it serves (for metrics).
     pub model: String,
     inflight: AtomicU32,
+    /// The engine's queue, from the endpoint stream.
+    queue_depth: AtomicU32,
     failures: AtomicU32,
     /// Milliseconds since the table's epoch until which it gets no new
     /// requests; 0 when it is not ejected.
@@ -38,6 +42,7 @@ impl Replica {
             address: endpoint.address.clone(),
             model: endpoint.model.clone(),
             inflight: AtomicU32::new(0),
+            queue_depth: AtomicU32::new(endpoint.queue_depth),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
@@ -47,6 +52,13 @@ impl Replica {
     /// Requests this gateway has sent it that have not finished.
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// What the choice compares: this gateway's in-flight requests plus
+    /// the engine's queue.
+    pub fn load(&self) -> u32 {
+        self.inflight()
+            .saturating_add(self.queue_depth.load(Ordering::Relaxed))
     }
 }
 
@@ -140,7 +152,10 @@ impl Table {
         let mut by_name: BTreeMap<String, Vec<Arc<Replica>>> = BTreeMap::new();
         for e in endpoints.values() {
             let replica = match before.get(&e.replica) {
-                Some(r) if r.address == e.address => r.clone(),
+                Some(r) if r.address == e.address => {
+                    r.queue_depth.store(e.queue_depth, Ordering::Relaxed);
+                    r.clone()
+                }
                 _ => Arc::new(Replica::new(e)),
             };
             let mut names = vec![e.model.clone(), format!("{}:{}", e.model, e.version)];
@@ -244,7 +259,7 @@ impl Table {
                     b += 1;
                 }
                 let (a, b) = (candidates[a], candidates[b]);
-                if b.inflight() < a.inflight() { b } else { a }
+                if b.load() < a.load() { b } else { a }
             }
         };
         Ok(Some(chosen.clone()))
@@ -506,6 +521,31 @@ mod tests {
         // With b tried, the ejected a is still better than nothing.
         let tried: HashSet<String> = ["b".to_string()].into();
         assert_eq!(t.acquire("llama", &tried).await.expect("a").replica.id, "a");
+    }
+
+    #[tokio::test]
+    async fn a_deep_engine_queue_steers_requests_away() {
+        let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
+        let mut update = endpoints(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
+        if let Some(a) = update.get_mut("a") {
+            a.queue_depth = 10;
+        }
+        t.replace(&update);
+        let none = HashSet::new();
+        for _ in 0..20 {
+            let got = t.acquire("llama", &none).await.expect("a replica");
+            assert_eq!(got.replica.id, "b", "a has 10 queued");
+        }
+        // The queue weighs in the choice, not in the cap: with b at its
+        // cap of 2, the next request goes to a.
+        let first = t.acquire("llama", &none).await.expect("b");
+        let second = t.acquire("llama", &none).await.expect("b");
+        assert_eq!(
+            (first.replica.id.as_str(), second.replica.id.as_str()),
+            ("b", "b")
+        );
+        let third = t.acquire("llama", &none).await.expect("a");
+        assert_eq!(third.replica.id, "a");
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub fn replica_to_proto(s: &ReplicaState) -> pb::ReplicaStatus {
         runtime: r.spec.runtime.name().into(),
         desired: r.desired.as_str().into(),
         gpu_uuids: s.gpu_uuids.clone(),
+        queue_depth: s.engine.map(|e| e.waiting),
+        running_requests: s.engine.map(|e| e.running),
     }
 }
 

@@ -45,6 +45,10 @@ pub struct DemoArgs {
     /// Time between two words of an answer (e.g. 20ms), like a model's decode step.
     #[arg(long, default_value = "0s", env = "BERTH_DEMO_TOKEN_DELAY", value_parser = duration)]
     pub token_delay: Duration,
+    /// Requests generated at once; more wait in a queue, like an engine's
+    /// batch slots (0: no limit).
+    #[arg(long, default_value_t = 0, env = "BERTH_DEMO_MAX_CONCURRENCY")]
+    pub max_concurrency: u32,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -56,9 +60,42 @@ struct Demo {
     ready: AtomicBool,
     fail_health: bool,
     token_delay: Duration,
+    /// Batch slots, when limited.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     requests: AtomicU64,
     running: AtomicU64,
+    waiting: AtomicU64,
     cancelled: AtomicU64,
+}
+
+/// One request holding a slot: counted as running until dropped.
+struct Busy {
+    demo: Arc<Demo>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.demo.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits for a slot (counted as waiting meanwhile), then holds it.
+async fn busy(demo: &Arc<Demo>) -> Busy {
+    let slot = match &demo.slots {
+        Some(slots) => {
+            demo.waiting.fetch_add(1, Ordering::SeqCst);
+            let permit = slots.clone().acquire_owned().await.ok();
+            demo.waiting.fetch_sub(1, Ordering::SeqCst);
+            permit
+        }
+        None => None,
+    };
+    demo.running.fetch_add(1, Ordering::SeqCst);
+    Busy {
+        demo: demo.clone(),
+        _slot: slot,
+    }
 }
 
 /// Runs the demo model server until SIGTERM or Ctrl-C.
@@ -75,8 +112,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(args.load_delay.is_zero()),
         fail_health: args.fail_health,
         token_delay: args.token_delay,
+        slots: (args.max_concurrency > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(args.max_concurrency as usize))),
         requests: AtomicU64::new(0),
         running: AtomicU64::new(0),
+        waiting: AtomicU64::new(0),
         cancelled: AtomicU64::new(0),
     });
     println!(
@@ -229,7 +269,7 @@ async fn completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    answer(d, req, Kind::Completion)
+    answer(d, req, Kind::Completion).await
 }
 
 async fn chat_completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
@@ -237,7 +277,7 @@ async fn chat_completions(State(d): State<Arc<Demo>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    answer(d, req, Kind::Chat)
+    answer(d, req, Kind::Chat).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -247,7 +287,7 @@ enum Kind {
 }
 
 /// Answers a completion or chat request, whole or streamed.
-fn answer(d: Arc<Demo>, req: CompletionRequest, kind: Kind) -> Response {
+async fn answer(d: Arc<Demo>, req: CompletionRequest, kind: Kind) -> Response {
     let prompt = match kind {
         Kind::Completion => req.prompt.clone().unwrap_or_default(),
         Kind::Chat => req
@@ -272,10 +312,15 @@ fn answer(d: Arc<Demo>, req: CompletionRequest, kind: Kind) -> Response {
         Kind::Completion => "/v1/completions",
         Kind::Chat => "/v1/chat/completions",
     };
+    let slot = busy(&d).await;
     if req.stream {
         println!("POST {path} 200 (streaming {tokens} tokens, request {n})");
-        return stream(d, id, words, kind);
+        return stream(d, id, words, kind, slot);
     }
+    // Generated at the same pace as a stream (a client that leaves
+    // meanwhile drops this future, and with it the slot).
+    tokio::time::sleep(d.token_delay.saturating_mul(tokens)).await;
+    drop(slot);
     println!("POST {path} 200 ({tokens} tokens, request {n})");
     let text = words.join(" ");
     let prompt_tokens = prompt.split_whitespace().count() as u32;
@@ -309,10 +354,10 @@ fn answer(d: Arc<Demo>, req: CompletionRequest, kind: Kind) -> Response {
 
 /// Server-sent events, one per word, `token_delay` apart, then `[DONE]`.
 /// A client that goes away stops the generation (counted as cancelled).
-fn stream(d: Arc<Demo>, id: String, words: Vec<String>, kind: Kind) -> Response {
+fn stream(d: Arc<Demo>, id: String, words: Vec<String>, kind: Kind, slot: Busy) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(1);
-    d.running.fetch_add(1, Ordering::SeqCst);
     tokio::spawn(async move {
+        let _slot = slot;
         let created = unix_now();
         let total = words.len();
         let mut events = Vec::with_capacity(total + 2);
@@ -353,7 +398,6 @@ fn stream(d: Arc<Demo>, id: String, words: Vec<String>, kind: Kind) -> Response 
             d.cancelled.fetch_add(1, Ordering::SeqCst);
             println!("{id}: the client went away after {sent} events; generation stopped");
         }
-        d.running.fetch_sub(1, Ordering::SeqCst);
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -456,10 +500,12 @@ fn embed(text: &str) -> Vec<f32> {
 
 async fn metrics(State(d): State<Arc<Demo>>) -> Response {
     let text = format!(
-        "# HELP berth_demo:requests_running Streams being generated.\n# TYPE berth_demo:requests_running gauge\nberth_demo:requests_running {}\n\
+        "# HELP berth_demo:requests_running Requests being generated.\n# TYPE berth_demo:requests_running gauge\nberth_demo:requests_running {}\n\
+         # HELP berth_demo:requests_waiting Requests waiting for a slot (--max-concurrency).\n# TYPE berth_demo:requests_waiting gauge\nberth_demo:requests_waiting {}\n\
          # HELP berth_demo:requests_total Requests answered.\n# TYPE berth_demo:requests_total counter\nberth_demo:requests_total {}\n\
          # HELP berth_demo:requests_cancelled_total Streams stopped because their client went away.\n# TYPE berth_demo:requests_cancelled_total counter\nberth_demo:requests_cancelled_total {}\n",
         d.running.load(Ordering::SeqCst),
+        d.waiting.load(Ordering::SeqCst),
         d.requests.load(Ordering::SeqCst),
         d.cancelled.load(Ordering::SeqCst),
     );

@@ -418,6 +418,7 @@ impl Replicas for HollowReplicas {
             started_at_ms: crate::supervisor::shim::now_ms(),
             limits_enforced: false,
             gpu_uuids,
+            engine: None,
         };
         self.starts.record(&status.record.spec.id);
         map.insert(status.record.spec.id.clone(), status.clone());

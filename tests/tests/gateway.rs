@@ -388,6 +388,17 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     // while the replica is dead are retried on the other one, none fails.
     let (mut s, mut got) = open_stream(port, 2).await;
     let victim_id = replica_header(&got);
+    // Its agent reads the engine's load from its metrics and reports it.
+    wait_until(
+        DEADLINE,
+        "the stream shows in the engine's load",
+        || async {
+            let rs = replicas(&servers).await;
+            let r = rs.iter().find(|r| r["id"] == victim_id.as_str())?;
+            (r["running_requests"] == 1 && r["queue_depth"] == 0).then_some(())
+        },
+    )
+    .await;
     let victim = rs
         .iter()
         .find(|r| r["id"] == victim_id.as_str())

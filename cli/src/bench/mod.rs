@@ -20,6 +20,7 @@ use crate::local::{LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
 mod agent;
+mod gateway;
 mod heartbeats;
 mod node_loss;
 mod place;
@@ -44,6 +45,8 @@ pub enum BenchCommand {
     Tls(tls::TlsArgs),
     /// The leader's CPU while N hollow agents heartbeat, over mTLS (or --insecure).
     Heartbeats(heartbeats::HeartbeatsArgs),
+    /// What berth-gateway adds to a request (latency, requests per core, chunk gaps), beside direct, nginx and LiteLLM.
+    Gateway(gateway::GatewayArgs),
 }
 
 /// `bench writes` options.
@@ -83,6 +86,7 @@ pub async fn run(
         BenchCommand::Place(a) => place::place(a, connect, out).await,
         BenchCommand::Tls(a) => tls::tls(a, out).await,
         BenchCommand::Heartbeats(a) => heartbeats::heartbeats(a, out).await,
+        BenchCommand::Gateway(a) => gateway::gateway(a, out).await,
     }
 }
 

@@ -310,6 +310,8 @@ impl Deployments<'_> {
                     },
                     model: revision.map(|s| s.model.clone()).unwrap_or_default(),
                     version: revision.map(|s| s.version.clone()).unwrap_or_default(),
+                    queue_depth: seen.and_then(|x| x.queue_depth),
+                    running_requests: seen.and_then(|x| x.running_requests),
                 }
             })
             .collect();

@@ -224,6 +224,7 @@ fn ready_endpoints(nodes: &NodeTracker) -> HashMap<String, pb::Endpoint> {
                         address: format!("{host}:{}", seen.port),
                         node: node_name.to_string(),
                         runtime,
+                        queue_depth: seen.queue_depth.unwrap_or(0),
                     },
                 ))
             })

@@ -95,6 +95,8 @@ pub struct Status {
     pub limits_enforced: bool,
     /// The uuids of its GPUs.
     pub gpu_uuids: Vec<String>,
+    /// The engine's load from its metrics, while it runs and reports one.
+    pub engine: Option<super::health::EngineLoad>,
 }
 
 /// The answer to an order.
@@ -179,6 +181,8 @@ pub struct ReplicaTask {
     failed_probes: u32,
     /// Quick probes made since the current run started.
     early_probes: u32,
+    /// The engine's load at the last probe.
+    engine: Option<super::health::EngineLoad>,
     status: watch::Sender<Status>,
 }
 
@@ -201,6 +205,7 @@ impl ReplicaTask {
             started_at_ms: 0,
             limits_enforced,
             gpu_uuids: ctx.gpu_uuids(&record.spec.gpus),
+            engine: None,
         });
         let backoff = ctx.backoff_base;
         ReplicaTask {
@@ -217,6 +222,7 @@ impl ReplicaTask {
             restart_at: None,
             failed_probes: 0,
             early_probes: 0,
+            engine: None,
             status,
         }
     }
@@ -246,6 +252,7 @@ impl ReplicaTask {
             started_at_ms,
             limits_enforced: self.limits_enforced,
             gpu_uuids: self.ctx.gpu_uuids(&self.record.spec.gpus),
+            engine: self.engine.filter(|_| self.phase == ReplicaPhase::Running),
         });
     }
 
@@ -439,6 +446,35 @@ impl ReplicaTask {
         }
     }
 
+    /// Before a stop: waits, at most `bound`, until the engine has no
+    /// request running or waiting (gateways stopped sending new ones), so
+    /// that SIGTERM cuts nothing even on a server that aborts requests on
+    /// it. Returns the time spent. A runtime without metrics, or a server
+    /// that does not answer them, is not waited for.
+    async fn drain(&mut self, bound: Duration) -> Duration {
+        let started = Instant::now();
+        if self.run.is_none() || self.phase != ReplicaPhase::Running {
+            return Duration::ZERO;
+        }
+        let mut said = false;
+        while started.elapsed() < bound {
+            match self.engine_load().await {
+                Some(load) if load.running + load.waiting > 0 => {
+                    if !said {
+                        said = true;
+                        tracing::info!(replica = %self.id(), running = load.running, waiting = load.waiting, "waiting for in-flight requests before stopping");
+                    }
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if said {
+            tracing::info!(replica = %self.id(), waited_ms = started.elapsed().as_millis() as u64, "drained; stopping");
+        }
+        started.elapsed()
+    }
+
     /// Ends the current run: SIGTERM through the shim, SIGKILL after `grace`.
     async fn stop_run(&mut self, grace: Duration) {
         let Some(mut run) = self.run.take() else {
@@ -466,10 +502,25 @@ impl ReplicaTask {
         self.last_exit = read_json(&self.dir.join(EXIT_FILE));
     }
 
+    /// The engine's load now, if its runtime reports one and it answers.
+    async fn engine_load(&self) -> Option<super::health::EngineLoad> {
+        let metrics = self.record.spec.runtime.engine_metrics()?;
+        super::health::scrape(&metrics, self.record.port).await.ok()
+    }
+
     async fn probe(&mut self) {
         let result = super::health::probe(&self.record.spec.health, self.record.port).await;
         match (result, self.phase) {
-            (Ok(()), ReplicaPhase::Running) => self.failed_probes = 0,
+            (Ok(()), ReplicaPhase::Running) => {
+                self.failed_probes = 0;
+                // Read at each probe and sent with the next heartbeat: the
+                // gateways add the queue to their own in-flight counts.
+                let engine = self.engine_load().await;
+                if engine != self.engine {
+                    self.engine = engine;
+                    self.publish();
+                }
+            }
             (Ok(()), _) => {
                 self.failed_probes = 0;
                 self.set(ReplicaPhase::Running, "");
@@ -514,7 +565,8 @@ impl ReplicaTask {
         self.record.spec.generation = have.max(generation);
         self.restart_at = None;
         self.persist().await?;
-        self.stop_run(grace).await;
+        let waited = self.drain(grace / 2).await;
+        self.stop_run(grace.saturating_sub(waited)).await;
         self.ctx.cgroups.remove(&self.record.spec.id);
         self.set(ReplicaPhase::Stopped, "stopped on request");
         Ok(self.status())
