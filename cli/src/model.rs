@@ -78,7 +78,7 @@ fn env_var(s: &str) -> Result<(String, String), String> {
 /// How to run a model version and what one replica needs.
 #[derive(Debug, Args)]
 pub struct VersionArgs {
-    /// Runtime: vllm, llama-cpp, tgi, triton, demo or command.
+    /// Runtime: vllm, llama-cpp, tgi, sglang, triton, demo or command.
     #[arg(long)]
     runtime: String,
     /// Path on the nodes, or a reference the runtime resolves.

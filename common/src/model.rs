@@ -11,7 +11,15 @@ use crate::names::{validate_env, validate_labels, validate_name, validate_versio
 use crate::{Labels, Resources, ValidationError};
 
 /// Runtime names accepted on the wire and the command line.
-pub const RUNTIME_NAMES: [&str; 6] = ["vllm", "llama-cpp", "tgi", "triton", "demo", "command"];
+pub const RUNTIME_NAMES: [&str; 7] = [
+    "vllm",
+    "llama-cpp",
+    "tgi",
+    "sglang",
+    "triton",
+    "demo",
+    "command",
+];
 /// Placeholders a `command` template may use.
 pub const TEMPLATE_PLACEHOLDERS: [&str; 4] =
     ["{source}", "{port}", "{gpus}", "{gpu_memory_fraction}"];
@@ -49,6 +57,8 @@ pub enum Runtime {
         /// The command line template.
         template: String,
     },
+    /// SGLang's server (appended: runtimes are stored by index).
+    Sglang,
 }
 
 impl Runtime {
@@ -60,6 +70,7 @@ impl Runtime {
             "llama-cpp" => Runtime::LlamaCpp,
             "tgi" => Runtime::Tgi,
             "triton" => Runtime::Triton,
+            "sglang" => Runtime::Sglang,
             "demo" => Runtime::Demo,
             "command" => {
                 let Some(t) = template else {
@@ -98,6 +109,7 @@ impl Runtime {
             Runtime::LlamaCpp => "llama-cpp",
             Runtime::Tgi => "tgi",
             Runtime::Triton => "triton",
+            Runtime::Sglang => "sglang",
             Runtime::Demo => "demo",
             Runtime::Command { .. } => "command",
         }
@@ -121,6 +133,11 @@ impl Runtime {
                 path: "/metrics",
                 waiting: &["tgi_queue_size"],
                 running: &["tgi_batch_current_size"],
+            }),
+            Runtime::Sglang => Some(EngineMetrics {
+                path: "/metrics",
+                waiting: &["sglang:num_queue_reqs"],
+                running: &["sglang:num_running_reqs"],
             }),
             Runtime::Demo => Some(EngineMetrics {
                 path: "/metrics",

@@ -80,6 +80,10 @@ pub fn launch(
                 // Clients (and the gateway) name the model as Berth does.
                 "--served-model-name",
                 &spec.model,
+                // On SIGTERM, finish in-flight requests for up to 4 s (its
+                // default, 0, aborts them); within the agent's grace.
+                "--shutdown-timeout",
+                "4",
             ]);
             if !spec.gpus.is_empty() {
                 a.extend(s(&[
@@ -102,6 +106,8 @@ pub fn launch(
                 &p,
                 "--alias",
                 &spec.model,
+                // /metrics, for the queue the gateways weigh.
+                "--metrics",
             ]);
             if !spec.gpus.is_empty() {
                 a.extend(s(&["--n-gpu-layers", "999"]));
@@ -117,6 +123,9 @@ pub fn launch(
                 "0.0.0.0",
                 "--port",
                 &p,
+                // Its default, 90 s, outlasts the agent's stop grace.
+                "--graceful-termination-timeout",
+                "4",
             ]);
             if spec.gpus.len() > 1 {
                 a.extend(s(&["--num-shard", &n]));
@@ -133,7 +142,29 @@ pub fn launch(
             "false",
             "--allow-metrics",
             "false",
+            "--exit-timeout-secs",
+            "4",
         ]),
+        Runtime::Sglang => {
+            let mut a = s(&[
+                "python3",
+                "-m",
+                "sglang.launch_server",
+                "--model-path",
+                &spec.source,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &p,
+                "--served-model-name",
+                &spec.model,
+                "--enable-metrics",
+            ]);
+            if !spec.gpus.is_empty() {
+                a.extend(s(&["--tp-size", &n, "--mem-fraction-static", &fraction]));
+            }
+            a
+        }
         Runtime::Command { template } => {
             // Split first, substitute after: a source with spaces or shell
             // characters stays one argument and is never interpreted.
@@ -338,6 +369,84 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, LaunchError::BadCommand(..)), "{e}");
+    }
+
+    /// The presets' flags, as checked against each server's source (README,
+    /// "Runtime presets"); the servers are stand-in files on a PATH here.
+    #[test]
+    fn presets_pass_the_flags_checked_against_each_server() {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = tempfile::tempdir().unwrap();
+        for program in [
+            "vllm",
+            "llama-server",
+            "text-generation-launcher",
+            "tritonserver",
+            "python3",
+        ] {
+            let p = bin.path().join(program);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let argv = |runtime: Runtime, gpus: Vec<u32>| {
+            let mut s = spec(runtime, gpus);
+            s.env
+                .insert("PATH".into(), bin.path().display().to_string());
+            let l = launch(&s, 8000, Path::new("/x"), "n1", &[], 80 * 1024).unwrap();
+            l.argv[1..].join(" ")
+        };
+        let has = |line: &str, flags: &[&str]| {
+            for f in flags {
+                assert!(line.contains(f), "{f:?} missing from {line:?}");
+            }
+        };
+        has(
+            &argv(Runtime::Vllm, vec![0, 1]),
+            &[
+                "serve /models/my model",
+                "--port 8000",
+                "--tensor-parallel-size 2",
+                "--gpu-memory-utilization 0.25",
+                "--served-model-name llama",
+                "--shutdown-timeout 4",
+            ],
+        );
+        has(
+            &argv(Runtime::LlamaCpp, vec![0]),
+            &[
+                "--model /models/my model",
+                "--alias llama",
+                "--metrics",
+                "--n-gpu-layers 999",
+            ],
+        );
+        has(
+            &argv(Runtime::Tgi, vec![0, 1]),
+            &[
+                "--hostname 0.0.0.0",
+                "--num-shard 2",
+                "--graceful-termination-timeout 4",
+            ],
+        );
+        has(
+            &argv(Runtime::Sglang, vec![0, 1]),
+            &[
+                "-m sglang.launch_server",
+                "--model-path /models/my model",
+                "--served-model-name llama",
+                "--enable-metrics",
+                "--tp-size 2",
+                "--mem-fraction-static 0.25",
+            ],
+        );
+        has(
+            &argv(Runtime::Triton, vec![0]),
+            &[
+                "--model-repository /models/my model",
+                "--http-port 8000",
+                "--exit-timeout-secs 4",
+            ],
+        );
     }
 
     #[test]
