@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
+# The real llama.cpp server for tests/tests/llama_cpp.rs: built once into a
+# cache outside the clone (about 9 minutes the first time), then reused.
+BERTH_LLAMA_SERVER="$(./scripts/llama-server.sh)"
+BERTH_LLAMA_PYTHON="$(./scripts/llama-server.sh --python)"
+export BERTH_LLAMA_SERVER BERTH_LLAMA_PYTHON
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast
 else
