@@ -2,14 +2,14 @@
 //! retries before the first byte, streaming answers through frame by frame,
 //! `/health` and `/metrics`.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use berth_proto::pki::Secret;
@@ -52,6 +52,76 @@ struct Metrics {
     waiting: Family<Labels, Gauge>,
     connected: Gauge,
     cut: Family<Labels, Counter>,
+    /// Each served name's series, looked up once per request instead of
+    /// building label sets for every series it touches.
+    by_name: RwLock<HashMap<String, Arc<Series>>>,
+}
+
+/// The series of one route name.
+struct Series {
+    first_byte: Histogram,
+    duration: Histogram,
+    cut: Counter,
+    retries: Counter,
+    /// By HTTP status.
+    codes: RwLock<HashMap<u16, Counter>>,
+}
+
+impl Series {
+    fn answered(&self, status: StatusCode) {
+        let code = status.as_u16();
+        if let Some(c) = self.codes.read().ok().and_then(|m| m.get(&code).cloned()) {
+            c.inc();
+            return;
+        }
+        if let Ok(mut m) = self.codes.write() {
+            m.entry(code).or_default().inc();
+        }
+    }
+}
+
+impl Metrics {
+    /// The series of `name` (`unknown` for names nothing serves: clients
+    /// choose them, so they must not become labels).
+    fn series(&self, name: &str) -> Arc<Series> {
+        if let Some(s) = self.by_name.read().ok().and_then(|m| m.get(name).cloned()) {
+            return s;
+        }
+        let labels = model_label(name);
+        let series = Arc::new(Series {
+            first_byte: self.first_byte.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            cut: self.cut.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            codes: RwLock::default(),
+        });
+        if let Ok(mut m) = self.by_name.write() {
+            m.entry(name.to_string()).or_insert(series).clone()
+        } else {
+            series
+        }
+    }
+
+    /// Moves the per-status counters into the `requests` family for export.
+    fn export_codes(&self) {
+        let Ok(names) = self.by_name.read() else {
+            return;
+        };
+        for (name, series) in names.iter() {
+            let Ok(codes) = series.codes.read() else {
+                continue;
+            };
+            for (code, counter) in codes.iter() {
+                let labels = vec![
+                    ("model".to_string(), name.clone()),
+                    ("code".to_string(), code.to_string()),
+                ];
+                let exported = self.requests.get_or_create(&labels);
+                let delta = counter.get().saturating_sub(exported.get());
+                exported.inc_by(delta);
+            }
+        }
+    }
 }
 
 fn seconds_histogram() -> Histogram {
@@ -137,6 +207,7 @@ impl Metrics {
             waiting,
             connected,
             cut,
+            by_name: RwLock::default(),
         }
     }
 }
@@ -312,6 +383,7 @@ async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
             .set(waiting as i64);
     }
     m.connected.set(i64::from(g.link.connected()));
+    m.export_codes();
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &m.registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
@@ -331,23 +403,21 @@ struct ModelField {
     model: Option<String>,
 }
 
-/// Headers that belong to one connection, not to the request.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
-}
+/// Headers that belong to one connection, not to the request (and the
+/// length, which the body sets again).
+const HOP_BY_HOP: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
 
 /// Whether an upstream answer means "this replica cannot take it now",
 /// which is safe to retry elsewhere: nothing was generated.
@@ -391,20 +461,14 @@ async fn forward(State(g): State<Arc<Gateway>>, request: Request) -> Response {
             );
         }
     };
-    let response = g.route(&parts, bytes, &model, started).await;
     // Clients choose the name: only names the table knows become labels.
-    let label = if g.table.serves(&model) {
-        model.clone()
+    let series = if g.table.serves(&model) {
+        g.metrics.series(&model)
     } else {
-        "unknown".to_string()
+        g.metrics.series("unknown")
     };
-    g.metrics
-        .requests
-        .get_or_create(&vec![
-            ("model".into(), label),
-            ("code".into(), response.status().as_u16().to_string()),
-        ])
-        .inc();
+    let response = g.route(&parts, bytes, &model, &series, started).await;
+    series.answered(response.status());
     response
 }
 
@@ -416,15 +480,11 @@ impl Gateway {
         parts: &axum::http::request::Parts,
         body: Bytes,
         model: &str,
+        series: &Arc<Series>,
         started: Instant,
     ) -> Response {
         self.table.deposit();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let mut tried = HashSet::new();
+        let mut tried: Vec<String> = Vec::new();
         let mut last_failure = String::new();
         for attempt in 1..=MAX_ATTEMPTS {
             let inflight = match self.table.acquire(model, &tried).await {
@@ -474,7 +534,7 @@ impl Gateway {
                 }
             };
             let replica = inflight.replica.clone();
-            tried.insert(replica.id.clone());
+            tried.push(replica.id.clone());
             let strip_auth = self.api_key.is_some();
             // The server knows its model by its Berth name, not by the
             // version or deployment the client may have named.
@@ -483,8 +543,7 @@ impl Gateway {
             } else {
                 with_model(&body, &replica.model)
             };
-            let upstream = match upstream_request(parts, &path, &replica.address, sent, strip_auth)
-            {
+            let upstream = match upstream_request(parts, &replica, sent, strip_auth) {
                 Ok(r) => r,
                 Err(e) => {
                     return openai_error(
@@ -503,10 +562,7 @@ impl Gateway {
                         answer.status().as_u16()
                     );
                     self.failure(&replica, &last_failure);
-                    self.metrics
-                        .retries
-                        .get_or_create(&model_label(model))
-                        .inc();
+                    series.retries.inc();
                 }
                 Ok(answer) => {
                     if retryable(answer.status()) {
@@ -514,7 +570,7 @@ impl Gateway {
                     } else {
                         self.table.succeeded(&replica);
                     }
-                    return self.stream_back(answer, inflight, model, started);
+                    return self.stream_back(answer, inflight, series, started);
                 }
                 Err(e) => {
                     last_failure = format!("replica {} at {}: {e}", replica.id, replica.address);
@@ -525,10 +581,7 @@ impl Gateway {
                     if !(can_retry && self.table.withdraw()) {
                         break;
                     }
-                    self.metrics
-                        .retries
-                        .get_or_create(&model_label(model))
-                        .inc();
+                    series.retries.inc();
                 }
             }
         }
@@ -558,31 +611,26 @@ impl Gateway {
         &self,
         answer: hyper::Response<hyper::body::Incoming>,
         inflight: Inflight,
-        model: &str,
+        series: &Arc<Series>,
         started: Instant,
     ) -> Response {
         let (mut parts, body) = answer.into_parts();
-        let names: Vec<HeaderName> = parts
-            .headers
-            .keys()
-            .filter(|n| hop_by_hop(n) && *n != header::CONTENT_LENGTH)
-            .cloned()
-            .collect();
-        for n in names {
-            parts.headers.remove(n);
+        for name in HOP_BY_HOP {
+            if name != "content-length" {
+                parts.headers.remove(name);
+            }
         }
-        if let Ok(v) = HeaderValue::from_str(&inflight.replica.id) {
-            parts.headers.insert(REPLICA_HEADER, v);
+        if let Some(v) = &inflight.replica.header {
+            parts.headers.insert(REPLICA_HEADER, v.clone());
         }
-        let labels = model_label(model);
         let mut meter = Meter {
             started,
             first: false,
-            first_byte: self.metrics.first_byte.get_or_create(&labels).clone(),
-            duration: self.metrics.duration.get_or_create(&labels).clone(),
+            first_byte: series.first_byte.clone(),
+            duration: series.duration.clone(),
             inflight,
         };
-        let cut = self.metrics.cut.get_or_create(&labels).clone();
+        let cut = series.cut.clone();
         let replica = meter.inflight.replica.id.clone();
         // An upstream error mid-answer reaches hyper as a body error: it
         // aborts the response, so the client sees the stream break.
@@ -636,22 +684,29 @@ fn with_model(body: &Bytes, model: &str) -> Bytes {
     }
 }
 
+/// The request for `replica`: the client's method, path and headers (less
+/// the hop-by-hop ones), built from parsed parts, not from text.
 fn upstream_request(
     parts: &axum::http::request::Parts,
-    path: &str,
-    address: &str,
+    replica: &crate::table::Replica,
     body: Bytes,
     strip_auth: bool,
 ) -> Result<hyper::Request<Full<Bytes>>, axum::http::Error> {
-    let mut builder = hyper::Request::builder()
-        .method(parts.method.clone())
-        .uri(format!("http://{address}{path}"));
-    for (name, value) in &parts.headers {
-        // The gateway's own API key is not the model server's business.
-        let own_key = strip_auth && name == header::AUTHORIZATION;
-        if !hop_by_hop(name) && !own_key {
-            builder = builder.header(name, value);
-        }
+    let mut uri = axum::http::uri::Parts::default();
+    uri.scheme = Some(axum::http::uri::Scheme::HTTP);
+    uri.authority = replica.authority.clone();
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    let mut request = hyper::Request::new(Full::new(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = axum::http::Uri::from_parts(uri)?;
+    let mut headers = parts.headers.clone();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
     }
-    builder.body(Full::new(body))
+    // The gateway's own API key is not the model server's business.
+    if strip_auth {
+        headers.remove(header::AUTHORIZATION);
+    }
+    *request.headers_mut() = headers;
+    Ok(request)
 }

@@ -7,11 +7,13 @@
 //! health checking). Requests that find no replica with room wait in the
 //! model's queue, bounded in size and time.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use axum::http::HeaderValue;
+use axum::http::uri::Authority;
 use berth_proto::v1 as pb;
 use tokio::sync::Notify;
 
@@ -24,6 +26,10 @@ pub struct Replica {
     pub address: String,
     /// The model it serves (for metrics).
     pub model: String,
+    /// `address`, parsed once (None when it does not parse: never chosen).
+    pub authority: Option<Authority>,
+    /// Its id as a header value, made once.
+    pub header: Option<HeaderValue>,
     inflight: AtomicU32,
     /// The engine's queue, from the endpoint stream.
     queue_depth: AtomicU32,
@@ -41,6 +47,8 @@ impl Replica {
             id: endpoint.replica.clone(),
             address: endpoint.address.clone(),
             model: endpoint.model.clone(),
+            authority: endpoint.address.parse().ok(),
+            header: HeaderValue::from_str(&endpoint.replica).ok(),
             inflight: AtomicU32::new(0),
             queue_depth: AtomicU32::new(endpoint.queue_depth),
             failures: AtomicU32::new(0),
@@ -225,44 +233,25 @@ impl Table {
     /// are left out, unless every replica with room is ejected (then
     /// trying one is better than failing the request). `Err(Unknown)` when
     /// no replica serves the name; `Ok(None)` when all are at their cap.
-    fn pick(&self, name: &str, tried: &HashSet<String>) -> Result<Option<Arc<Replica>>, NoReplica> {
+    /// Allocates nothing: it runs for every request.
+    fn pick(&self, name: &str, tried: &[String]) -> Result<Option<Arc<Replica>>, NoReplica> {
         let routes = self.current();
         let Some(all) = routes.by_name.get(name) else {
             return Err(NoReplica::Unknown);
         };
-        let untried: Vec<&Arc<Replica>> = all.iter().filter(|r| !tried.contains(&r.id)).collect();
-        if untried.is_empty() {
+        let now = self.now_ms();
+        let untried = |r: &&Arc<Replica>| !tried.contains(&r.id) && r.authority.is_some();
+        if !all.iter().any(|r| untried(&r)) {
             return Err(NoReplica::Unknown);
         }
-        let now = self.now_ms();
-        let with_room: Vec<&Arc<Replica>> = untried
-            .into_iter()
-            .filter(|r| r.inflight() < self.limits.max_inflight)
-            .collect();
-        let healthy: Vec<&Arc<Replica>> = with_room
-            .iter()
-            .copied()
-            .filter(|r| r.ejected_until_ms.load(Ordering::Relaxed) <= now)
-            .collect();
-        let candidates = if healthy.is_empty() {
-            with_room
-        } else {
-            healthy
-        };
-        let chosen = match candidates.len() {
-            0 => return Ok(None),
-            1 => candidates[0],
-            n => {
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (candidates[a], candidates[b]);
-                if b.load() < a.load() { b } else { a }
-            }
-        };
-        Ok(Some(chosen.clone()))
+        let room = |r: &&Arc<Replica>| untried(r) && r.inflight() < self.limits.max_inflight;
+        let healthy = |r: &&Arc<Replica>| r.ejected_until_ms.load(Ordering::Relaxed) <= now;
+        let two = two_at_random(all.iter().filter(|r| room(r) && healthy(r)))
+            .or_else(|| two_at_random(all.iter().filter(room)));
+        Ok(two.map(|(a, b)| match b {
+            Some(b) if b.load() < a.load() => b.clone(),
+            _ => a.clone(),
+        }))
     }
 
     fn queue(&self, name: &str) -> Arc<Queue> {
@@ -279,7 +268,7 @@ impl Table {
     pub async fn acquire(
         self: &Arc<Self>,
         name: &str,
-        tried: &HashSet<String>,
+        tried: &[String],
     ) -> Result<Inflight, NoReplica> {
         if let Some(r) = self.pick(name, tried)? {
             return Ok(self.start(name, r));
@@ -371,6 +360,35 @@ impl Table {
     }
 }
 
+/// Two distinct items drawn uniformly from `items` in one pass (reservoir
+/// sampling of size two); the second is None when there is only one.
+fn two_at_random<'a>(
+    items: impl Iterator<Item = &'a Arc<Replica>>,
+) -> Option<(&'a Arc<Replica>, Option<&'a Arc<Replica>>)> {
+    let mut slots: (Option<&Arc<Replica>>, Option<&Arc<Replica>>) = (None, None);
+    for (seen, item) in items.enumerate() {
+        match seen {
+            0 => slots.0 = Some(item),
+            1 => slots.1 = Some(item),
+            n => {
+                // Keep item with probability 2/(n+1), in a random slot.
+                let k = fastrand::usize(..=n);
+                if k == 0 {
+                    slots.0 = Some(item);
+                } else if k == 1 {
+                    slots.1 = Some(item);
+                }
+            }
+        }
+    }
+    // The slots fill in order: swap at random, so that ties go either way.
+    match slots {
+        (Some(a), Some(b)) if fastrand::bool() => Some((b, Some(a))),
+        (Some(a), b) => Some((a, b)),
+        (None, _) => None,
+    }
+}
+
 /// A request in flight to a replica; dropping it ends the request's count
 /// and lets a waiting request in.
 #[derive(Debug)]
@@ -458,7 +476,7 @@ mod tests {
     #[tokio::test]
     async fn prefers_the_less_loaded_and_respects_the_cap() {
         let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
-        let none = HashSet::new();
+        let none: Vec<String> = Vec::new();
         let first = t.acquire("llama", &none).await.expect("a replica");
         // With two candidates, p2c always compares both: the idle one wins.
         let second = t.acquire("llama", &none).await.expect("a replica");
@@ -469,7 +487,7 @@ mod tests {
         // Both at the cap of 2: the next one waits; one more overflows the queue.
         let waiter = {
             let t = t.clone();
-            tokio::spawn(async move { t.acquire("llama", &HashSet::new()).await })
+            tokio::spawn(async move { t.acquire("llama", &[]).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
@@ -491,18 +509,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ties_go_either_way() {
+        let t = table(&[
+            ("a", "llama", "h:1"),
+            ("b", "llama", "h:2"),
+            ("c", "llama", "h:3"),
+        ]);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            // Sequential: every replica is idle each time.
+            seen.insert(
+                t.acquire("llama", &[])
+                    .await
+                    .expect("a replica")
+                    .replica
+                    .id
+                    .clone(),
+            );
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+
+    #[tokio::test]
     async fn skips_tried_and_unknown_names() {
         let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
-        let tried: HashSet<String> = ["a".to_string()].into();
+        let tried = ["a".to_string()];
         let got = t.acquire("llama", &tried).await.expect("b");
         assert_eq!(got.replica.id, "b");
-        let both: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        let both = ["a".to_string(), "b".to_string()];
         assert_eq!(
             t.acquire("llama", &both).await.err(),
             Some(NoReplica::Unknown)
         );
         assert_eq!(
-            t.acquire("mistral", &HashSet::new()).await.err(),
+            t.acquire("mistral", &[]).await.err(),
             Some(NoReplica::Unknown)
         );
     }
@@ -510,7 +550,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_replica_is_ejected_unless_it_is_the_last() {
         let t = table(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]);
-        let none = HashSet::new();
+        let none: Vec<String> = Vec::new();
         let a = replica(&t, "a");
         assert!(!t.failed(&a));
         assert!(t.failed(&a), "second failure in a row ejects");
@@ -519,7 +559,7 @@ mod tests {
             assert_eq!(got.replica.id, "b");
         }
         // With b tried, the ejected a is still better than nothing.
-        let tried: HashSet<String> = ["b".to_string()].into();
+        let tried = ["b".to_string()];
         assert_eq!(t.acquire("llama", &tried).await.expect("a").replica.id, "a");
     }
 
@@ -531,7 +571,7 @@ mod tests {
             a.queue_depth = 10;
         }
         t.replace(&update);
-        let none = HashSet::new();
+        let none: Vec<String> = Vec::new();
         for _ in 0..20 {
             let got = t.acquire("llama", &none).await.expect("a replica");
             assert_eq!(got.replica.id, "b", "a has 10 queued");
@@ -551,7 +591,7 @@ mod tests {
     #[test]
     fn counters_survive_an_update_when_the_address_stays() {
         let t = table(&[("a", "llama", "h:1")]);
-        let held = futures::executor::block_on(t.acquire("llama", &HashSet::new())).expect("a");
+        let held = futures::executor::block_on(t.acquire("llama", &[])).expect("a");
         t.replace(&endpoints(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]));
         let a = replica(&t, "a");
         assert_eq!(a.inflight(), 1);

@@ -6,7 +6,8 @@
 //! overloaded model answers 429 with `Retry-After`; SSE streams through,
 //! and a client that leaves cancels the generation on the replica; a
 //! replica killed mid-stream breaks that stream (never a clean end) and
-//! fails no other request; scaling up and down under load fails none; with
+//! fails no other request; under steady load, kill -9 of one of three
+//! replicas, a rolling update, a node drain and a scale-down fail none; with
 //! every member gone the gateway keeps routing, and it picks up changes
 //! when they return.
 
@@ -454,8 +455,22 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     })
     .await;
 
-    // Scale up and down under steady load: removed replicas are drained
-    // (gateways stop choosing them before they are stopped): no failure.
+    // Under steady load from two clients: scale to 3, kill -9 one of the 3,
+    // a rolling update, a node drain, and a scale-down. Replicas that go are
+    // drained (gateways stop choosing them before they are stopped); a
+    // request cut by the kill before its answer began is retried elsewhere.
+    // No request fails.
+    let mut v2 = vec![
+        "--server",
+        servers.as_str(),
+        "model",
+        "version",
+        "add",
+        "demo",
+        "v2",
+    ];
+    v2.extend(MODEL);
+    berth_json(&v2).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let loaders: Vec<_> = (0..2)
         .map(|_| tokio::spawn(steady_load(port, stopped.clone())))
@@ -463,6 +478,53 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     berth_json(&[
         "--server", &servers, "deploy", "scale", "chat", "3", "--wait",
     ])
+    .await;
+    wait_routable(port, "chat", 3).await;
+    let three = replicas(&servers).await;
+    let victim = three[1]["pid"].as_u64().expect("a pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill a replica under load");
+    wait_until(DEADLINE, "the killed replica back", || async {
+        let rs = replicas(&servers).await;
+        (rs.len() == 3
+            && rs
+                .iter()
+                .all(|r| r["phase"] == "running" && r["pid"] != victim))
+        .then_some(())
+    })
+    .await;
+    wait_routable(port, "chat", 3).await;
+    berth_json(&[
+        "--server",
+        &servers,
+        "deploy",
+        "update",
+        "chat",
+        "--version",
+        "v2",
+        "--wait",
+    ])
+    .await;
+    wait_routable(port, "demo:v2", 3).await;
+    let drained = berth(&[
+        "--server",
+        &servers,
+        "node",
+        "drain",
+        "gpu-a",
+        "--wait",
+        "--timeout",
+        "60s",
+    ])
+    .await;
+    assert!(drained.status.success(), "{}", stderr(&drained));
+    wait_until(DEADLINE, "every replica on gpu-b", || async {
+        let rs = replicas(&servers).await;
+        (rs.len() == 3 && rs.iter().all(|r| r["node"] == "gpu-b")).then_some(())
+    })
     .await;
     wait_routable(port, "chat", 3).await;
     berth_json(&[
@@ -479,11 +541,12 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
         let (ok, failures) = l.await.expect("a loader");
         assert!(
             failures.is_empty(),
-            "requests failed while scaling: {failures:?}"
+            "requests failed under kill -9, rollout, drain or scale-down: {failures:?}"
         );
         answered += ok;
     }
-    assert!(answered > 20, "the load ran: {answered} requests");
+    assert!(answered > 50, "the load ran: {answered} requests");
+    berth_json(&["--server", &servers, "node", "uncordon", "gpu-a"]).await;
 
     // Every member gone: the gateway routes from what it last knew.
     for id in [1, 2, 3] {

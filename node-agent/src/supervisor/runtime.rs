@@ -50,6 +50,7 @@ pub fn launch(
     let p = port.to_string();
     let n = spec.gpus.len().to_string();
     let fraction = format!("{:.2}", spec.gpu_memory_fraction(gpu_memory_mib));
+    let threads = spec.resources.cpu_milli.div_ceil(1000).max(1).to_string();
     let gpu_list = spec
         .gpus
         .iter()
@@ -108,6 +109,10 @@ pub fn launch(
                 &spec.model,
                 // /metrics, for the queue the gateways weigh.
                 "--metrics",
+                // As many threads as the replica has cores: its default,
+                // every core, spins against its neighbours on a shared node.
+                "--threads",
+                &threads,
             ]);
             if !spec.gpus.is_empty() {
                 a.extend(s(&["--n-gpu-layers", "999"]));
@@ -417,6 +422,7 @@ mod tests {
                 "--model /models/my model",
                 "--alias llama",
                 "--metrics",
+                "--threads 1",
                 "--n-gpu-layers 999",
             ],
         );
