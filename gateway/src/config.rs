@@ -91,6 +91,9 @@ pub struct Flags {
     /// Largest request body, in MiB [default: 32].
     #[arg(long, env = "BERTH_MAX_BODY_MIB", value_name = "MIB")]
     pub max_body_mib: Option<u64>,
+    /// Threads serving requests [default: one per core].
+    #[arg(long, env = "BERTH_GATEWAY_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -113,6 +116,7 @@ struct FileConfig {
     eject_after: Option<u32>,
     eject_for: Option<String>,
     max_body_mib: Option<u64>,
+    threads: Option<usize>,
     log_format: Option<String>,
 }
 
@@ -156,6 +160,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Time to connect to a replica.
     pub connect_timeout: Duration,
+    /// Worker threads (None: one per core).
+    pub threads: Option<usize>,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -177,6 +183,7 @@ impl Config {
             eject_for: DEFAULT_EJECT_FOR,
             max_body_bytes: (DEFAULT_MAX_BODY_MIB * 1024 * 1024) as usize,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            threads: None,
             log_format: LogFormat::Text,
         }
     }
@@ -249,6 +256,14 @@ impl Config {
         if eject_after == 0 {
             return Err("eject_after 0 is invalid: it must be at least 1".into());
         }
+        let threads = flags.threads.or(file.threads);
+        if let Some(n) = threads
+            && !(1..=1024).contains(&n)
+        {
+            return Err(format!(
+                "threads {n} is invalid: it must be between 1 and 1024 (leave it out for one per core)"
+            ));
+        }
         let name = match flags.name.or(file.name) {
             Some(n) => n,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -289,6 +304,7 @@ impl Config {
             )?,
             max_body_bytes: (max_body_mib * 1024 * 1024) as usize,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            threads,
             log_format: flags
                 .log_format
                 .or(file.log_format)

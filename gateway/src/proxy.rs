@@ -9,7 +9,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use berth_proto::pki::Secret;
@@ -403,20 +403,19 @@ struct ModelField {
     model: Option<String>,
 }
 
-/// Headers that belong to one connection, not to the request (and the
-/// length, which the body sets again).
-const HOP_BY_HOP: [&str; 11] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
+/// Headers that belong to one connection, not to the request (parsed
+/// names, so that removing them parses nothing per request).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
 ];
 
 /// Whether an upstream answer means "this replica cannot take it now",
@@ -615,10 +614,8 @@ impl Gateway {
         started: Instant,
     ) -> Response {
         let (mut parts, body) = answer.into_parts();
-        for name in HOP_BY_HOP {
-            if name != "content-length" {
-                parts.headers.remove(name);
-            }
+        for name in &HOP_BY_HOP {
+            parts.headers.remove(name);
         }
         if let Some(v) = &inflight.replica.header {
             parts.headers.insert(REPLICA_HEADER, v.clone());
@@ -700,9 +697,11 @@ fn upstream_request(
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = axum::http::Uri::from_parts(uri)?;
     let mut headers = parts.headers.clone();
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+    // The body sets its own length.
+    headers.remove(header::CONTENT_LENGTH);
     // The gateway's own API key is not the model server's business.
     if strip_auth {
         headers.remove(header::AUTHORIZATION);

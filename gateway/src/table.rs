@@ -117,6 +117,9 @@ pub enum NoReplica {
 pub struct Table {
     routes: RwLock<Arc<Routes>>,
     queues: Mutex<HashMap<String, Arc<Queue>>>,
+    /// Requests waiting in any queue: a finished request takes the queues'
+    /// lock to wake one only when some request waits.
+    waiting_total: AtomicU32,
     limits: Limits,
     epoch: Instant,
     /// Retry tokens, in thousandths: each request adds `retry_budget`, each
@@ -135,6 +138,7 @@ impl Table {
         Table {
             routes: RwLock::new(Arc::default()),
             queues: Mutex::new(HashMap::new()),
+            waiting_total: AtomicU32::new(0),
             limits,
             epoch: Instant::now(),
             retry_tokens: AtomicU64::new(MAX_RETRY_TOKENS),
@@ -278,6 +282,7 @@ impl Table {
             queue.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(NoReplica::QueueFull);
         }
+        self.waiting_total.fetch_add(1, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + self.limits.queue_timeout;
         let result = loop {
             let freed = queue.freed.notified();
@@ -294,6 +299,7 @@ impl Table {
             }
         };
         queue.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.waiting_total.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
@@ -402,6 +408,12 @@ pub struct Inflight {
 impl Drop for Inflight {
     fn drop(&mut self) {
         self.replica.inflight.fetch_sub(1, Ordering::SeqCst);
+        // A waiter counts itself before it looks for a replica, and this
+        // count dropped before this read: either it sees the freed slot, or
+        // this sees it waiting and wakes it.
+        if self.table.waiting_total.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let queues = match self.table.queues.lock() {
             Ok(q) => q,
             Err(p) => p.into_inner(),

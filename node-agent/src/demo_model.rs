@@ -319,7 +319,10 @@ async fn answer(d: Arc<Demo>, req: CompletionRequest, kind: Kind) -> Response {
     }
     // Generated at the same pace as a stream (a client that leaves
     // meanwhile drops this future, and with it the slot).
-    tokio::time::sleep(d.token_delay.saturating_mul(tokens)).await;
+    if !d.token_delay.is_zero() {
+        // (A zero sleep still waits for the timer's next millisecond.)
+        tokio::time::sleep(d.token_delay.saturating_mul(tokens)).await;
+    }
     drop(slot);
     println!("POST {path} 200 ({tokens} tokens, request {n})");
     let text = words.join(" ");

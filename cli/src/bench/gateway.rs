@@ -56,6 +56,9 @@ pub struct GatewayArgs {
     /// LiteLLM proxy binary to compare with (`litellm`, from PyPI); left out: not compared.
     #[arg(long, value_name = "PATH")]
     litellm: Option<PathBuf>,
+    /// berth-gateway's worker threads (its --threads; nginx runs one worker).
+    #[arg(long, default_value_t = 1)]
+    gateway_threads: usize,
 }
 
 /// One target's figures.
@@ -85,6 +88,21 @@ pub struct TargetReport {
     pub chunk_gap_max_ms: f64,
 }
 
+/// kill -9 of one of two replicas under load, through berth-gateway.
+#[derive(Debug, Serialize)]
+pub struct KillReport {
+    /// Requests answered during the run.
+    pub requests: u64,
+    /// Requests that failed (the client saw an error).
+    pub failed: u64,
+    /// Requests the gateway retried on the other replica.
+    pub retried: u64,
+    /// Kill → the last retry (after it the gateway no longer chose the dead replica), ms.
+    pub stopped_choosing_ms: Option<f64>,
+    /// Kill → the replica left the gateway's table (its agent reported it), ms.
+    pub left_table_ms: Option<f64>,
+}
+
 /// `bench gateway` results.
 #[derive(Debug, Serialize)]
 pub struct GatewayReport {
@@ -96,6 +114,8 @@ pub struct GatewayReport {
     pub concurrency: usize,
     /// Per target.
     pub targets: Vec<TargetReport>,
+    /// kill -9 of one replica under load.
+    pub kill: KillReport,
 }
 
 /// A running proxy process (killed on drop).
@@ -268,12 +288,12 @@ async fn answers(addr: &str, model: &str) -> anyhow::Result<()> {
     .await
 }
 
-fn start_gateway(control: &str, token: &str) -> anyhow::Result<Proxy> {
+fn start_gateway(control: &str, token: &str, threads: usize) -> anyhow::Result<Proxy> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let child = tokio::process::Command::new(find_binary("berth-gateway")?)
         .args(["--listen", &addr, "--control", control, "--token", token])
-        .args(["--log-format", "json"])
+        .args(["--log-format", "json", "--threads", &threads.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -331,10 +351,15 @@ fn start_nginx(nginx: &PathBuf, upstreams: &[&str]) -> anyhow::Result<Proxy> {
 fn start_litellm(litellm: &PathBuf, upstream: &str, model: &str) -> anyhow::Result<Proxy> {
     let port = free_port()?;
     let child = tokio::process::Command::new(litellm)
-        .args(["--model", &format!("openai/{model}")])
+        .args(["--model", &format!("openai/{model}"), "--alias", model])
         .args(["--api_base", &format!("http://{upstream}/v1")])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .env("OPENAI_API_KEY", "unused")
+        // A local, loopback-only comparison: no master key to check.
+        .env(
+            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY",
+            "true",
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -344,6 +369,140 @@ fn start_litellm(litellm: &PathBuf, upstream: &str, model: &str) -> anyhow::Resu
         addr: format!("127.0.0.1:{port}"),
         child,
         _dir: None,
+    })
+}
+
+/// A counter's value in a Prometheus page (summed over its label sets).
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// GET `path` on `addr` through `client`: the body.
+async fn get_text(client: &Http, addr: &str, path: &str) -> Option<String> {
+    let request = hyper::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let body = client.request(request).await.ok()?.into_body();
+    let bytes = body.collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Scales `fast` to two replicas, loads the gateway with 8 connections,
+/// SIGKILLs the new replica's server, and watches the gateway's retries and
+/// table until it is back.
+async fn kill_one(client: &Client, gateway: &str) -> anyhow::Result<KillReport> {
+    let routable = |n: u64| {
+        let http = http_client();
+        let gateway = gateway.to_string();
+        async move {
+            let text = get_text(&http, &gateway, "/v1/models").await?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v["data"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == "fast" && m["ready_replicas"] == n)
+                .then_some(())
+        }
+    };
+    client
+        .admin(|mut c| async move {
+            c.scale_deployment(pb::ScaleDeploymentRequest {
+                name: "fast".into(),
+                replicas: 2,
+            })
+            .await
+        })
+        .await?;
+    wait_for("two fast replicas routable", WAIT, || routable(2)).await?;
+    let pid = wait_for("the second replica's pid", WAIT, || async {
+        let r = client
+            .admin(|mut c| async move {
+                c.list_cluster_replicas(pb::ListClusterReplicasRequest {
+                    deployment: "fast".into(),
+                    ..Default::default()
+                })
+                .await
+            })
+            .await
+            .ok()?;
+        r.replicas
+            .into_iter()
+            .find(|r| r.id == "fast-2" && r.pid > 0)
+            .map(|r| r.pid)
+    })
+    .await?;
+    let http = http_client();
+    let metrics = get_text(&http, gateway, "/metrics")
+        .await
+        .unwrap_or_default();
+    let retries_before = counter(&metrics, "berth_gateway_retries_total");
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, gateway, done, failed, stop) = (
+                http.clone(),
+                gateway.to_string(),
+                done.clone(),
+                failed.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match one(&http, &gateway, "fast").await {
+                        Some(_) => done.fetch_add(1, Ordering::Relaxed),
+                        None => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let mut last_retry: Option<Instant> = None;
+    let mut retries = retries_before;
+    let mut left_table = None;
+    while killed.elapsed() < Duration::from_secs(4) {
+        let page = get_text(&http, gateway, "/metrics")
+            .await
+            .unwrap_or_default();
+        let now = counter(&page, "berth_gateway_retries_total");
+        if now > retries {
+            retries = now;
+            last_retry = Some(Instant::now());
+        }
+        if left_table.is_none()
+            && counter(&page, "berth_gateway_ready_replicas{model=\"fast\"}") == 1.0
+        {
+            left_table = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    futures::future::join_all(workers).await;
+    client
+        .admin(|mut c| async move {
+            c.scale_deployment(pb::ScaleDeploymentRequest {
+                name: "fast".into(),
+                replicas: 1,
+            })
+            .await
+        })
+        .await?;
+    Ok(KillReport {
+        requests: done.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        retried: (retries - retries_before).max(0.0) as u64,
+        stopped_choosing_ms: last_retry.map(|t| t.duration_since(killed).as_secs_f64() * 1000.0),
+        left_table_ms: left_table.map(|d| d.as_secs_f64() * 1000.0),
     })
 }
 
@@ -489,7 +648,7 @@ pub async fn gateway(a: GatewayArgs, out: OutputFormat) -> Result<(), CliError> 
     let fast = endpoint(&client, "fast").await?;
     let words = endpoint(&client, "words").await?;
     let token = cluster.token("gateway").await?;
-    let gateway = start_gateway(&cluster.servers(), &token)?;
+    let gateway = start_gateway(&cluster.servers(), &token, a.gateway_threads)?;
     answers(&gateway.addr, "fast").await?;
     answers(&gateway.addr, "words").await?;
 
@@ -506,7 +665,12 @@ pub async fn gateway(a: GatewayArgs, out: OutputFormat) -> Result<(), CliError> 
         )
         .await,
     );
+    eprintln!("berth-gateway: kill -9 of one of two replicas under load…");
+    let kill = kill_one(&client, &gateway.addr).await?;
     drop(gateway);
+    // The fast deployment is back to its first replica, which the other
+    // targets reach directly.
+    answers(&fast, "fast").await?;
     if let Some(nginx) = &a.nginx {
         let proxy = start_nginx(nginx, &[&fast, &words])?;
         answers(&proxy.addr, "fast").await?;
@@ -552,6 +716,7 @@ pub async fn gateway(a: GatewayArgs, out: OutputFormat) -> Result<(), CliError> 
         duration_s: a.duration.as_secs_f64(),
         concurrency: a.concurrency,
         targets,
+        kill,
     };
     match out {
         OutputFormat::Json => print_json(&report),
@@ -589,6 +754,16 @@ pub async fn gateway(a: GatewayArgs, out: OutputFormat) -> Result<(), CliError> 
             println!(
                 "fixed rate {} requests/s for {:.0}s; saturation with {} connections; streams of {STREAM_WORDS} words {:?} apart; the load generator shares this machine's cores",
                 report.rate, report.duration_s, report.concurrency, WORD_GAP
+            );
+            let k = &report.kill;
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+            println!(
+                "kill -9 of one of two replicas under 8 connections: {} requests, {} failed, {} retried; the gateway stopped choosing it after {}, and dropped it from its table after {}",
+                k.requests,
+                k.failed,
+                k.retried,
+                ms(k.stopped_choosing_ms),
+                ms(k.left_table_ms)
             );
         }
     }
