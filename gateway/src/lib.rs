@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -70,6 +71,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let app = Arc::new(Gateway::new(&config, table, link)).router();
     let stop = shutdown.clone();
     tasks.spawn(async move {
+        // No Nagle: a streamed chunk goes out at once, not after the
+        // client's delayed acknowledgement of the one before.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await;
