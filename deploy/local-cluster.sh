@@ -2,7 +2,9 @@
 # Starts a 3-member Berth control plane on this machine (ports 7400, 7410,
 # 7420; data in ${BERTH_LOCAL_DIR:-/tmp/berth-local}) and waits for it,
 # then two agents with simulated GPUs (nodes gpu-1 on 7500, gpu-2 on 7510;
-# BERTH_LOCAL_AGENTS=0 leaves them out). Secure like a real cluster: member 1
+# BERTH_LOCAL_AGENTS=0 leaves them out) and a gateway, the OpenAI-compatible
+# endpoint, on 127.0.0.1:8080 (BERTH_LOCAL_GATEWAY=0 leaves it out; it has
+# its own gateway token). Secure like a real cluster: member 1
 # bootstraps the CA, the others join with member tokens, agents with the
 # agent token; the CLI uses $dir/1/admin.conf (export BERTH_CONFIG=...).
 # Stop it with: deploy/local-cluster.sh stop
@@ -12,7 +14,7 @@ dir=${BERTH_LOCAL_DIR:-/tmp/berth-local}
 bin=${BERTH_BIN_DIR:-target/release}
 
 if [[ "${1:-}" == "stop" ]]; then
-    for i in agent-1 agent-2 1 2 3; do
+    for i in gateway agent-1 agent-2 1 2 3; do
         [[ -f "$dir/$i.pid" ]] && kill "$(cat "$dir/$i.pid")" 2>/dev/null || true
     done
     echo "stopped"
@@ -63,6 +65,17 @@ if [[ "${BERTH_LOCAL_AGENTS:-1}" != 0 ]]; then
     done
     echo
     "$bin/berth" node list
+fi
+if [[ "${BERTH_LOCAL_GATEWAY:-1}" != 0 ]]; then
+    if [[ ! -s "$dir/gateway.token" ]]; then
+        (umask 077 && "$bin/berth" token create --role gateway --description "local-cluster.sh gateway" >"$dir/gateway.token")
+    fi
+    BERTH_GATEWAY_TOKEN="$(cat "$dir/gateway.token")" "$bin/berth-gateway" --listen 127.0.0.1:8080 \
+        --control "$BERTH_SERVER" --name local-gateway >>"$dir/gateway.log" 2>&1 &
+    echo $! >"$dir/gateway.pid"
+    for _ in $(seq 100); do curl -sf http://127.0.0.1:8080/health >/dev/null 2>&1 && break; sleep 0.1; done
+    echo
+    echo "gateway on http://127.0.0.1:8080/v1 (curl http://127.0.0.1:8080/v1/models)"
 fi
 echo
 echo "logs in $dir/*.log; use: export BERTH_CONFIG=$BERTH_CONFIG BERTH_SERVER=$BERTH_SERVER"
