@@ -348,6 +348,22 @@ pub async fn presented_serial(
     Some(berth_proto::pki::leaf_info(&der).ok()?.serial)
 }
 
+/// The replicas of `deployment` (`berth replica list --deployment`); none
+/// while the CLI fails (a member may be electing).
+pub async fn deployment_replicas(servers: &str, deployment: &str) -> Vec<serde_json::Value> {
+    try_berth_json(&[
+        "--server",
+        servers,
+        "replica",
+        "list",
+        "--deployment",
+        deployment,
+    ])
+    .await
+    .and_then(|v| v.as_array().cloned())
+    .unwrap_or_default()
+}
+
 /// A `berth-gateway` process, killed on drop.
 pub struct Gateway {
     /// Its HTTP port on 127.0.0.1.

@@ -38,20 +38,6 @@ const MODEL: [&str; 16] = [
     "BERTH_DEMO_TOKEN_DELAY=50ms",
 ];
 
-async fn replicas(servers: &str) -> Vec<Value> {
-    try_berth_json(&[
-        "--server",
-        servers,
-        "replica",
-        "list",
-        "--deployment",
-        "chat",
-    ])
-    .await
-    .and_then(|v| v.as_array().cloned())
-    .unwrap_or_default()
-}
-
 fn port_of(endpoint: &str) -> u32 {
     endpoint
         .rsplit(':')
@@ -76,7 +62,7 @@ async fn complete(port: u32, model: &str) -> (u16, String, String) {
 /// Requests answered by every replica of `chat`, from their `/metrics`.
 async fn upstream_requests(servers: &str) -> u64 {
     let mut total = 0;
-    for r in replicas(servers).await {
+    for r in deployment_replicas(servers, "chat").await {
         let port = port_of(r["endpoint"].as_str().expect("an endpoint"));
         total += demo_metric(port, "berth_demo:requests_total")
             .await
@@ -343,7 +329,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
 
     // Streaming: events arrive one by one; leaving cancels the generation.
     // (The strict gateway's streams were cancelled too: count from here.)
-    let rs = replicas(&servers).await;
+    let rs = deployment_replicas(&servers, "chat").await;
     let port_of_replica = |id: &str| {
         rs.iter()
             .find(|r| r["id"] == id)
@@ -394,7 +380,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
         DEADLINE,
         "the stream shows in the engine's load",
         || async {
-            let rs = replicas(&servers).await;
+            let rs = deployment_replicas(&servers, "chat").await;
             let r = rs.iter().find(|r| r["id"] == victim_id.as_str())?;
             (r["running_requests"] == 1 && r["queue_depth"] == 0).then_some(())
         },
@@ -480,7 +466,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     ])
     .await;
     wait_routable(port, "chat", 3).await;
-    let three = replicas(&servers).await;
+    let three = deployment_replicas(&servers, "chat").await;
     let victim = three[1]["pid"].as_u64().expect("a pid") as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim),
@@ -488,7 +474,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     )
     .expect("kill a replica under load");
     wait_until(DEADLINE, "the killed replica back", || async {
-        let rs = replicas(&servers).await;
+        let rs = deployment_replicas(&servers, "chat").await;
         (rs.len() == 3
             && rs
                 .iter()
@@ -522,7 +508,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     .await;
     assert!(drained.status.success(), "{}", stderr(&drained));
     wait_until(DEADLINE, "every replica on gpu-b", || async {
-        let rs = replicas(&servers).await;
+        let rs = deployment_replicas(&servers, "chat").await;
         (rs.len() == 3 && rs.iter().all(|r| r["node"] == "gpu-b")).then_some(())
     })
     .await;
@@ -532,7 +518,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     ])
     .await;
     wait_until(DEADLINE, "the removed replicas stopped", || async {
-        (replicas(&servers).await.len() == 1).then_some(())
+        (deployment_replicas(&servers, "chat").await.len() == 1).then_some(())
     })
     .await;
     stop.send(true).expect("stop the load");

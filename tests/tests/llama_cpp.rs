@@ -41,20 +41,6 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-async fn tiny_replicas(servers: &str) -> Vec<Value> {
-    try_berth_json(&[
-        "--server",
-        servers,
-        "replica",
-        "list",
-        "--deployment",
-        "tiny",
-    ])
-    .await
-    .and_then(|v| v.as_array().cloned())
-    .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llama_server_replicas_serve_through_the_gateway() {
     let (server, python) = llama_tools();
@@ -132,7 +118,7 @@ async fn llama_server_replicas_serve_through_the_gateway() {
 
     // Its agent reads llama.cpp's own gauges (the preset turns --metrics on).
     wait_until(DEADLINE, "the engine's load reported", || async {
-        let rs = tiny_replicas(&servers).await;
+        let rs = deployment_replicas(&servers, "tiny").await;
         (rs.len() == 2
             && rs
                 .iter()
@@ -206,7 +192,7 @@ async fn llama_server_replicas_serve_through_the_gateway() {
 
     // Scale down under load: the removed replica is drained, then stopped
     // by SIGTERM; no request fails.
-    let before = tiny_replicas(&servers).await;
+    let before = deployment_replicas(&servers, "tiny").await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(async move {
         let mut ok = 0u32;
@@ -231,7 +217,7 @@ async fn llama_server_replicas_serve_through_the_gateway() {
     ])
     .await;
     let removed: Vec<u64> = wait_until(DEADLINE, "one replica left", || async {
-        let now = tiny_replicas(&servers).await;
+        let now = deployment_replicas(&servers, "tiny").await;
         (now.len() == 1).then(|| {
             before
                 .iter()

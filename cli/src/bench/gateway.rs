@@ -29,6 +29,14 @@ use crate::client::{CliError, Client};
 use crate::local::{LocalAgent, LocalCluster, MemberOptions, find_binary, free_port};
 use crate::output::{OutputFormat, print_json, table};
 
+/// Each demo replica: a tenth of a GPU and 1 GiB of its memory.
+const SMALL: pb::Resources = pb::Resources {
+    cpu_milli: 100,
+    memory_mib: 128,
+    gpus: 1,
+    gpu_memory_mib: 1024,
+    gpu_milli: 100,
+};
 /// How long a set-up step may take.
 const WAIT: Duration = Duration::from_secs(120);
 /// Words in a streamed answer, and the time between two.
@@ -546,31 +554,13 @@ async fn measure(
 }
 
 async fn demo_deployment(client: &Client, name: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
-    create_demo_model(
-        client,
-        name,
-        pb::Resources {
-            cpu_milli: 100,
-            memory_mib: 128,
-            gpus: 1,
-            gpu_memory_mib: 1024,
-            gpu_milli: 100,
-        },
-        WAIT,
-    )
-    .await?;
+    create_demo_model(client, name, SMALL, WAIT).await?;
     if !env.is_empty() {
         let version = pb::ModelVersionSpec {
             version: "v2".into(),
             runtime: "demo".into(),
             source: "builtin:demo".into(),
-            resources: Some(pb::Resources {
-                cpu_milli: 100,
-                memory_mib: 128,
-                gpus: 1,
-                gpu_memory_mib: 1024,
-                gpu_milli: 100,
-            }),
+            resources: Some(SMALL),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
