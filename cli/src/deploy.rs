@@ -87,6 +87,14 @@ pub enum DeployCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Set the other names the gateway routes to this deployment
+    /// (replacing them; none clears them), e.g. `deploy alias chat assistant`.
+    Alias {
+        /// The deployment.
+        name: String,
+        /// Its aliases (model-name rules; not a model's or deployment's name).
+        aliases: Vec<String>,
+    },
     /// Delete a deployment; its replicas are stopped and removed.
     Delete {
         /// The deployment.
@@ -207,6 +215,8 @@ pub struct DeploymentView {
     pub replicas_updated: u32,
     /// Why the rollout is paused; null when it is not.
     pub paused: Option<String>,
+    /// Other names the gateway routes here.
+    pub aliases: Vec<String>,
     /// Current revision.
     pub revision: u64,
     /// CPU per replica, millicores.
@@ -262,6 +272,7 @@ impl From<pb::Deployment> for DeploymentView {
             replicas_pending: d.replicas_pending,
             replicas_updated: d.replicas_updated,
             paused: Some(d.paused).filter(|p| !p.is_empty()),
+            aliases: d.aliases,
             revision: d.revision,
             cpu_milli: r.cpu_milli,
             memory_mib: r.memory_mib,
@@ -632,6 +643,9 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                         .map(|h| format!("{} ({})", h.revision, h.version))
                         .collect();
                     out!("revisions: {}", revisions.join(", "));
+                    if !d.aliases.is_empty() {
+                        out!("aliases: {}", d.aliases.join(", "));
+                    }
                     if let Some(p) = &d.paused {
                         out!("rollout PAUSED: {p}");
                     } else if d.replicas_updated < d.replicas {
@@ -755,6 +769,28 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                 .await?;
             eprintln!("deployment {name}: resized as revision {}", d.revision);
             finish(client, &name, d, &wait, out).await?;
+        }
+        DeployCommand::Alias { name, aliases } => {
+            let d: DeploymentView = client
+                .admin(|mut c| {
+                    let req = pb::SetDeploymentAliasesRequest {
+                        name: name.clone(),
+                        aliases: aliases.clone(),
+                    };
+                    async move { c.set_deployment_aliases(req).await }
+                })
+                .await?
+                .into();
+            match out {
+                OutputFormat::Json => print_json(&d),
+                OutputFormat::Table if d.aliases.is_empty() => {
+                    out!("deployment {name} has no aliases");
+                }
+                OutputFormat::Table => out!(
+                    "deployment {name} also answers to {} (through the gateway)",
+                    d.aliases.join(", ")
+                ),
+            }
         }
         DeployCommand::Delete { name } => {
             client

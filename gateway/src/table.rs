@@ -174,6 +174,7 @@ impl Table {
             if e.deployment != e.model {
                 names.push(e.deployment.clone());
             }
+            names.extend(e.aliases.iter().cloned());
             for name in names {
                 by_name.entry(name).or_default().push(replica.clone());
             }

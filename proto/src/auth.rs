@@ -241,6 +241,10 @@ pub const TABLE: &[(&str, Access)] = &[
         Access::Roles(OPERATOR),
     ),
     ("/berth.v1.Admin/DeleteDeployment", Access::Roles(OPERATOR)),
+    (
+        "/berth.v1.Admin/SetDeploymentAliases",
+        Access::Roles(OPERATOR),
+    ),
     ("/berth.v1.Admin/ExplainDeployment", Access::Roles(VIEWER)),
     ("/berth.v1.Admin/ListClusterReplicas", Access::Roles(VIEWER)),
     ("/berth.v1.Admin/ReplicaLogs", Access::Roles(VIEWER)),

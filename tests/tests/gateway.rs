@@ -257,6 +257,25 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     assert!(body.contains("model_not_found"), "{body}");
     assert!(body.contains("served now: chat, demo, demo:v1"), "{body}");
 
+    // An alias set on the deployment routes too, with the model's own name upstream.
+    let aliased = berth_json(&["--server", &servers, "deploy", "alias", "chat", "assistant"]).await;
+    assert_eq!(
+        aliased["aliases"],
+        serde_json::json!(["assistant"]),
+        "{aliased}"
+    );
+    wait_routable(port, "assistant", 2).await;
+    let (code, _, body) = complete(port, "assistant").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"model\":\"demo\""), "{body}");
+    let refused = berth(&["--server", &servers, "deploy", "alias", "chat", "demo"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("name of a model or deployment"),
+        "{}",
+        stderr(&refused)
+    );
+
     // Bad input is refused at the gateway: nothing reaches a replica.
     let before = upstream_requests(&servers).await;
     let bad = http_full(port, "POST", "/v1/completions", "{not json")

@@ -314,6 +314,17 @@ impl Admin for AdminService {
     }
 
     #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn set_deployment_aliases(
+        &self,
+        request: Request<pb::SetDeploymentAliasesRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .set_aliases(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
     async fn delete_deployment(
         &self,
         request: Request<pb::DeleteDeploymentRequest>,

@@ -46,6 +46,12 @@ fn with_counts(
     observed: &HashMap<String, Observation>,
 ) -> pb::Deployment {
     let mut out: pb::Deployment = d.into();
+    out.aliases = state
+        .aliases
+        .iter()
+        .filter(|(_, owner)| **owner == d.name)
+        .map(|(alias, _)| alias.clone())
+        .collect();
     for r in state
         .replicas
         .values()
@@ -114,6 +120,18 @@ impl Deployments<'_> {
         self.write_deployment(Command::ScaleDeployment {
             name: req.name,
             replicas: req.replicas,
+        })
+        .await
+    }
+
+    /// `SetDeploymentAliases`.
+    pub async fn set_aliases(
+        &self,
+        req: pb::SetDeploymentAliasesRequest,
+    ) -> Result<pb::Deployment, Status> {
+        self.write_deployment(Command::SetDeploymentAliases {
+            name: req.name,
+            aliases: req.aliases,
         })
         .await
     }

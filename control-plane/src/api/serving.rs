@@ -168,6 +168,13 @@ fn changes(
 fn ready_endpoints(nodes: &NodeTracker) -> HashMap<String, pb::Endpoint> {
     let applied = nodes.member.state.read();
     let state = &applied.state;
+    let mut aliases: HashMap<&str, Vec<String>> = HashMap::new();
+    for (alias, deployment) in &state.aliases {
+        aliases
+            .entry(deployment.as_str())
+            .or_default()
+            .push(alias.clone());
+    }
     nodes.with_observations(|observed| {
         let reported: HashMap<&str, (&str, &pb::ReplicaStatus)> = observed
             .iter()
@@ -225,6 +232,10 @@ fn ready_endpoints(nodes: &NodeTracker) -> HashMap<String, pb::Endpoint> {
                         node: node_name.to_string(),
                         runtime,
                         queue_depth: seen.queue_depth.unwrap_or(0),
+                        aliases: aliases
+                            .get(r.deployment.as_str())
+                            .cloned()
+                            .unwrap_or_default(),
                     },
                 ))
             })

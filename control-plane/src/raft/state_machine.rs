@@ -24,13 +24,13 @@ use super::{
     decode, encode,
 };
 use crate::events::EventLog;
-use crate::state::legacy::{ClusterStateV1, ClusterStateV2};
+use crate::state::legacy::{ClusterStateV1, ClusterStateV2, ClusterStateV3};
 use crate::state::{self, ClusterState, Outcome};
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
 /// The snapshot format this build writes (it also reads every earlier one).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What a snapshot holds after its header.
@@ -54,6 +54,13 @@ struct SnapshotBodyV1 {
 struct SnapshotBodyV2 {
     meta: SnapshotMeta,
     state: ClusterStateV2,
+}
+
+/// Format 3 of the body: a state without deployment aliases.
+#[derive(Debug, Clone, Deserialize)]
+struct SnapshotBodyV3 {
+    meta: SnapshotMeta,
+    state: ClusterStateV3,
 }
 
 /// Why a snapshot could not be read.
@@ -109,6 +116,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
             Ok(SnapshotBody {
                 meta: v2.meta,
                 state: v2.state.into(),
+            })
+        }
+        3 => {
+            let v3: SnapshotBodyV3 = decode(body)?;
+            Ok(SnapshotBody {
+                meta: v3.meta,
+                state: v3.state.into(),
             })
         }
         SNAPSHOT_FORMAT_VERSION => Ok(decode(body)?),

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use berth_common::{
     Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, NodeAdmin, NodeState, Replica,
-    ReplicaIntent, ResourceOverrides, Revision,
+    ReplicaIntent, ResourceOverrides, Revision, ValidationError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,7 @@ pub(super) fn create(
             name,
         });
     }
+    refuse_alias(state, &name)?;
     let Some(model) = state.models.get(&request.model) else {
         return Err(Rejection::not_found(ObjectKind::Model, &request.model));
     };
@@ -121,6 +122,7 @@ pub(super) fn delete(state: &mut ClusterState, name: &str) -> Result<Outcome, Re
     if state.deployments.remove(name).is_none() {
         return Err(Rejection::not_found(ObjectKind::Deployment, name));
     }
+    state.aliases.retain(|_, d| d != name);
     state
         .replicas
         .retain(|_, r| r.deployment != name || r.node.is_some());
@@ -130,6 +132,66 @@ pub(super) fn delete(state: &mut ClusterState, name: &str) -> Result<Outcome, Re
         }
     }
     Ok(Outcome::Deleted)
+}
+
+/// Refuses a new model or deployment named like an alias: a request's
+/// `model` must lead to one deployment.
+pub(super) fn refuse_alias(state: &ClusterState, name: &str) -> Result<(), Rejection> {
+    match state.aliases.get(name) {
+        Some(owner) => Err(Rejection::FailedPrecondition(format!(
+            "{name:?} is an alias of deployment {owner:?}; pick another name, or remove the alias first"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The most aliases one deployment may have.
+pub const MAX_ALIASES: usize = 8;
+
+/// Replaces a deployment's aliases. An alias follows the name rules and may
+/// not be a model's or a deployment's name, or another deployment's alias:
+/// a request's `model` must lead to one deployment.
+pub(super) fn set_aliases(
+    state: &mut ClusterState,
+    name: &str,
+    aliases: Vec<String>,
+) -> Result<Outcome, Rejection> {
+    let Some(deployment) = state.deployments.get(name) else {
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
+    };
+    if aliases.len() > MAX_ALIASES {
+        return Err(Rejection::Invalid(ValidationError::new(
+            "aliases",
+            aliases.join(","),
+            format!("at most {MAX_ALIASES} aliases per deployment"),
+        )));
+    }
+    for (i, alias) in aliases.iter().enumerate() {
+        berth_common::names::validate_name("alias", alias).map_err(Rejection::Invalid)?;
+        if aliases[..i].contains(alias) {
+            return Err(Rejection::Invalid(ValidationError::new(
+                "alias",
+                alias,
+                "is given twice",
+            )));
+        }
+        if state.models.contains_key(alias) || state.deployments.contains_key(alias) {
+            return Err(Rejection::FailedPrecondition(format!(
+                "alias {alias:?} is the name of a model or deployment, which clients reach by that name already; pick another alias"
+            )));
+        }
+        if let Some(owner) = state.aliases.get(alias).filter(|d| *d != name) {
+            return Err(Rejection::FailedPrecondition(format!(
+                "alias {alias:?} belongs to deployment {owner:?}; remove it there first (berth deploy alias {owner} …)"
+            )));
+        }
+    }
+    let deployment = deployment.clone();
+    state.aliases.retain(|_, d| d != name);
+    for alias in aliases {
+        state.aliases.insert(alias, name.to_string());
+    }
+    Ok(Outcome::Deployment(Box::new(deployment)))
 }
 
 /// Places pending replicas. Each bind is checked on its own against the

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use berth_common::{Deployment, Model, Node, Replica};
 use serde::{Deserialize, Serialize};
 
-use super::ClusterState;
+use super::{ClusterState, security::SecurityState};
 
 /// Snapshot format 1: the model registry only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +49,37 @@ impl From<ClusterStateV2> for ClusterState {
             deployments: v2.deployments,
             replicas: v2.replicas,
             version: v2.version,
+            ..ClusterState::default()
+        }
+    }
+}
+
+/// Snapshot format 3: format 2 and the security ledger, no aliases.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStateV3 {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replicas by id.
+    pub replicas: BTreeMap<String, Replica>,
+    /// The state version.
+    pub version: u64,
+    /// Tokens, certificates, revocations.
+    pub security: SecurityState,
+}
+
+impl From<ClusterStateV3> for ClusterState {
+    fn from(v3: ClusterStateV3) -> Self {
+        ClusterState {
+            models: v3.models,
+            nodes: v3.nodes,
+            deployments: v3.deployments,
+            replicas: v3.replicas,
+            version: v3.version,
+            security: v3.security,
             ..ClusterState::default()
         }
     }

@@ -48,6 +48,9 @@ pub struct ClusterState {
     pub version: u64,
     /// Tokens, issued certificates, revocations (snapshot format 3).
     pub security: security::SecurityState,
+    /// Other names clients may use for a deployment: alias → deployment
+    /// (snapshot format 4).
+    pub aliases: BTreeMap<String, String>,
 }
 
 /// A change to the cluster state, as written to the Raft log.
@@ -223,6 +226,14 @@ pub enum Command {
         /// Remove even with replicas placed there.
         force: bool,
     },
+    /// Sets the other names a deployment answers to (replacing the ones it
+    /// had; none clears them).
+    SetDeploymentAliases {
+        /// The deployment.
+        name: String,
+        /// Its aliases.
+        aliases: Vec<String>,
+    },
 }
 
 impl Command {
@@ -256,6 +267,7 @@ impl Command {
             Command::IssueCertificate { .. } => "issue_certificate",
             Command::RevokeIdentity { .. } => "revoke_identity",
             Command::RemoveNode { .. } => "remove_node",
+            Command::SetDeploymentAliases { .. } => "set_deployment_aliases",
         }
     }
 }
@@ -380,6 +392,7 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
     match request.command {
         Command::CreateModel { name, version } => {
             Model::validate_name(&name)?;
+            deployments::refuse_alias(state, &name)?;
             version.validate()?;
             if state.models.contains_key(&name) {
                 return Err(Rejection::AlreadyExists {
@@ -490,6 +503,9 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             Ok(Outcome::Noop)
         }
         Command::RemoveNode { name, force } => nodes::remove(state, &name, force, at_ms),
+        Command::SetDeploymentAliases { name, aliases } => {
+            deployments::set_aliases(state, &name, aliases)
+        }
         Command::SetNodeState {
             name,
             from,

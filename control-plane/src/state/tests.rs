@@ -1294,10 +1294,106 @@ fn security_fixtures_stay_readable() {
     assert!(state.nodes.is_empty());
     assert_eq!(state.security.revoked.len(), 1);
     assert_eq!(state.security.blocked.len(), 1);
+    let stored = fixture("state-v3.postcard", &[]);
+    let decoded: legacy::ClusterStateV3 = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(ClusterState::from(decoded), state);
+}
+
+/// Aliases (appended in format 4): the command's log entry and a state
+/// that holds them stay readable; the rules hold.
+#[test]
+fn alias_fixtures_stay_readable_and_aliases_follow_the_rules() {
+    let mut requests = fixture_requests();
+    requests.push(Request {
+        at_ms: 1_700_000_190_000,
+        command: Command::CreateDeployment {
+            name: "chat".into(),
+            request: deployment_from_args(&[
+                "model=llama".into(),
+                "version=v2".into(),
+                "replicas=0".into(),
+            ])
+            .expect("a request"),
+        },
+    });
+    requests.push(Request {
+        at_ms: 1_700_000_200_000,
+        command: Command::SetDeploymentAliases {
+            name: "chat".into(),
+            aliases: vec!["assistant".into(), "chat-next".into()],
+        },
+    });
+    let fresh = postcard::to_stdvec(&requests).unwrap();
+    let stored = fixture("requests-v4.postcard", &fresh);
+    let decoded: Vec<Request> = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, requests);
+    let (mut state, results) = replay(&requests);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(
+        state.aliases.get("assistant").map(String::as_str),
+        Some("chat")
+    );
     let fresh = postcard::to_stdvec(&state).unwrap();
-    let stored = fixture("state-v3.postcard", &fresh);
+    let stored = fixture("state-v4.postcard", &fresh);
     let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
     assert_eq!(decoded, state);
+
+    let set = |state: &mut ClusterState, name: &str, aliases: &[&str]| {
+        apply(
+            state,
+            Request {
+                at_ms: 1_700_000_300_000,
+                command: Command::SetDeploymentAliases {
+                    name: name.into(),
+                    aliases: aliases.iter().map(|a| a.to_string()).collect(),
+                },
+            },
+        )
+    };
+    let before = state.clone();
+    for (aliases, rule) in [
+        (vec!["Bad_Name"], "is invalid"),
+        (vec!["x", "x"], "given twice"),
+        (vec!["chat"], "name of a model or deployment"),
+        (vec!["llama"], "name of a model or deployment"),
+    ] {
+        let e = set(&mut state, "chat", &aliases).expect_err("refused");
+        assert!(e.to_string().contains(rule), "{aliases:?}: {e}");
+        assert_eq!(state, before, "a refused command changes nothing");
+    }
+    assert!(set(&mut state, "nope", &["x"]).is_err());
+    // Another deployment cannot take it; a new one cannot be named like it.
+    let create = |name: &str| Request {
+        at_ms: 1_700_000_400_000,
+        command: Command::CreateDeployment {
+            name: name.into(),
+            request: deployment_from_args(&[
+                "model=llama".into(),
+                "version=v2".into(),
+                "replicas=0".into(),
+            ])
+            .expect("a request"),
+        },
+    };
+    let e = apply(&mut state, create("assistant")).expect_err("an alias's name");
+    assert!(e.to_string().contains("alias of deployment"), "{e}");
+    apply(&mut state, create("other")).expect("another deployment");
+    let e = set(&mut state, "other", &["assistant"]).expect_err("taken");
+    assert!(e.to_string().contains("belongs to deployment"), "{e}");
+    // Setting replaces; deleting the deployment drops its aliases.
+    set(&mut state, "chat", &["assistant"]).expect("replaced");
+    assert!(!state.aliases.contains_key("chat-next"));
+    apply(
+        &mut state,
+        Request {
+            at_ms: 1_700_000_500_000,
+            command: Command::DeleteDeployment {
+                name: "chat".into(),
+            },
+        },
+    )
+    .expect("deleted");
+    assert!(state.aliases.is_empty());
 }
 
 /// Batched log entries (appended as a new `Command` variant) stay readable.
