@@ -348,6 +348,25 @@ pub async fn presented_serial(
     Some(berth_proto::pki::leaf_info(&der).ok()?.serial)
 }
 
+/// The model every test deploys: the demo server, a quarter of a GPU and
+/// 10 GiB of its memory, 100m CPU and 128 MiB per replica.
+pub const DEMO_MODEL: [&str; 14] = [
+    "--runtime",
+    "demo",
+    "--source",
+    "builtin:demo",
+    "--gpus",
+    "1",
+    "--gpu-memory",
+    "10GiB",
+    "--gpu-share",
+    "250",
+    "--cpu",
+    "100m",
+    "--memory",
+    "128MiB",
+];
+
 /// The replicas of `deployment` (`berth replica list --deployment`); none
 /// while the CLI fails (a member may be electing).
 pub async fn deployment_replicas(servers: &str, deployment: &str) -> Vec<serde_json::Value> {

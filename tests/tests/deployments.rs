@@ -88,25 +88,6 @@ async fn complete(endpoint: &str) -> (u16, String) {
     .unwrap_or((0, String::new()))
 }
 
-/// The model every test deploys: the demo server, a quarter of a GPU and
-/// 10 GiB of its memory, 100m CPU and 128 MiB per replica.
-const DEMO: [&str; 14] = [
-    "--runtime",
-    "demo",
-    "--source",
-    "builtin:demo",
-    "--gpus",
-    "1",
-    "--gpu-memory",
-    "10GiB",
-    "--gpu-share",
-    "250",
-    "--cpu",
-    "100m",
-    "--memory",
-    "128MiB",
-];
-
 /// A control plane of `members` (with `extra` flags each), one agent with
 /// two simulated A100s per name in `nodes`, every node ready, and model
 /// `demo` registered. Returns the cluster, its agents and `--server`.
@@ -141,7 +122,7 @@ async fn demo_cluster(
     })
     .await;
     let mut create = vec!["--server", servers.as_str(), "model", "create", "demo"];
-    create.extend(DEMO);
+    create.extend(DEMO_MODEL);
     berth_json(&create).await;
     (cluster, agents, servers)
 }
@@ -472,7 +453,7 @@ async fn rolling_update_rollback_failed_rollout_and_resize() {
         ("v3", "BERTH_DEMO_FAIL_HEALTH=true"),
     ] {
         let mut args = vec!["--server", s.as_str(), "model", "version", "add", "demo", v];
-        args.extend(DEMO);
+        args.extend(DEMO_MODEL);
         args.extend(["--env", env]);
         berth_json(&args).await;
     }

@@ -12,31 +12,18 @@
 //! when they return.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Duration;
 
 use berth_tests::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MODEL: [&str; 16] = [
-    "--runtime",
-    "demo",
-    "--source",
-    "builtin:demo",
-    "--gpus",
-    "1",
-    "--gpu-memory",
-    "10GiB",
-    "--gpu-share",
-    "250",
-    "--cpu",
-    "100m",
-    "--memory",
-    "128MiB",
-    // Slow words, so that a stream is still going when its client leaves.
-    "--env",
-    "BERTH_DEMO_TOKEN_DELAY=50ms",
-];
+/// The demo model, with words 50 ms apart so that a stream is still going
+/// when its client leaves.
+fn model_flags() -> Vec<&'static str> {
+    let mut flags = DEMO_MODEL.to_vec();
+    flags.extend(["--env", "BERTH_DEMO_TOKEN_DELAY=50ms"]);
+    flags
+}
 
 fn port_of(endpoint: &str) -> u32 {
     endpoint
@@ -172,7 +159,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
     })
     .await;
     let mut create = vec!["--server", servers.as_str(), "model", "create", "demo"];
-    create.extend(MODEL);
+    create.extend(model_flags());
     berth_json(&create).await;
     berth_json(&[
         "--server",
@@ -526,7 +513,7 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
         "demo",
         "v2",
     ];
-    v2.extend(MODEL);
+    v2.extend(model_flags());
     berth_json(&v2).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let loaders: Vec<_> = (0..2)
@@ -615,7 +602,6 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
             .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..10 {
         let (code, _, body) = complete(port, "chat").await;
         assert_eq!(code, 200, "request {i} without a control plane: {body}");
