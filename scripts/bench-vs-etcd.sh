@@ -13,12 +13,35 @@
 # Berth side: target/release/berth bench writes.
 # Both clusters are up together, but only one is loaded at a time. Data dirs live under one mktemp
 # dir (same filesystem for both); set KEEP=1 to keep it (and the logs).
+#
+# TLS=1 runs both sides with TLS (default TLS=0: plaintext on both sides,
+# Berth's members and CLI with --insecure):
+#
+#   sudo TLS=1 DURATION=10s PAIRS=5 scripts/bench-vs-etcd.sh
+#
+# etcd side:  a throwaway CA and certificates made with openssl in the mktemp
+#             dir (ECDSA P-256 like Berth's CA, SAN IP:127.0.0.1): one per
+#             member, for its client and peer URLs, and one client
+#             certificate; https client and peer URLs with --client-cert-auth
+#             and --peer-client-cert-auth; etcdctl and etcd-load present the
+#             client certificate (--cacert, --cert, --key).
+# Berth side: secure, its default: member 1 bootstraps the cluster CA (no
+#             --insecure), members 2 and 3 join with one-use member tokens
+#             made with the admin.conf bootstrap wrote; mTLS between members;
+#             the CLI (and so `bench writes`) verifies the members against the
+#             CA and authenticates with admin.conf's token over TLS (Berth's
+#             CLI has no client certificate).
 set -euo pipefail
 
 DURATION="${DURATION:-10s}"
 PAIRS="${PAIRS:-5}"
+TLS="${TLS:-0}"
 if ! [[ "$PAIRS" =~ ^[1-9][0-9]*$ ]]; then
     echo "bench-vs-etcd: PAIRS=$PAIRS: must be a whole number >= 1 (the single-writer runs per side)" >&2
+    exit 2
+fi
+if [[ "$TLS" != 0 && "$TLS" != 1 ]]; then
+    echo "bench-vs-etcd: TLS=$TLS: must be 0 (plaintext) or 1 (TLS on both sides)" >&2
     exit 2
 fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,6 +63,7 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler) # etcd-client 
 # only recommended by protobuf-compiler, so not installed with it here.
 [[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+if ((TLS)); then command -v openssl >/dev/null 2>&1 || missing+=(openssl); fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update
@@ -124,49 +148,116 @@ log "building berth (cargo build --release --bins)"
 (cd "$ROOT" && cargo build --release --bins)
 sync
 
-log "starting a 3-member etcd cluster in $WORK/etcd"
+# TLS=1: a throwaway CA, a certificate per etcd member (for server and client
+# use: it serves the client and peer URLs and dials the other members) and
+# one client certificate, for etcdctl and etcd-load.
+ETCD_SCHEME=http
+ETCD_TLS_FLAGS=() # etcdctl's and etcd-load's
+TLS_NOTE=""       # for the log lines
+if ((TLS)); then
+    ETCD_SCHEME=https
+    TLS_NOTE=" (TLS)"
+    tls="$WORK/etcd-tls"
+    mkdir -p "$tls"
+    cat >"$tls/ext.cnf" <<'EXT'
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[member]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
+EXT
+    # ECDSA P-256 keys (PKCS#8), signed with ECDSA and SHA-256.
+    newkey() { (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"); }
+    newkey "$tls/ca.key"
+    openssl req -x509 -new -key "$tls/ca.key" -sha256 -days 2 -subj "/CN=bench-vs-etcd CA" \
+        -config "$tls/ext.cnf" -extensions ca -out "$tls/ca.pem"
+    # sign NAME CN SECTION: a key NAME.key and its certificate NAME.pem.
+    sign() {
+        newkey "$tls/$1.key"
+        openssl req -new -key "$tls/$1.key" -subj "/CN=$2" -config "$tls/ext.cnf" -out "$tls/$1.csr"
+        openssl x509 -req -in "$tls/$1.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+            -CAcreateserial -sha256 -days 2 -extfile "$tls/ext.cnf" -extensions "$3" \
+            -out "$tls/$1.pem" 2>/dev/null
+    }
+    for i in 1 2 3; do sign "e$i" "e$i" member; done
+    sign client bench-vs-etcd-client client
+    for c in e1 e2 e3 client; do openssl verify -CAfile "$tls/ca.pem" "$tls/$c.pem" >/dev/null; done
+    ETCD_TLS_FLAGS=(--cacert "$tls/ca.pem" --cert "$tls/client.pem" --key "$tls/client.key")
+    log "etcd TLS: CA and certificates in $tls"
+fi
+etcd_ctl() {
+    etcdctl --endpoints "$ETCD_ENDPOINTS" "${ETCD_TLS_FLAGS[@]}" "$@"
+}
+
+log "starting a 3-member etcd cluster in $WORK/etcd$TLS_NOTE"
 declare -a ETCD_CLIENT ETCD_PEER
 initial=""
 for i in 1 2 3; do
     ETCD_CLIENT[i]=$(free_port)
     ETCD_PEER[i]=$(free_port)
-    initial+="${initial:+,}e$i=http://127.0.0.1:${ETCD_PEER[i]}"
+    initial+="${initial:+,}e$i=$ETCD_SCHEME://127.0.0.1:${ETCD_PEER[i]}"
 done
 mkdir -p "$WORK/etcd"
 for i in 1 2 3; do
-    # Default durability: no --unsafe-no-fsync; every other flag is addressing.
+    member_tls=()
+    if ((TLS)); then
+        member_tls=(--cert-file "$tls/e$i.pem" --key-file "$tls/e$i.key"
+            --trusted-ca-file "$tls/ca.pem" --client-cert-auth
+            --peer-cert-file "$tls/e$i.pem" --peer-key-file "$tls/e$i.key"
+            --peer-trusted-ca-file "$tls/ca.pem" --peer-client-cert-auth)
+    fi
+    # Default durability: no --unsafe-no-fsync; every other flag is addressing
+    # (or, with TLS=1, certificates).
     etcd --name "e$i" \
         --data-dir "$WORK/etcd/e$i" \
-        --listen-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" \
-        --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT[i]}" \
-        --listen-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" \
-        --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER[i]}" \
+        --listen-client-urls "$ETCD_SCHEME://127.0.0.1:${ETCD_CLIENT[i]}" \
+        --advertise-client-urls "$ETCD_SCHEME://127.0.0.1:${ETCD_CLIENT[i]}" \
+        --listen-peer-urls "$ETCD_SCHEME://127.0.0.1:${ETCD_PEER[i]}" \
+        --initial-advertise-peer-urls "$ETCD_SCHEME://127.0.0.1:${ETCD_PEER[i]}" \
         --initial-cluster "$initial" \
         --initial-cluster-token "bench-vs-etcd-$$" \
         --initial-cluster-state new \
+        "${member_tls[@]}" \
         --logger zap --log-outputs stderr \
         >"$WORK/etcd/e$i.log" 2>&1 &
     PIDS+=($!)
 done
-ETCD_ENDPOINTS="127.0.0.1:${ETCD_CLIENT[1]},127.0.0.1:${ETCD_CLIENT[2]},127.0.0.1:${ETCD_CLIENT[3]}"
+# TLS=0: host:port, as ever; TLS=1: https:// URLs (etcdctl and etcd-load take
+# them, and etcdctl prints them back as given, for the leader's lookup).
+ETCD_URL_PREFIX=""
+if ((TLS)); then ETCD_URL_PREFIX="https://"; fi
+ETCD_ENDPOINTS=""
+for i in 1 2 3; do
+    ETCD_ENDPOINTS+="${ETCD_ENDPOINTS:+,}${ETCD_URL_PREFIX}127.0.0.1:${ETCD_CLIENT[i]}"
+done
 
 healthy=0
 for _ in $(seq 300); do
-    if etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >/dev/null 2>&1; then
+    if etcd_ctl endpoint health >/dev/null 2>&1; then
         healthy=1
         break
     fi
     sleep 0.1
 done
 if ((!healthy)); then
-    etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >&2 || true
+    etcd_ctl endpoint health >&2 || true
     tail -n 20 "$WORK"/etcd/e*.log >&2
     echo "bench-vs-etcd: etcd cluster not healthy within 30s" >&2
     exit 1
 fi
-etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint status -w table >&2
+etcd_ctl endpoint status -w table >&2
 # `simple` output: endpoint, id, version, db size, is leader, ...
-ETCD_LEADER=$(etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint status -w simple | awk -F', ' '$5 == "true" {print $1}')
+ETCD_LEADER=$(etcd_ctl endpoint status -w simple | awk -F', ' '$5 == "true" {print $1}')
 if [[ -z "$ETCD_LEADER" ]]; then
     echo "bench-vs-etcd: etcd reports no leader" >&2
     exit 1
@@ -185,18 +276,30 @@ for i in 1 2 3; do
 done
 BERTH_SERVERS="${BERTH_ADDR[1]},${BERTH_ADDR[2]},${BERTH_ADDR[3]}"
 
+# TLS=1: members secure (their default), and the CLI uses the admin.conf
+# (servers, CA, admin token) that member 1's bootstrap writes; TLS=0: both
+# --insecure (plaintext, no authentication).
+if ((TLS)); then
+    BERTH_MEMBER_FLAGS=()
+    BERTH_CLI=("$BERTH" --config "$WORK/berth/member-1/admin.conf")
+else
+    BERTH_MEMBER_FLAGS=(--insecure)
+    BERTH_CLI=("$BERTH" --insecure)
+fi
+berth() { "${BERTH_CLI[@]}" "$@"; }
+
 start_member() {
     local i=$1
     shift
     "$BERTH_CONTROL" --id "$i" --listen "${BERTH_ADDR[i]}" \
-        --data-dir "$WORK/berth/member-$i" --insecure "$@" \
+        --data-dir "$WORK/berth/member-$i" "${BERTH_MEMBER_FLAGS[@]}" "$@" \
         >"$WORK/berth/member-$i.log" 2>&1 &
     PIDS+=($!)
 }
 
 # Prints the number of voters when a leader is known, else nothing.
 berth_voters() {
-    "$BERTH" --server "$BERTH_SERVERS" cluster status --output json 2>/dev/null |
+    berth --server "$BERTH_SERVERS" cluster status --output json 2>/dev/null |
         jq -r 'select(.leader_id != null) | [.members[] | select(.role != "learner")] | length' 2>/dev/null || true
 }
 
@@ -212,14 +315,21 @@ wait_voters() {
     exit 1
 }
 
-log "starting a 3-member berth cluster in $WORK/berth"
+log "starting a 3-member berth cluster in $WORK/berth$TLS_NOTE"
 start_member 1 --bootstrap
-wait_voters 1
-start_member 2 --join "${BERTH_ADDR[1]}"
-start_member 3 --join "${BERTH_ADDR[1]}"
+wait_voters 1 # with TLS=1 this also waits for admin.conf
+join=()
+for i in 2 3; do
+    if ((TLS)); then
+        # A member join token for one use, made with admin.conf's token.
+        join=(--token "$(berth --server "${BERTH_ADDR[1]}" token create --role member \
+            --uses 1 --description bench-vs-etcd)")
+    fi
+    start_member "$i" --join "${BERTH_ADDR[1]}" "${join[@]}"
+done
 wait_voters 3
-"$BERTH" --server "$BERTH_SERVERS" cluster status >&2
-BERTH_LEADER=$("$BERTH" --server "$BERTH_SERVERS" cluster status --output json | jq -r '.leader_addr // empty')
+berth --server "$BERTH_SERVERS" cluster status >&2
+BERTH_LEADER=$(berth --server "$BERTH_SERVERS" cluster status --output json | jq -r '.leader_addr // empty')
 if [[ -z "$BERTH_LEADER" ]]; then
     echo "bench-vs-etcd: berth reports no leader" >&2
     exit 1
@@ -237,11 +347,11 @@ log "berth leader: $BERTH_LEADER; servers in writer order: $BERTH_SERVERS"
 # the previous run's dirty pages (etcd preallocates 64 MiB WAL files) so
 # that they do not land in the next run's fsyncs.
 run_etcd() {
-    "$ETCD_LOAD" --endpoints "$ETCD_ENDPOINTS" --clients "$1" --duration "$DURATION" \
-        --output json >"$WORK/$2.json"
+    "$ETCD_LOAD" --endpoints "$ETCD_ENDPOINTS" "${ETCD_TLS_FLAGS[@]}" --clients "$1" \
+        --duration "$DURATION" --output json >"$WORK/$2.json"
 }
 run_berth() {
-    "$BERTH" --server "$BERTH_SERVERS" bench writes --clients "$1" --duration "$DURATION" \
+    berth --server "$BERTH_SERVERS" bench writes --clients "$1" --duration "$DURATION" \
         --output json >"$WORK/$2.json"
 }
 measure() {
@@ -269,6 +379,11 @@ field() { jq -r ".$2" "$WORK/$1.json"; }
 
 echo
 echo "berth vs etcd $(etcd --version | awk '/etcd Version/ {print $3}'), 3 members on loopback, $DURATION per run, $(nproc) CPUs"
+if ((TLS)); then
+    echo "TLS on (TLS=1): etcd https client and peer URLs, client certificates required on both; berth mTLS between members, the CLI over TLS with a token"
+else
+    echo "TLS off (TLS=0): plaintext on both sides (berth --insecure)"
+fi
 echo "writer i talks to member i % 3, the leader first: the single writer talks to the leader on both sides"
 printf '%-7s %8s %6s %10s %9s %9s %9s %7s\n' SYSTEM CLIENTS PAIR WRITES/S P50_MS P99_MS MAX_MS ERRORS
 row() {

@@ -3,6 +3,7 @@
 //! Everything here is plain data plus pure checks: no I/O, no clock. A value
 //! that passed `validate()` is safe to store in the replicated state.
 
+pub mod autoscale;
 pub mod config;
 pub mod deployment;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod security;
 pub mod telemetry;
 pub mod units;
 
+pub use autoscale::{AutoscalePolicy, AutoscaleTarget};
 pub use deployment::{
     Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, PlacementPolicy, Replica,
     ReplicaIntent, Revision,

@@ -17,12 +17,19 @@
 //! owns one client whose channels connect on the first request (made before
 //! the clock starts) and are reused. `--connect-per-write` opens a new
 //! connection per write instead.
+//!
+//! TLS: `--cacert` verifies the members' certificates against that CA, and
+//! `--cert`/`--key` present a client certificate (for etcd's
+//! `--client-cert-auth`), as etcdctl's options of the same names do. rustls
+//! with the ring provider (the `tls-ring` feature, the only provider
+//! compiled in), as Berth uses.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use etcd_client::{Client, ConnectOptions, DeleteOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, DeleteOptions, Identity, TlsOptions};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -36,7 +43,8 @@ enum Output {
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// etcd client endpoints, comma-separated (host:port or http://host:port).
+    /// etcd client endpoints, comma-separated (host:port, http://host:port
+    /// or https://host:port; host:port means https with --cacert).
     #[arg(long, value_delimiter = ',', required = true)]
     endpoints: Vec<String>,
     /// Concurrent writers; writer i uses endpoint i % n.
@@ -51,6 +59,15 @@ struct Args {
     /// Open a new connection for every write (as Berth's CLI does) instead of one per writer.
     #[arg(long)]
     connect_per_write: bool,
+    /// Connect with TLS, verifying the members' certificates against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present; needs --key and --cacert.
+    #[arg(long, value_name = "FILE", requires_all = ["key", "cacert"])]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); needs --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 /// Same fields and JSON keys as Berth's `WritesReport`.
@@ -75,10 +92,32 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<Client> {
-    let opts = ConnectOptions::new()
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {what} {}", path.display()))
+}
+
+/// TLS options from --cacert, --cert and --key; None without --cacert (plaintext).
+fn tls_options(a: &Args) -> anyhow::Result<Option<TlsOptions>> {
+    let Some(ca) = &a.cacert else {
+        return Ok(None);
+    };
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca, "--cacert")?));
+    if let (Some(cert), Some(key)) = (&a.cert, &a.key) {
+        tls = tls.identity(Identity::from_pem(
+            read(cert, "--cert")?,
+            read(key, "--key")?,
+        ));
+    }
+    Ok(Some(tls))
+}
+
+async fn connect(endpoint: &str, tls: Option<&TlsOptions>) -> anyhow::Result<Client> {
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(10));
+    if let Some(tls) = tls {
+        opts = opts.with_tls(tls.clone());
+    }
     Client::connect([endpoint], Some(opts))
         .await
         .with_context(|| format!("connect to etcd at {endpoint}"))
@@ -119,12 +158,18 @@ async fn main() -> anyhow::Result<()> {
     if endpoints.is_empty() {
         bail!("--endpoints is empty");
     }
+    let tls = tls_options(&a)?;
     let run_id = std::process::id();
     eprintln!(
-        "etcd-load: {} clients for {:?} against {}{}",
+        "etcd-load: {} clients for {:?} against {}{}{}",
         a.clients,
         duration,
         endpoints.join(","),
+        match (&tls, &a.cert) {
+            (None, _) => "",
+            (Some(_), None) => " (TLS)",
+            (Some(_), Some(_)) => " (TLS, client certificate)",
+        },
         if a.connect_per_write {
             " (new connection per write)"
         } else {
@@ -139,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
         let c = if a.connect_per_write {
             None
         } else {
-            Some(connect(&ep).await?)
+            Some(connect(&ep, tls.as_ref()).await?)
         };
         clients.push((ep, c));
     }
@@ -148,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = start + duration;
     let mut handles = Vec::with_capacity(a.clients);
     for (i, (ep, mut client)) in clients.into_iter().enumerate() {
+        let tls = tls.clone();
         let prefix = format!("bench/{run_id}/{i}/");
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -157,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 let result = match client.as_mut() {
                     Some(c) => write(c, &prefix, i, n).await,
-                    None => match connect(&ep).await {
+                    None => match connect(&ep, tls.as_ref()).await {
                         Ok(mut c) => write(&mut c, &prefix, i, n).await,
                         Err(e) => Err(e),
                     },
@@ -192,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // Clean up this run's keys (a writer may have stopped between put and delete).
-    if let Ok(mut c) = connect(&endpoints[0]).await {
+    if let Ok(mut c) = connect(&endpoints[0], tls.as_ref()).await {
         let _ = c
             .delete(
                 format!("bench/{run_id}/"),

@@ -24,13 +24,13 @@ use super::{
     decode, encode,
 };
 use crate::events::EventLog;
-use crate::state::legacy::{ClusterStateV1, ClusterStateV2, ClusterStateV3};
+use crate::state::legacy::{ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4};
 use crate::state::{self, ClusterState, Outcome};
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
 /// The snapshot format this build writes (it also reads every earlier one).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What a snapshot holds after its header.
@@ -61,6 +61,13 @@ struct SnapshotBodyV2 {
 struct SnapshotBodyV3 {
     meta: SnapshotMeta,
     state: ClusterStateV3,
+}
+
+/// Format 4 of the body: a state without autoscaling or load times.
+#[derive(Debug, Clone, Deserialize)]
+struct SnapshotBodyV4 {
+    meta: SnapshotMeta,
+    state: ClusterStateV4,
 }
 
 /// Why a snapshot could not be read.
@@ -123,6 +130,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
             Ok(SnapshotBody {
                 meta: v3.meta,
                 state: v3.state.into(),
+            })
+        }
+        4 => {
+            let v4: SnapshotBodyV4 = decode(body)?;
+            Ok(SnapshotBody {
+                meta: v4.meta,
+                state: v4.state.into(),
             })
         }
         SNAPSHOT_FORMAT_VERSION => Ok(decode(body)?),

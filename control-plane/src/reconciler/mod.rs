@@ -4,6 +4,7 @@
 //! place pending ones through the scheduler (`placement`), start and stop
 //! them on their agents, replace those of lost nodes).
 
+pub mod autoscale;
 pub mod nodes;
 pub mod placement;
 pub mod replicas;

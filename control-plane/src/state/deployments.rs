@@ -11,8 +11,8 @@ use berth_common::deployment::{MAX_REVISIONS, validate_deployment_name};
 use std::collections::BTreeMap;
 
 use berth_common::{
-    Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, NodeAdmin, NodeState, Replica,
-    ReplicaIntent, ResourceOverrides, Revision, ValidationError,
+    AutoscalePolicy, Deployment, DeploymentRequest, DeploymentSpec, GpuSlice, NodeAdmin, NodeState,
+    Replica, ReplicaIntent, ResourceOverrides, Revision, ValidationError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +102,23 @@ pub(super) fn scale(
     replicas: u32,
     at_ms: u64,
 ) -> Result<Outcome, Rejection> {
+    if let Some(p) = state.autoscale.get(name) {
+        return Err(Rejection::FailedPrecondition(format!(
+            "deployment {name:?} is autoscaled (min {}, max {}): the autoscaler sets its replica count; to set it by hand, turn autoscaling off first with `berth deploy autoscale {name} off`",
+            p.min, p.max
+        )));
+    }
+    set_count(state, name, replicas, at_ms, &[])
+}
+
+/// Sets the replica count, removing replicas in `prefer` first when it shrinks.
+fn set_count(
+    state: &mut ClusterState,
+    name: &str,
+    replicas: u32,
+    at_ms: u64,
+    prefer: &[String],
+) -> Result<Outcome, Rejection> {
     let Some(d) = state.deployments.get_mut(name) else {
         return Err(Rejection::not_found(ObjectKind::Deployment, name));
     };
@@ -113,8 +130,67 @@ pub(super) fn scale(
     if let Some(current) = d.history.last_mut() {
         current.spec.replicas = replicas;
     }
-    keep_count(state, name, at_ms);
+    keep_count_preferring(state, name, at_ms, prefer);
     deployment_outcome(state, name)
+}
+
+/// Sets (or, with `None`, removes) a deployment's autoscaling policy. A
+/// count outside the new bounds is brought within them at once.
+pub(super) fn set_autoscale(
+    state: &mut ClusterState,
+    name: &str,
+    policy: Option<AutoscalePolicy>,
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
+    };
+    let Some(policy) = policy else {
+        state.autoscale.remove(name);
+        return deployment_outcome(state, name);
+    };
+    policy.validate()?;
+    let replicas = policy.clamp(d.spec.replicas);
+    state.autoscale.insert(name.to_string(), policy);
+    set_count(state, name, replicas, at_ms, &[])
+}
+
+/// The autoscaler's decision: `from` → `to` replicas. Refused when the
+/// deployment is not autoscaled, its count is no longer `from` (a stale
+/// decision), or `to` is outside the policy's bounds.
+pub(super) fn autoscale(
+    state: &mut ClusterState,
+    name: &str,
+    from: u32,
+    to: u32,
+    prefer: &[String],
+    at_ms: u64,
+) -> Result<Outcome, Rejection> {
+    let Some(d) = state.deployments.get(name) else {
+        return Err(Rejection::not_found(ObjectKind::Deployment, name));
+    };
+    let Some(policy) = state.autoscale.get(name) else {
+        return Err(Rejection::FailedPrecondition(format!(
+            "deployment {name:?} is not autoscaled"
+        )));
+    };
+    if d.spec.replicas != from {
+        return Err(Rejection::FailedPrecondition(format!(
+            "deployment {name:?} has {} replicas, not {from}: the decision is stale",
+            d.spec.replicas
+        )));
+    }
+    if policy.clamp(to) != to {
+        return Err(Rejection::Invalid(ValidationError::new(
+            "replicas",
+            to,
+            format!(
+                "must be between {} and {} (the autoscaling policy)",
+                policy.min, policy.max
+            ),
+        )));
+    }
+    set_count(state, name, to, at_ms, prefer)
 }
 
 /// Deletes a deployment; its replicas are removed (stopped first when placed).
@@ -123,6 +199,7 @@ pub(super) fn delete(state: &mut ClusterState, name: &str) -> Result<Outcome, Re
         return Err(Rejection::not_found(ObjectKind::Deployment, name));
     }
     state.aliases.retain(|_, d| d != name);
+    state.autoscale.remove(name);
     state
         .replicas
         .retain(|_, r| r.deployment != name || r.node.is_some());
@@ -764,6 +841,13 @@ pub(super) fn stop_evacuations(state: &mut ClusterState, node: &str, at_ms: u64)
 /// pending ones of the current revision, or removes replicas of older
 /// revisions first, then the newest (pending first).
 fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
+    keep_count_preferring(state, name, at_ms, &[]);
+}
+
+/// `keep_count`, removing the replicas in `prefer` (in that order) before
+/// others of the same revision and node state: the autoscaler names the
+/// idle ones.
+fn keep_count_preferring(state: &mut ClusterState, name: &str, at_ms: u64, prefer: &[String]) {
     let Some(d) = state.deployments.get(name) else {
         return;
     };
@@ -783,11 +867,18 @@ fn keep_count(state: &mut ClusterState, name: &str, at_ms: u64) {
                 .and_then(|n| state.nodes.get(n))
                 .is_some_and(|n| n.admin == NodeAdmin::Draining)
         };
+        let rank = |r: &Replica| {
+            prefer
+                .iter()
+                .position(|p| *p == r.id)
+                .unwrap_or(prefer.len())
+        };
         running.sort_by_key(|r| {
             (
                 r.revision == current,
                 !draining(r),
                 r.node.is_some(),
+                rank(r),
                 std::cmp::Reverse(ordinal(&r.id)),
             )
         });

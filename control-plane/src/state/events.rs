@@ -135,6 +135,44 @@ fn describe_into(
             name,
             format!("deployment {name} scaled to {replicas} replicas"),
         )),
+        (Command::SetAutoscale { name, policy }, Outcome::Deployment(d)) => out.push(event(
+            at,
+            "deployment",
+            name,
+            match policy {
+                Some(p) => format!(
+                    "deployment {name} autoscaled: {}-{} replicas, target {} {} per replica, scale-down delay {} s{}; {} replicas now",
+                    p.min,
+                    p.max,
+                    p.target.per_replica(),
+                    p.target.metric(),
+                    p.scale_down_delay_ms / 1000,
+                    p.scale_to_zero_after_ms
+                        .map(|z| format!(", to zero after {} s idle", z / 1000))
+                        .unwrap_or_default(),
+                    d.spec.replicas
+                ),
+                None => format!(
+                    "deployment {name}: autoscaling off; the count stays at {}",
+                    d.spec.replicas
+                ),
+            },
+        )),
+        (
+            Command::Autoscale {
+                name,
+                from,
+                to,
+                reason,
+                ..
+            },
+            _,
+        ) => out.push(event(
+            at,
+            "deployment",
+            name,
+            format!("deployment {name} autoscaled from {from} to {to} replicas: {reason}"),
+        )),
         (Command::DeleteDeployment { name }, _) => out.push(event(
             at,
             "deployment",

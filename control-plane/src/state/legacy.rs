@@ -84,3 +84,37 @@ impl From<ClusterStateV3> for ClusterState {
         }
     }
 }
+
+/// Snapshot format 4: format 3 and aliases, no autoscaling or load times.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStateV4 {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replicas by id.
+    pub replicas: BTreeMap<String, Replica>,
+    /// The state version.
+    pub version: u64,
+    /// Tokens, certificates, revocations.
+    pub security: SecurityState,
+    /// Alias → deployment.
+    pub aliases: BTreeMap<String, String>,
+}
+
+impl From<ClusterStateV4> for ClusterState {
+    fn from(v4: ClusterStateV4) -> Self {
+        ClusterState {
+            models: v4.models,
+            nodes: v4.nodes,
+            deployments: v4.deployments,
+            replicas: v4.replicas,
+            version: v4.version,
+            security: v4.security,
+            aliases: v4.aliases,
+            ..ClusterState::default()
+        }
+    }
+}

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use berth_common::security::{IssuedCert, TokenRecord};
 use berth_common::{
-    Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node, NodeAdmin,
-    NodeRegistration, NodeState, Replica, ValidationError,
+    AutoscalePolicy, Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node,
+    NodeAdmin, NodeRegistration, NodeState, Replica, ValidationError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,7 @@ pub mod capacity;
 pub mod deployments;
 pub mod events;
 pub mod legacy;
+pub mod load_times;
 mod nodes;
 pub mod security;
 
@@ -51,6 +52,10 @@ pub struct ClusterState {
     /// Other names clients may use for a deployment: alias → deployment
     /// (snapshot format 4).
     pub aliases: BTreeMap<String, String>,
+    /// Autoscaling policies by deployment (snapshot format 5).
+    pub autoscale: BTreeMap<String, AutoscalePolicy>,
+    /// Measured load times: model → node class → estimate (snapshot format 5).
+    pub load_times: BTreeMap<String, BTreeMap<String, load_times::LoadTime>>,
 }
 
 /// A change to the cluster state, as written to the Raft log.
@@ -234,6 +239,30 @@ pub enum Command {
         /// Its aliases.
         aliases: Vec<String>,
     },
+    /// Sets a deployment's autoscaling policy, or with `None` turns
+    /// autoscaling off. A count outside the bounds is brought within them.
+    SetAutoscale {
+        /// The deployment.
+        name: String,
+        /// The policy.
+        policy: Option<AutoscalePolicy>,
+    },
+    /// The autoscaler's decision. Refused when stale (the count is no
+    /// longer `from`) or outside the policy.
+    Autoscale {
+        /// The deployment.
+        name: String,
+        /// The count the decision was made at.
+        from: u32,
+        /// The new count.
+        to: u32,
+        /// Replicas to remove first when scaling down (the idle ones).
+        prefer: Vec<String>,
+        /// The decision's inputs, for people (the event says it).
+        reason: String,
+    },
+    /// Measured load times of replicas that became ready.
+    RecordLoadTimes(Vec<load_times::LoadTimeSample>),
 }
 
 impl Command {
@@ -268,6 +297,9 @@ impl Command {
             Command::RevokeIdentity { .. } => "revoke_identity",
             Command::RemoveNode { .. } => "remove_node",
             Command::SetDeploymentAliases { .. } => "set_deployment_aliases",
+            Command::SetAutoscale { .. } => "set_autoscale",
+            Command::Autoscale { .. } => "autoscale",
+            Command::RecordLoadTimes(_) => "record_load_times",
         }
     }
 }
@@ -426,6 +458,7 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
                 return Err(in_use(&name, &users));
             }
             state.models.remove(&name);
+            state.load_times.remove(&name);
             Ok(Outcome::Deleted)
         }
         Command::AddModelVersion { model, version } => {
@@ -506,6 +539,17 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
         Command::SetDeploymentAliases { name, aliases } => {
             deployments::set_aliases(state, &name, aliases)
         }
+        Command::SetAutoscale { name, policy } => {
+            deployments::set_autoscale(state, &name, policy, at_ms)
+        }
+        Command::Autoscale {
+            name,
+            from,
+            to,
+            prefer,
+            ..
+        } => deployments::autoscale(state, &name, from, to, &prefer, at_ms),
+        Command::RecordLoadTimes(samples) => load_times::record(state, samples),
         Command::SetNodeState {
             name,
             from,
