@@ -87,6 +87,10 @@ pub enum DeployCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Let the autoscaler set the replica count from serving load
+    /// (`deploy autoscale chat --max 8 --target-inflight 4`), or hand the
+    /// count back (`deploy autoscale chat off`).
+    Autoscale(AutoscaleArgs),
     /// Set the other names the gateway routes to this deployment
     /// (replacing them; none clears them), e.g. `deploy alias chat assistant`.
     Alias {
@@ -194,6 +198,113 @@ pub struct CreateArgs {
     wait: WaitArgs,
 }
 
+/// `deploy autoscale` options.
+#[derive(Debug, Args)]
+pub struct AutoscaleArgs {
+    /// The deployment.
+    pub name: String,
+    /// `off`: stop autoscaling (the count stays where it is; `deploy scale` works again).
+    #[arg(value_parser = ["off"])]
+    pub off: Option<String>,
+    /// Fewest replicas while there is traffic.
+    #[arg(long, default_value_t = 1, conflicts_with = "off")]
+    pub min: u32,
+    /// Most replicas.
+    #[arg(long, required_unless_present = "off", conflicts_with = "off")]
+    pub max: Option<u32>,
+    /// Requests in flight per replica to aim for (counted by the gateways).
+    #[arg(
+        long,
+        value_name = "N",
+        required_unless_present_any = ["off", "target_queue_depth"],
+        conflicts_with_all = ["off", "target_queue_depth"]
+    )]
+    pub target_inflight: Option<u32>,
+    /// Requests queued in each replica's engine to aim for (from the runtime's metrics).
+    #[arg(long, value_name = "N", conflicts_with = "off")]
+    pub target_queue_depth: Option<u32>,
+    /// How long load must stay low before replicas are removed (never less than the model's measured load time).
+    #[arg(long, default_value = "5m", value_parser = duration, conflicts_with = "off")]
+    pub scale_down_delay: Duration,
+    /// Opt-in: with no traffic for this long, go to 0 replicas; the gateway holds the next request while one starts.
+    #[arg(long, value_parser = duration, conflicts_with = "off")]
+    pub scale_to_zero_after: Option<Duration>,
+}
+
+impl AutoscaleArgs {
+    /// The request: a policy, or none for `off`.
+    fn request(&self) -> pb::SetAutoscaleRequest {
+        pb::SetAutoscaleRequest {
+            name: self.name.clone(),
+            policy: self.off.is_none().then(|| pb::AutoscalePolicy {
+                min: self.min,
+                max: self.max.unwrap_or(0),
+                target_inflight: self.target_inflight.unwrap_or(0),
+                target_queue_depth: self.target_queue_depth.unwrap_or(0),
+                scale_down_delay_ms: self.scale_down_delay.as_millis() as u64,
+                scale_to_zero_after_ms: self.scale_to_zero_after.map(|d| d.as_millis() as u64),
+            }),
+        }
+    }
+}
+
+/// A deployment's autoscaling policy, as printed.
+#[derive(Debug, Serialize)]
+pub struct AutoscaleView {
+    /// Fewest replicas while there is traffic.
+    pub min: u32,
+    /// Most replicas.
+    pub max: u32,
+    /// `inflight` or `queue_depth`.
+    pub metric: &'static str,
+    /// The target per replica.
+    pub target: u32,
+    /// Scale-down delay, s.
+    pub scale_down_delay_s: f64,
+    /// Idle time before going to 0; null: never.
+    pub scale_to_zero_after_s: Option<f64>,
+}
+
+impl From<pb::AutoscalePolicy> for AutoscaleView {
+    fn from(p: pb::AutoscalePolicy) -> Self {
+        let (metric, target) = if p.target_queue_depth > 0 {
+            ("queue_depth", p.target_queue_depth)
+        } else {
+            ("inflight", p.target_inflight)
+        };
+        AutoscaleView {
+            min: p.min,
+            max: p.max,
+            metric,
+            target,
+            scale_down_delay_s: p.scale_down_delay_ms as f64 / 1000.0,
+            scale_to_zero_after_s: p.scale_to_zero_after_ms.map(|z| z as f64 / 1000.0),
+        }
+    }
+}
+
+impl std::fmt::Display for AutoscaleView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}-{} replicas, target {} {} per replica, scale-down delay {} s",
+            self.min,
+            self.max,
+            self.target,
+            if self.metric == "inflight" {
+                "in flight"
+            } else {
+                "queued"
+            },
+            self.scale_down_delay_s
+        )?;
+        if let Some(z) = self.scale_to_zero_after_s {
+            write!(f, ", to zero after {z} s without traffic")?;
+        }
+        Ok(())
+    }
+}
+
 /// A deployment, as printed.
 #[derive(Debug, Serialize)]
 pub struct DeploymentView {
@@ -217,6 +328,12 @@ pub struct DeploymentView {
     pub paused: Option<String>,
     /// Other names the gateway routes here.
     pub aliases: Vec<String>,
+    /// Its autoscaling policy; null when the count is set by hand.
+    pub autoscale: Option<AutoscaleView>,
+    /// The autoscaler's last decision (from the leader); null when none yet.
+    pub autoscale_status: Option<String>,
+    /// Whether that decision is a condition: the count should grow but cannot.
+    pub autoscale_blocked: bool,
     /// Current revision.
     pub revision: u64,
     /// CPU per replica, millicores.
@@ -273,6 +390,9 @@ impl From<pb::Deployment> for DeploymentView {
             replicas_updated: d.replicas_updated,
             paused: Some(d.paused).filter(|p| !p.is_empty()),
             aliases: d.aliases,
+            autoscale: d.autoscale.map(Into::into),
+            autoscale_status: Some(d.autoscale_status).filter(|s| !s.is_empty()),
+            autoscale_blocked: d.autoscale_blocked,
             revision: d.revision,
             cpu_milli: r.cpu_milli,
             memory_mib: r.memory_mib,
@@ -646,6 +766,14 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                     if !d.aliases.is_empty() {
                         out!("aliases: {}", d.aliases.join(", "));
                     }
+                    if let Some(a) = &d.autoscale {
+                        out!("autoscaling: {a}");
+                        match (&d.autoscale_status, d.autoscale_blocked) {
+                            (Some(s), true) => out!("autoscaler CONDITION: {s}"),
+                            (Some(s), false) => out!("autoscaler: {s}"),
+                            (None, _) => out!("autoscaler: no decision yet"),
+                        }
+                    }
                     if let Some(p) = &d.paused {
                         out!("rollout PAUSED: {p}");
                     } else if d.replicas_updated < d.replicas {
@@ -769,6 +897,29 @@ pub async fn run(cmd: DeployCommand, client: &Client, out: OutputFormat) -> Resu
                 .await?;
             eprintln!("deployment {name}: resized as revision {}", d.revision);
             finish(client, &name, d, &wait, out).await?;
+        }
+        DeployCommand::Autoscale(a) => {
+            let req = a.request();
+            let d: DeploymentView = client
+                .admin(|mut c| {
+                    let req = req.clone();
+                    async move { c.set_autoscale(req).await }
+                })
+                .await?
+                .into();
+            match (out, &d.autoscale) {
+                (OutputFormat::Json, _) => print_json(&d),
+                (OutputFormat::Table, Some(p)) => out!(
+                    "deployment {} is autoscaled: {p}; {} replicas now",
+                    d.name,
+                    d.replicas
+                ),
+                (OutputFormat::Table, None) => out!(
+                    "deployment {}: autoscaling off; the count stays at {} (`berth deploy scale` sets it)",
+                    d.name,
+                    d.replicas
+                ),
+            }
         }
         DeployCommand::Alias { name, aliases } => {
             let d: DeploymentView = client

@@ -174,6 +174,23 @@ pub struct ModelView {
     pub versions: Vec<VersionView>,
     /// Registration time, ms since the epoch.
     pub created_at_ms: u64,
+    /// Measured time from spawn to ready, per node class.
+    pub load_times: Vec<LoadTimeView>,
+}
+
+/// A model's measured load time on one node class, as printed.
+#[derive(Debug, Serialize)]
+pub struct LoadTimeView {
+    /// A GPU model, or `cpu`.
+    pub node_class: String,
+    /// The estimate (mean of the first samples, then a moving average), s.
+    pub estimate_s: f64,
+    /// The slowest seen, s.
+    pub max_s: f64,
+    /// The last one, s.
+    pub last_s: f64,
+    /// How many replicas were measured.
+    pub samples: u64,
 }
 
 impl From<pb::Model> for ModelView {
@@ -181,6 +198,17 @@ impl From<pb::Model> for ModelView {
         ModelView {
             name: m.name,
             created_at_ms: m.created_at_ms,
+            load_times: m
+                .load_times
+                .into_iter()
+                .map(|t| LoadTimeView {
+                    node_class: t.node_class,
+                    estimate_s: t.estimate_ms as f64 / 1000.0,
+                    max_s: t.max_ms as f64 / 1000.0,
+                    last_s: t.last_ms as f64 / 1000.0,
+                    samples: t.samples,
+                })
+                .collect(),
             versions: m
                 .versions
                 .into_iter()
@@ -254,7 +282,22 @@ fn models_table(models: &[ModelView]) -> String {
 fn print_model(model: ModelView, out: OutputFormat) {
     match out {
         OutputFormat::Json => print_json(&model),
-        OutputFormat::Table => out!("{}", models_table(&[model])),
+        OutputFormat::Table => {
+            out!("{}", models_table(std::slice::from_ref(&model)));
+            if model.load_times.is_empty() {
+                out!("load time: not measured yet (measured when a replica becomes ready)");
+            }
+            for t in &model.load_times {
+                out!(
+                    "load time on {}: {:.1} s (last {:.1} s, slowest {:.1} s, {} replicas measured)",
+                    t.node_class,
+                    t.estimate_s,
+                    t.last_s,
+                    t.max_s,
+                    t.samples
+                );
+            }
+        }
     }
 }
 

@@ -40,6 +40,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{NodeId, Raft};
+use crate::reconciler::autoscaler::Autoscaler;
 use crate::reconciler::nodes::NodeTracker;
 use crate::reconciler::replicas::Replicas;
 
@@ -252,14 +253,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     nodes.start(&tasks, shutdown.clone());
     let replicas = Replicas::new(member.clone(), nodes.clone(), config.progress_deadline);
     replicas.start(&tasks, shutdown.clone());
+    let autoscaler = Autoscaler::new(nodes.clone(), replicas.clone());
+    autoscaler.start(&tasks, shutdown.clone());
     let mut routes = Routes::new(AdminServer::new(AdminService::new(
         member.clone(),
         nodes.clone(),
-        replicas,
+        autoscaler.clone(),
         security.signer.clone(),
     )))
     .add_service(ServingServer::new(ServingService::new(
         nodes.clone(),
+        autoscaler,
         shutdown.clone(),
     )))
     .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))

@@ -21,6 +21,11 @@ pub const DEFAULT_MAX_INFLIGHT: u32 = 128;
 pub const DEFAULT_QUEUE_SIZE: u32 = 1024;
 /// Default longest wait for a replica.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest wait for a replica of a deployment scaled to zero, while
+/// its model's load time is not known yet.
+pub const DEFAULT_COLD_START_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the gateway reports its load to the control plane.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Default share of requests that may be retried (the retry budget).
 pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
 /// Default consecutive failures after which a replica is ejected.
@@ -79,6 +84,9 @@ pub struct Flags {
     /// Longest wait for a replica; past it: 503 [default: 30s].
     #[arg(long, env = "BERTH_QUEUE_TIMEOUT", value_name = "DURATION")]
     pub queue_timeout: Option<String>,
+    /// Longest wait for a deployment scaled to zero to start a replica, while its model's load time is unknown; once known: twice the load time + 10s [default: 300s].
+    #[arg(long, env = "BERTH_COLD_START_TIMEOUT", value_name = "DURATION")]
+    pub cold_start_timeout: Option<String>,
     /// Share of requests that may be retried on another replica, 0 to 1 [default: 0.2].
     #[arg(long, env = "BERTH_RETRY_BUDGET", value_name = "RATIO")]
     pub retry_budget: Option<f64>,
@@ -112,6 +120,7 @@ struct FileConfig {
     max_inflight_per_replica: Option<u32>,
     queue_size: Option<u32>,
     queue_timeout: Option<String>,
+    cold_start_timeout: Option<String>,
     retry_budget: Option<f64>,
     eject_after: Option<u32>,
     eject_for: Option<String>,
@@ -150,6 +159,8 @@ pub struct Config {
     pub queue_size: u32,
     /// Longest wait for a replica.
     pub queue_timeout: Duration,
+    /// Longest wait for a cold deployment whose load time is unknown.
+    pub cold_start_timeout: Duration,
     /// Share of requests that may be retried.
     pub retry_budget: f64,
     /// Consecutive failures before an ejection.
@@ -178,6 +189,7 @@ impl Config {
             max_inflight_per_replica: DEFAULT_MAX_INFLIGHT,
             queue_size: DEFAULT_QUEUE_SIZE,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            cold_start_timeout: DEFAULT_COLD_START_TIMEOUT,
             retry_budget: DEFAULT_RETRY_BUDGET,
             eject_after: DEFAULT_EJECT_AFTER,
             eject_for: DEFAULT_EJECT_FOR,
@@ -293,6 +305,12 @@ impl Config {
                 flags.queue_timeout,
                 file.queue_timeout,
                 DEFAULT_QUEUE_TIMEOUT,
+            )?,
+            cold_start_timeout: duration(
+                "cold_start_timeout",
+                flags.cold_start_timeout,
+                file.cold_start_timeout,
+                DEFAULT_COLD_START_TIMEOUT,
             )?,
             retry_budget,
             eject_after,

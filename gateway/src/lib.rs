@@ -53,6 +53,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         eject_after: config.eject_after,
         eject_for: config.eject_for,
         retry_budget: config.retry_budget,
+        cold_start_timeout: config.cold_start_timeout,
     }));
     let link = Arc::new(Link::default());
     let listener = TcpListener::bind(config.listen)
@@ -60,6 +61,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("bind {} (is the port in use? pick --listen)", config.listen))?;
     let addr = listener.local_addr().context("read the bound address")?;
     let tasks = TaskTracker::new();
+    tasks.spawn(watch::report(
+        dialer.clone(),
+        servers.clone(),
+        format!("{}-{:08x}", config.name, fastrand::u32(..)),
+        table.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(watch::run(
         dialer,
         servers.clone(),

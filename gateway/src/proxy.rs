@@ -518,17 +518,29 @@ impl Gateway {
                         1,
                     );
                 }
-                Err(NoReplica::Timeout) => {
+                Err(NoReplica::Timeout(waited)) => {
                     return retry_after(
                         openai_error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "queue_timeout",
                             &format!(
-                                "no replica of {model:?} had room within {:?}: retry later",
-                                self.table.limits().queue_timeout
+                                "no replica of {model:?} had room (or started) within {waited:?}: retry later"
                             ),
                         ),
                         5,
+                    );
+                }
+                Err(NoReplica::ColdQueueFull(after_s)) => {
+                    return retry_after(
+                        openai_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "cold_start",
+                            &format!(
+                                "{model:?} has no replica yet (scaled to zero; one is starting) and {} requests already wait for it: retry in about {after_s} s",
+                                self.table.limits().queue_size
+                            ),
+                        ),
+                        after_s,
                     );
                 }
             };

@@ -5,7 +5,10 @@
 //! a replica at its in-flight cap is
 //! skipped, and one that keeps failing is ejected for a while (passive
 //! health checking). Requests that find no replica with room wait in the
-//! model's queue, bounded in size and time.
+//! model's queue, bounded in size and time. A deployment scaled to zero
+//! (one whose autoscaling policy allows it) is "cold": its requests wait
+//! while the autoscaler, which counts them in this gateway's load reports,
+//! starts a replica — for longer than the model's measured load time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -26,6 +29,8 @@ pub struct Replica {
     pub address: String,
     /// The model it serves (for metrics).
     pub model: String,
+    /// Its deployment (for load reports).
+    pub deployment: String,
     /// `address`, parsed once (None when it does not parse: never chosen).
     pub authority: Option<Authority>,
     /// Its id as a header value, made once.
@@ -47,6 +52,7 @@ impl Replica {
             id: endpoint.replica.clone(),
             address: endpoint.address.clone(),
             model: endpoint.model.clone(),
+            deployment: endpoint.deployment.clone(),
             authority: endpoint.address.parse().ok(),
             header: HeaderValue::from_str(&endpoint.replica).ok(),
             inflight: AtomicU32::new(0),
@@ -85,6 +91,23 @@ pub struct Limits {
     pub eject_for: Duration,
     /// Share of requests that may be retried.
     pub retry_budget: f64,
+    /// How long a request for a cold deployment may wait when its model's
+    /// load time is not known yet.
+    pub cold_start_timeout: Duration,
+}
+
+impl Limits {
+    /// How long a request for a cold deployment waits: twice the model's
+    /// measured load time and 10 s more (never less than the queue
+    /// timeout), or `cold_start_timeout` while it is not known.
+    pub fn cold_hold(&self, load_time_ms: u64) -> Duration {
+        let hold = if load_time_ms == 0 {
+            self.cold_start_timeout
+        } else {
+            Duration::from_millis(load_time_ms.saturating_mul(2)) + Duration::from_secs(10)
+        };
+        hold.max(self.queue_timeout)
+    }
 }
 
 /// The replicas of every route name, rebuilt from each endpoint update.
@@ -92,6 +115,24 @@ pub struct Limits {
 struct Routes {
     /// Route name (model, `model:version`, deployment) → its replicas.
     by_name: BTreeMap<String, Vec<Arc<Replica>>>,
+    /// Route name → its deployment (the load reports' key).
+    deployment_of: HashMap<String, String>,
+    /// Names of cold deployments (no ready replica, may scale from zero)
+    /// → how long a request may wait for one.
+    cold: BTreeMap<String, Duration>,
+    /// Every deployment the control plane knows: reported even when idle,
+    /// so that the autoscaler sees a fresh zero.
+    deployments: Vec<String>,
+}
+
+/// The names a request may use for a deployment.
+fn route_names(model: &str, version: &str, deployment: &str, aliases: &[String]) -> Vec<String> {
+    let mut names = vec![model.to_string(), format!("{model}:{version}")];
+    if deployment != model {
+        names.push(deployment.to_string());
+    }
+    names.extend(aliases.iter().cloned());
+    names
 }
 
 /// Per-model waiting line.
@@ -108,8 +149,11 @@ pub enum NoReplica {
     Unknown,
     /// Every replica is at its cap and the queue is full.
     QueueFull,
-    /// Waited `queue_timeout` without a replica freeing up.
-    Timeout,
+    /// Waited this long without a replica freeing up (or starting).
+    Timeout(Duration),
+    /// The deployment is cold and its queue is full: retry after about
+    /// this many seconds (its load time).
+    ColdQueueFull(u32),
 }
 
 /// The gateway's routing state: shared by every request.
@@ -151,9 +195,10 @@ impl Table {
         self.limits
     }
 
-    /// Replaces the endpoints. A replica that is still there at the same
-    /// address keeps its counters, so that in-flight requests stay counted.
-    pub fn replace(&self, endpoints: &BTreeMap<String, pb::Endpoint>) {
+    /// Replaces the endpoints and the deployments' routes. A replica that
+    /// is still there at the same address keeps its counters, so that
+    /// in-flight requests stay counted.
+    pub fn replace(&self, endpoints: &BTreeMap<String, pb::Endpoint>, deployments: &[pb::Route]) {
         let before: HashMap<String, Arc<Replica>> = self
             .current()
             .by_name
@@ -162,6 +207,7 @@ impl Table {
             .map(|r| (r.id.clone(), r.clone()))
             .collect();
         let mut by_name: BTreeMap<String, Vec<Arc<Replica>>> = BTreeMap::new();
+        let mut deployment_of: HashMap<String, String> = HashMap::new();
         for e in endpoints.values() {
             let replica = match before.get(&e.replica) {
                 Some(r) if r.address == e.address => {
@@ -170,18 +216,36 @@ impl Table {
                 }
                 _ => Arc::new(Replica::new(e)),
             };
-            let mut names = vec![e.model.clone(), format!("{}:{}", e.model, e.version)];
-            if e.deployment != e.model {
-                names.push(e.deployment.clone());
-            }
-            names.extend(e.aliases.iter().cloned());
-            for name in names {
+            for name in route_names(&e.model, &e.version, &e.deployment, &e.aliases) {
+                deployment_of
+                    .entry(name.clone())
+                    .or_insert_with(|| e.deployment.clone());
                 by_name.entry(name).or_default().push(replica.clone());
+            }
+        }
+        let served: std::collections::HashSet<&str> =
+            endpoints.values().map(|e| e.deployment.as_str()).collect();
+        let mut cold = BTreeMap::new();
+        for r in deployments {
+            let names = route_names(&r.model, &r.version, &r.deployment, &r.aliases);
+            let is_cold = r.scales_from_zero && !served.contains(r.deployment.as_str());
+            for name in names {
+                if is_cold && !by_name.contains_key(&name) {
+                    cold.insert(name.clone(), self.limits.cold_hold(r.load_time_ms));
+                }
+                deployment_of
+                    .entry(name)
+                    .or_insert_with(|| r.deployment.clone());
             }
         }
         self.endpoints
             .store(endpoints.len() as u64, Ordering::Relaxed);
-        let routes = Arc::new(Routes { by_name });
+        let routes = Arc::new(Routes {
+            by_name,
+            deployment_of,
+            cold,
+            deployments: deployments.iter().map(|r| r.deployment.clone()).collect(),
+        });
         match self.routes.write() {
             Ok(mut r) => *r = routes,
             Err(p) => *p.into_inner() = routes,
@@ -206,18 +270,66 @@ impl Table {
         self.endpoints.load(Ordering::Relaxed)
     }
 
-    /// Whether some replica serves `name`.
+    /// Whether some replica serves `name`, or it names a cold deployment.
     pub fn serves(&self, name: &str) -> bool {
-        self.current().by_name.contains_key(name)
+        let routes = self.current();
+        routes.by_name.contains_key(name) || routes.cold.contains_key(name)
     }
 
-    /// Every route name with its replica count, sorted.
+    /// Every route name with its replica count (0 for a cold deployment's), sorted.
     pub fn names(&self) -> Vec<(String, usize)> {
-        self.current()
+        let routes = self.current();
+        let mut names: Vec<(String, usize)> = routes
             .by_name
             .iter()
             .map(|(n, r)| (n.clone(), r.len()))
-            .collect()
+            .chain(routes.cold.keys().map(|n| (n.clone(), 0)))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// This gateway's load per deployment it knows: requests in flight to
+    /// its replicas, and requests waiting for one (for the autoscaler).
+    pub fn report(&self) -> Vec<pb::DeploymentLoad> {
+        let routes = self.current();
+        let mut out: BTreeMap<&str, pb::DeploymentLoad> = routes
+            .deployments
+            .iter()
+            .map(|d| {
+                (
+                    d.as_str(),
+                    pb::DeploymentLoad {
+                        deployment: d.clone(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let mut counted = std::collections::HashSet::new();
+        for r in routes.by_name.values().flatten() {
+            if counted.insert(r.id.as_str())
+                && let Some(d) = out.get_mut(r.deployment.as_str())
+            {
+                d.inflight += r.inflight();
+            }
+        }
+        for (name, waiting) in self.waiting() {
+            if let Some(d) = routes
+                .deployment_of
+                .get(&name)
+                .and_then(|d| out.get_mut(d.as_str()))
+            {
+                d.queued += waiting;
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// How long a request for `name` may wait for a replica to start, when
+    /// it names a cold deployment.
+    fn cold_hold(&self, name: &str) -> Option<Duration> {
+        self.current().cold.get(name).copied()
     }
 
     /// Per route name: replicas and the requests in flight to them.
@@ -275,16 +387,34 @@ impl Table {
         name: &str,
         tried: &[String],
     ) -> Result<Inflight, NoReplica> {
-        if let Some(r) = self.pick(name, tried)? {
-            return Ok(self.start(name, r));
-        }
-        let queue = self.queue(name);
+        // A cold deployment's first requests wait here while a replica
+        // starts (only first attempts: a retry has a replica to avoid).
+        let cold = || tried.is_empty().then(|| self.cold_hold(name)).flatten();
+        let hold = match self.pick(name, tried) {
+            Ok(Some(r)) => return Ok(self.start(name, r)),
+            Ok(None) => self.limits.queue_timeout,
+            Err(NoReplica::Unknown) => cold().ok_or(NoReplica::Unknown)?,
+            Err(e) => return Err(e),
+        };
+        // A cold deployment has one line whatever name its requests use.
+        let queue = match cold() {
+            Some(_) => match self.current().deployment_of.get(name) {
+                Some(d) => self.queue(d),
+                None => self.queue(name),
+            },
+            None => self.queue(name),
+        };
         if queue.waiting.fetch_add(1, Ordering::SeqCst) >= self.limits.queue_size {
             queue.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(NoReplica::QueueFull);
+            return Err(match cold() {
+                Some(hold) => NoReplica::ColdQueueFull(
+                    u32::try_from(hold.as_secs().div_ceil(2).max(1)).unwrap_or(u32::MAX),
+                ),
+                None => NoReplica::QueueFull,
+            });
         }
         self.waiting_total.fetch_add(1, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + self.limits.queue_timeout;
+        let deadline = tokio::time::Instant::now() + hold;
         let result = loop {
             let freed = queue.freed.notified();
             tokio::pin!(freed);
@@ -293,10 +423,11 @@ impl Table {
             match self.pick(name, tried) {
                 Ok(Some(r)) => break Ok(self.start(name, r)),
                 Ok(None) => {}
+                Err(NoReplica::Unknown) if cold().is_some() => {}
                 Err(e) => break Err(e),
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                break Err(NoReplica::Timeout);
+                break Err(NoReplica::Timeout(hold));
             }
         };
         queue.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -437,6 +568,7 @@ mod tests {
             eject_after: 2,
             eject_for: Duration::from_secs(60),
             retry_budget: 0.2,
+            cold_start_timeout: Duration::from_secs(30),
         }
     }
 
@@ -468,7 +600,7 @@ mod tests {
 
     fn table(list: &[(&str, &str, &str)]) -> Arc<Table> {
         let t = Arc::new(Table::new(limits()));
-        t.replace(&endpoints(list));
+        t.replace(&endpoints(list), &[]);
         t
     }
 
@@ -517,7 +649,7 @@ mod tests {
         // Nothing frees now: a waiter times out.
         assert_eq!(
             t.acquire("llama", &none).await.err(),
-            Some(NoReplica::Timeout)
+            Some(NoReplica::Timeout(Duration::from_millis(200)))
         );
     }
 
@@ -583,7 +715,7 @@ mod tests {
         if let Some(a) = update.get_mut("a") {
             a.queue_depth = 10;
         }
-        t.replace(&update);
+        t.replace(&update, &[]);
         let none: Vec<String> = Vec::new();
         for _ in 0..20 {
             let got = t.acquire("llama", &none).await.expect("a replica");
@@ -605,13 +737,76 @@ mod tests {
     fn counters_survive_an_update_when_the_address_stays() {
         let t = table(&[("a", "llama", "h:1")]);
         let held = futures::executor::block_on(t.acquire("llama", &[])).expect("a");
-        t.replace(&endpoints(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]));
+        t.replace(
+            &endpoints(&[("a", "llama", "h:1"), ("b", "llama", "h:2")]),
+            &[],
+        );
         let a = replica(&t, "a");
         assert_eq!(a.inflight(), 1);
         assert!(Arc::ptr_eq(&a, &held.replica));
-        t.replace(&endpoints(&[("a", "llama", "h:9")]));
+        t.replace(&endpoints(&[("a", "llama", "h:9")]), &[]);
         let moved = t.current().by_name["llama"][0].clone();
         assert_eq!(moved.inflight(), 0, "a new address is a new process");
+    }
+
+    fn route(deployment: &str, from_zero: bool, load_time_ms: u64) -> pb::Route {
+        pb::Route {
+            deployment: deployment.into(),
+            model: "llama".into(),
+            version: "v2".into(),
+            aliases: vec!["assistant".into()],
+            scales_from_zero: from_zero,
+            load_time_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cold_deployment_holds_requests_until_a_replica_is_ready() {
+        let t = Arc::new(Table::new(limits()));
+        let routes = [route("chat", true, 3_000)];
+        t.replace(&BTreeMap::new(), &routes);
+        assert!(t.serves("assistant") && t.serves("chat") && t.serves("llama"));
+        assert!(!t.serves("other"));
+        assert_eq!(t.cold_hold("chat"), Some(Duration::from_secs(16)));
+        // A deployment that does not scale from zero is just unknown.
+        t.replace(&BTreeMap::new(), &[route("chat", false, 0)]);
+        assert_eq!(t.acquire("chat", &[]).await.err(), Some(NoReplica::Unknown));
+        t.replace(&BTreeMap::new(), &routes);
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move { t.acquire("assistant", &[]).await })
+        };
+        // The waiting request is reported as the deployment's load.
+        let mut reported = Vec::new();
+        for _ in 0..100 {
+            reported = t.report();
+            if reported.first().is_some_and(|d| d.queued == 1) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            reported,
+            [pb::DeploymentLoad {
+                deployment: "chat".into(),
+                inflight: 0,
+                queued: 1
+            }]
+        );
+        // The queue holds 1: the next request is told to come back.
+        assert_eq!(
+            t.acquire("chat", &[]).await.err(),
+            Some(NoReplica::ColdQueueFull(8))
+        );
+        let mut warm = endpoints(&[("chat-1", "chat", "h:1")]);
+        for e in warm.values_mut() {
+            e.aliases = vec!["assistant".into()];
+        }
+        t.replace(&warm, &routes);
+        let got = waiter.await.expect("joins").expect("the new replica");
+        assert_eq!(got.replica.id, "chat-1");
+        assert_eq!(t.report()[0].inflight, 1);
+        assert!(!t.current().cold.contains_key("chat"), "warm now");
     }
 
     #[test]

@@ -132,6 +132,51 @@ pub async fn run(
     }
 }
 
+/// Reports this gateway's load per deployment every second, for the
+/// autoscaler: to the member that took the last report, else the next.
+/// Reports are best effort: a lost one is replaced by the next.
+pub async fn report(
+    dialer: Dialer,
+    servers: Vec<String>,
+    instance: String,
+    table: Arc<Table>,
+    shutdown: CancellationToken,
+) {
+    let mut at = 0usize;
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(crate::config::REPORT_EVERY) => {}
+        }
+        let report = pb::LoadReport {
+            gateway: instance.clone(),
+            deployments: table.report(),
+        };
+        let Some(addr) = servers.get(at % servers.len().max(1)) else {
+            return;
+        };
+        let sent = match dialer.channel(addr) {
+            Ok(channel) => ServingClient::new(channel)
+                .report_load(report)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(tonic::Status::internal(e.to_string())),
+        };
+        match sent {
+            Ok(()) => failing_since = None,
+            Err(status) => {
+                at += 1;
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                // Once per outage, not once a second.
+                if since.elapsed() < crate::config::REPORT_EVERY {
+                    tracing::warn!(member = %addr, error = %grpc::describe(&status), "cannot report load here; trying the next member (the autoscaler holds while no report arrives)");
+                }
+            }
+        }
+    }
+}
+
 /// One watch on one member; `Ok(true)` when it delivered a snapshot.
 async fn watch_once(
     dialer: &Dialer,
@@ -151,6 +196,7 @@ async fn watch_once(
         .into_inner();
     link.connected.store(true, Ordering::Relaxed);
     let mut known: BTreeMap<String, pb::Endpoint> = BTreeMap::new();
+    let mut routes: Vec<pb::Route> = Vec::new();
     let mut synced = false;
     loop {
         let update = match stream.message().await {
@@ -175,7 +221,10 @@ async fn watch_once(
         for e in update.upsert {
             known.insert(e.replica.clone(), e);
         }
-        table.replace(&known);
+        if update.routes_present {
+            routes = update.routes;
+        }
+        table.replace(&known, &routes);
         link.updated(update.leader_id);
     }
 }

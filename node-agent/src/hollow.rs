@@ -403,6 +403,7 @@ impl Replicas for HollowReplicas {
             spec.port
         };
         let status = Status {
+            ready_after_ms: None,
             record: Record {
                 spec,
                 port,

@@ -199,6 +199,9 @@ const VIEWER: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer, Role::Membe
 const AGENT: &[Role] = &[Role::Agent];
 const MEMBER: &[Role] = &[Role::Member];
 const HOLDER: &[Role] = &[Role::Agent, Role::Member, Role::Admin];
+/// Who may report serving load: gateways, and members (a follower relays
+/// a gateway's report to the leader).
+const REPORTER: &[Role] = &[Role::Gateway, Role::Member];
 /// The serving path's watchers: gateways, people and tools that read, and
 /// members (a follower relays the leader's stream).
 const WATCHER: &[Role] = &[
@@ -245,6 +248,7 @@ pub const TABLE: &[(&str, Access)] = &[
         "/berth.v1.Admin/SetDeploymentAliases",
         Access::Roles(OPERATOR),
     ),
+    ("/berth.v1.Admin/SetAutoscale", Access::Roles(OPERATOR)),
     ("/berth.v1.Admin/ExplainDeployment", Access::Roles(VIEWER)),
     ("/berth.v1.Admin/ListClusterReplicas", Access::Roles(VIEWER)),
     ("/berth.v1.Admin/ReplicaLogs", Access::Roles(VIEWER)),
@@ -271,6 +275,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/berth.v1.Agent/GetInventory", Access::Roles(MEMBER)),
     ("/berth.v1.Agent/StreamLogs", Access::Roles(MEMBER)),
     ("/berth.v1.Serving/WatchEndpoints", Access::Roles(WATCHER)),
+    ("/berth.v1.Serving/ReportLoad", Access::Roles(REPORTER)),
     ("/grpc.health.v1.Health/Check", Access::Anyone),
     ("/grpc.health.v1.Health/Watch", Access::Anyone),
     (
@@ -645,6 +650,11 @@ mod tests {
             Some(Unauthenticated)
         );
         assert_eq!(code("/grpc.health.v1.Health/Check", &anon, None), None);
+        // Serving load comes from gateways (and relaying members), not from readers.
+        assert_eq!(
+            code("/berth.v1.Serving/ReportLoad", &anon, Some(&viewer)),
+            Some(PermissionDenied)
+        );
         assert_eq!(
             code("/berth.v1.Admin/NoSuchMethod", &anon, Some(&viewer)),
             Some(PermissionDenied)

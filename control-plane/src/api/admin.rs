@@ -13,15 +13,17 @@ use tonic::{Request, Response, Status};
 use super::deployments::Deployments;
 use super::{nodes, not_found, status, unexpected};
 use crate::member::{Member, MemberError};
+use crate::reconciler::autoscaler::Autoscaler;
 use crate::reconciler::nodes::NodeTracker;
 use crate::reconciler::replicas::Replicas;
-use crate::state::{Command, ObjectKind, Outcome};
+use crate::state::{ClusterState, Command, ObjectKind, Outcome};
 
 /// The Admin service of one member.
 pub struct AdminService {
     member: Member,
     nodes: NodeTracker,
     replicas: Replicas,
+    autoscaler: Autoscaler,
     signer: Option<std::sync::Arc<super::pki::Signer>>,
 }
 
@@ -32,13 +34,14 @@ impl AdminService {
     pub fn new(
         member: Member,
         nodes: NodeTracker,
-        replicas: Replicas,
+        autoscaler: Autoscaler,
         signer: Option<std::sync::Arc<super::pki::Signer>>,
     ) -> Self {
         Self {
             member,
             nodes,
-            replicas,
+            replicas: autoscaler.replicas().clone(),
+            autoscaler,
             signer,
         }
     }
@@ -47,6 +50,7 @@ impl AdminService {
         Deployments {
             nodes: &self.nodes,
             replicas: &self.replicas,
+            autoscaler: &self.autoscaler,
         }
     }
 
@@ -93,16 +97,35 @@ impl AdminService {
         Ok(Response::new(summary))
     }
 
-    async fn read_model(&self, name: &str, stale: bool) -> Result<Model, Status> {
+    async fn read_model(&self, name: &str, stale: bool) -> Result<pb::Model, Status> {
         self.member.read_barrier(stale).await.map_err(status)?;
         let applied = self.member.state.read();
         applied
             .state
             .models
             .get(name)
-            .cloned()
+            .map(|m| model_proto(&applied.state, m))
             .ok_or_else(|| not_found(ObjectKind::Model, name))
     }
+}
+
+/// A model on the wire, with its measured load times.
+fn model_proto(state: &ClusterState, m: &Model) -> pb::Model {
+    let mut out: pb::Model = m.into();
+    out.load_times = state
+        .load_times
+        .get(&m.name)
+        .into_iter()
+        .flatten()
+        .map(|(class, t)| pb::LoadTime {
+            node_class: class.clone(),
+            estimate_ms: t.estimate_ms,
+            max_ms: t.max_ms,
+            last_ms: t.last_ms,
+            samples: t.samples,
+        })
+        .collect();
+    out
 }
 
 #[tonic::async_trait]
@@ -177,8 +200,7 @@ impl Admin for AdminService {
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
         let req = request.get_ref();
-        let model = self.read_model(&req.name, req.stale).await?;
-        Ok(Response::new((&model).into()))
+        Ok(Response::new(self.read_model(&req.name, req.stale).await?))
     }
 
     #[tracing::instrument(skip_all)]
@@ -192,7 +214,12 @@ impl Admin for AdminService {
             .map_err(status)?;
         let applied = self.member.state.read();
         Ok(Response::new(pb::ListModelsResponse {
-            models: applied.state.models.values().map(Into::into).collect(),
+            models: applied
+                .state
+                .models
+                .values()
+                .map(|m| model_proto(&applied.state, m))
+                .collect(),
         }))
     }
 
@@ -309,6 +336,17 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Deployment>, Status> {
         self.deployments()
             .rollback(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(deployment = %request.get_ref().name))]
+    async fn set_autoscale(
+        &self,
+        request: Request<pb::SetAutoscaleRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        self.deployments()
+            .set_autoscale(request.into_inner())
             .await
             .map(Response::new)
     }

@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 
 use berth_common::{Deployment, ReplicaIntent};
-use berth_proto::convert::deployment_request_from_proto;
+use berth_proto::convert::{autoscale_policy_from_proto, deployment_request_from_proto};
 use berth_proto::grpc::invalid_argument;
 use berth_proto::v1::agent_client::AgentClient;
 use berth_proto::v1::{self as pb};
 use tonic::Status;
 
 use super::{Route, here_or_leader, leader_client, not_found, route, status, unexpected};
+use crate::reconciler::autoscaler::Autoscaler;
 use crate::reconciler::nodes::{NodeTracker, Observation};
 use crate::reconciler::replicas::Replicas;
 use crate::state::{ClusterState, Command, DeploymentChange, ObjectKind, Outcome};
@@ -24,6 +25,8 @@ pub(super) struct Deployments<'a> {
     pub nodes: &'a NodeTracker,
     /// The replica loop (explanations, wake-ups).
     pub replicas: &'a Replicas,
+    /// The autoscaler (its last decisions).
+    pub autoscaler: &'a Autoscaler,
 }
 
 /// The phase an agent reports for a replica, if its node's last heartbeat has it.
@@ -46,6 +49,7 @@ fn with_counts(
     observed: &HashMap<String, Observation>,
 ) -> pb::Deployment {
     let mut out: pb::Deployment = d.into();
+    out.autoscale = state.autoscale.get(&d.name).map(Into::into);
     out.aliases = state
         .aliases
         .iter()
@@ -183,7 +187,35 @@ impl Deployments<'_> {
             .deployments
             .get(&req.name)
             .ok_or_else(|| not_found(ObjectKind::Deployment, &req.name))?;
-        Ok(with_counts(state, d, &self.observations(readings)))
+        let mut out = with_counts(state, d, &self.observations(readings));
+        self.autoscale_status(&mut out);
+        Ok(out)
+    }
+
+    /// Adds the autoscaler's last decision (the leader's memory).
+    fn autoscale_status(&self, d: &mut pb::Deployment) {
+        if let Some(s) = self.autoscaler.status(&d.name) {
+            d.autoscale_status = s.text;
+            d.autoscale_blocked = s.blocked;
+        }
+    }
+
+    /// `SetAutoscale`.
+    pub async fn set_autoscale(
+        &self,
+        req: pb::SetAutoscaleRequest,
+    ) -> Result<pb::Deployment, Status> {
+        let policy = req
+            .policy
+            .as_ref()
+            .map(autoscale_policy_from_proto)
+            .transpose()
+            .map_err(|e| invalid_argument(&e))?;
+        self.write_deployment(Command::SetAutoscale {
+            name: req.name,
+            policy,
+        })
+        .await
     }
 
     /// `ListDeployments`.
@@ -199,7 +231,11 @@ impl Deployments<'_> {
             deployments: state
                 .deployments
                 .values()
-                .map(|d| with_counts(state, d, &observed))
+                .map(|d| {
+                    let mut out = with_counts(state, d, &observed);
+                    self.autoscale_status(&mut out);
+                    out
+                })
                 .collect(),
         })
     }

@@ -17,7 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::reconciler::autoscaler::Autoscaler;
 use crate::reconciler::nodes::{NodeTracker, NotHere};
+use crate::state::ClusterState;
+use crate::state::load_times;
 
 /// How often the leader looks for changes to send. A replica becomes
 /// routable at most this long after the heartbeat that says it is ready.
@@ -32,15 +35,24 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct ServingService {
     nodes: NodeTracker,
+    autoscaler: Autoscaler,
     shutdown: CancellationToken,
 }
 
 impl ServingService {
-    /// The service of the member behind `nodes`.
-    pub fn new(nodes: NodeTracker, shutdown: CancellationToken) -> Self {
-        ServingService { nodes, shutdown }
+    /// The service of the member behind `nodes`; gateways' load reports go
+    /// to `autoscaler`.
+    pub fn new(nodes: NodeTracker, autoscaler: Autoscaler, shutdown: CancellationToken) -> Self {
+        ServingService {
+            nodes,
+            autoscaler,
+            shutdown,
+        }
     }
 }
+
+/// The most deployments one load report may carry.
+const MAX_REPORTED: usize = 100_000;
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::EndpointUpdate, Status>> + Send>>;
 
@@ -78,6 +90,41 @@ impl Serving for ServingService {
             Err(e) => Err(super::registry::redirect(e)),
         }
     }
+
+    async fn report_load(
+        &self,
+        request: Request<pb::LoadReport>,
+    ) -> Result<Response<pb::LoadReportAck>, Status> {
+        let report = request.into_inner();
+        if report.gateway.is_empty() || report.gateway.len() > 256 {
+            return Err(Status::invalid_argument(format!(
+                "gateway {:?}: must be 1-256 characters (the reporting gateway's instance)",
+                report.gateway
+            )));
+        }
+        if report.deployments.len() > MAX_REPORTED {
+            return Err(Status::invalid_argument(format!(
+                "deployments: {} entries; at most {MAX_REPORTED} per report",
+                report.deployments.len()
+            )));
+        }
+        match self.nodes.leader_here() {
+            Ok(_) => {
+                self.autoscaler.board().record(report);
+                Ok(Response::new(pb::LoadReportAck {}))
+            }
+            Err(NotHere::Leader(addr)) => {
+                let channel = self
+                    .nodes
+                    .member
+                    .dialer
+                    .channel(&addr)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                ServingClient::new(channel).report_load(report).await
+            }
+            Err(e) => Err(super::registry::redirect(e)),
+        }
+    }
 }
 
 impl ServingService {
@@ -90,6 +137,7 @@ impl ServingService {
         tokio::spawn(async move {
             let start = nodes.member.view();
             let mut sent: HashMap<String, pb::Endpoint> = HashMap::new();
+            let mut sent_routes: Option<Vec<pb::Route>> = None;
             let mut snapshot = true;
             let mut confirmed = Instant::now();
             loop {
@@ -115,19 +163,31 @@ impl ServingService {
                 }
                 let now = ready_endpoints(&nodes);
                 let (upsert, remove) = changes(&sent, &now);
-                if snapshot || !upsert.is_empty() || !remove.is_empty() {
+                let routes = {
+                    let applied = nodes.member.state.read();
+                    routes(&applied.state)
+                };
+                let new_routes = sent_routes.as_ref() != Some(&routes);
+                if snapshot || !upsert.is_empty() || !remove.is_empty() || new_routes {
                     let update = pb::EndpointUpdate {
                         snapshot,
                         upsert,
                         remove,
                         leader_id: nodes.member.id,
                         term: view.term,
+                        routes: if new_routes {
+                            routes.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        routes_present: new_routes,
                     };
                     if tx.send(Ok(update)).await.is_err() {
                         return;
                     }
                     snapshot = false;
                     sent = now;
+                    sent_routes = Some(routes);
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
@@ -159,6 +219,30 @@ fn changes(
         .collect();
     remove.sort();
     (upsert, remove)
+}
+
+/// Every deployment a request may name, sorted by name.
+fn routes(state: &ClusterState) -> Vec<pb::Route> {
+    state
+        .deployments
+        .values()
+        .map(|d| pb::Route {
+            deployment: d.name.clone(),
+            model: d.spec.model.clone(),
+            version: d.spec.version.clone(),
+            aliases: state
+                .aliases
+                .iter()
+                .filter(|(_, owner)| **owner == d.name)
+                .map(|(alias, _)| alias.clone())
+                .collect(),
+            scales_from_zero: state
+                .autoscale
+                .get(&d.name)
+                .is_some_and(|p| p.scale_to_zero_after_ms.is_some()),
+            load_time_ms: load_times::estimate_ms(state, &d.spec.model).unwrap_or(0),
+        })
+        .collect()
 }
 
 /// The replicas that can take requests, by replica id: they should run,

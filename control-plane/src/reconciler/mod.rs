@@ -5,6 +5,7 @@
 //! them on their agents, replace those of lost nodes).
 
 pub mod autoscale;
+pub mod autoscaler;
 pub mod nodes;
 pub mod placement;
 pub mod replicas;

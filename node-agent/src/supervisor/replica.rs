@@ -97,6 +97,9 @@ pub struct Status {
     pub gpu_uuids: Vec<String>,
     /// The engine's load from its metrics, while it runs and reports one.
     pub engine: Option<super::health::EngineLoad>,
+    /// How long the current run took from spawn to its first passed probe
+    /// (its load time), once it passed one.
+    pub ready_after_ms: Option<u64>,
 }
 
 /// The answer to an order.
@@ -183,6 +186,9 @@ pub struct ReplicaTask {
     early_probes: u32,
     /// The engine's load at the last probe.
     engine: Option<super::health::EngineLoad>,
+    /// The current run's time from spawn to ready, and the run it is of
+    /// (its start time).
+    ready_after: Option<(u64, u64)>,
     status: watch::Sender<Status>,
 }
 
@@ -206,6 +212,7 @@ impl ReplicaTask {
             limits_enforced,
             gpu_uuids: ctx.gpu_uuids(&record.spec.gpus),
             engine: None,
+            ready_after_ms: None,
         });
         let backoff = ctx.backoff_base;
         ReplicaTask {
@@ -223,6 +230,7 @@ impl ReplicaTask {
             failed_probes: 0,
             early_probes: 0,
             engine: None,
+            ready_after: None,
             status,
         }
     }
@@ -253,6 +261,10 @@ impl ReplicaTask {
             limits_enforced: self.limits_enforced,
             gpu_uuids: self.ctx.gpu_uuids(&self.record.spec.gpus),
             engine: self.engine.filter(|_| self.phase == ReplicaPhase::Running),
+            ready_after_ms: self
+                .ready_after
+                .filter(|(run, _)| *run == started_at_ms && started_at_ms > 0)
+                .map(|(_, ms)| ms),
         });
     }
 
@@ -523,6 +535,12 @@ impl ReplicaTask {
             }
             (Ok(()), _) => {
                 self.failed_probes = 0;
+                if let Some(run) = &self.run {
+                    let started = run.ids.started_at_ms;
+                    if self.ready_after.is_none_or(|(r, _)| r != started) {
+                        self.ready_after = Some((started, now_ms().saturating_sub(started)));
+                    }
+                }
                 self.set(ReplicaPhase::Running, "");
             }
             (Err(e), ReplicaPhase::Running | ReplicaPhase::Failed) => {

@@ -3,8 +3,8 @@
 use berth_common::deployment::validate_deployment_name;
 use berth_common::names::{validate_labels, validate_version};
 use berth_common::{
-    Deployment, DeploymentRequest, DeploymentSpec, PlacementPolicy, ResourceOverrides,
-    ValidationError,
+    AutoscalePolicy, AutoscaleTarget, Deployment, DeploymentRequest, DeploymentSpec,
+    PlacementPolicy, ResourceOverrides, ValidationError,
 };
 
 use crate::v1;
@@ -137,6 +137,84 @@ mod tests {
                 r.selector.insert("bad key".into(), "v".into());
             }),
             "selector"
+        );
+    }
+}
+
+impl From<&AutoscalePolicy> for v1::AutoscalePolicy {
+    fn from(p: &AutoscalePolicy) -> Self {
+        let (inflight, queue) = match p.target {
+            AutoscaleTarget::Inflight(n) => (n, 0),
+            AutoscaleTarget::QueueDepth(n) => (0, n),
+        };
+        v1::AutoscalePolicy {
+            min: p.min,
+            max: p.max,
+            target_inflight: inflight,
+            target_queue_depth: queue,
+            scale_down_delay_ms: p.scale_down_delay_ms,
+            scale_to_zero_after_ms: p.scale_to_zero_after_ms,
+        }
+    }
+}
+
+/// Reads an autoscaling policy: exactly one target, and the policy's rules.
+pub fn autoscale_policy_from_proto(
+    p: &v1::AutoscalePolicy,
+) -> Result<AutoscalePolicy, ValidationError> {
+    let target = match (p.target_inflight, p.target_queue_depth) {
+        (n, 0) if n > 0 => AutoscaleTarget::Inflight(n),
+        (0, n) if n > 0 => AutoscaleTarget::QueueDepth(n),
+        (a, b) => {
+            return Err(ValidationError::new(
+                "target",
+                format!("inflight {a}, queue depth {b}"),
+                "set exactly one target: requests in flight per replica, or engine queue depth per replica",
+            ));
+        }
+    };
+    let policy = AutoscalePolicy {
+        min: p.min,
+        max: p.max,
+        target,
+        scale_down_delay_ms: p.scale_down_delay_ms,
+        scale_to_zero_after_ms: p.scale_to_zero_after_ms,
+    };
+    policy.validate()?;
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod autoscale_tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_round_trips_and_needs_exactly_one_target() {
+        let p = AutoscalePolicy {
+            min: 1,
+            max: 8,
+            target: AutoscaleTarget::QueueDepth(2),
+            scale_down_delay_ms: 300_000,
+            scale_to_zero_after_ms: Some(900_000),
+        };
+        let wire = v1::AutoscalePolicy::from(&p);
+        assert_eq!(autoscale_policy_from_proto(&wire).unwrap(), p);
+        let both = v1::AutoscalePolicy {
+            target_inflight: 4,
+            ..wire
+        };
+        assert_eq!(
+            autoscale_policy_from_proto(&both).unwrap_err().field,
+            "target"
+        );
+        let none = v1::AutoscalePolicy {
+            target_inflight: 0,
+            target_queue_depth: 0,
+            ..both
+        };
+        assert_eq!(
+            autoscale_policy_from_proto(&none).unwrap_err().field,
+            "target"
         );
     }
 }

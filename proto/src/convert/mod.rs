@@ -11,7 +11,7 @@ mod deployment;
 mod node;
 mod replica;
 
-pub use deployment::deployment_request_from_proto;
+pub use deployment::{autoscale_policy_from_proto, deployment_request_from_proto};
 pub use node::{inventory_from_proto, registration_from_proto};
 pub use replica::{replica_spec_from_proto, runtime_from_parts};
 
@@ -110,6 +110,7 @@ impl From<&Model> for v1::Model {
             name: m.name.clone(),
             versions: m.versions.values().map(Into::into).collect(),
             created_at_ms: m.created_at_ms,
+            ..Default::default()
         }
     }
 }
