@@ -170,6 +170,9 @@ pub struct Table {
     /// retry takes one whole token.
     retry_tokens: AtomicU64,
     endpoints: AtomicU64,
+    /// Woken when a request starts waiting for a cold deployment: the
+    /// load report goes out at once instead of at the next second.
+    pub cold_request: Notify,
 }
 
 /// Most retry tokens saved up (in thousandths): a burst of failures can
@@ -187,6 +190,7 @@ impl Table {
             epoch: Instant::now(),
             retry_tokens: AtomicU64::new(MAX_RETRY_TOKENS),
             endpoints: AtomicU64::new(0),
+            cold_request: Notify::new(),
         }
     }
 
@@ -414,6 +418,9 @@ impl Table {
             });
         }
         self.waiting_total.fetch_add(1, Ordering::SeqCst);
+        if cold().is_some() {
+            self.cold_request.notify_one();
+        }
         let deadline = tokio::time::Instant::now() + hold;
         let result = loop {
             let freed = queue.freed.notified();

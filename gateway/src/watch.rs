@@ -148,6 +148,7 @@ pub async fn report(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(crate::config::REPORT_EVERY) => {}
+            _ = table.cold_request.notified() => {}
         }
         let report = pb::LoadReport {
             gateway: instance.clone(),

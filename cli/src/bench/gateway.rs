@@ -127,10 +127,10 @@ pub struct GatewayReport {
 }
 
 /// A running proxy process (killed on drop).
-struct Proxy {
+pub(super) struct Proxy {
     name: &'static str,
     /// host:port it listens on.
-    addr: String,
+    pub(super) addr: String,
     /// Processes whose CPU counts as the proxy's.
     child: tokio::process::Child,
     _dir: Option<tempfile::TempDir>,
@@ -166,9 +166,9 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-type Http = HttpClient<HttpConnector, Full<Bytes>>;
+pub(super) type Http = HttpClient<HttpConnector, Full<Bytes>>;
 
-fn http_client() -> Http {
+pub(super) fn http_client() -> Http {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     HttpClient::builder(TokioExecutor::new())
@@ -186,12 +186,27 @@ fn completion(addr: &str, model: &str) -> anyhow::Result<hyper::Request<Full<Byt
 }
 
 /// One completion: its latency in µs, or None when it failed.
-async fn one(client: &Http, addr: &str, model: &str) -> Option<u64> {
+pub(super) async fn one(client: &Http, addr: &str, model: &str) -> Option<u64> {
+    attempt(client, addr, model).await.ok()
+}
+
+/// One completion: its latency in µs, or why it failed.
+pub(super) async fn attempt(client: &Http, addr: &str, model: &str) -> Result<u64, String> {
     let started = Instant::now();
-    let response = client.request(completion(addr, model).ok()?).await.ok()?;
-    let ok = response.status().is_success();
-    response.into_body().collect().await.ok()?;
-    ok.then(|| started.elapsed().as_micros() as u64)
+    let request = completion(addr, model).map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status.is_success() {
+        Ok(started.elapsed().as_micros() as u64)
+    } else {
+        Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+    }
 }
 
 /// Latencies at a fixed rate, and the failures.
@@ -288,7 +303,7 @@ async fn chunk_gaps(addr: &str, model: &str, streams: usize) -> Vec<u64> {
 }
 
 /// Waits until a completion through `addr` answers 200.
-async fn answers(addr: &str, model: &str) -> anyhow::Result<()> {
+pub(super) async fn answers(addr: &str, model: &str) -> anyhow::Result<()> {
     let client = http_client();
     wait_for(&format!("{addr} to answer"), WAIT, || async {
         one(&client, addr, model).await.map(|_| ())
@@ -296,7 +311,7 @@ async fn answers(addr: &str, model: &str) -> anyhow::Result<()> {
     .await
 }
 
-fn start_gateway(control: &str, token: &str, threads: usize) -> anyhow::Result<Proxy> {
+pub(super) fn start_gateway(control: &str, token: &str, threads: usize) -> anyhow::Result<Proxy> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let child = tokio::process::Command::new(find_binary("berth-gateway")?)

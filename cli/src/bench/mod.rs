@@ -20,6 +20,7 @@ use crate::local::{LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
 
 mod agent;
+mod autoscale;
 mod gateway;
 mod heartbeats;
 mod node_loss;
@@ -47,6 +48,8 @@ pub enum BenchCommand {
     Heartbeats(heartbeats::HeartbeatsArgs),
     /// What berth-gateway adds to a request (latency, requests per core, chunk gaps), beside direct, nginx and LiteLLM.
     Gateway(gateway::GatewayArgs),
+    /// The autoscaler against slow-loading demo replicas through berth-gateway: a 1x→4x load step, a square wave, a cold start from zero.
+    Autoscale(autoscale::AutoscaleArgs),
 }
 
 /// `bench writes` options.
@@ -87,6 +90,7 @@ pub async fn run(
         BenchCommand::Tls(a) => tls::tls(a, out).await,
         BenchCommand::Heartbeats(a) => heartbeats::heartbeats(a, out).await,
         BenchCommand::Gateway(a) => gateway::gateway(a, out).await,
+        BenchCommand::Autoscale(a) => autoscale::autoscale(a, out).await,
     }
 }
 

@@ -37,11 +37,21 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub struct LoadBoard {
     reports: Mutex<HashMap<String, (Instant, Vec<pb::DeploymentLoad>)>>,
+    /// Woken by a report of requests held with none in flight (a cold
+    /// deployment's first requests): the autoscaler decides at once.
+    cold: tokio::sync::Notify,
 }
 
 impl LoadBoard {
     /// Keeps a gateway's report (replacing its last one).
     pub fn record(&self, report: pb::LoadReport) {
+        if report
+            .deployments
+            .iter()
+            .any(|d| d.queued > 0 && d.inflight == 0)
+        {
+            self.cold.notify_one();
+        }
         if let Ok(mut r) = self.reports.lock() {
             r.retain(|_, (at, _)| at.elapsed() < FORGET_AFTER);
             r.insert(report.gateway, (Instant::now(), report.deployments));
@@ -151,6 +161,7 @@ impl Autoscaler {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(TICK) => {}
+                    _ = me.board.cold.notified() => {}
                 }
                 me.tick().await;
             }
