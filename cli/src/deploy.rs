@@ -519,7 +519,13 @@ fn deployments_table(ds: &[DeploymentView]) -> String {
             d.name.clone(),
             format!("{}:{}", d.model, d.version),
             d.revision.to_string(),
-            format!("{}/{}", d.replicas_running, d.replicas),
+            match &d.autoscale {
+                Some(a) => format!(
+                    "{}/{} (auto {}-{})",
+                    d.replicas_running, d.replicas, a.min, a.max
+                ),
+                None => format!("{}/{}", d.replicas_running, d.replicas),
+            },
             if d.paused.is_some() {
                 format!("{}/{} PAUSED", d.replicas_updated, d.replicas)
             } else {

@@ -25,7 +25,8 @@ fn model_flags() -> Vec<&'static str> {
 }
 
 /// A secure one-member cluster with one agent (4 simulated GPUs), the demo
-/// model registered, and a gateway watching it.
+/// model registered, deployment `chat` running one replica, and a gateway
+/// watching it.
 async fn setup() -> (LocalCluster, LocalAgent, Gateway, String) {
     let cluster = LocalCluster::start(1, MemberOptions::default())
         .await
@@ -47,6 +48,19 @@ async fn setup() -> (LocalCluster, LocalAgent, Gateway, String) {
     let mut create = vec!["--server", servers.as_str(), "model", "create", "demo"];
     create.extend(model_flags());
     berth_json(&create).await;
+    berth_json(&[
+        "--server",
+        &servers,
+        "deploy",
+        "create",
+        "chat",
+        "--model",
+        "demo",
+        "--replicas",
+        "1",
+        "--wait",
+    ])
+    .await;
     let token = cluster.token("gateway").await.expect("a gateway token");
     let gateway = start_gateway(&["--control", &servers, "--token", &token]).await;
     (cluster, agent, gateway, servers)
@@ -111,19 +125,6 @@ async fn wait_running(servers: &str, name: &str, n: u64, deadline: std::time::Du
 async fn autoscaling_follows_load_through_the_gateway_and_fails_nothing() {
     let (_cluster, _agent, gateway, servers) = setup().await;
     let port = gateway.port;
-    berth_json(&[
-        "--server",
-        &servers,
-        "deploy",
-        "create",
-        "chat",
-        "--model",
-        "demo",
-        "--replicas",
-        "1",
-        "--wait",
-    ])
-    .await;
 
     // Bad policies are refused, naming the field; nothing changes.
     let bad = berth(&[
@@ -244,19 +245,6 @@ async fn autoscaling_follows_load_through_the_gateway_and_fails_nothing() {
 async fn a_deployment_scaled_to_zero_answers_its_first_request_after_the_cold_start() {
     let (_cluster, _agent, gateway, servers) = setup().await;
     let port = gateway.port;
-    berth_json(&[
-        "--server",
-        &servers,
-        "deploy",
-        "create",
-        "chat",
-        "--model",
-        "demo",
-        "--replicas",
-        "1",
-        "--wait",
-    ])
-    .await;
     berth_json(&[
         "--server",
         &servers,

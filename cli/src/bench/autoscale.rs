@@ -379,7 +379,6 @@ async fn square(client: &Client, gateway: &str, a: &AutoscaleArgs) -> anyhow::Re
         {
             if high {
                 load.remove(3 * base).await;
-                load.add(base, gateway, "square");
             } else {
                 load.add(3 * base, gateway, "square");
             }

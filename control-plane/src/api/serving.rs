@@ -51,6 +51,19 @@ impl ServingService {
     }
 }
 
+impl ServingService {
+    /// A client of the leader at `addr`, for relaying.
+    fn leader(&self, addr: &str) -> Result<ServingClient<berth_proto::grpc::Channel>, Status> {
+        let channel = self
+            .nodes
+            .member
+            .dialer
+            .channel(addr)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(ServingClient::new(channel))
+    }
+}
+
 /// The most deployments one load report may carry.
 const MAX_REPORTED: usize = 100_000;
 
@@ -75,16 +88,7 @@ impl Serving for ServingService {
                 Ok(Response::new(self.stream_here()))
             }
             Err(NotHere::Leader(addr)) => {
-                let channel = self
-                    .nodes
-                    .member
-                    .dialer
-                    .channel(&addr)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                let upstream = ServingClient::new(channel)
-                    .watch_endpoints(req)
-                    .await?
-                    .into_inner();
+                let upstream = self.leader(&addr)?.watch_endpoints(req).await?.into_inner();
                 Ok(Response::new(Box::pin(upstream)))
             }
             Err(e) => Err(super::registry::redirect(e)),
@@ -113,15 +117,7 @@ impl Serving for ServingService {
                 self.autoscaler.board().record(report);
                 Ok(Response::new(pb::LoadReportAck {}))
             }
-            Err(NotHere::Leader(addr)) => {
-                let channel = self
-                    .nodes
-                    .member
-                    .dialer
-                    .channel(&addr)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                ServingClient::new(channel).report_load(report).await
-            }
+            Err(NotHere::Leader(addr)) => self.leader(&addr)?.report_load(report).await,
             Err(e) => Err(super::registry::redirect(e)),
         }
     }

@@ -9,8 +9,8 @@
 //!   window that reaches 2× the target per replica of the current count
 //!   switches to panic mode for a stable window, during which the count
 //!   never goes down;
-//! * within a 10 % tolerance of the target the count holds, and one
-//!   decision at most doubles it;
+//! * within a 10 % tolerance of the target the count holds (in panic mode
+//!   too), and one decision at most doubles it;
 //! * the count includes starting replicas, so a slow load does not cause
 //!   a second scale-up for the same load (no "scale-up that ignores how
 //!   long a model takes to load");
@@ -143,11 +143,17 @@ impl Window {
                 .map(|(_, l)| *l),
         );
         let capacity = f64::from(current) * target;
-        let stable_want = if current > 0 && (stable / capacity - 1.0).abs() <= TOLERANCE {
-            current
-        } else {
-            needed(stable, target)
+        // Within the tolerance the count is right: signals sampled at
+        // slightly different moments add up to a little more or less than
+        // the true load, and that must not move the count.
+        let want_for = |load: f64| {
+            if current > 0 && (load / capacity - 1.0).abs() <= TOLERANCE {
+                current
+            } else {
+                needed(load, target)
+            }
         };
+        let stable_want = want_for(stable);
         if current > 0 && panic >= PANIC_THRESHOLD * capacity {
             self.panic_until = Some(now_ms + STABLE_WINDOW_MS);
         }
@@ -163,7 +169,7 @@ impl Window {
             .scale_to_zero_after_ms
             .is_some_and(|z| idle_for >= z && now_ms - first >= z);
         let mut want = if panicking {
-            current.max(stable_want).max(needed(panic, target))
+            current.max(stable_want).max(want_for(panic))
         } else {
             stable_want
         };
@@ -387,6 +393,18 @@ mod tests {
             "after panic ends, back to min: {:?}",
             run.changes
         );
+    }
+
+    #[test]
+    fn jitter_within_the_tolerance_does_not_ratchet_up_in_panic_mode() {
+        let mut run = Run::new(policy(1, 16, 300), 1);
+        run.feed(Some(4.0), 60).feed(Some(16.0), 10);
+        assert_eq!(run.count(), 4, "{:?}", run.changes);
+        // Signals read at different moments: 15 to 17 for 16 in flight.
+        for load in [17.0, 15.0, 17.0, 16.0].iter().cycle().take(120) {
+            run.feed(Some(*load), 1);
+        }
+        assert_eq!(run.count(), 4, "{:?}", run.changes);
     }
 
     #[test]

@@ -308,12 +308,14 @@ impl Autoscaler {
             }
             let gateway = gateways.get(name).copied();
             let load = match policy.target {
+                // The gateways count exactly; the engines' gauges, read at
+                // different moments on different nodes, only approximately
+                // (a request that moved between two reads counts twice), so
+                // they stand in only while no gateway reports.
                 AutoscaleTarget::Inflight(_) => match (gateway, engine) {
+                    (Some((inflight, queued)), _) => Some(inflight + queued),
+                    (None, Some((busy, _))) => Some(busy),
                     (None, None) => None,
-                    (g, e) => Some(
-                        g.map_or(0, |(inflight, queued)| inflight + queued)
-                            .max(e.map_or(0, |(busy, _)| busy)),
-                    ),
                 },
                 AutoscaleTarget::QueueDepth(_) => match (gateway, engine) {
                     (None, None) => None,
