@@ -458,6 +458,8 @@ pub struct ReplicaView {
     pub queue_depth: Option<u32>,
     /// Requests its engine is generating (null when unknown).
     pub running_requests: Option<u32>,
+    /// The engine's KV cache use, percent (null when its runtime reports none).
+    pub kv_cache_pct: Option<f64>,
 }
 
 impl From<pb::ClusterReplica> for ReplicaView {
@@ -481,6 +483,7 @@ impl From<pb::ClusterReplica> for ReplicaView {
             version: r.version,
             queue_depth: r.queue_depth,
             running_requests: r.running_requests,
+            kv_cache_pct: r.kv_cache_milli.map(|m| f64::from(m) / 10.0),
         }
     }
 }

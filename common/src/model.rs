@@ -37,6 +37,8 @@ pub struct EngineMetrics {
     pub waiting: &'static [&'static str],
     /// Gauges of requests being generated.
     pub running: &'static [&'static str],
+    /// Gauges of the KV cache's use, as a fraction of it (the largest counts).
+    pub kv_cache: &'static [&'static str],
 }
 
 /// How a model server is started.
@@ -123,26 +125,33 @@ impl Runtime {
                 path: "/metrics",
                 waiting: &["vllm:num_requests_waiting"],
                 running: &["vllm:num_requests_running"],
+                // The second is the name before vLLM 0.10 (deprecated since).
+                kv_cache: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
             }),
             Runtime::LlamaCpp => Some(EngineMetrics {
                 path: "/metrics",
                 waiting: &["llamacpp:requests_deferred"],
                 running: &["llamacpp:requests_processing"],
+                // Exported by older builds; newer ones have no KV gauge.
+                kv_cache: &["llamacpp:kv_cache_usage_ratio"],
             }),
             Runtime::Tgi => Some(EngineMetrics {
                 path: "/metrics",
                 waiting: &["tgi_queue_size"],
                 running: &["tgi_batch_current_size"],
+                kv_cache: &[],
             }),
             Runtime::Sglang => Some(EngineMetrics {
                 path: "/metrics",
                 waiting: &["sglang:num_queue_reqs"],
                 running: &["sglang:num_running_reqs"],
+                kv_cache: &["sglang:token_usage"],
             }),
             Runtime::Demo => Some(EngineMetrics {
                 path: "/metrics",
                 waiting: &["berth_demo:requests_waiting"],
                 running: &["berth_demo:requests_running"],
+                kv_cache: &["berth_demo:kv_cache_usage_ratio"],
             }),
             // Triton reports on its own metrics port, which the preset
             // turns off; a command's server is unknown.

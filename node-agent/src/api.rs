@@ -64,6 +64,7 @@ pub fn replica_to_proto(s: &ReplicaState) -> pb::ReplicaStatus {
         gpu_uuids: s.gpu_uuids.clone(),
         queue_depth: s.engine.map(|e| e.waiting),
         running_requests: s.engine.map(|e| e.running),
+        kv_cache_milli: s.engine.and_then(|e| e.kv_cache_milli),
         ready_after_ms: s.ready_after_ms,
     }
 }

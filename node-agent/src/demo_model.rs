@@ -62,6 +62,8 @@ struct Demo {
     token_delay: Duration,
     /// Batch slots, when limited.
     slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// How many (0: unlimited).
+    max_concurrency: u32,
     requests: AtomicU64,
     running: AtomicU64,
     waiting: AtomicU64,
@@ -112,6 +114,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(args.load_delay.is_zero()),
         fail_health: args.fail_health,
         token_delay: args.token_delay,
+        max_concurrency: args.max_concurrency,
         slots: (args.max_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(args.max_concurrency as usize))),
         requests: AtomicU64::new(0),
@@ -502,7 +505,17 @@ fn embed(text: &str) -> Vec<f32> {
 }
 
 async fn metrics(State(d): State<Arc<Demo>>) -> Response {
-    let text = format!(
+    // A simulated KV cache: each running request holds an equal share of
+    // it, full when every batch slot is taken (only with --max-concurrency).
+    let kv = if d.max_concurrency > 0 {
+        format!(
+            "# HELP berth_demo:kv_cache_usage_ratio Simulated KV cache use: running requests over batch slots.\n# TYPE berth_demo:kv_cache_usage_ratio gauge\nberth_demo:kv_cache_usage_ratio {}\n",
+            d.running.load(Ordering::SeqCst) as f64 / f64::from(d.max_concurrency)
+        )
+    } else {
+        String::new()
+    };
+    let mut text = format!(
         "# HELP berth_demo:requests_running Requests being generated.\n# TYPE berth_demo:requests_running gauge\nberth_demo:requests_running {}\n\
          # HELP berth_demo:requests_waiting Requests waiting for a slot (--max-concurrency).\n# TYPE berth_demo:requests_waiting gauge\nberth_demo:requests_waiting {}\n\
          # HELP berth_demo:requests_total Requests answered.\n# TYPE berth_demo:requests_total counter\nberth_demo:requests_total {}\n\
@@ -512,6 +525,7 @@ async fn metrics(State(d): State<Arc<Demo>>) -> Response {
         d.requests.load(Ordering::SeqCst),
         d.cancelled.load(Ordering::SeqCst),
     );
+    text.push_str(&kv);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

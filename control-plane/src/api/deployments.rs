@@ -366,6 +366,7 @@ impl Deployments<'_> {
                     version: revision.map(|s| s.version.clone()).unwrap_or_default(),
                     queue_depth: seen.and_then(|x| x.queue_depth),
                     running_requests: seen.and_then(|x| x.running_requests),
+                    kv_cache_milli: seen.and_then(|x| x.kv_cache_milli),
                 }
             })
             .collect();

@@ -19,6 +19,8 @@
 //!   that never shrinks the deployment (no flapping);
 //! * a count that cannot be placed holds, with the scheduler's reason, and
 //!   is not raised further;
+//! * no scale-down while a replica's KV cache is nearly full (an engine
+//!   out of cache preempts or queues, whatever the request count says);
 //! * no fresh signal holds, and says so.
 
 use std::collections::VecDeque;
@@ -36,6 +38,8 @@ pub const PANIC_THRESHOLD: f64 = 2.0;
 pub const TOLERANCE: f64 = 0.1;
 /// One decision multiplies the count by at most this.
 pub const MAX_UP_FACTOR: u32 = 2;
+/// KV cache use (thousandths) from which the count does not go down.
+pub const KV_FULL_MILLI: u32 = 900;
 
 /// What the autoscaler knows of a deployment at one tick.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +55,9 @@ pub struct Inputs {
     pub unplaced: Option<(u32, String)>,
     /// The model's measured time from spawn to ready, ms (0 when unknown).
     pub load_time_ms: u64,
+    /// The fullest KV cache among its replicas, in thousandths, when their
+    /// engines report it.
+    pub kv_cache_milli: Option<u32>,
 }
 
 /// What the autoscaler decided.
@@ -159,8 +166,12 @@ impl Window {
         }
         let panicking = self.panicking(now_ms);
         let inputs_text = format!(
-            "load {load:.1} {metric} now, {stable:.1} over 60 s, {panic:.1} over 6 s; target {} per replica{}",
+            "load {load:.1} {metric} now, {stable:.1} over 60 s, {panic:.1} over 6 s; target {} per replica{}{}",
             p.target.per_replica(),
+            inputs
+                .kv_cache_milli
+                .map(|k| format!("; KV cache up to {:.0} %", f64::from(k) / 10.0))
+                .unwrap_or_default(),
             if panicking { "; panic mode" } else { "" }
         );
 
@@ -194,6 +205,11 @@ impl Window {
             if panicking {
                 return Decision::Hold(format!(
                     "{inputs_text}: would go to {want}, but the count never goes down in panic mode"
+                ));
+            }
+            if inputs.kv_cache_milli.is_some_and(|k| k >= KV_FULL_MILLI) {
+                return Decision::Hold(format!(
+                    "{inputs_text}: would go to {want}, but a replica's KV cache is nearly full"
                 ));
             }
             if want > 0 || !to_zero {
@@ -281,6 +297,7 @@ mod tests {
                     load: Some(0.0),
                     unplaced: None,
                     load_time_ms: 0,
+                    kv_cache_milli: None,
                 },
                 now_ms: 1_000_000,
                 changes: Vec::new(),
@@ -408,6 +425,21 @@ mod tests {
     }
 
     #[test]
+    fn a_nearly_full_kv_cache_holds_the_count() {
+        let mut run = Run::new(policy(1, 8, 0), 4);
+        run.inputs.kv_cache_milli = Some(950);
+        run.feed(Some(2.0), 300);
+        assert_eq!(run.count(), 4, "{:?}", run.changes);
+        let Some(Decision::Hold(why)) = &run.last else {
+            panic!("hold: {:?}", run.last);
+        };
+        assert!(why.contains("KV cache is nearly full"), "{why}");
+        run.inputs.kv_cache_milli = Some(400);
+        run.feed(Some(2.0), 5);
+        assert_eq!(run.count(), 1, "{:?}", run.changes);
+    }
+
+    #[test]
     fn a_count_that_cannot_be_placed_holds_and_says_why() {
         let mut run = Run::new(policy(1, 8, 300), 2);
         run.inputs.unplaced = Some((1, "no node has a free A100-80GB".into()));
@@ -494,10 +526,12 @@ mod tests {
             policy in policies(),
             loads in loads(),
             load_time_s in 0u64..60,
+            kv in proptest::option::of(0u32..1000),
         ) {
             let start = policy.clamp(1);
             let mut run = Run::new(policy.clone(), start);
             run.inputs.load_time_ms = load_time_s * 1000;
+            run.inputs.kv_cache_milli = kv;
             let wait = Window::scale_down_wait_ms(&run.inputs);
             let first = run.now_ms;
             let mut last_up = None;
@@ -520,6 +554,7 @@ mod tests {
                     }
                     if after < before && after > 0 {
                         prop_assert!(!panicking, "scaled down in panic mode");
+                        prop_assert!(run.inputs.kv_cache_milli.is_none_or(|k| k < KV_FULL_MILLI));
                         prop_assert!(at - first >= wait, "down {} ms after the start", at - first);
                         if let Some(up) = last_up {
                             prop_assert!(at - up >= wait, "down {} ms after an up", at - up);
@@ -530,6 +565,7 @@ mod tests {
             // The same inputs give the same decisions.
             let mut again = Run::new(policy, start);
             again.inputs.load_time_ms = load_time_s * 1000;
+            again.inputs.kv_cache_milli = kv;
             for (load, seconds) in &loads {
                 again.feed(*load, *seconds);
             }

@@ -294,9 +294,13 @@ impl Autoscaler {
             // The engines' gauges: (running + waiting, waiting), summed over
             // the replicas whose agents reported them lately.
             let mut engine: Option<(u64, u64)> = None;
+            let mut kv_cache_milli: Option<u32> = None;
             let mut idle: Vec<(u64, &str)> = Vec::new();
             for r in &mine {
                 let Some(x) = seen(r) else { continue };
+                if let Some(k) = x.kv_cache_milli {
+                    kv_cache_milli = Some(kv_cache_milli.map_or(k, |m| m.max(k)));
+                }
                 if let (Some(w), Some(run)) = (x.queue_depth, x.running_requests) {
                     let e = engine.get_or_insert((0, 0));
                     e.0 += u64::from(w) + u64::from(run);
@@ -338,6 +342,7 @@ impl Autoscaler {
                 load: load.map(|l| l as f64),
                 unplaced,
                 load_time_ms: load_times::estimate_ms(state, &d.spec.model).unwrap_or(0),
+                kv_cache_milli,
             };
             let decision = memory
                 .windows

@@ -78,6 +78,8 @@ pub struct EngineLoad {
     pub waiting: u32,
     /// Requests being generated.
     pub running: u32,
+    /// The KV cache's use in thousandths, when the engine reports it.
+    pub kv_cache_milli: Option<u32>,
 }
 
 /// The largest metrics page read (vLLM's, with its histograms, is tens of KiB).
@@ -99,6 +101,7 @@ pub async fn scrape(metrics: &EngineMetrics, port: u16) -> Result<EngineLoad, St
 /// label set; a missing gauge counts 0).
 pub fn parse_load(text: &str, metrics: &EngineMetrics) -> EngineLoad {
     let (mut waiting, mut running) = (0.0f64, 0.0f64);
+    let mut kv: Option<f64> = None;
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -117,11 +120,14 @@ pub fn parse_load(text: &str, metrics: &EngineMetrics) -> EngineLoad {
             waiting += value;
         } else if metrics.running.contains(&name) {
             running += value;
+        } else if metrics.kv_cache.contains(&name) {
+            kv = Some(kv.map_or(value, |k| k.max(value)));
         }
     }
     EngineLoad {
         waiting: waiting.round().min(f64::from(u32::MAX)) as u32,
         running: running.round().min(f64::from(u32::MAX)) as u32,
+        kv_cache_milli: kv.map(|k| (k.min(1.0) * 1000.0).round() as u32),
     }
 }
 
@@ -167,13 +173,21 @@ mod tests {
             vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 2.0\n\
             vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 7.0\n\
             vllm:num_requests_waiting_by_reason{reason=\"x\"} 100\n\
-            vllm:num_requests_running_total 50\n";
+            vllm:num_requests_running_total 50\n\
+            vllm:kv_cache_usage_perc{engine=\"0\"} 0.25\n\
+            vllm:kv_cache_usage_perc{engine=\"1\"} 0.9374\n";
         assert_eq!(
             parse_load(page, &vllm),
             EngineLoad {
                 waiting: 5,
-                running: 7
+                running: 7,
+                kv_cache_milli: Some(937),
             }
+        );
+        // Engines that do not report the KV cache leave it unknown.
+        assert_eq!(
+            parse_load("vllm:num_requests_running 1\n", &vllm).kv_cache_milli,
+            None
         );
         assert_eq!(parse_load("garbage\n{}", &vllm), EngineLoad::default());
     }
