@@ -193,11 +193,11 @@ async fn autoscaling_follows_load_through_the_gateway_and_fails_nothing() {
         || async {
             let replicas = deployment_replicas(&servers, "chat").await;
             // The demo's simulated KV cache is reported beside the queue.
-        (replicas.len() == 4
-            && replicas
-                .iter()
-                .all(|r| r["queue_depth"] == 0 && r["kv_cache_pct"].is_number()))
-        .then_some(())
+            (replicas.len() == 4
+                && replicas
+                    .iter()
+                    .all(|r| r["queue_depth"] == 0 && r["kv_cache_pct"].is_number()))
+            .then_some(())
         },
     )
     .await;

@@ -32,6 +32,12 @@ pub struct HeartbeatsArgs {
     /// Plaintext cluster and shared connections instead of mTLS.
     #[arg(long)]
     insecure: bool,
+    /// A cgroup directory this process (the hollow fleet) moves into once
+    /// the members run, so that a low CPU weight there keeps the fleet from
+    /// starving the members on a small machine (v2: `echo 10 > DIR/cpu.weight`;
+    /// v1: `echo 100 > /sys/fs/cgroup/cpu/NAME/cpu.shares`).
+    #[arg(long, value_name = "DIR")]
+    fleet_cgroup: Option<std::path::PathBuf>,
 }
 
 /// What was measured.
@@ -49,6 +55,11 @@ pub struct HeartbeatsReport {
     pub follower_cores: f64,
     /// Seconds from the first agent's start until every agent heartbeat.
     pub all_heartbeating_s: f64,
+    /// The hollow fleet's own CPU (this process), in cores.
+    pub fleet_cores: f64,
+    /// Heartbeats answered per second during the measurement (the agents
+    /// send one a second each).
+    pub heartbeats_per_sec: f64,
 }
 
 /// Runs the benchmark.
@@ -67,6 +78,17 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
     };
     eprintln!("starting a local 3-member control plane");
     let cluster = LocalCluster::start(3, options).await?;
+    if let Some(dir) = &a.fleet_cgroup {
+        // Every thread moves with the process; the members stay where they are.
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string()).map_err(|e| {
+            CliError::Usage(format!(
+                "--fleet-cgroup: cannot move this process into {}: {e} (create the cgroup first, as root)",
+                procs.display()
+            ))
+        })?;
+        eprintln!("the hollow fleet runs in cgroup {}", dir.display());
+    }
     let tls = if a.insecure {
         None
     } else {
@@ -137,9 +159,14 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
         .iter()
         .filter_map(|(id, pid)| Some((*id, cpu_seconds(*pid)?)))
         .collect();
+    let fleet_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let beats_before = fleet.heartbeats();
     let t = Instant::now();
     tokio::time::sleep(a.duration).await;
     let elapsed = t.elapsed().as_secs_f64();
+    let fleet_cores =
+        (cpu_seconds(std::process::id()).unwrap_or(fleet_before) - fleet_before) / elapsed;
+    let heartbeats_per_sec = (fleet.heartbeats() - beats_before) as f64 / elapsed;
     let mut leader_cores = 0.0;
     let mut follower_cores: f64 = 0.0;
     for ((id, pid), (_, b)) in pids.iter().zip(&before) {
@@ -157,6 +184,8 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
         leader_cores,
         follower_cores,
         all_heartbeating_s,
+        fleet_cores,
+        heartbeats_per_sec,
     };
     drop(fleet);
     match out {
@@ -168,6 +197,8 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
                 "LEADER CORES",
                 "FOLLOWER CORES",
                 "ALL HEARTBEATING S",
+                "FLEET CORES",
+                "HEARTBEATS/S",
             ]);
             t.add_row(vec![
                 report.mode.to_string(),
@@ -175,6 +206,8 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
                 format!("{:.2}", report.leader_cores),
                 format!("{:.2}", report.follower_cores),
                 format!("{:.1}", report.all_heartbeating_s),
+                format!("{:.2}", report.fleet_cores),
+                format!("{:.0}", report.heartbeats_per_sec),
             ]);
             out!("{t}");
         }
