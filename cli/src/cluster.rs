@@ -121,7 +121,13 @@ pub(crate) fn expiry_cell(left_s: Option<i64>) -> String {
 
 async fn fetch_status(client: &Client, stale: bool) -> Result<StatusView, CliError> {
     let r = client
-        .admin(|mut c| async move { c.cluster_status(ClusterStatusRequest { stale }).await })
+        .admin(|mut c| async move {
+            c.cluster_status(ClusterStatusRequest {
+                stale,
+                digest: false,
+            })
+            .await
+        })
         .await?;
     Ok(r.into())
 }

@@ -56,6 +56,49 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Where a process runs when it is not on this machine's loopback: a
+/// network namespace and the address it has there (the fault suite's
+/// separate hosts). It listens on a fixed port there: the namespace is its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The namespace (`ip netns exec` runs the process in it).
+    pub netns: String,
+    /// The process's address in it.
+    pub ip: std::net::IpAddr,
+}
+
+/// The port a member listens on inside its own namespace.
+pub const NETNS_MEMBER_PORT: u16 = 7000;
+/// The port an agent listens on inside its own namespace.
+pub const NETNS_AGENT_PORT: u16 = 7100;
+
+/// Maps a member id to where it runs (None: loopback on a free port).
+#[derive(Clone)]
+pub struct HostMap(pub std::sync::Arc<dyn Fn(u64) -> Option<Placement> + Send + Sync>);
+
+impl std::fmt::Debug for HostMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostMap")
+    }
+}
+
+/// Where `placement` says, or a free loopback port, and the command that
+/// starts `binary` there.
+fn place(
+    placement: Option<&Placement>,
+    port: u16,
+    binary: &Path,
+) -> anyhow::Result<(String, Command)> {
+    Ok(match placement {
+        Some(p) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &p.netns]).arg(binary);
+            (std::net::SocketAddr::new(p.ip, port).to_string(), c)
+        }
+        None => (format!("127.0.0.1:{}", free_port()?), Command::new(binary)),
+    })
+}
+
 /// Options for the members' command lines.
 #[derive(Debug, Clone)]
 pub struct MemberOptions {
@@ -70,6 +113,8 @@ pub struct MemberOptions {
     /// Plaintext without authentication (`--insecure`), for benchmarks
     /// that compare against it and for hollow agents.
     pub insecure: bool,
+    /// Where each member runs (None: every member on loopback).
+    pub hosts: Option<HostMap>,
 }
 
 impl Default for MemberOptions {
@@ -80,6 +125,7 @@ impl Default for MemberOptions {
             snapshot_every: 10_000,
             extra: Vec::new(),
             insecure: false,
+            hosts: None,
         }
     }
 }
@@ -134,6 +180,8 @@ pub struct LocalMember {
     pub data_dir: PathBuf,
     /// Where its stdout and stderr go.
     pub log_path: PathBuf,
+    /// Where it runs (None: loopback).
+    pub placement: Option<Placement>,
     child: Option<Child>,
 }
 
@@ -168,19 +216,36 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `n` members: the first bootstraps, the others join it.
     pub async fn start(n: usize, options: MemberOptions) -> anyhow::Result<Self> {
-        let binary = find_binary("berth-control")?;
         let root = tempfile::Builder::new()
             .prefix("berth-cluster-")
             .tempdir()
             .context("create cluster dir")?;
+        let path = root.path().to_path_buf();
+        Self::start_at(n, options, path, Some(root)).await
+    }
+
+    /// Starts `n` members whose data dirs and logs live under `dir`, which
+    /// outlives the cluster (the fault suite keeps a failed run's files).
+    pub async fn start_in(dir: &Path, n: usize, options: MemberOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        Self::start_at(n, options, dir.to_path_buf(), None).await
+    }
+
+    async fn start_at(
+        n: usize,
+        options: MemberOptions,
+        root_path: PathBuf,
+        root: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Self> {
+        let binary = find_binary("berth-control")?;
         let mut cluster = LocalCluster {
             members: Vec::new(),
             dialer: Dialer::Insecure,
             admin_conf: None,
             binary,
             options,
-            root_path: root.path().to_path_buf(),
-            root: Some(root),
+            root_path,
+            root,
         };
         for i in 0..n {
             let id = i as u64 + 1;
@@ -249,6 +314,7 @@ impl LocalCluster {
             control: Some(self.servers()),
             token: self.agent_token(),
             extra: Vec::new(),
+            placement: None,
         }
     }
 
@@ -283,8 +349,8 @@ impl LocalCluster {
         id: u64,
         join: Option<&str>,
     ) -> anyhow::Result<&mut LocalMember> {
-        let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let placement = self.options.hosts.as_ref().and_then(|h| (h.0)(id));
+        let (addr, _) = place(placement.as_ref(), NETNS_MEMBER_PORT, &self.binary)?;
         let data_dir = self.root_path.as_path().join(format!("member-{id}"));
         let log_path = self.root_path.as_path().join(format!("member-{id}.log"));
         let mut args = vec![
@@ -309,6 +375,7 @@ impl LocalCluster {
             addr,
             data_dir,
             log_path,
+            placement,
             child: None,
         };
         member.child = Some(self.spawn(&member, &args)?);
@@ -322,7 +389,7 @@ impl LocalCluster {
             .append(true)
             .open(&m.log_path)
             .with_context(|| format!("open {}", m.log_path.display()))?;
-        let mut cmd = Command::new(&self.binary);
+        let (_, mut cmd) = place(m.placement.as_ref(), NETNS_MEMBER_PORT, &self.binary)?;
         if self.options.insecure {
             cmd.arg("--insecure");
         }
@@ -436,7 +503,11 @@ impl LocalCluster {
                 let client = Client::new(&m.addr, &self.dialer);
                 let status = client
                     .admin(|mut c| async move {
-                        c.cluster_status(ClusterStatusRequest { stale: true }).await
+                        c.cluster_status(ClusterStatusRequest {
+                            stale: true,
+                            digest: false,
+                        })
+                        .await
                     })
                     .await;
                 if let Ok(s) = status
@@ -466,8 +537,11 @@ impl LocalCluster {
             let client = self.client();
             if let Ok(s) = client
                 .admin(|mut c| async move {
-                    c.cluster_status(ClusterStatusRequest { stale: false })
-                        .await
+                    c.cluster_status(ClusterStatusRequest {
+                        stale: false,
+                        digest: false,
+                    })
+                    .await
                 })
                 .await
             {
@@ -619,6 +693,8 @@ pub struct AgentOptions {
     pub token: Option<String>,
     /// More flags.
     pub extra: Vec<String>,
+    /// Where it runs (None: loopback on a free port).
+    pub placement: Option<Placement>,
 }
 
 impl AgentOptions {
@@ -630,6 +706,7 @@ impl AgentOptions {
             control: None,
             token: None,
             extra: Vec::new(),
+            placement: None,
         }
     }
 }
@@ -649,6 +726,7 @@ pub struct LocalAgent {
     pub log_path: PathBuf,
     args: Vec<String>,
     binary: PathBuf,
+    placement: Option<Placement>,
     child: Option<Child>,
     _root: Option<tempfile::TempDir>,
 }
@@ -669,8 +747,7 @@ impl LocalAgent {
     /// Starts an agent whose data dir and log live under `dir`.
     pub fn start_in(dir: &Path, options: AgentOptions) -> anyhow::Result<Self> {
         let binary = find_binary("berth-agent")?;
-        let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let (addr, _) = place(options.placement.as_ref(), NETNS_AGENT_PORT, &binary)?;
         let data_dir = dir.join(format!("agent-{}", options.node));
         let log_path = dir.join(format!("agent-{}.log", options.node));
         let mut args = vec![
@@ -702,6 +779,7 @@ impl LocalAgent {
             log_path,
             args,
             binary,
+            placement: options.placement,
             child: None,
             _root: None,
         };
@@ -719,7 +797,8 @@ impl LocalAgent {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("open {}", self.log_path.display()))?;
-        let child = Command::new(&self.binary)
+        let (_, mut cmd) = place(self.placement.as_ref(), NETNS_AGENT_PORT, &self.binary)?;
+        let child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -728,6 +807,14 @@ impl LocalAgent {
             .with_context(|| format!("start {}", self.binary.display()))?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Whether the agent process is running (reaped when it is not).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
     }
 
     /// The agent's process id, while it runs.

@@ -8,8 +8,14 @@
 //! a demo everywhere. `--load-delay` mimics loading weights (health answers
 //! 503 meanwhile); `--fail-health` makes it never healthy, for rollout tests.
 //! Runtime `demo` in the registry runs it (`berth-agent demo-model`).
+//! `--gpu-ledger DIR` (or `DEMO_GPU_LEDGER`, set through a model version's
+//! env) locks and records the GPUs it was given, for fault-injection suites
+//! (see `ledger`).
+
+pub mod ledger;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,6 +55,11 @@ pub struct DemoArgs {
     /// batch slots (0: no limit).
     #[arg(long, default_value_t = 0, env = "BERTH_DEMO_MAX_CONCURRENCY")]
     pub max_concurrency: u32,
+    /// Lock each GPU of BERTH_GPU_UUIDS in DIR and append start and stop
+    /// lines to DIR/ledger.jsonl, so a fault-injection suite can check that
+    /// no GPU is held twice (not a BERTH_ name: the agent strips those).
+    #[arg(long, value_name = "DIR", env = "DEMO_GPU_LEDGER")]
+    pub gpu_ledger: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -103,8 +114,36 @@ async fn busy(demo: &Arc<Demo>) -> Busy {
 /// Runs the demo model server until SIGTERM or Ctrl-C.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // First, so that a stop during start-up is graceful too.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("install the SIGTERM handler: {e}"))?;
+    // Before loading or serving: the GPUs are this process's from its start.
+    let ledger = match &args.gpu_ledger {
+        Some(dir) => {
+            let ledger = ledger::Ledger::start(dir, &ledger::ReplicaIdentity::from_env()?)?;
+            for line in ledger.started().filter(|l| !l.locked) {
+                eprintln!(
+                    "warning: GPU {} is locked by another process (a double booking, recorded in {})",
+                    line.gpu,
+                    dir.join(ledger::LEDGER_FILE).display()
+                );
+            }
+            Some(ledger)
+        }
+        None => None,
+    };
+    let served = serve(args, term).await;
+    // Every exit that is not a kill closes the ledger, a failed bind included.
+    let stopped = ledger.map_or(Ok(()), ledger::Ledger::stop);
+    if let (Err(_), Err(e)) = (&served, &stopped) {
+        // The serving error ends the process; this one is only reported.
+        eprintln!("error: {e}");
+    }
+    served?;
+    Ok(stopped?)
+}
+
+/// Serves until SIGTERM (`term`) or Ctrl-C.
+async fn serve(args: DemoArgs, mut term: tokio::signal::unix::Signal) -> anyhow::Result<()> {
     let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

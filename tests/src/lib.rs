@@ -5,6 +5,8 @@
 //! the gRPC helpers use the admin credentials of the last cluster the test
 //! started (one test per process under nextest).
 
+pub mod faults;
+
 use std::future::Future;
 use std::process::Output;
 use std::time::Duration;

@@ -205,6 +205,7 @@ async fn join_tokens_pin_the_ca_and_are_spent() {
             control: Some(addr.clone()),
             token: Some(once.clone()),
             extra: Vec::new(),
+            placement: None,
         },
     )
     .unwrap();

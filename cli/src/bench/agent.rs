@@ -180,6 +180,7 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
                 "--http".into(),
                 http.clone(),
             ],
+            placement: None,
         },
     )?;
     let pid = agent.pid().context("the agent is not running")?;

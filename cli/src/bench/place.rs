@@ -146,8 +146,11 @@ fn pid_listening_on(port: u16) -> Option<u32> {
 async fn leader_pid(client: &Client, cluster: Option<&mut LocalCluster>) -> Option<u32> {
     let status = client
         .admin(|mut c| async move {
-            c.cluster_status(pb::ClusterStatusRequest { stale: false })
-                .await
+            c.cluster_status(pb::ClusterStatusRequest {
+                stale: false,
+                digest: false,
+            })
+            .await
         })
         .await
         .ok()?;

@@ -54,10 +54,20 @@ impl AdminService {
         }
     }
 
-    fn status_response(&self) -> pb::ClusterStatusResponse {
+    fn status_response(&self, digest: bool) -> pb::ClusterStatusResponse {
         let v = self.member.view();
         let applied = self.member.state.read();
         let expiries = applied.state.security.expiries();
+        // The digest and its index come from under one lock, so a reader
+        // can compare members at the same index.
+        let (applied_index, state_digest) = if digest {
+            (
+                applied.last_applied.map(|l| l.index).unwrap_or(0),
+                Some(crate::raft::state_machine::state_digest(&applied.state)),
+            )
+        } else {
+            (v.applied_index, None)
+        };
         pb::ClusterStatusResponse {
             leader_id: v.leader.as_ref().map(|l| l.0),
             leader_addr: v.leader.map(|l| l.1).unwrap_or_default(),
@@ -74,7 +84,8 @@ impl AdminService {
                 .collect(),
             answered_by: self.member.id,
             last_log_index: v.last_log_index,
-            applied_index: v.applied_index,
+            applied_index,
+            state_digest,
         }
     }
 
@@ -140,7 +151,9 @@ impl Admin for AdminService {
             // (leader_id absent) instead of failing.
             let _ = self.member.read_barrier(false).await;
         }
-        Ok(Response::new(self.status_response()))
+        Ok(Response::new(
+            self.status_response(request.get_ref().digest),
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(member = request.get_ref().id))]
@@ -161,7 +174,7 @@ impl Admin for AdminService {
                     })
                     .await
                     .map_err(status)?;
-                Ok(Response::new(self.status_response()))
+                Ok(Response::new(self.status_response(false)))
             }
             Some((_, addr)) => {
                 let channel = self

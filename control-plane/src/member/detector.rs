@@ -111,7 +111,10 @@ pub fn start(
 
 async fn last_log_index(dialer: &grpc::Dialer, addr: &str, timeout: Duration) -> Option<u64> {
     let channel = dialer.channel(addr).ok()?;
-    let mut req = tonic::Request::new(ClusterStatusRequest { stale: true });
+    let mut req = tonic::Request::new(ClusterStatusRequest {
+        stale: true,
+        digest: false,
+    });
     req.set_timeout(timeout);
     let reply = AdminClient::new(channel).cluster_status(req).await.ok()?;
     Some(reply.into_inner().last_log_index)

@@ -103,6 +103,20 @@ pub fn encode_snapshot(body: &SnapshotBody) -> Result<Vec<u8>, postcard::Error> 
     Ok(out)
 }
 
+/// Hex SHA-256 of the state's encoding: equal states give equal digests on
+/// every member (the state holds ordered maps only), so members that applied
+/// the same index can be compared. An encoding failure gives a digest that
+/// says so, which then differs from every healthy member's.
+pub fn state_digest(state: &ClusterState) -> String {
+    match postcard::to_stdvec(state) {
+        Ok(bytes) => {
+            let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        }
+        Err(e) => format!("unencodable: {e}"),
+    }
+}
+
 /// Decodes a snapshot, checking its header.
 pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
     let rest = bytes

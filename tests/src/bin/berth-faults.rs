@@ -1,0 +1,308 @@
+//! `berth-faults`: runs Berth's fault suite (see `berth_tests::faults`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use berth_tests::faults::run::{Report, RunOptions, run};
+use berth_tests::faults::schedule::Schedule;
+use clap::{Parser, Subcommand};
+
+/// Members and agents as separate hosts (network namespaces), seeded
+/// faults, a recorded history and its checks. Needs root.
+#[derive(Parser)]
+#[command(name = "berth-faults", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One run from a seed (or a schedule file); exit 1 when a check fails.
+    Run {
+        /// The seed of the schedule and of the clients.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Members: 3 or 5 (1 to 7 accepted).
+        #[arg(long, default_value_t = 3)]
+        members: usize,
+        /// Agents with 2 simulated GPUs each.
+        #[arg(long, default_value_t = 2)]
+        agents: usize,
+        /// Faults in the schedule.
+        #[arg(long, default_value_t = 20)]
+        events: usize,
+        /// Replay this schedule (JSON, as a run writes it) instead of drawing one.
+        #[arg(long)]
+        schedule: Option<PathBuf>,
+        /// Where runs keep their folders.
+        #[arg(long, default_value = "target/faults")]
+        out: PathBuf,
+        /// Keep the run's folder when it passes too.
+        #[arg(long)]
+        keep: bool,
+        /// Print the schedule and stop.
+        #[arg(long)]
+        print: bool,
+    },
+    /// The bounded suite CI runs: several seeds, 3 and 5 members, and the
+    /// regression seeds; exit 1 when any check fails.
+    Suite {
+        /// Where runs keep their folders.
+        #[arg(long, default_value = "target/faults")]
+        out: PathBuf,
+    },
+    /// Runs random seeds until the time is up (e.g. `--duration 2h`).
+    Soak {
+        /// How long to go on.
+        #[arg(long, value_parser = humantime_duration)]
+        duration: Duration,
+        /// Faults per run.
+        #[arg(long, default_value_t = 40)]
+        events: usize,
+        /// Where runs keep their folders.
+        #[arg(long, default_value = "target/faults")]
+        out: PathBuf,
+    },
+    /// Checks a kept run's history for linearizability again, key by key.
+    Check {
+        /// The run's history.jsonl.
+        history: PathBuf,
+        /// Steps the search may take per key.
+        #[arg(long, default_value_t = BUDGET)]
+        budget: u64,
+    },
+    /// Removes what interrupted runs left (namespaces, links, rules,
+    /// processes) and lists anything still there.
+    Cleanup,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    berth_common::units::parse_duration("--duration", s).map_err(|e| e.to_string())
+}
+
+/// Steps the linearizability search may take per key before it gives up
+/// (about 25 s in a debug build when a key's history has many unknown writes).
+const BUDGET: u64 = berth_tests::faults::check::DEFAULT_BUDGET;
+
+/// The CI suite: (members, seed, faults). At least 100 faults in all.
+const SUITE: &[(usize, u64, usize)] = &[(3, 11, 35), (5, 12, 35), (3, 13, 35)];
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = berth_tests::faults::net::available() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = tokio::select! {
+        r = dispatch(cli.command) => r,
+        _ = interrupted() => {
+            // Dropping `dispatch` ran the run's teardown.
+            eprintln!("faults: interrupted; the run's namespaces, links and processes are removed");
+            return ExitCode::from(130);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Run {
+            seed,
+            members,
+            agents,
+            events,
+            schedule,
+            out,
+            keep,
+            print,
+        } => {
+            let schedule = match schedule {
+                Some(path) => {
+                    let text = std::fs::read(&path)
+                        .map_err(|e| anyhow::anyhow!("read --schedule {}: {e}", path.display()))?;
+                    serde_json::from_slice::<Schedule>(&text).map_err(|e| {
+                        anyhow::anyhow!("--schedule {}: not a schedule ({e})", path.display())
+                    })?
+                }
+                None => Schedule::generate(seed, members, agents, events),
+            };
+            if print {
+                println!("{}", serde_json::to_string_pretty(&schedule)?);
+                return Ok(true);
+            }
+            one(&schedule, &out, keep).await
+        }
+        Command::Suite { out } => {
+            let mut all = true;
+            let mut faults = 0;
+            for &(members, seed, events) in SUITE {
+                let schedule = Schedule::generate(seed, members, 2, events);
+                faults += schedule.steps.len();
+                all &= one(&schedule, &out, false).await?;
+            }
+            eprintln!(
+                "faults: suite of {} runs, {faults} faults: {}",
+                SUITE.len(),
+                if all { "passed" } else { "FAILED" }
+            );
+            Ok(all)
+        }
+        Command::Soak {
+            duration,
+            events,
+            out,
+        } => {
+            let until = std::time::Instant::now() + duration;
+            let mut all = true;
+            let mut seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let mut runs = 0;
+            while std::time::Instant::now() < until {
+                let members = if runs % 2 == 0 { 3 } else { 5 };
+                let schedule = Schedule::generate(seed, members, 2, events);
+                all &= one(&schedule, &out, false).await?;
+                seed += 1;
+                runs += 1;
+            }
+            eprintln!(
+                "faults: soak of {runs} runs: {}",
+                if all { "passed" } else { "FAILED" }
+            );
+            Ok(all)
+        }
+        Command::Check { history, budget } => {
+            use berth_tests::faults::check::Verdict;
+            let events = berth_tests::faults::history::read_history(&history)?;
+            let ops = berth_tests::faults::history::operations(&events)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", history.display()))?;
+            let (verdicts, ms) =
+                berth_tests::faults::run::check_in_background(ops.clone(), budget).await?;
+            let mut ok = true;
+            for v in verdicts.values() {
+                let verdict = match &v.result {
+                    Verdict::Linearizable => "linearizable".to_string(),
+                    Verdict::Violation { explanation } => {
+                        ok = false;
+                        format!("NOT linearizable: {explanation}")
+                    }
+                    Verdict::Unknown { reason } => format!("undecided: {reason}"),
+                };
+                println!(
+                    "{}: {} operations, {} steps: {verdict}",
+                    v.key, v.operations, v.steps
+                );
+            }
+            eprintln!(
+                "faults: {} operations on {} keys checked in {} ms",
+                ops.len(),
+                verdicts.len(),
+                ms
+            );
+            Ok(ok)
+        }
+        Command::Cleanup => {
+            let swept = berth_tests::faults::net::sweep_runs(true);
+            for r in &swept {
+                eprintln!("faults: removed run {r}");
+            }
+            let left = berth_tests::faults::net::leftovers_of("");
+            for l in &left {
+                println!("{l}");
+            }
+            Ok(left.is_empty())
+        }
+    }
+}
+
+/// Runs one schedule and prints its report; the folder is removed when the
+/// run passed (unless `keep`).
+async fn one(schedule: &Schedule, out: &std::path::Path, keep: bool) -> anyhow::Result<bool> {
+    let dir = out.join(format!(
+        "seed-{}-{}m-{}",
+        schedule.seed,
+        schedule.members,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = RunOptions {
+        dir: dir.clone(),
+        clients_per_member: 2,
+        check_budget: BUDGET,
+    };
+    let report = run(schedule, &options).await?;
+    print_report(&report);
+    let passed = report.passed();
+    if passed && !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!(
+            "faults: the run's history, schedule, logs and data dirs are in {}",
+            dir.display()
+        );
+    }
+    Ok(passed)
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "seed {} ({} members, {} agents): {} faults, {} operations, {} acknowledged writes, {} unknown; \
+         lost {}, keys {} ({} not linearizable, {} undecided) checked in {} ms, double-bookings {}, \
+         restarts {}, leader {} ms and a write {} after healing; longest write gaps (ms) {:?}",
+        r.seed,
+        r.members,
+        r.agents,
+        r.faults,
+        r.operations,
+        r.acknowledged_writes,
+        r.unknown,
+        r.lost_writes.len(),
+        r.keys_checked,
+        r.violations.len(),
+        r.undecided.len(),
+        r.check_ms,
+        r.double_bookings.len(),
+        r.restarts.len(),
+        r.leader_after_heal_ms
+            .map(|m| m.to_string())
+            .unwrap_or("-".into()),
+        match &r.write_after_heal {
+            Ok(ms) => format!("{ms} ms"),
+            Err(_) => "never".into(),
+        },
+        r.unavailability_ms,
+    );
+    for f in r.failures() {
+        println!("  FAIL {f}");
+    }
+    for u in &r.undecided {
+        println!("  undecided {u}");
+    }
+    println!("  verdict: {}", if r.passed() { "PASS" } else { "FAIL" });
+}
