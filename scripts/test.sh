@@ -20,3 +20,7 @@ else
     # the test group in .config/nextest.toml); plain cargo test must be told.
     cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 fi
+
+# The fault suite: members and agents in network namespaces, seeded
+# partitions, pauses and kills, and the checks of the recorded history.
+./scripts/faults.sh

@@ -24,13 +24,15 @@ use super::{
     decode, encode,
 };
 use crate::events::EventLog;
-use crate::state::legacy::{ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4};
+use crate::state::legacy::{
+    ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4, ClusterStateV5,
+};
 use crate::state::{self, ClusterState, Outcome};
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
 /// The snapshot format this build writes (it also reads every earlier one).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What a snapshot holds after its header.
@@ -68,6 +70,13 @@ struct SnapshotBodyV3 {
 struct SnapshotBodyV4 {
     meta: SnapshotMeta,
     state: ClusterStateV4,
+}
+
+/// Format 5 of the body: a state without retired replica ordinals.
+#[derive(Debug, Clone, Deserialize)]
+struct SnapshotBodyV5 {
+    meta: SnapshotMeta,
+    state: ClusterStateV5,
 }
 
 /// Why a snapshot could not be read.
@@ -151,6 +160,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
             Ok(SnapshotBody {
                 meta: v4.meta,
                 state: v4.state.into(),
+            })
+        }
+        5 => {
+            let v5: SnapshotBodyV5 = decode(body)?;
+            Ok(SnapshotBody {
+                meta: v5.meta,
+                state: v5.state.into(),
             })
         }
         SNAPSHOT_FORMAT_VERSION => Ok(decode(body)?),

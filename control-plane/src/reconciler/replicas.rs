@@ -609,6 +609,20 @@ impl Replicas {
                     .collect()
             })
             .unwrap_or_default();
+        // Replicas this leader last asked an agent to start: until a stop
+        // is answered, a heartbeat that does not list one may predate the
+        // start, so its absence proves nothing.
+        let started: std::collections::HashSet<String> = self
+            .shared
+            .attempts
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .filter(|(_, a)| a.call == Call::Start)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         self.nodes.with_observations(|observed| {
             for r in state.replicas.values() {
                 if r.intent == ReplicaIntent::Run && busy.get(r.id.as_str()) == Some(&r.generation)
@@ -659,7 +673,16 @@ impl Replicas {
                         }
                     }
                     ReplicaIntent::Remove => {
-                        if reported.is_none_or(|x| x.phase == "stopped") {
+                        // Its record holds its GPUs until the agent shows
+                        // it stopped: dropping it sooner lets the scheduler
+                        // place another replica on a GPU still in use (the
+                        // fault suite found this when a deployment scaled
+                        // down between a start and the next heartbeat).
+                        let gone = match reported {
+                            Some(x) => x.phase == "stopped",
+                            None => !started.contains(&r.id),
+                        };
+                        if gone {
                             removed.push(r.id.clone());
                         } else {
                             calls.push(call(Call::Stop, None));

@@ -87,7 +87,7 @@ pub(super) fn create(
             created_at_ms: at_ms,
         }],
         created_at_ms: at_ms,
-        next_ordinal: 1,
+        next_ordinal: state.retired_ordinals.remove(&name).unwrap_or(1),
         paused: None,
     };
     state.deployments.insert(name.clone(), deployment);
@@ -195,9 +195,12 @@ pub(super) fn autoscale(
 
 /// Deletes a deployment; its replicas are removed (stopped first when placed).
 pub(super) fn delete(state: &mut ClusterState, name: &str) -> Result<Outcome, Rejection> {
-    if state.deployments.remove(name).is_none() {
+    let Some(deleted) = state.deployments.remove(name) else {
         return Err(Rejection::not_found(ObjectKind::Deployment, name));
-    }
+    };
+    state
+        .retired_ordinals
+        .insert(name.to_string(), deleted.next_ordinal);
     state.aliases.retain(|_, d| d != name);
     state.autoscale.remove(name);
     state

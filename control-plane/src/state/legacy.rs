@@ -118,3 +118,45 @@ impl From<ClusterStateV4> for ClusterState {
         }
     }
 }
+
+/// The state of snapshot format 5: no retired replica ordinals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStateV5 {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replicas by id.
+    pub replicas: BTreeMap<String, Replica>,
+    /// The state version.
+    pub version: u64,
+    /// Tokens, certificates, revocations.
+    pub security: SecurityState,
+    /// Alias → deployment.
+    pub aliases: BTreeMap<String, String>,
+    /// Autoscaling policies by deployment.
+    pub autoscale: BTreeMap<String, berth_common::AutoscalePolicy>,
+    /// Measured load times.
+    pub load_times: BTreeMap<String, BTreeMap<String, super::load_times::LoadTime>>,
+}
+
+impl From<ClusterStateV5> for ClusterState {
+    fn from(v5: ClusterStateV5) -> Self {
+        ClusterState {
+            models: v5.models,
+            nodes: v5.nodes,
+            deployments: v5.deployments,
+            replicas: v5.replicas,
+            version: v5.version,
+            security: v5.security,
+            aliases: v5.aliases,
+            autoscale: v5.autoscale,
+            load_times: v5.load_times,
+            // Deployments deleted before format 6 left no ordinals: their
+            // names start at 1 again, as they did then.
+            retired_ordinals: BTreeMap::new(),
+        }
+    }
+}

@@ -56,6 +56,12 @@ pub struct ClusterState {
     pub autoscale: BTreeMap<String, AutoscalePolicy>,
     /// Measured load times: model → node class → estimate (snapshot format 5).
     pub load_times: BTreeMap<String, BTreeMap<String, load_times::LoadTime>>,
+    /// The next replica ordinal of each deleted deployment, by name
+    /// (snapshot format 6): a deployment created again under a name goes on
+    /// numbering where the old one stopped, so a replica id never names two
+    /// replicas (a reused id would overwrite a record still holding its GPU,
+    /// and agents refuse an id and generation they already stopped).
+    pub retired_ordinals: BTreeMap<String, u64>,
 }
 
 /// A change to the cluster state, as written to the Raft log.

@@ -1208,7 +1208,10 @@ fn state_v2_fixture_stays_readable() {
     let stored = fixture("state-v2.postcard", &fresh);
     // Format 2 had no security ledger: a converted state starts with none.
     let decoded: legacy::ClusterStateV2 = postcard::from_bytes(&stored).unwrap();
-    assert_eq!(ClusterState::from(decoded), state);
+    // Nor the ordinals of deleted deployments (format 6).
+    let mut expected = state;
+    expected.retired_ordinals.clear();
+    assert_eq!(ClusterState::from(decoded), expected);
 }
 
 /// Security commands (appended in format 3), one of each kind.
@@ -1462,6 +1465,93 @@ fn autoscale_fixtures_stay_readable() {
     assert_eq!(load_times::estimate_ms(&state, "llama"), Some(42_000));
     let fresh = postcard::to_stdvec(&state).unwrap();
     let stored = fixture("state-v5.postcard", &fresh);
+    let decoded: legacy::ClusterStateV5 = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(ClusterState::from(decoded), state);
+}
+
+/// A deployment deleted and created again under its name numbers its
+/// replicas on from where the old one stopped: a replica still being
+/// removed keeps its record (and its GPU), and no agent is asked to start
+/// an id and generation it already stopped. Found by the fault suite (a
+/// re-created deployment's replica overwrote one still stopping, and a
+/// second replica was placed on its GPU). The state that holds the retired
+/// ordinals (format 6) stays readable.
+#[test]
+fn a_deployment_created_again_never_reuses_a_replica_id() {
+    let mut state = ClusterState::default();
+    for r in fixture_requests() {
+        let _ = apply(&mut state, r);
+    }
+    let run = |state: &mut ClusterState, command| {
+        apply(
+            state,
+            Request {
+                at_ms: 1_700_000_000_000,
+                command,
+            },
+        )
+        .unwrap()
+    };
+    let first = DeploymentRequest {
+        model: "llama".into(),
+        version: "v2".into(),
+        replicas: 2,
+        resources: ResourceOverrides::default(),
+        policy: PlacementPolicy::Default,
+        selector: Labels::new(),
+        gpu_model: None,
+        priority: 0,
+        max_surge: 1,
+        max_unavailable: 0,
+    };
+    run(
+        &mut state,
+        Command::CreateDeployment {
+            name: "again".into(),
+            request: first.clone(),
+        },
+    );
+    let ids = |state: &ClusterState| -> Vec<String> {
+        state
+            .replicas
+            .values()
+            .filter(|r| r.deployment == "again")
+            .map(|r| r.id.clone())
+            .collect()
+    };
+    assert_eq!(ids(&state), ["again-1", "again-2"]);
+    run(
+        &mut state,
+        Command::DeleteDeployment {
+            name: "again".into(),
+        },
+    );
+    run(
+        &mut state,
+        Command::CreateDeployment {
+            name: "again".into(),
+            request: first,
+        },
+    );
+    let now = ids(&state);
+    assert!(
+        !now.iter().any(|id| id == "again-1" || id == "again-2"),
+        "{now:?}"
+    );
+    assert!(now.contains(&"again-3".to_string()), "{now:?}");
+    assert!(
+        state.retired_ordinals.is_empty(),
+        "taken back by the new deployment"
+    );
+    run(
+        &mut state,
+        Command::DeleteDeployment {
+            name: "again".into(),
+        },
+    );
+    assert_eq!(state.retired_ordinals["again"], 5);
+    let fresh = postcard::to_stdvec(&state).unwrap();
+    let stored = fixture("state-v6.postcard", &fresh);
     let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
     assert_eq!(decoded, state);
 }

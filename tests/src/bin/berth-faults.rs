@@ -87,7 +87,11 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 const BUDGET: u64 = berth_tests::faults::check::DEFAULT_BUDGET;
 
 /// The CI suite: (members, seed, faults). At least 100 faults in all.
-const SUITE: &[(usize, u64, usize)] = &[(3, 11, 35), (5, 12, 35), (3, 13, 35)];
+/// Seed 3 with 5 members and 8 faults is a regression run: it found a
+/// re-created deployment reusing replica ids, and a replica dropped from
+/// the state between its start and the next heartbeat (both double-booked
+/// a GPU).
+const SUITE: &[(usize, u64, usize)] = &[(5, 3, 8), (3, 11, 35), (5, 12, 35), (3, 13, 35)];
 
 #[tokio::main]
 async fn main() -> ExitCode {
