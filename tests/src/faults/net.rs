@@ -32,6 +32,18 @@ pub struct Host {
     pub veth: String,
 }
 
+impl Host {
+    /// Host `i` of run `run`, named `name`.
+    fn new(run: &str, subnet: [u8; 3], i: usize, name: &str) -> Self {
+        Host {
+            name: name.to_string(),
+            netns: format!("{PREFIX}{run}-{name}"),
+            ip: Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 10 + i as u8),
+            veth: format!("{PREFIX}{run}{name}"),
+        }
+    }
+}
+
 /// A run's network: the bridge, the subnet and the hosts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Topology {
@@ -94,12 +106,7 @@ impl Topology {
             hosts: names
                 .iter()
                 .enumerate()
-                .map(|(i, n)| Host {
-                    name: n.to_string(),
-                    netns: format!("{PREFIX}{run}-{n}"),
-                    ip: Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 10 + i as u8),
-                    veth: format!("{PREFIX}{run}{n}"),
-                })
+                .map(|(i, n)| Host::new(&run, subnet, i, n))
                 .collect(),
             owner_pid: std::process::id(),
         };
@@ -143,24 +150,11 @@ impl Topology {
         sh("ip", &["link", "set", br, "up"])?;
         // Docker sets FORWARD's policy to DROP, and bridged frames pass
         // through it when br_netfilter is loaded: let the bridge forward.
+        let mut insert = vec!["-w".to_string(), "-I".into(), "FORWARD".into(), "1".into()];
+        insert.extend(self.forward_rule());
         sh(
             "iptables",
-            &[
-                "-w",
-                "-I",
-                "FORWARD",
-                "1",
-                "-i",
-                br,
-                "-o",
-                br,
-                "-m",
-                "comment",
-                "--comment",
-                &self.comment(),
-                "-j",
-                "ACCEPT",
-            ],
+            &insert.iter().map(String::as_str).collect::<Vec<_>>(),
         )?;
         for h in &self.hosts {
             self.build_host(h)?;
@@ -200,12 +194,7 @@ impl Topology {
     /// Adds one more host (a member that joins later).
     pub fn add_host(&mut self, name: &str) -> anyhow::Result<Host> {
         let i = self.hosts.len();
-        let h = Host {
-            name: name.to_string(),
-            netns: format!("{PREFIX}{}-{name}", self.run),
-            ip: Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 10 + i as u8),
-            veth: format!("{PREFIX}{}{name}", self.run),
-        };
+        let h = Host::new(&self.run, self.subnet, i, name);
         self.hosts.push(h.clone());
         self.save()?;
         self.build_host(&h)?;
@@ -218,6 +207,25 @@ impl Topology {
             .iter()
             .find(|h| h.name == name)
             .with_context(|| format!("no host {name} in run {}", self.run))
+    }
+
+    /// The FORWARD rule that lets the bridge forward (after -I/-D).
+    fn forward_rule(&self) -> Vec<String> {
+        [
+            "-i",
+            &self.bridge,
+            "-o",
+            &self.bridge,
+            "-m",
+            "comment",
+            "--comment",
+            &self.comment(),
+            "-j",
+            "ACCEPT",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
     }
 
     fn comment(&self) -> String {
@@ -400,26 +408,10 @@ impl Topology {
             let _ = sh("ip", &["link", "del", &h.veth]);
         }
         let _ = sh("ip", &["link", "del", &self.bridge]);
-        while sh(
-            "iptables",
-            &[
-                "-w",
-                "-D",
-                "FORWARD",
-                "-i",
-                &self.bridge,
-                "-o",
-                &self.bridge,
-                "-m",
-                "comment",
-                "--comment",
-                &self.comment(),
-                "-j",
-                "ACCEPT",
-            ],
-        )
-        .is_ok()
-        {}
+        let mut delete = vec!["-w".to_string(), "-D".into(), "FORWARD".into()];
+        delete.extend(self.forward_rule());
+        let delete: Vec<&str> = delete.iter().map(String::as_str).collect();
+        while sh("iptables", &delete).is_ok() {}
         let _ = std::fs::remove_file(self.state_file());
     }
 
