@@ -46,7 +46,7 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
-    /// The bounded suite CI runs: several seeds, 3 and 5 members, and the
+    /// The bounded suite: several seeds, 3 and 5 members, and the
     /// regression seeds; exit 1 when any check fails.
     Suite {
         /// Where runs keep their folders.
