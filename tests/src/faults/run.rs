@@ -221,8 +221,15 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
     )?;
     tasks.spawn(workload::janitor_loop(janitor, started, stop.clone()));
 
-    // A little traffic before the first fault, so every key has a history.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Some traffic before the first fault, so the keys have a history:
+    // wait (60 s at most) until every client has completed a few operations.
+    let wanted = 5 * u64::from(client_id);
+    crate::wait_until(
+        Duration::from_secs(60),
+        "the clients' first operations",
+        || async { (recorder.completed() >= wanted).then_some(()) },
+    )
+    .await;
     let mut windows: Vec<(String, u64, u64)> = Vec::new();
     for (i, step) in schedule.steps.iter().enumerate() {
         let from = recorder.now_ns();

@@ -41,6 +41,7 @@ pub const JANITOR: u32 = 1_001;
 pub struct Recorder {
     out: Arc<Mutex<BufWriter<File>>>,
     start: Instant,
+    completed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Recorder {
@@ -51,6 +52,7 @@ impl Recorder {
         Ok(Recorder {
             out: Arc::new(Mutex::new(BufWriter::new(f))),
             start: Instant::now(),
+            completed: Arc::default(),
         })
     }
 
@@ -59,8 +61,17 @@ impl Recorder {
         self.start.elapsed().as_nanos() as u64
     }
 
+    /// How many operations have completed so far.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Writes one event.
     pub fn record(&self, e: &Event) {
+        if matches!(e, Event::Complete { .. }) {
+            self.completed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         // A history line that cannot be written makes the run's verdict
         // worthless; the check reads the file back and fails on a gap.
