@@ -208,6 +208,10 @@ struct Attempt {
     backoff: Duration,
     in_flight: bool,
     failures: u32,
+    /// This leader asked the agent to start the replica, and no stop it
+    /// asked for since was answered: a heartbeat that does not list the
+    /// replica may predate the start, so its absence proves nothing.
+    started: bool,
 }
 
 impl Attempt {
@@ -225,6 +229,7 @@ impl Attempt {
             backoff: FIRST_BACKOFF,
             in_flight: false,
             failures: 0,
+            started: false,
         }
     }
 }
@@ -609,16 +614,15 @@ impl Replicas {
                     .collect()
             })
             .unwrap_or_default();
-        // Replicas this leader last asked an agent to start: until a stop
-        // is answered, a heartbeat that does not list one may predate the
-        // start, so its absence proves nothing.
+        // Replicas whose absence from a heartbeat proves nothing yet (see
+        // `Attempt::started`).
         let started: std::collections::HashSet<String> = self
             .shared
             .attempts
             .lock()
             .map(|a| {
                 a.iter()
-                    .filter(|(_, a)| a.call == Call::Start)
+                    .filter(|(_, a)| a.started)
                     .map(|(id, _)| id.clone())
                     .collect()
             })
@@ -732,12 +736,20 @@ impl Replicas {
                 .entry(id.clone())
                 .or_insert_with(|| Attempt::new(call, generation, now));
             if a.call != call || a.generation != generation {
+                // One call per replica at a time: a stop sent while a start
+                // is on its way could reach the agent first and find nothing.
+                if a.in_flight {
+                    return;
+                }
+                let started = a.started;
                 *a = Attempt::new(call, generation, now);
+                a.started = started;
             }
             if a.in_flight || a.next_at > now {
                 return;
             }
             a.in_flight = true;
+            a.started |= call == Call::Start;
         }
         let Some(mut client) = self.agent(&node, &addr) else {
             return;
@@ -801,6 +813,9 @@ impl Replicas {
             match result {
                 Ok(()) => {
                     tracing::debug!(replica = %id, generation, ?call, "agent accepted");
+                    if call == Call::Stop {
+                        a.started = false;
+                    }
                     a.next_at = Instant::now() + SETTLE;
                     a.backoff = FIRST_BACKOFF;
                     a.failures = 0;

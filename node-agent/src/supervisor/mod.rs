@@ -7,6 +7,12 @@
 //!   nothing; a lower generation is refused; a higher one replaces the run.
 //!   A stopped replica is not started again with the same generation (a
 //!   late retry must not resurrect it).
+//! * A GPU is never over-committed on this node, whatever the callers say:
+//!   a start (or a restart on other GPUs) is refused while replicas whose
+//!   processes may still run (any phase but `stopped`) hold more of one of
+//!   its GPUs than is left. The control plane's placement should make this
+//!   impossible; this is the last line when its view lags (a stale leader's
+//!   start, a replica stopping late), and the caller retries.
 //! * A bad spec starts nothing: unknown GPU index, port in use, missing
 //!   executable, empty command are refused before any process exists.
 //! * Replicas outlive the agent: at start-up every replica directory under
@@ -125,6 +131,9 @@ pub struct Supervisor {
     replicas: Mutex<BTreeMap<String, Handle>>,
     /// Replicas being stopped because the control plane no longer wants them.
     stopping: Mutex<HashSet<String>>,
+    /// Held from a start's GPU check until its replica holds the GPUs, so
+    /// two starts cannot both take the last of a GPU.
+    admission: Mutex<()>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -145,6 +154,7 @@ impl Supervisor {
             settings,
             replicas: Mutex::default(),
             stopping: Mutex::default(),
+            admission: Mutex::default(),
             tasks,
             shutdown,
         });
@@ -233,6 +243,19 @@ impl Supervisor {
             return Err(ValidationError::new("gpus", bad, rule).into());
         }
         Ok(())
+    }
+
+    /// Refuses `spec` while other replicas whose processes may run hold
+    /// too much of one of its GPUs (see the module's rules).
+    async fn check_gpus_free(&self, spec: &ReplicaSpec) -> Result<(), SupervisorError> {
+        let others = self.list().await;
+        match gpu_conflict(spec, &others, &self.ctx.devices) {
+            Some(why) => Err(SupervisorError::Precondition(format!(
+                "node {}: {why}",
+                self.ctx.node
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Checks that `port` is free, or picks one when it is 0. `keep` is the
@@ -328,6 +351,7 @@ impl Supervisor {
     ) -> Result<Status, SupervisorError> {
         spec.validate()?;
         self.check_gpus(&spec)?;
+        let _admission = self.admission.lock().await;
         let existing = {
             let replicas = self.replicas.lock().await;
             replicas
@@ -366,6 +390,7 @@ impl Supervisor {
                 }
                 return Ok(current);
             }
+            self.check_gpus_free(&spec).await?;
             let keep = Some(have.port);
             let port = self.port_for(&spec, keep).await?;
             self.check_launch(&spec, port)?;
@@ -385,6 +410,7 @@ impl Supervisor {
                 })
                 .await;
         }
+        self.check_gpus_free(&spec).await?;
         let port = self.port_for(&spec, None).await?;
         self.check_launch(&spec, port)?;
         let mut replicas = self.replicas.lock().await;
@@ -505,6 +531,8 @@ impl Supervisor {
                 .await;
         }
         // Other GPUs mean another process: restart it on them.
+        let _admission = self.admission.lock().await;
+        self.check_gpus_free(&spec).await?;
         let record = Record {
             spec,
             restarts: 0,
@@ -677,4 +705,147 @@ fn not_found(id: &str) -> SupervisorError {
 /// The data directory's replica folder (for tests and tools).
 pub fn replicas_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("replicas")
+}
+
+/// Why `spec` cannot have its GPUs now: another replica in `others` whose
+/// process may run (any phase but `stopped`) holds a share of one of them
+/// that, with the spec's, is over the GPU's compute (1000 milli) or its
+/// memory. None when every GPU has room.
+fn gpu_conflict(spec: &ReplicaSpec, others: &[Status], devices: &[GpuDevice]) -> Option<String> {
+    let share = |s: &ReplicaSpec| {
+        let milli = match s.resources.gpu_milli {
+            0 => berth_common::resources::WHOLE_GPU_MILLI,
+            m => m,
+        };
+        (milli, s.resources.gpu_memory_mib)
+    };
+    let (milli, memory) = share(spec);
+    for gpu in &spec.gpus {
+        let holders: Vec<&Status> = others
+            .iter()
+            .filter(|o| o.record.spec.id != spec.id && o.phase != ReplicaPhase::Stopped)
+            .filter(|o| o.record.spec.gpus.contains(gpu))
+            .collect();
+        let (used_milli, used_memory) = holders.iter().fold((0u32, 0u64), |(m, mem), o| {
+            let (om, omem) = share(&o.record.spec);
+            (m.saturating_add(om), mem.saturating_add(omem))
+        });
+        let total_memory = devices
+            .iter()
+            .find(|d| d.index == *gpu)
+            .map_or(u64::MAX, |d| d.memory_mib);
+        let over_compute =
+            used_milli.saturating_add(milli) > berth_common::resources::WHOLE_GPU_MILLI;
+        let over_memory = memory > 0 && used_memory.saturating_add(memory) > total_memory;
+        if over_compute || over_memory {
+            let held: Vec<String> = holders
+                .iter()
+                .map(|o| format!("{} ({})", o.record.spec.id, o.phase.as_str()))
+                .collect();
+            return Some(format!(
+                "gpu {gpu} is still held by replica {}: replica {} cannot have it until that one stopped; retry",
+                held.join(", "),
+                spec.id
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_common::Resources;
+
+    use super::*;
+
+    fn spec(id: &str, gpus: &[u32], milli: u32, memory_mib: u64) -> ReplicaSpec {
+        ReplicaSpec {
+            id: id.into(),
+            generation: 1,
+            model: "m".into(),
+            runtime: berth_common::Runtime::Demo,
+            source: "builtin:demo".into(),
+            port: 0,
+            gpus: gpus.to_vec(),
+            resources: Resources {
+                gpus: gpus.len() as u32,
+                gpu_milli: milli,
+                gpu_memory_mib: memory_mib,
+                ..Resources::default()
+            },
+            env: Default::default(),
+            health: berth_common::HealthProbe::Tcp,
+        }
+    }
+
+    fn status(spec: ReplicaSpec, phase: ReplicaPhase) -> Status {
+        Status {
+            record: Record {
+                spec,
+                port: 1,
+                desired: Desired::Running,
+                restarts: 0,
+                stopped_at_ms: None,
+                placed_at: 0,
+            },
+            phase,
+            reason: String::new(),
+            pid: None,
+            last_exit: None,
+            started_at_ms: 0,
+            limits_enforced: false,
+            gpu_uuids: Vec::new(),
+            engine: None,
+            ready_after_ms: None,
+        }
+    }
+
+    fn devices() -> Vec<GpuDevice> {
+        (0..2)
+            .map(|index| GpuDevice {
+                index,
+                uuid: format!("GPU-{index}"),
+                model: "sim".into(),
+                memory_mib: 1000,
+                pci_bus_id: String::new(),
+                locality: None,
+                mig_enabled: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_gpu_held_by_a_live_replica_is_refused_until_that_one_stopped() {
+        let new = spec("b", &[0], 1000, 0);
+        for phase in [
+            ReplicaPhase::Pending,
+            ReplicaPhase::Starting,
+            ReplicaPhase::Running,
+            ReplicaPhase::Failed,
+        ] {
+            let others = [status(spec("a", &[0], 1000, 0), phase)];
+            let why = gpu_conflict(&new, &others, &devices()).expect("refused");
+            assert!(why.contains("gpu 0") && why.contains("a ("), "{why}");
+        }
+        let stopped = [status(spec("a", &[0], 1000, 0), ReplicaPhase::Stopped)];
+        assert_eq!(gpu_conflict(&new, &stopped, &devices()), None);
+        let elsewhere = [status(spec("a", &[1], 1000, 0), ReplicaPhase::Running)];
+        assert_eq!(gpu_conflict(&new, &elsewhere, &devices()), None);
+        // A replica restarting on other GPUs does not conflict with itself.
+        let itself = [status(spec("b", &[0], 1000, 0), ReplicaPhase::Running)];
+        assert_eq!(gpu_conflict(&new, &itself, &devices()), None);
+    }
+
+    #[test]
+    fn shares_of_a_gpu_fit_while_their_compute_and_memory_sums_do() {
+        let others = [status(spec("a", &[0], 500, 600), ReplicaPhase::Running)];
+        assert_eq!(
+            gpu_conflict(&spec("b", &[0], 500, 400), &others, &devices()),
+            None
+        );
+        assert!(gpu_conflict(&spec("b", &[0], 600, 100), &others, &devices()).is_some());
+        assert!(gpu_conflict(&spec("b", &[0], 300, 500), &others, &devices()).is_some());
+        // A multi-GPU replica needs every one of its GPUs.
+        assert!(gpu_conflict(&spec("b", &[1, 0], 1000, 0), &others, &devices()).is_some());
+    }
 }
