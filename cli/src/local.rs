@@ -447,6 +447,14 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// SIGKILLs a member and drops it from this cluster's list (after it
+    /// was removed from the Raft membership); its data dir and log stay.
+    pub fn forget(&mut self, id: u64) -> anyhow::Result<()> {
+        self.kill(id)?;
+        self.members.retain(|m| m.id != id);
+        Ok(())
+    }
+
     /// SIGTERMs a member and waits for it to exit.
     pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
         let m = self.member(id)?;

@@ -40,8 +40,9 @@ pub const DEFAULT_CERT_LIFETIME: Duration = berth_proto::pki::DEFAULT_LEAF_LIFET
 pub const DEFAULT_PROGRESS_DEADLINE: Duration =
     crate::reconciler::replicas::DEFAULT_PROGRESS_DEADLINE;
 
-/// Command-line flags of `berth-control`. Every flag can also be set in the
-/// `--config` TOML file under the same name with `_` for `-`.
+/// Command-line flags of `berth-control`. Every flag but the hidden
+/// `--test-disk-faults` can also be set in the `--config` TOML file under the
+/// same name with `_` for `-`.
 #[derive(Debug, Parser, Default)]
 #[command(
     name = "berth-control",
@@ -126,6 +127,13 @@ pub struct Flags {
     /// Threads for gRPC, Raft and heartbeats; raise it for fleets of many thousands of nodes [default: 1].
     #[arg(long, env = "BERTH_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// For the fault suite only: route the Raft log's file through the
+    /// disk-fault backend, which fails or forgets writes as the file
+    /// `disk-fault` in the data dir says (`raft::disk_faults`). Hidden, and
+    /// a flag alone: no environment variable or config-file key can turn it
+    /// on by accident.
+    #[arg(long, hide = true)]
+    pub test_disk_faults: bool,
 }
 
 /// The keys of the TOML config file.
@@ -202,6 +210,9 @@ pub struct Config {
     /// Threads of the async runtime (`berth-control` only; `berth dev`
     /// runs members on its own runtime).
     pub worker_threads: usize,
+    /// The fault suite only: inject disk faults into the Raft log
+    /// (`--test-disk-faults`).
+    pub test_disk_faults: bool,
 }
 
 impl Config {
@@ -229,6 +240,7 @@ impl Config {
             progress_deadline: DEFAULT_PROGRESS_DEADLINE,
             log_format: LogFormat::Text,
             worker_threads: DEFAULT_WORKER_THREADS,
+            test_disk_faults: false,
         }
     }
 
@@ -318,6 +330,7 @@ impl Config {
                 .worker_threads
                 .or(file.worker_threads)
                 .unwrap_or(DEFAULT_WORKER_THREADS),
+            test_disk_faults: flags.test_disk_faults,
         };
         config.validate()?;
         Ok(config)

@@ -5,12 +5,18 @@
 //! Data dir layout: `member.toml` (id, advertised address, whether the join
 //! completed), `raft.redb` (log, vote, committed index), `snapshot.bin`,
 //! `tls/` (CA bundle and key, this member's certificate and key), and after
-//! bootstrap `admin.conf` and `agent.token` (see `security`).
+//! bootstrap `admin.conf` and `agent.token` (see `security`). With the
+//! hidden `--test-disk-faults` (the fault suite only), `disk-fault` names the
+//! disk fault to inject into `raft.redb` (see `raft::disk_faults`).
+//!
+//! A member whose Raft stops on its own (a storage error: a failed or full
+//! disk) stops too, and `Running::wait` returns the error: it exits rather
+//! than keep answering without a working log.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -22,12 +28,14 @@ use berth_proto::v1::pki_server::PkiServer;
 use berth_proto::v1::raft_client::RaftClient;
 use berth_proto::v1::raft_server::RaftServer;
 use berth_proto::v1::serving_server::ServingServer;
+use openraft::error::Fatal;
 use openraft::{BasicNode, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
+use tracing::Instrument;
 
 use crate::api::admin::AdminService;
 use crate::api::pki::PkiService;
@@ -36,6 +44,7 @@ use crate::api::registry::RegistryService;
 use crate::api::serving::ServingService;
 use crate::config::Config;
 use crate::member::{Forwarder, Member, PeerClients, Proposer, detector};
+use crate::raft::disk_faults;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
@@ -163,10 +172,13 @@ pub struct Running {
     pub credentials: Option<Arc<berth_proto::tls::Credentials>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Why Raft stopped on its own, if it did (`stop_on_raft_fatal`).
+    raft_fatal: Arc<Mutex<Option<String>>>,
 }
 
 impl Running {
-    /// Waits for `shutdown`, then stops: gRPC first, then Raft.
+    /// Waits for `shutdown`, then stops: gRPC first, then Raft. An error if
+    /// Raft had stopped on its own (a storage error).
     pub async fn wait(self) -> anyhow::Result<()> {
         self.shutdown.cancelled().await;
         self.tasks.close();
@@ -181,9 +193,57 @@ impl Running {
             .shutdown()
             .await
             .map_err(|e| anyhow::anyhow!("stop raft: {e}"))?;
+        let fatal = self
+            .raft_fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(e) = fatal {
+            bail!("raft stopped: {e}");
+        }
         tracing::info!(member = self.identity.id, "stopped");
         Ok(())
     }
+}
+
+/// Watches Raft: if its core stops on its own (openraft stops on any
+/// storage error, e.g. a failed fsync or a full disk, and never restarts),
+/// the member cannot take writes any more. It then logs why, keeps the
+/// reason for `Running::wait` and cancels `shutdown`, so the process exits
+/// non-zero instead of lingering half-alive.
+fn stop_on_raft_fatal(
+    raft: &Raft,
+    id: NodeId,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Arc<Mutex<Option<String>>> {
+    let fatal = Arc::new(Mutex::new(None));
+    let slot = fatal.clone();
+    let mut metrics = raft.metrics();
+    tasks.spawn(
+        async move {
+            loop {
+                let stopped = match &metrics.borrow_and_update().running_state {
+                    Ok(()) | Err(Fatal::Stopped) => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = stopped {
+                    tracing::error!(error = %e, "raft stopped on a fatal error; this member exits");
+                    *slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    shutdown.cancel();
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = metrics.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+        .instrument(tracing::info_span!("raft_watch", member = id)),
+    );
+    fatal
 }
 
 /// Starts a member and returns once it serves and has bootstrapped or joined.
@@ -191,8 +251,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let mut identity = resolve_identity(&config, config.listen)?;
-    let log = LogStore::open(&config.data_dir.join("raft.redb"))
-        .with_context(|| format!("open raft log in {}", config.data_dir.display()))?;
+    let log_path = config.data_dir.join("raft.redb");
+    let log = if config.test_disk_faults {
+        let control = config.data_dir.join(disk_faults::CONTROL_FILE);
+        tracing::warn!(control = %control.display(), "--test-disk-faults: the raft log goes through the disk-fault backend (for the fault suite only)");
+        LogStore::open_with_disk_faults(&log_path, &control)
+    } else {
+        LogStore::open(&log_path)
+    }
+    .with_context(|| format!("open raft log in {}", config.data_dir.display()))?;
     let has_state = log.has_state();
     if config.bootstrap && (has_state || identity.joined) {
         bail!(
@@ -227,6 +294,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .await
         .context("start raft")?;
     let tasks = TaskTracker::new();
+    let raft_fatal = stop_on_raft_fatal(&raft, identity.id, &tasks, shutdown.clone());
     let peers = PeerClients::new(security.dialer.clone());
     let member = Member {
         id: identity.id,
@@ -356,6 +424,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         credentials: security.credentials,
         shutdown,
         tasks,
+        raft_fatal,
     })
 }
 

@@ -367,6 +367,16 @@ impl Failures {
     }
 }
 
+/// How the message of a call refused for its address's failed
+/// authentications starts; the caller may retry after the wait it names.
+pub const RATE_LIMITED: &str = "too many failed authentications from";
+
+/// Whether `status` refused a call because its address failed to
+/// authenticate too often (temporary: retry after the wait it names).
+pub fn is_rate_limited(status: &Status) -> bool {
+    status.code() == tonic::Code::Unauthenticated && status.message().starts_with(RATE_LIMITED)
+}
+
 /// The decision for one request, before any handler runs.
 pub struct Gate {
     auth: Arc<dyn Authenticate>,
@@ -394,7 +404,7 @@ impl Gate {
             let limited = self.lock().limited(ip, Instant::now());
             if let Some(wait) = limited {
                 return Err(Status::unauthenticated(format!(
-                    "too many failed authentications from {ip}: wait {}s",
+                    "{RATE_LIMITED} {ip}: wait {}s",
                     wait.as_secs().max(1)
                 )));
             }
@@ -717,6 +727,12 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.message().contains("too many failed"), "{e:?}");
+        // A joiner or an agent waits and tries again instead of giving up.
+        assert!(is_rate_limited(&e));
+        assert!(!crate::grpc::is_refusal(&e));
+        assert!(crate::grpc::is_refusal(&Status::unauthenticated(
+            "bad token"
+        )));
         // Another address is not affected.
         let mut other = peer(None);
         other.addr = "10.0.0.2:1".parse().unwrap();

@@ -349,18 +349,21 @@ pub fn is_pin_mismatch(status: &Status) -> bool {
 
 /// Whether a handler answered with a refusal (bad request, bad or spent
 /// credentials), as opposed to a transport failure or an unavailable
-/// cluster, which a retry may get past.
+/// cluster, which a retry may get past. A caller throttled for its
+/// address's failed authentications is not refused: it may retry later
+/// (a member that joins on the address of a removed one, for example).
 pub fn is_refusal(status: &Status) -> bool {
     use tonic::Code::*;
-    matches!(
-        status.code(),
-        InvalidArgument
-            | FailedPrecondition
-            | PermissionDenied
-            | Unauthenticated
-            | AlreadyExists
-            | NotFound
-    )
+    !crate::auth::is_rate_limited(status)
+        && matches!(
+            status.code(),
+            InvalidArgument
+                | FailedPrecondition
+                | PermissionDenied
+                | Unauthenticated
+                | AlreadyExists
+                | NotFound
+        )
 }
 
 /// Buys a certificate with a join token: tries each of `addrs` in turn

@@ -13,6 +13,10 @@
 //! updated when a change is queued, so reads see the order openraft asked
 //! for; it holds the entries after the last purge, which the snapshot
 //! policy bounds (`snapshot_every` + the entries kept behind a snapshot).
+//!
+//! A failed write is reported to everyone waiting on its batch, never
+//! acknowledged; openraft then stops, and so does the member. The fault
+//! suite injects such failures through `disk_faults` (`--test-disk-faults`).
 
 // openraft's storage errors are large by its design; they are rare and not boxed there.
 #![allow(clippy::result_large_err)]
@@ -30,6 +34,7 @@ use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::disk_faults::{DiskFaults, EIO, ENOSPC};
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote, decode, encode};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -37,6 +42,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
+/// Logged when a truncation reaches the committed index (a Raft safety bug).
+pub const TRUNCATED_COMMITTED: &str =
+    "raft safety violated: truncating log entries at or below the committed index";
 /// The most queued changes one transaction takes.
 const MAX_BATCH: usize = 4096;
 
@@ -116,7 +124,26 @@ impl LogStore {
     /// Opens (or creates) the log database at `path`, loads the live log
     /// into memory and starts the writer thread.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = Database::create(path).map_err(write_err)?;
+        Self::start(Database::create(path).map_err(write_err)?)
+    }
+
+    /// The fault suite only (`--test-disk-faults`): as [`Self::open`], but
+    /// the file goes through [`DiskFaults`], which injects the fault named
+    /// in `control` (see `disk_faults`).
+    pub fn open_with_disk_faults(path: &Path, control: &Path) -> Result<Self, StorageError> {
+        Self::open_on(DiskFaults::open(path, control).map_err(write_err)?)
+    }
+
+    /// Opens the log database on a fault-injecting backend the caller keeps
+    /// a handle to (the tests crash it).
+    pub(crate) fn open_on(backend: DiskFaults) -> Result<Self, StorageError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(write_err)?;
+        Self::start(db)
+    }
+
+    fn start(db: Database) -> Result<Self, StorageError> {
         let tx = db.begin_write().map_err(write_err)?;
         tx.open_table(LOG).map_err(write_err)?;
         tx.open_table(META).map_err(write_err)?;
@@ -126,7 +153,19 @@ impl LogStore {
         {
             let rtx = db.begin_read().map_err(read_err)?;
             let meta = rtx.open_table(META).map_err(read_err)?;
-            cache.vote = read_meta(&meta, VOTE)?;
+            // A restarted member never resumes leading the term it led
+            // before: openraft would restart it as leader of that term on
+            // a committed vote of its own, and a leader replicates entries
+            // before its own flush completes (third_party/README.md), so
+            // entries it sent but lost in the crash would be written again
+            // with other contents under the same log ids, which followers
+            // take for matching: the members diverge (the fault suite found
+            // this). Uncommitted, the vote still holds its term and whom it
+            // voted for, and the member comes back as a follower.
+            cache.vote = read_meta::<Vote>(&meta, VOTE)?.map(|v| Vote {
+                committed: false,
+                ..v
+            });
             cache.committed = read_meta::<Option<LogId>>(&meta, COMMITTED)?.flatten();
             cache.last_purged = read_meta(&meta, LAST_PURGED)?;
             let log = rtx.open_table(LOG).map_err(read_err)?;
@@ -284,10 +323,29 @@ fn hold_while_asked(batch: &mut Vec<Op>) {
     });
 }
 
+/// What a failed write means, for the person who reads the log and for
+/// the error openraft stops with.
+fn describe(e: &redb::Error) -> String {
+    match e {
+        redb::Error::Io(io) if io.raw_os_error() == Some(ENOSPC) => format!(
+            "disk full (no space left on device): the raft log cannot grow; free space on the data dir's disk and restart this member: {e}"
+        ),
+        redb::Error::Io(io) if io.raw_os_error() == Some(EIO) => format!(
+            "disk I/O error (EIO) on the raft log; check the disk and restart this member: {e}"
+        ),
+        redb::Error::PreviousIo => format!(
+            "an earlier raft log write failed, and redb refuses writes until this member restarts: {e}"
+        ),
+        _ => format!("raft log write failed: {e}"),
+    }
+}
+
 /// Reports a batch's result to everyone waiting on it.
 fn finish(batch: Vec<Op>, result: Result<(), redb::Error>) {
-    let result = result.map_err(|e| e.to_string());
+    let result = result.map_err(|e| describe(&e));
     if let Err(e) = &result {
+        // Nothing of the batch is acknowledged; openraft stops on the error
+        // and the member process exits (`server`).
         tracing::error!(error = %e, "raft log write failed; this member will stop");
     }
     for op in batch {
@@ -441,6 +499,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let (done, wait) = oneshot::channel();
         {
             let mut cache = self.cache();
+            // Raft never removes a committed entry: if this happens, members
+            // will diverge. Said loudly, so the fault suite's log check fails.
+            if let Some(committed) = cache.committed.filter(|c| c.index >= log_id.index) {
+                tracing::error!(from = %log_id, %committed, "{TRUNCATED_COMMITTED}");
+            }
             cache.entries.split_off(&log_id.index);
             self.send(Op::Truncate {
                 from: log_id.index,

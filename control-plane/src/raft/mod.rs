@@ -1,6 +1,7 @@
 //! Raft plumbing around the pure state machine: openraft's type config, the
-//! redb log store (`log_store`), the in-memory state machine with snapshot
-//! files (`state_machine`) and the tonic network (`network`).
+//! redb log store (`log_store`; `disk_faults` wraps its file for the fault
+//! suite), the in-memory state machine with snapshot files
+//! (`state_machine`) and the tonic network (`network`).
 //!
 //! Wire and disk formats are postcard encodings of openraft's serde types and
 //! of `state::Request`; fixtures in `testdata/fixtures` pin them.
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::{Outcome, Rejection, Request};
 
+pub mod disk_faults;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

@@ -29,7 +29,7 @@ fn openraft_storage_suite() {
     Suite::test_all(Builder).expect("openraft storage suite");
 }
 
-fn fixture_entries() -> Vec<Entry> {
+pub(crate) fn fixture_entries() -> Vec<Entry> {
     let log_id = |term, index| LogId::new(CommittedLeaderId::new(term, 1), index);
     let nodes = BTreeMap::from([
         (1, BasicNode::new("127.0.0.1:7400")),
@@ -143,7 +143,7 @@ const SNAPSHOT_MAGIC_FOR_TEST: &[u8] = state_machine::SNAPSHOT_MAGIC;
 
 /// Opens the log store at `path` again once the dropped one let go of it
 /// (its writer thread closes the file after the store is dropped).
-async fn reopen(path: &std::path::Path) -> LogStore {
+pub(crate) async fn reopen(path: &std::path::Path) -> LogStore {
     for _ in 0..100 {
         match LogStore::open(path) {
             Ok(log) => return log,
@@ -178,6 +178,27 @@ async fn log_store_survives_reopen() {
     let got = log.try_get_log_entries(0..100).await.unwrap();
     assert_eq!(format!("{got:?}"), format!("{:?}", &entries[2..5]));
     assert!(log.has_state());
+}
+
+/// A member that led when it stopped comes back as a follower: its vote
+/// keeps its term and whom it voted for, but no longer counts as granted,
+/// so it cannot lead that term again and reuse the log ids of entries it
+/// sent before it flushed them (see `LogStore::open`).
+#[tokio::test]
+async fn a_restarted_leader_does_not_resume_its_term() {
+    use openraft::Vote;
+    use openraft::storage::RaftLogStorage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        log.save_vote(&Vote::new_committed(4, 1)).await.unwrap();
+    }
+    let mut log = reopen(&path).await;
+    let vote = log.read_vote().await.unwrap().unwrap();
+    assert_eq!(vote, Vote::new(4, 1));
+    assert!(!vote.is_committed());
 }
 
 /// The committed index is not waited for, but once writes go quiet it is

@@ -45,6 +45,11 @@ enum Command {
         /// Print the schedule and stop.
         #[arg(long)]
         print: bool,
+        /// Log entries between the members' snapshots. A large value keeps
+        /// the whole Raft log on disk for a post-mortem (and sends no
+        /// snapshots).
+        #[arg(long, default_value_t = SNAPSHOT_EVERY)]
+        snapshot_every: u64,
     },
     /// The bounded suite: several seeds, 3 and 5 members, and the
     /// regression seeds; exit 1 when any check fails.
@@ -85,13 +90,24 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 /// Steps the linearizability search may take per key before it gives up
 /// (about 25 s in a debug build when a key's history has many unknown writes).
 const BUDGET: u64 = berth_tests::faults::check::DEFAULT_BUDGET;
+/// Log entries between snapshots: low, so that runs install snapshots.
+const SNAPSHOT_EVERY: u64 = 500;
 
 /// The CI suite: (members, seed, faults). At least 100 faults in all.
 /// Seed 3 with 5 members and 8 faults is a regression run: it found a
 /// re-created deployment reusing replica ids, and a replica dropped from
 /// the state between its start and the next heartbeat (both double-booked
-/// a GPU).
+/// a GPU). Seed 11 found a third double-booking (decision 067) and the
+/// restarted leader that reused log ids (decision 066).
 const SUITE: &[(usize, u64, usize)] = &[(5, 3, 8), (3, 11, 35), (5, 12, 35), (3, 13, 35)];
+
+/// Hand-written schedules the suite replays besides the seeds, each for a
+/// bug it found. `leader-sync-error`: the leader's fsync fails, it exits
+/// and restarts; it must not lead its old term again (decision 066).
+const REGRESSIONS: &[(&str, &str)] = &[(
+    "leader-sync-error",
+    include_str!("../../testdata/faults/leader-sync-error.json"),
+)];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -144,6 +160,7 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
             out,
             keep,
             print,
+            snapshot_every,
         } => {
             let schedule = match schedule {
                 Some(path) => {
@@ -159,19 +176,28 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
                 println!("{}", serde_json::to_string_pretty(&schedule)?);
                 return Ok(true);
             }
-            one(&schedule, &out, keep).await
+            one(&schedule, &out, keep, snapshot_every).await
         }
         Command::Suite { out } => {
+            let mut schedules: Vec<Schedule> = SUITE
+                .iter()
+                .map(|&(members, seed, events)| Schedule::generate(seed, members, 2, events))
+                .collect();
+            for (name, text) in REGRESSIONS {
+                schedules.push(
+                    serde_json::from_str(text)
+                        .map_err(|e| anyhow::anyhow!("regression schedule {name}: {e}"))?,
+                );
+            }
             let mut all = true;
             let mut faults = 0;
-            for &(members, seed, events) in SUITE {
-                let schedule = Schedule::generate(seed, members, 2, events);
+            for schedule in &schedules {
                 faults += schedule.steps.len();
-                all &= one(&schedule, &out, false).await?;
+                all &= one(schedule, &out, false, SNAPSHOT_EVERY).await?;
             }
             eprintln!(
                 "faults: suite of {} runs, {faults} faults: {}",
-                SUITE.len(),
+                schedules.len(),
                 if all { "passed" } else { "FAILED" }
             );
             Ok(all)
@@ -191,7 +217,7 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
             while std::time::Instant::now() < until {
                 let members = if runs % 2 == 0 { 3 } else { 5 };
                 let schedule = Schedule::generate(seed, members, 2, events);
-                all &= one(&schedule, &out, false).await?;
+                all &= one(&schedule, &out, false, SNAPSHOT_EVERY).await?;
                 seed += 1;
                 runs += 1;
             }
@@ -247,7 +273,12 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
 
 /// Runs one schedule and prints its report; the folder is removed when the
 /// run passed (unless `keep`).
-async fn one(schedule: &Schedule, out: &std::path::Path, keep: bool) -> anyhow::Result<bool> {
+async fn one(
+    schedule: &Schedule,
+    out: &std::path::Path,
+    keep: bool,
+    snapshot_every: u64,
+) -> anyhow::Result<bool> {
     let dir = out.join(format!(
         "seed-{}-{}m-{}",
         schedule.seed,
@@ -259,6 +290,7 @@ async fn one(schedule: &Schedule, out: &std::path::Path, keep: bool) -> anyhow::
         dir: dir.clone(),
         clients_per_member: 2,
         check_budget: BUDGET,
+        snapshot_every,
     };
     let report = run(schedule, &options).await?;
     print_report(&report);

@@ -24,6 +24,6 @@ mod testkit;
 pub use describe::describe;
 pub use gpu::{Explanation, GpuHold, double_bookings, unexplained_restarts};
 pub use linear::{DEFAULT_BUDGET, KeyVerdict, Verdict, check_linearizable};
-pub use logs::fatal_lines;
+pub use logs::{fatal_lines, reports_disk_failure};
 pub use model::{KeyState, step};
 pub use registry::{MemberDigest, converged, liveness, lost_writes};

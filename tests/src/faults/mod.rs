@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod history;
+pub mod membership;
 pub mod net;
 pub mod run;
 pub mod schedule;

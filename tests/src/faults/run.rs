@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use berth_cli::local::{AgentOptions, HostMap, LocalAgent, LocalCluster, MemberOptions, Placement};
+use berth_cli::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions, Placement};
 use berth_proto::v1 as pb;
 use nix::sys::signal::Signal;
 use serde::Serialize;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::check::{self, GpuHold, KeyState, MemberDigest, Verdict};
 use super::history::{self, Op, Outcome, Value};
+use super::membership::{self, Hosts};
 use super::net::{Host, Topology};
 use super::schedule::{Fault, Schedule, Step, agent_names, member_names};
 use super::workload::{self, Client, FINAL_READER, JANITOR, Recorder};
@@ -31,6 +32,8 @@ pub struct RunOptions {
     pub clients_per_member: usize,
     /// Steps the linearizability search may take per key.
     pub check_budget: u64,
+    /// The members' `--snapshot-every`.
+    pub snapshot_every: u64,
 }
 
 /// What a run measured and what its checks found.
@@ -73,6 +76,9 @@ pub struct Report {
     pub write_after_heal: Result<u64, String>,
     /// Panics and openraft fatal errors in the logs.
     pub fatal: Vec<String>,
+    /// Members that kept running on a disk that failed every sync or
+    /// write (they must stop instead).
+    pub ignored_disk_faults: Vec<String>,
     /// The longest time without an acknowledged write while each kind of
     /// fault held, in milliseconds.
     pub unavailability_ms: BTreeMap<String, u64>,
@@ -93,6 +99,7 @@ impl Report {
             && self.leader_after_heal_ms.is_some_and(|ms| ms <= 10_000)
             && self.write_after_heal.is_ok()
             && self.fatal.is_empty()
+            && self.ignored_disk_faults.is_empty()
             && self.leftovers.is_empty()
     }
 
@@ -127,6 +134,9 @@ impl Report {
         for l in &self.fatal {
             f.push(format!("fatal: {l}"));
         }
+        for l in &self.ignored_disk_faults {
+            f.push(format!("failing disk ignored: {l}"));
+        }
         for l in &self.leftovers {
             f.push(format!("left behind: {l}"));
         }
@@ -148,6 +158,19 @@ impl Drop for TopologyGuard {
 struct Fleet {
     cluster: LocalCluster,
     agents: Vec<LocalAgent>,
+    /// Which member id runs on which member host.
+    hosts: Hosts,
+    /// The voters the cluster has between membership changes.
+    voters: usize,
+    /// The membership change in progress, if a step began one.
+    change: Option<membership::Change>,
+    /// The member whose disk fails now, and how.
+    disk_fault: Option<(u64, &'static str)>,
+    /// Logs of members whose disk failed on purpose: their fatal lines
+    /// about that failure are expected.
+    disk_failed_logs: std::collections::BTreeSet<PathBuf>,
+    /// Members that did not stop on a failing disk.
+    ignored_disk_faults: Vec<String>,
 }
 
 /// Runs `schedule`, then checks the history. Errors are harness failures
@@ -187,7 +210,7 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
         dir.display()
     );
 
-    let mut fleet = start_fleet(topo, schedule, dir, &ledger_dir).await?;
+    let mut fleet = start_fleet(topo, schedule, options, &ledger_dir).await?;
     let recorder = Recorder::create(&dir.join("history.jsonl"))?;
     let started = Instant::now();
     let stop = CancellationToken::new();
@@ -265,7 +288,8 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
     let finals = final_reads(&fleet, &recorder, workload::generation(started.elapsed())).await;
     recorder.flush();
     let divergence = convergence(&fleet).await.err();
-    let fatal = fatal_lines(dir);
+    let fatal = fatal_lines(dir, &fleet.disk_failed_logs);
+    let ignored_disk_faults = std::mem::take(&mut fleet.ignored_disk_faults);
     drop(fleet);
     let run_id = guard.0.run.clone();
     drop(guard);
@@ -310,6 +334,7 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
         leader_after_heal_ms,
         write_after_heal: check::liveness(&ops, healed_ns, 30_000_000_000).map(|ns| ns / 1_000_000),
         fatal,
+        ignored_disk_faults,
         unavailability_ms: unavailability(&ops, &windows),
         leftovers: super::net::leftovers_of(&run_id),
         dir: dir.clone(),
@@ -344,20 +369,21 @@ fn placement(h: &Host) -> Placement {
 async fn start_fleet(
     topo: &Topology,
     schedule: &Schedule,
-    dir: &Path,
+    run: &RunOptions,
     ledger_dir: &Path,
 ) -> anyhow::Result<Fleet> {
-    let hosts = topo.hosts.clone();
-    let map = HostMap(std::sync::Arc::new(move |id| {
-        let name = format!("m{id}");
-        hosts.iter().find(|h| h.name == name).map(placement)
-    }));
+    let dir = &std::path::absolute(&run.dir)?;
+    let topo_hosts = topo.hosts.clone();
+    let hosts = Hosts::new(schedule.members);
+    let map = hosts.host_map(move |name| topo_hosts.iter().find(|h| h.name == name).map(placement));
     // Longer timeouts than the loopback tests: netem adds up to a quarter
     // second, and two cores run the whole fleet.
     let options = MemberOptions {
         election_timeout: "1s".into(),
         heartbeat_interval: "200ms".into(),
-        snapshot_every: 500,
+        snapshot_every: run.snapshot_every,
+        // Disk faults are injected through each member's control file.
+        extra: vec!["--test-disk-faults".into()],
         hosts: Some(map),
         ..MemberOptions::default()
     };
@@ -420,20 +446,23 @@ async fn start_fleet(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(Fleet { cluster, agents })
+    Ok(Fleet {
+        cluster,
+        agents,
+        hosts,
+        voters: schedule.members,
+        change: None,
+        disk_fault: None,
+        disk_failed_logs: Default::default(),
+        ignored_disk_faults: Vec::new(),
+    })
 }
 
-fn member_id(name: &str) -> anyhow::Result<u64> {
-    name.strip_prefix('m')
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("{name:?} is not a member host"))
-}
-
-/// The member that leads now (member 1 when none answers in time).
+/// The member that leads now (the first member when none answers in time).
 async fn leader(fleet: &Fleet) -> (u64, bool) {
     match fleet.cluster.wait_for_leader(Duration::from_secs(5)).await {
         Ok(id) => (id, true),
-        Err(_) => (1, false),
+        Err(_) => (fleet.cluster.members.first().map_or(1, |m| m.id), false),
     }
 }
 
@@ -443,13 +472,15 @@ async fn inject(topo: &Topology, fleet: &mut Fleet, step: &Step) -> anyhow::Resu
         .cluster
         .members
         .iter()
-        .map(|m| topo.host(&format!("m{}", m.id)))
+        .map(|m| topo.host(&fleet.hosts.host_of(m.id)?))
         .collect::<anyhow::Result<_>>()?;
+    let hosts = fleet.hosts.clone();
+    let name = |id: u64| hosts.host_of(id).unwrap_or_else(|_| format!("member {id}"));
     let resolved = |(id, known): (u64, bool)| {
         if known {
-            format!("m{id}")
+            name(id)
         } else {
-            format!("m{id} (no leader answered: took m1)")
+            format!("{} (no leader answered: took the first member)", name(id))
         }
     };
     Ok(match &step.fault {
@@ -462,15 +493,14 @@ async fn inject(topo: &Topology, fleet: &mut Fleet, step: &Step) -> anyhow::Resu
         }
         Fault::IsolateLeader => {
             let l = leader(fleet).await;
-            let (a, b): (Vec<&Host>, Vec<&Host>) = member_hosts
-                .iter()
-                .partition(|h| h.name == format!("m{}", l.0));
+            let (a, b): (Vec<&Host>, Vec<&Host>) =
+                member_hosts.iter().partition(|h| h.name == name(l.0));
             topo.partition(&[a, b])?;
             format!("isolate the leader {}", resolved(l))
         }
         Fault::LeaderInMajority { size } => {
             let l = leader(fleet).await;
-            let lname = format!("m{}", l.0);
+            let lname = name(l.0);
             let cut: Vec<&Host> = member_hosts
                 .iter()
                 .copied()
@@ -515,7 +545,7 @@ async fn inject(topo: &Topology, fleet: &mut Fleet, step: &Step) -> anyhow::Resu
             format!("{host} receives with {applied}")
         }
         Fault::KillMember { member } => {
-            fleet.cluster.kill(member_id(member)?)?;
+            fleet.cluster.kill(fleet.hosts.id_on(member)?)?;
             format!("kill -9 {member}")
         }
         Fault::KillLeader => {
@@ -549,6 +579,48 @@ async fn inject(topo: &Topology, fleet: &mut Fleet, step: &Step) -> anyhow::Resu
             topo.partition(&[vec![a], member_hosts.clone()])?;
             format!("cut agent {agent} off from every member")
         }
+        Fault::ReplaceMember { member } => {
+            let change = membership::begin(&fleet.cluster, &fleet.hosts, member)?;
+            fleet.change = Some(change);
+            format!(
+                "replace the member on {member}: remove it from the voters, then a fresh one joins"
+            )
+        }
+        Fault::DiskCrash { member } => {
+            let id = fleet.hosts.id_on(member)?;
+            set_disk_fault(fleet, id, DISK_LOSE_UNSYNCED)?;
+            fleet.cluster.kill(id)?;
+            format!(
+                "{member}'s disk keeps writes in memory until synced, then kill -9 (a power loss)"
+            )
+        }
+        Fault::DiskSyncError { member } => {
+            set_disk_fault(fleet, fleet.hosts.id_on(member)?, DISK_SYNC_ERROR)?;
+            format!("{member}'s disk fails every fsync (EIO)")
+        }
+        Fault::DiskFull { member } => {
+            set_disk_fault(fleet, fleet.hosts.id_on(member)?, DISK_FULL)?;
+            format!("{member}'s disk is full (ENOSPC)")
+        }
+        Fault::ReplaceWithPausedFollower { member } => {
+            let (l, _) = leader(fleet).await;
+            let follower = fleet
+                .cluster
+                .members
+                .iter()
+                .find(|m| m.id != l && name(m.id) != *member)
+                .map(|m| (m.id, m.pid()));
+            let paused = match follower {
+                Some((id, Some(pid))) => {
+                    signal(pid, Signal::SIGSTOP)?;
+                    format!("SIGSTOP the follower {}", name(id))
+                }
+                _ => "no other follower to pause".to_string(),
+            };
+            let change = membership::begin(&fleet.cluster, &fleet.hosts, member)?;
+            fleet.change = Some(change);
+            format!("{paused}, and replace the member on {member} meanwhile")
+        }
     })
 }
 
@@ -569,7 +641,55 @@ fn signal(pid: u32, s: Signal) -> anyhow::Result<()> {
 /// healed, paused members continue and dead processes start again.
 async fn recover(topo: &Topology, fleet: &mut Fleet, _step: &Step) -> anyhow::Result<()> {
     topo.heal()?;
-    ensure_running(fleet)
+    clear_disk_fault(fleet)?;
+    ensure_running(fleet)?;
+    if let Some(change) = fleet.change.take() {
+        membership::finish(&mut fleet.cluster, &fleet.hosts, change, fleet.voters).await?;
+    }
+    Ok(())
+}
+
+/// The words of `berth-control --test-disk-faults`'s control file.
+const DISK_LOSE_UNSYNCED: &str = "lose-unsynced";
+const DISK_SYNC_ERROR: &str = "sync-error";
+const DISK_FULL: &str = "enospc";
+
+/// Makes member `id`'s Raft log disk fail as `word` says, once the member
+/// has read its control file (it does every `RECHECK`).
+fn set_disk_fault(fleet: &mut Fleet, id: u64, word: &'static str) -> anyhow::Result<()> {
+    use berth_control_plane::raft::disk_faults::{CONTROL_FILE, RECHECK};
+    let m = fleet.cluster.member(id)?;
+    let control = m.data_dir.join(CONTROL_FILE);
+    std::fs::write(&control, word).with_context(|| format!("write {}", control.display()))?;
+    if word != DISK_LOSE_UNSYNCED {
+        fleet.disk_failed_logs.insert(m.log_path.clone());
+    }
+    fleet.disk_fault = Some((id, word));
+    std::thread::sleep(RECHECK * 3);
+    Ok(())
+}
+
+/// Heals the failing disk, after noting whether its member stopped as it
+/// must when every sync or write fails.
+fn clear_disk_fault(fleet: &mut Fleet) -> anyhow::Result<()> {
+    use berth_control_plane::raft::disk_faults::CONTROL_FILE;
+    let Some((id, word)) = fleet.disk_fault.take() else {
+        return Ok(());
+    };
+    let host = fleet.hosts.host_of(id)?;
+    let m = fleet.cluster.member(id)?;
+    if word != DISK_LOSE_UNSYNCED && m.is_running() {
+        fleet.ignored_disk_faults.push(format!(
+            "member {id} on {host} still ran at the end of its {word} fault"
+        ));
+    }
+    let control = m.data_dir.join(CONTROL_FILE);
+    match std::fs::remove_file(&control) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}", control.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Continues paused members and restarts members and agents that are down.
@@ -692,8 +812,9 @@ async fn convergence(fleet: &Fleet) -> Result<(), String> {
     }
 }
 
-/// Panics and fatal Raft errors in every member's and agent's log.
-fn fatal_lines(dir: &Path) -> Vec<String> {
+/// Panics and openraft fatal errors in every member's and agent's log; in
+/// `disk_failed` logs, not the ones that report the injected disk failure.
+fn fatal_lines(dir: &Path, disk_failed: &std::collections::BTreeSet<PathBuf>) -> Vec<String> {
     let mut out = Vec::new();
     for sub in ["cluster", "agents"] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
@@ -705,6 +826,9 @@ fn fatal_lines(dir: &Path) -> Vec<String> {
                 && let Ok(text) = std::fs::read_to_string(&p)
             {
                 for l in check::fatal_lines(&text) {
+                    if disk_failed.contains(&p) && check::reports_disk_failure(&l) {
+                        continue;
+                    }
                     out.push(format!("{}: {l}", p.display()));
                 }
             }
@@ -745,6 +869,8 @@ fn fault_kind(f: &Fault) -> String {
         Fault::KillMember { .. } | Fault::KillLeader | Fault::KillAllMembers => "kill",
         Fault::PauseLeader => "pause",
         Fault::KillAgent { .. } | Fault::PartitionAgent { .. } => "agent",
+        Fault::ReplaceMember { .. } | Fault::ReplaceWithPausedFollower { .. } => "membership",
+        Fault::DiskCrash { .. } | Fault::DiskSyncError { .. } | Fault::DiskFull { .. } => "disk",
     }
     .to_string()
 }

@@ -40,6 +40,25 @@ pub enum Fault {
     KillAgent { agent: String },
     /// An agent cut off from every member while its replicas run.
     PartitionAgent { agent: String },
+    /// The member on host `member` leaves the voters (a Raft membership
+    /// change) and is wiped; a fresh member with a new id joins on the same
+    /// host (learner, then voter). Remove, add and replace in one step, one
+    /// change at a time.
+    ReplaceMember { member: String },
+    /// As `ReplaceMember`, while a follower on another host is stopped
+    /// with SIGSTOP (SIGCONT when the step ends): the change cannot finish
+    /// until the follower is back when it needs that follower's vote.
+    ReplaceWithPausedFollower { member: String },
+    /// `member`'s Raft log keeps writes in memory until they are synced,
+    /// then the member is killed with -9: a power loss that drops every
+    /// write not yet synced (what was acknowledged must survive).
+    DiskCrash { member: String },
+    /// `member`'s disk fails `fsync` (EIO): the member must stop rather
+    /// than carry on, and comes back once the disk is healthy.
+    DiskSyncError { member: String },
+    /// `member`'s disk is full (ENOSPC): a clear error, nothing
+    /// acknowledged that was not stored, recovery once space returns.
+    DiskFull { member: String },
 }
 
 /// One step: a fault, how long it holds, and the quiet time after it.
@@ -81,6 +100,9 @@ impl Schedule {
     /// agents. The same arguments give the same schedule.
     pub fn generate(seed: u64, members: usize, agents: usize, events: usize) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
+        // Membership changes come from a stream of their own, so adding
+        // them kept the other faults of every seed as they were.
+        let mut changes = fastrand::Rng::with_seed(seed ^ 0x6d65_6d62_6572_7321);
         let names = member_names(members);
         let agent_hosts = agent_names(agents);
         let minority = (members - 1) / 2;
@@ -153,6 +175,22 @@ impl Schedule {
                 duration_ms,
                 gap_ms: rng.u64(1_000..3_000),
             });
+            let roll = changes.u32(0..100);
+            if members >= 3 && steps.len() < events && roll < 20 {
+                let member = names[changes.usize(0..names.len())].clone();
+                let fault = match (roll < 12, changes.u32(0..3)) {
+                    (true, 0) => Fault::ReplaceWithPausedFollower { member },
+                    (true, _) => Fault::ReplaceMember { member },
+                    (false, 0) => Fault::DiskCrash { member },
+                    (false, 1) => Fault::DiskSyncError { member },
+                    (false, _) => Fault::DiskFull { member },
+                };
+                steps.push(Step {
+                    fault,
+                    duration_ms: changes.u64(2_000..6_000),
+                    gap_ms: changes.u64(1_000..3_000),
+                });
+            }
         }
         Schedule {
             seed,
@@ -209,7 +247,12 @@ impl Schedule {
                         return Err(format!("step {i}: loss_pct {loss_pct} is over 100"));
                     }
                 }
-                Fault::KillMember { member: m } => member(m, i)?,
+                Fault::KillMember { member: m }
+                | Fault::ReplaceMember { member: m }
+                | Fault::ReplaceWithPausedFollower { member: m }
+                | Fault::DiskCrash { member: m }
+                | Fault::DiskSyncError { member: m }
+                | Fault::DiskFull { member: m } => member(m, i)?,
                 Fault::KillAgent { agent: a } | Fault::PartitionAgent { agent: a } => agent(a, i)?,
                 Fault::Ring if self.members != 5 => {
                     return Err(format!(
@@ -250,6 +293,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn membership_and_disk_faults_are_drawn_besides_the_others() {
+        let mut kinds = std::collections::BTreeSet::new();
+        for seed in 0..20 {
+            for st in Schedule::generate(seed, 3, 2, 40).steps {
+                let kind = serde_json::to_value(&st.fault).unwrap()["kind"].clone();
+                kinds.insert(kind.as_str().unwrap().to_string());
+            }
+        }
+        for kind in [
+            "replace_member",
+            "replace_with_paused_follower",
+            "disk_crash",
+            "disk_sync_error",
+            "disk_full",
+            "kill_leader",
+        ] {
+            assert!(kinds.contains(kind), "no {kind} in 20 schedules: {kinds:?}");
+        }
+        // The other faults of a seed are the same as before these were added.
+        let steps = Schedule::generate(11, 3, 2, 35).steps;
+        let first: Vec<&Fault> = steps
+            .iter()
+            .map(|s| &s.fault)
+            .filter(|f| {
+                !matches!(
+                    f,
+                    Fault::ReplaceMember { .. }
+                        | Fault::ReplaceWithPausedFollower { .. }
+                        | Fault::DiskCrash { .. }
+                        | Fault::DiskSyncError { .. }
+                        | Fault::DiskFull { .. }
+                )
+            })
+            .take(2)
+            .collect();
+        assert_eq!(first, [&Fault::KillLeader, &Fault::PauseLeader]);
     }
 
     #[test]

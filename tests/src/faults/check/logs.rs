@@ -3,14 +3,30 @@
 //! stopped") is not one: members are stopped and killed on purpose.
 
 /// Substrings that mark a crash on their own.
-const MARKERS: [&str; 3] = [
+const MARKERS: [&str; 4] = [
     // std's panic hook: "thread 'main' panicked at src/x.rs:1:2:".
     "panicked at",
     // A task's panic seen through its JoinHandle (RaftCore's among them).
     "JoinError::Panic",
     // openraft RaftCore::main returned a fatal error other than Stopped.
     "quit RaftCore::main on error",
+    // The log store saw a committed entry being truncated.
+    "raft safety violated",
 ];
+
+/// What a member logs when its Raft log's disk fails (the log store's
+/// messages, `berth_control_plane::raft::log_store`).
+const DISK_FAILURES: [&str; 3] = [
+    "disk full (no space left on device)",
+    "disk I/O error (EIO)",
+    "an earlier raft log write failed",
+];
+
+/// Whether a fatal line is a member stopping because its disk failed: the
+/// expected outcome of an injected disk fault, not a crash.
+pub fn reports_disk_failure(line: &str) -> bool {
+    DISK_FAILURES.iter().any(|m| line.contains(m))
+}
 
 /// Lines showing a panic or an openraft fatal error, as they appear.
 pub fn fatal_lines(log: &str) -> Vec<String> {
@@ -92,5 +108,18 @@ mod tests {
         ]
         .join("\n");
         assert_eq!(fatal_lines(&log), vec![FATAL[0], FATAL[2]]);
+    }
+
+    #[test]
+    fn only_an_injected_disk_failure_is_expected_of_a_failed_disk() {
+        let eio = "2026-12-07T14:00:00Z ERROR openraft::core::raft_core: quit RaftCore::main on error error=StorageError(IO { source: \"disk I/O error (EIO) on the raft log; check the disk and restart this member\" })";
+        let full = "2026-12-07T14:00:00Z ERROR openraft::core::raft_core: quit RaftCore::main on error error=disk full (no space left on device): the raft log cannot grow";
+        for l in [eio, full] {
+            assert_eq!(fatal_lines(l).len(), 1, "{l}");
+            assert!(reports_disk_failure(l), "{l}");
+        }
+        for l in FATAL {
+            assert!(!reports_disk_failure(l), "{l}");
+        }
     }
 }
