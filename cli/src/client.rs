@@ -58,8 +58,23 @@ impl CliError {
 
 /// Whether the status comes from the client's transport (nothing reached a server).
 pub fn is_connect_error(status: &Status) -> bool {
-    status.code() == Code::Unavailable && status.metadata().is_empty()
+    if !status.metadata().is_empty() {
+        return false;
+    }
+    match status.code() {
+        Code::Unavailable => true,
+        // A host that does not answer at all (a stopped container's address):
+        // the channel's one deadline is its connect timeout, so nothing was sent.
+        Code::Unknown => {
+            status.message() == "transport error"
+                && berth_proto::grpc::describe(status).ends_with(CONNECT_DEADLINE)
+        }
+        _ => false,
+    }
 }
+
+/// How a connect timeout's cause reads (tower's `Elapsed`).
+const CONNECT_DEADLINE: &str = "deadline has elapsed";
 
 /// Talks to the control plane through any of several members. Each
 /// member's channel is created once (connecting lazily) and reused, so
@@ -114,5 +129,41 @@ impl Client {
             status: last,
             servers: self.servers.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Elapsed;
+
+    impl std::fmt::Display for Elapsed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(CONNECT_DEADLINE)
+        }
+    }
+
+    impl std::error::Error for Elapsed {}
+
+    #[test]
+    fn a_member_that_does_not_answer_is_skipped_like_a_refused_connection() {
+        assert!(is_connect_error(&Status::unavailable("connection refused")));
+        let mut timed_out = Status::unknown("transport error");
+        timed_out.set_source(Arc::new(Elapsed));
+        assert!(is_connect_error(&timed_out));
+        // Answers from a server are not: the next member would not do better.
+        assert!(!is_connect_error(&Status::unknown("transport error")));
+        assert!(!is_connect_error(&Status::deadline_exceeded(
+            "timeout expired"
+        )));
+        let mut from_server = Status::unavailable("no leader");
+        from_server
+            .metadata_mut()
+            .insert("berth-leader", "10.0.0.1:7000".parse().unwrap());
+        assert!(!is_connect_error(&from_server));
     }
 }
