@@ -114,7 +114,20 @@ pub async fn wait_exited(pid: u32, what: &str) {
 }
 
 /// Polls `condition` until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> T
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match wait_until_or(timeout, condition).await {
+        Ok(v) => v,
+        Err(()) => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// As `wait_until`, but a timeout is an `Err` for the caller to report
+/// (the fault suite counts it as a failed check, not a harness panic).
+pub async fn wait_until_or<T, F, Fut>(timeout: Duration, mut condition: F) -> Result<T, ()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -124,12 +137,11 @@ where
     loop {
         ticks.tick().await;
         if let Some(v) = condition().await {
-            return v;
+            return Ok(v);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return Err(());
+        }
     }
 }
 

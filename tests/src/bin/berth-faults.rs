@@ -306,11 +306,20 @@ async fn one(
     Ok(passed)
 }
 
+/// "N ms", or "never" when it did not happen.
+fn after(r: &Result<u64, String>) -> String {
+    match r {
+        Ok(ms) => format!("{ms} ms"),
+        Err(_) => "never".into(),
+    }
+}
+
 fn print_report(r: &Report) {
     println!(
         "seed {} ({} members, {} agents): {} faults, {} operations, {} acknowledged writes, {} unknown; \
          lost {}, keys {} ({} not linearizable, {} undecided) checked in {} ms, double-bookings {}, \
-         restarts {}, leader {} ms and a write {} after healing; longest write gaps (ms) {:?}",
+         restarts {}, leader {} ms, a write {} and a log chunk {} after healing; log streams {} opened, \
+         {} failed; longest write gaps (ms) {:?}",
         r.seed,
         r.members,
         r.agents,
@@ -328,10 +337,10 @@ fn print_report(r: &Report) {
         r.leader_after_heal_ms
             .map(|m| m.to_string())
             .unwrap_or("-".into()),
-        match &r.write_after_heal {
-            Ok(ms) => format!("{ms} ms"),
-            Err(_) => "never".into(),
-        },
+        after(&r.write_after_heal),
+        after(&r.log_after_heal),
+        r.log_streams.opened,
+        r.log_streams.failed,
         r.unavailability_ms,
     );
     for f in r.failures() {

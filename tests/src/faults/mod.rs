@@ -8,4 +8,5 @@ pub mod membership;
 pub mod net;
 pub mod run;
 pub mod schedule;
+pub mod streams;
 pub mod workload;

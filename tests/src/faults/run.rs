@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,6 +22,7 @@ use super::history::{self, Op, Outcome, Value};
 use super::membership::{self, Hosts};
 use super::net::{Host, Topology};
 use super::schedule::{Fault, Schedule, Step, agent_names, member_names};
+use super::streams::{self, StreamFigures, Streams};
 use super::workload::{self, Client, FINAL_READER, JANITOR, Recorder};
 
 /// How a run is set up besides its schedule.
@@ -74,6 +76,10 @@ pub struct Report {
     pub leader_after_heal_ms: Option<u64>,
     /// Time from healing to the first acknowledged write, or why none came.
     pub write_after_heal: Result<u64, String>,
+    /// Log streams relayed by members from agents, held open through the faults.
+    pub log_streams: StreamFigures,
+    /// Time from healing to a log chunk through a member, or why none came.
+    pub log_after_heal: Result<u64, String>,
     /// Panics and openraft fatal errors in the logs.
     pub fatal: Vec<String>,
     /// Members that kept running on a disk that failed every sync or
@@ -98,6 +104,7 @@ impl Report {
             && self.restarts.is_empty()
             && self.leader_after_heal_ms.is_some_and(|ms| ms <= 10_000)
             && self.write_after_heal.is_ok()
+            && self.log_after_heal.is_ok()
             && self.fatal.is_empty()
             && self.ignored_disk_faults.is_empty()
             && self.leftovers.is_empty()
@@ -130,6 +137,9 @@ impl Report {
         }
         if let Err(e) = &self.write_after_heal {
             f.push(format!("no write after healing: {e}"));
+        }
+        if let Err(e) = &self.log_after_heal {
+            f.push(format!("no log stream after healing: {e}"));
         }
         for l in &self.fatal {
             f.push(format!("fatal: {l}"));
@@ -243,6 +253,21 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
         recorder.clone(),
     )?;
     tasks.spawn(workload::janitor_loop(janitor, started, stop.clone()));
+    let streams = Arc::new(Streams::default());
+    for m in &fleet.cluster.members {
+        let channel = fleet
+            .cluster
+            .dialer
+            .channel(&m.addr)
+            .map_err(|e| anyhow::anyhow!("channel to {}: {e}", m.addr))?;
+        let r = recorder.clone();
+        tasks.spawn(streams::follow_loop(
+            channel,
+            streams.clone(),
+            move || r.now_ns(),
+            stop.clone(),
+        ));
+    }
 
     // Some traffic before the first fault, so the keys have a history:
     // wait (60 s at most) until every client has completed a few operations.
@@ -280,6 +305,12 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
         .await
         .ok()
         .map(|_| (recorder.now_ns() - healed_ns) / 1_000_000);
+    let log_after_heal = crate::wait_until_or(Duration::from_secs(30), || async {
+        (streams.last_chunk_ns() > healed_ns).then_some(())
+    })
+    .await
+    .map(|()| (recorder.now_ns() - healed_ns) / 1_000_000)
+    .map_err(|()| "no log chunk reached a follower within 30 s of healing".to_string());
     // Let the clients run on after healing, to see writes succeed.
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.cancel();
@@ -333,6 +364,8 @@ pub async fn run(schedule: &Schedule, options: &RunOptions) -> anyhow::Result<Re
         restarts: check::unexplained_restarts(&holds, &[]),
         leader_after_heal_ms,
         write_after_heal: check::liveness(&ops, healed_ns, 30_000_000_000).map(|ns| ns / 1_000_000),
+        log_streams: streams.figures(),
+        log_after_heal,
         fatal,
         ignored_disk_faults,
         unavailability_ms: unavailability(&ops, &windows),
@@ -411,6 +444,27 @@ async fn start_fleet(
         })
         .await
         .map_err(|e| anyhow::anyhow!("register the demo model: {e}"))?;
+    let source = pb::CreateDeploymentRequest {
+        name: streams::LOG_SOURCE.into(),
+        model: workload::DEMO_MODEL.into(),
+        replicas: 1,
+        resources: Some(pb::ResourceOverrides {
+            cpu_milli: Some(100),
+            memory_mib: Some(64),
+            gpus: Some(0),
+            gpu_memory_mib: Some(0),
+            gpu_milli: Some(0),
+        }),
+        ..Default::default()
+    };
+    cluster
+        .client()
+        .admin(|mut c| {
+            let req = source.clone();
+            async move { c.create_deployment(req).await }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("deploy the log source: {e}"))?;
     let mut agents = Vec::new();
     std::fs::create_dir_all(dir.join("agents"))?;
     for name in agent_names(schedule.agents) {
