@@ -233,8 +233,15 @@ async fn call(admin: &mut AdminClient<Channel>, key: &str, op: &Op) -> Outcome {
             Code::NotFound => Outcome::Ok {
                 value: Value::Missing,
             },
-            // Refused by validation before anything was proposed.
-            Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied => {
+            // Refused by validation, or by a member's authentication layer
+            // (the client's token, or a forwarding member's certificate),
+            // before anything was proposed. A member that has just joined
+            // and not yet caught up does not know the token yet, and a
+            // member throttles an address after failed authentications.
+            Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::Unauthenticated => {
                 Outcome::Fail {
                     error: format!("{:?}: {}", s.code(), s.message()),
                 }
