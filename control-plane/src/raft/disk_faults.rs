@@ -181,6 +181,19 @@ impl DiskFaults {
     }
 
     /// The state, with the fault re-read from the control file if stale.
+    /// The state, for a call that writes: refused after a crash, or while
+    /// the disk is full.
+    fn growing(&self) -> Result<MutexGuard<'_, State>, io::Error> {
+        let s = self.state();
+        if s.crashed {
+            return Err(crashed());
+        }
+        if s.fault == Fault::Enospc {
+            return Err(enospc());
+        }
+        Ok(s)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // No critical section leaves the state half-changed on a panic
         // (they only call the file and replace whole fields).
@@ -361,13 +374,7 @@ impl StorageBackend for DiskFaults {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        let mut s = self.state();
-        if s.crashed {
-            return Err(crashed());
-        }
-        if s.fault == Fault::Enospc {
-            return Err(enospc());
-        }
+        let mut s = self.growing()?;
         if s.overlay.is_none() && !s.fault.holds_writes() {
             return self.inner.file.set_len(len);
         }
@@ -410,13 +417,7 @@ impl StorageBackend for DiskFaults {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        let mut s = self.state();
-        if s.crashed {
-            return Err(crashed());
-        }
-        if s.fault == Fault::Enospc {
-            return Err(enospc());
-        }
+        let mut s = self.growing()?;
         if s.overlay.is_none() && !s.fault.holds_writes() {
             return self.inner.file.write(offset, data);
         }

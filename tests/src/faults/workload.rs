@@ -241,11 +241,9 @@ async fn call(admin: &mut AdminClient<Channel>, key: &str, op: &Op) -> Outcome {
             Code::InvalidArgument
             | Code::FailedPrecondition
             | Code::PermissionDenied
-            | Code::Unauthenticated => {
-                Outcome::Fail {
-                    error: format!("{:?}: {}", s.code(), s.message()),
-                }
-            }
+            | Code::Unauthenticated => Outcome::Fail {
+                error: format!("{:?}: {}", s.code(), s.message()),
+            },
             // The connection to the member was never made (it is down): the
             // request was not sent. A refusal further on (the member
             // forwarding to its leader) stays unknown.
