@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Berth's fault suite (needs root: network namespaces, iptables, tc).
-#   scripts/faults.sh                 the bounded suite (4 runs, 113 faults; not in CI until seed 11 passes)
+#   scripts/faults.sh                 the bounded suite (4 seeds and the regression schedules, 104 faults; run by scripts/test.sh)
 #   scripts/faults.sh --soak 2h       random seeds, 3 and 5 members, for that long
 #   scripts/faults.sh run --seed 7    one run (see `berth-faults run --help`),
 #                                     or --schedule FILE to replay a failed run

@@ -695,7 +695,7 @@ fn signal(pid: u32, s: Signal) -> anyhow::Result<()> {
 /// healed, paused members continue and dead processes start again.
 async fn recover(topo: &Topology, fleet: &mut Fleet, _step: &Step) -> anyhow::Result<()> {
     topo.heal()?;
-    clear_disk_fault(fleet)?;
+    clear_disk_fault(fleet).await?;
     ensure_running(fleet)?;
     if let Some(change) = fleet.change.take() {
         membership::finish(&mut fleet.cluster, &fleet.hosts, change, fleet.voters).await?;
@@ -723,19 +723,29 @@ fn set_disk_fault(fleet: &mut Fleet, id: u64, word: &'static str) -> anyhow::Res
     Ok(())
 }
 
+/// How long a member whose disk fails every sync or write may take to
+/// exit (Raft stops at once; the process then shuts its tasks down).
+const DISK_FAULT_EXIT: Duration = Duration::from_secs(15);
+
 /// Heals the failing disk, after noting whether its member stopped as it
 /// must when every sync or write fails.
-fn clear_disk_fault(fleet: &mut Fleet) -> anyhow::Result<()> {
+async fn clear_disk_fault(fleet: &mut Fleet) -> anyhow::Result<()> {
     use berth_control_plane::raft::disk_faults::CONTROL_FILE;
     let Some((id, word)) = fleet.disk_fault.take() else {
         return Ok(());
     };
     let host = fleet.hosts.host_of(id)?;
     let m = fleet.cluster.member(id)?;
-    if word != DISK_LOSE_UNSYNCED && m.is_running() {
-        fleet.ignored_disk_faults.push(format!(
-            "member {id} on {host} still ran at the end of its {word} fault"
-        ));
+    if word != DISK_LOSE_UNSYNCED {
+        let deadline = Instant::now() + DISK_FAULT_EXIT;
+        while m.is_running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if m.is_running() {
+            fleet.ignored_disk_faults.push(format!(
+                "member {id} on {host} still ran {DISK_FAULT_EXIT:?} after its {word} fault ended"
+            ));
+        }
     }
     let control = m.data_dir.join(CONTROL_FILE);
     match std::fs::remove_file(&control) {
