@@ -145,7 +145,13 @@ pub async fn finish(
     cluster.forget(change.old)?;
     let id = hosts.next_id();
     hosts.assign(id, &change.host);
-    let join = cluster.servers();
+    // Through the leader: a follower that has not yet applied the new
+    // member token refuses it as unknown (see the session note).
+    let leader = cluster
+        .wait_for_leader(CHANGE_DEADLINE)
+        .await
+        .context("no leader to join through")?;
+    let join = cluster.member(leader)?.addr.clone();
     cluster
         .add_member(id, Some(&join))
         .await
