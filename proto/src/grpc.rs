@@ -341,6 +341,33 @@ pub fn describe(status: &Status) -> String {
     text
 }
 
+/// Whether a call failed before any of it was sent: the connection could
+/// not be made (refused, unreachable, TLS handshake refused, or the connect
+/// timeout passed). Only then may a non-idempotent call be retried
+/// elsewhere. Any other failure, `Unavailable` included (a keep-alive
+/// timeout, a reset connection), may come after the server received the
+/// call, so its outcome is unknown.
+pub fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        // The connect timeout wraps the whole connector (TCP and TLS) in an
+        // `io::Error` whose inner error is tokio's `Elapsed`.
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<tokio::time::error::Elapsed>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Whether a call failed because the server's CA is not the pinned one
 /// (retrying cannot help: the token names another cluster).
 pub fn is_pin_mismatch(status: &Status) -> bool {

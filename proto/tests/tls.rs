@@ -333,3 +333,60 @@ fn the_access_table_covers_every_method_of_every_service() {
         .collect();
     assert!(stale.is_empty(), "table entries for no method: {stale:?}");
 }
+
+/// A call that could not connect (nothing listening, or a server the client's
+/// TLS refuses) never left the client, so it may be retried elsewhere; a call
+/// whose connection was cut after the server read it may have been served.
+#[tokio::test]
+async fn never_sent_tells_a_failed_connect_from_a_cut_call() {
+    use tokio::io::AsyncReadExt;
+
+    let now = SystemTime::now();
+    let a = Ca::generate("a", now).unwrap();
+    let b = Ca::generate("b", now).unwrap();
+    let dialer = Dialer::with_credentials(fresh(&a, Identity::Member(2))).unwrap();
+
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let e = check(&dialer, &closed).await.unwrap_err();
+    assert!(grpc::never_sent(&e), "nothing listening: {e:?}");
+
+    // A server that never accepts: the kernel completes the TCP handshake,
+    // the TLS handshake waits until the connect timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = check(&dialer, &silent.local_addr().unwrap().to_string())
+        .await
+        .unwrap_err();
+    assert!(grpc::never_sent(&e), "connect timed out: {e:?}");
+
+    let other_cluster = serve(fresh(&b, Identity::Member(1))).await;
+    let e = check(&dialer, &other_cluster.addr).await.unwrap_err();
+    assert!(grpc::never_sent(&e), "server refused by TLS: {e:?}");
+
+    // A server that completes the handshake, reads the call, and hangs up.
+    let server_config = fresh(&a, Identity::Member(1)).server_config().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let read = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(server_config)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut got = 0;
+        // The HTTP/2 preface (24 bytes), settings, then the call's frames.
+        while got < 64 {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        got
+    });
+    let e = check(&dialer, &addr).await.unwrap_err();
+    assert!(read.await.unwrap() >= 64, "the server read the call");
+    assert!(!grpc::never_sent(&e), "cut after sending: {e:?}");
+}

@@ -248,8 +248,13 @@ async fn forward_batch(peers: &PeerClients, batch: Vec<Forward>) {
     }
 }
 
-/// One `Raft.Propose` call. `Err(None)`: nothing was sent (connection
-/// failed); `Err(Some(e))`: the call failed after sending.
+/// One `Raft.Propose` call. `Err(None)`: nothing was sent (the connection
+/// could not be made), so the caller may retry at the leader it finds next;
+/// `Err(Some(e))`: the call may have reached the leader, so a retry could
+/// apply the write twice (a create would then answer "already exists"
+/// although it was applied), and the outcome is unknown. `Unavailable` alone
+/// does not say which: a keep-alive timeout or a reset connection also read
+/// as `Unavailable`, after the leader got the call.
 async fn call_propose(
     peers: &PeerClients,
     leader: &str,
@@ -262,8 +267,8 @@ async fn call_propose(
     match client.propose(req).await {
         Ok(reply) => decode::<Vec<ProposeReply>>(&reply.into_inner().data)
             .map_err(|e| Some(format!("leader's reply does not decode: {e}"))),
-        Err(s) if s.code() == tonic::Code::Unavailable => Err(None),
-        Err(s) => Err(Some(s.message().to_string())),
+        Err(s) if berth_proto::grpc::never_sent(&s) => Err(None),
+        Err(s) => Err(Some(berth_proto::grpc::describe(&s))),
     }
 }
 
