@@ -40,6 +40,9 @@ pub struct DevArgs {
     /// Simulated GPUs of the dev agent; `none` uses this machine's real GPUs through NVML.
     #[arg(long, default_value = "2xA100-80GB", value_name = "SPEC")]
     simulate_gpus: String,
+    /// Log lines as text (colours on a terminal only) or json.
+    #[arg(long, default_value = "text", value_name = "FORMAT")]
+    log_format: berth_common::telemetry::LogFormat,
 }
 
 /// The dev agent's node name.
@@ -144,7 +147,7 @@ async fn start_gateway(
 
 /// Runs the dev cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
-    berth_common::telemetry::init(Default::default(), "warn,berth_control_plane=info");
+    berth_common::telemetry::init(args.log_format, "warn,berth_control_plane=info");
     let temp = match &args.data_dir {
         Some(_) => None,
         None => Some(

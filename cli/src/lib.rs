@@ -21,6 +21,7 @@ pub mod credentials;
 pub mod deploy;
 pub mod dev;
 pub mod events;
+pub mod gpu;
 pub mod local;
 pub mod model;
 pub mod node;

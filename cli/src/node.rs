@@ -1,4 +1,5 @@
-//! `berth node list|show`: the nodes, their state and their inventory.
+//! `berth node list|show|cordon|drain|...`: the nodes, their state and
+//! their inventory (GPU health commands are in `gpu`).
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,7 @@ use serde::Serialize;
 
 use crate::args::duration;
 use crate::client::{CliError, Client};
+use crate::gpu::{GpuCommand, GpuHealthView, SimulateFault, health_cell, health_table};
 use crate::output::{OutputFormat, print_json, table};
 
 /// Node subcommands.
@@ -49,6 +51,14 @@ pub enum NodeCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// Quarantine or release one of a node's GPUs.
+    Gpu {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: GpuCommand,
+    },
+    /// Inject a fault into a SIMULATED GPU (an agent with --simulate-gpus), for tests and demos; refused for real GPUs.
+    SimulateFault(SimulateFault),
     /// Forget a node and revoke its certificates (its agent is cut off; the token it joined with cannot bring it back).
     Remove {
         /// The node's name.
@@ -98,6 +108,8 @@ pub struct NodeView {
     pub state_since_ms: u64,
     /// Seconds before the node's newest certificate expires; null in plaintext clusters.
     pub cert_expires_in_s: Option<i64>,
+    /// Each GPU's health and quarantine.
+    pub gpu_health: Vec<GpuHealthView>,
 }
 
 impl From<pb::NodeSummary> for NodeView {
@@ -121,6 +133,7 @@ impl From<pb::NodeSummary> for NodeView {
             gpu_source: n.gpu_source,
             state_since_ms: n.state_since_ms,
             cert_expires_in_s: crate::credentials::seconds_left(n.cert_expires_ms),
+            gpu_health: n.gpu_status.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -410,6 +423,7 @@ fn nodes_table(nodes: &[NodeView]) -> String {
         "NODE",
         "STATE",
         "GPUS",
+        "GPU HEALTH",
         "GPU MEMORY FREE/TOTAL",
         "CPUS",
         "MEMORY",
@@ -432,6 +446,7 @@ fn nodes_table(nodes: &[NodeView]) -> String {
             n.name.clone(),
             n.state.clone(),
             gpus_cell(n),
+            health_cell(&n.gpu_health),
             memory,
             format_cpu_milli(n.cpu_milli as u32),
             format_mib(n.memory_mib),
@@ -575,6 +590,9 @@ fn print_detail(d: &NodeDetail) {
         t.add_row(vec![n.name.clone(), n.mac.clone(), n.addresses.join(" ")]);
     }
     out!("{t}");
+    if !n.gpu_health.is_empty() {
+        out!("{}", health_table(&n.gpu_health));
+    }
     if d.replica_list.is_empty() {
         out!("replicas: none reported");
     } else {
@@ -703,6 +721,8 @@ pub async fn run(cmd: NodeCommand, client: &Client, out: OutputFormat) -> Result
             };
             print_node(n.into(), out);
         }
+        NodeCommand::Gpu { cmd } => crate::gpu::run(cmd, client, out).await?,
+        NodeCommand::SimulateFault(args) => crate::gpu::simulate(args, client, out).await?,
         NodeCommand::Uncordon { name } => {
             let n = client
                 .admin(|mut c| {

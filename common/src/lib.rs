@@ -8,6 +8,7 @@ pub mod config;
 pub mod deployment;
 pub mod error;
 pub mod fsutil;
+pub mod gpu_health;
 pub mod model;
 pub mod names;
 pub mod node;

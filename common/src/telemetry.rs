@@ -27,11 +27,14 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Installs the global subscriber; a second call is a no-op (tests start many servers).
+/// Text has colours only on a terminal: files and journald get plain lines.
 pub fn init(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -309,6 +309,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         events,
         dialer: security.dialer.clone(),
     };
+    // The authorization layer catches up through it before refusing a token.
+    let _ = security.member.set(member.clone());
     detector::start(
         member.clone(),
         lease,

@@ -183,6 +183,33 @@ impl Agent for AgentService {
         Ok(Response::new(self.inventory.refresh(allocations).await))
     }
 
+    #[tracing::instrument(skip_all, fields(gpu = request.get_ref().gpu))]
+    async fn simulate_gpu_fault(
+        &self,
+        request: Request<pb::SimulateGpuFaultRequest>,
+    ) -> Result<Response<pb::Gpu>, Status> {
+        self.check_node(&request)?;
+        let req = request.into_inner();
+        if req.node != self.node {
+            return Err(Status::invalid_argument(format!(
+                "node {:?} is not this agent's node {:?}",
+                req.node, self.node
+            )));
+        }
+        self.inventory
+            .simulate_fault(&req)
+            .map_err(Status::failed_precondition)?;
+        // Read now, so the next heartbeat carries the fault.
+        let allocations = self.supervisor.allocations().await;
+        let inventory = self.inventory.refresh(allocations).await;
+        inventory
+            .gpus
+            .into_iter()
+            .find(|g| g.index == req.gpu)
+            .map(Response::new)
+            .ok_or_else(|| Status::internal(format!("gpu {} vanished from the readings", req.gpu)))
+    }
+
     type StreamLogsStream = LogStream;
 
     #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]

@@ -331,6 +331,13 @@ impl Agent for Router {
         self.route(&request)?.get_inventory(request).await
     }
 
+    async fn simulate_gpu_fault(
+        &self,
+        request: Request<pb::SimulateGpuFaultRequest>,
+    ) -> Result<Response<pb::Gpu>, GrpcStatus> {
+        self.route(&request)?.simulate_gpu_fault(request).await
+    }
+
     type StreamLogsStream = <AgentService as Agent>::StreamLogsStream;
 
     async fn stream_logs(

@@ -234,6 +234,9 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/berth.v1.Admin/CordonNode", Access::Roles(OPERATOR)),
     ("/berth.v1.Admin/UncordonNode", Access::Roles(OPERATOR)),
     ("/berth.v1.Admin/DrainNode", Access::Roles(OPERATOR)),
+    ("/berth.v1.Admin/QuarantineGpu", Access::Roles(OPERATOR)),
+    ("/berth.v1.Admin/ReleaseGpu", Access::Roles(OPERATOR)),
+    ("/berth.v1.Admin/SimulateGpuFault", Access::Roles(OPERATOR)),
     ("/berth.v1.Admin/CreateDeployment", Access::Roles(OPERATOR)),
     ("/berth.v1.Admin/GetDeployment", Access::Roles(VIEWER)),
     ("/berth.v1.Admin/ListDeployments", Access::Roles(VIEWER)),
@@ -274,6 +277,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/berth.v1.Agent/ListReplicas", Access::Roles(MEMBER)),
     ("/berth.v1.Agent/GetInventory", Access::Roles(MEMBER)),
     ("/berth.v1.Agent/StreamLogs", Access::Roles(MEMBER)),
+    ("/berth.v1.Agent/SimulateGpuFault", Access::Roles(MEMBER)),
     ("/berth.v1.Serving/WatchEndpoints", Access::Roles(WATCHER)),
     ("/berth.v1.Serving/ReportLoad", Access::Roles(REPORTER)),
     ("/grpc.health.v1.Health/Check", Access::Anyone),
@@ -316,6 +320,24 @@ pub trait Authenticate: Send + Sync + 'static {
     /// The principal of a verified client certificate (its chain and dates
     /// were checked in the handshake).
     fn certificate(&self, leaf: &LeafInfo) -> Result<Principal, AuthError>;
+    /// Called before a token is refused: a server whose view of the tokens
+    /// may lag (a follower that has not applied a token the leader already
+    /// acknowledged) catches up, so a fresh token works on every member.
+    fn catch_up(&self) -> Pin<Box<dyn std::future::Future<Output = CatchUp> + Send>> {
+        Box::pin(std::future::ready(CatchUp::Current))
+    }
+}
+
+/// What [`Authenticate::catch_up`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The view was already current: the refusal stands.
+    Current,
+    /// The view caught up: judge the token again.
+    CaughtUp,
+    /// The view could not be brought up to date (no leader): the token can
+    /// be judged neither way now; the text says why.
+    Failed(String),
 }
 
 /// The role a certificate's identity carries.
@@ -392,30 +414,69 @@ impl Gate {
         })
     }
 
-    /// Authenticates and authorizes one call of `path`.
+    /// Authenticates and authorizes one call of `path` from what this
+    /// server knows now.
     pub fn check(
         &self,
         path: &str,
         peer: Option<&PeerInfo>,
         bearer: Option<&str>,
     ) -> Result<Principal, Status> {
-        let ip = peer.map(|p| p.addr.ip());
-        if let Some(ip) = ip {
-            let limited = self.lock().limited(ip, Instant::now());
-            if let Some(wait) = limited {
-                return Err(Status::unauthenticated(format!(
-                    "{RATE_LIMITED} {ip}: wait {}s",
-                    wait.as_secs().max(1)
-                )));
-            }
-        }
+        self.throttle(peer)?;
         let result = self.decide(path, peer, bearer);
-        if let (Err(e), Some(ip)) = (&result, ip)
+        self.count(peer, &result);
+        result
+    }
+
+    /// Like [`Gate::check`], but a refused token is judged again once the
+    /// server caught up (see [`Authenticate::catch_up`]).
+    pub async fn check_caught_up(
+        &self,
+        path: &str,
+        peer: Option<&PeerInfo>,
+        bearer: Option<&str>,
+    ) -> Result<Principal, Status> {
+        self.throttle(peer)?;
+        let mut result = self.decide(path, peer, bearer);
+        if bearer.is_some()
+            && let Err(e) = &result
             && e.code() == tonic::Code::Unauthenticated
         {
-            self.lock().record(ip, Instant::now());
+            match self.auth.catch_up().await {
+                CatchUp::Current => {}
+                CatchUp::CaughtUp => result = self.decide(path, peer, bearer),
+                CatchUp::Failed(why) => {
+                    return Err(Status::unavailable(format!(
+                        "cannot check the token now: this member may not know it yet and could not catch up ({why}); retry, or call another member"
+                    )));
+                }
+            }
         }
+        self.count(peer, &result);
         result
+    }
+
+    /// Refuses a caller whose address failed too often lately.
+    fn throttle(&self, peer: Option<&PeerInfo>) -> Result<(), Status> {
+        let Some(ip) = peer.map(|p| p.addr.ip()) else {
+            return Ok(());
+        };
+        match self.lock().limited(ip, Instant::now()) {
+            Some(wait) => Err(Status::unauthenticated(format!(
+                "{RATE_LIMITED} {ip}: wait {}s",
+                wait.as_secs().max(1)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed authentication against the caller's address.
+    fn count(&self, peer: Option<&PeerInfo>, result: &Result<Principal, Status>) {
+        if let (Err(e), Some(peer)) = (result, peer)
+            && e.code() == tonic::Code::Unauthenticated
+        {
+            self.lock().record(peer.addr.ip(), Instant::now());
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Failures> {
@@ -536,27 +597,34 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        if let Some(gate) = &self.gate {
-            let bearer = request
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
-            let peer = request.extensions().get::<PeerInfo>();
-            match gate.check(request.uri().path(), peer, bearer) {
-                Ok(principal) => {
-                    request.extensions_mut().insert(principal);
-                }
-                Err(status) => {
-                    tracing::debug!(path = request.uri().path(), code = ?status.code(), "refused");
-                    return Box::pin(std::future::ready(Ok(status.into_http())));
-                }
-            }
-        }
         // The clone took the readiness of `self.inner`; keep the ready one for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(request))
+        let Some(gate) = self.gate.clone() else {
+            return Box::pin(inner.call(request));
+        };
+        let bearer = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        Box::pin(async move {
+            let path = request.uri().path().to_string();
+            match gate
+                .check_caught_up(&path, peer.as_ref(), bearer.as_deref())
+                .await
+            {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    inner.call(request).await
+                }
+                Err(status) => {
+                    tracing::debug!(%path, code = ?status.code(), "refused");
+                    Ok(status.into_http())
+                }
+            }
+        })
     }
 }
 
@@ -744,5 +812,84 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// A member that lags behind the leader: it knows token "fresh1" only
+    /// after catching up, and catching up may fail (no leader).
+    struct Lagging {
+        caught_up: std::sync::atomic::AtomicBool,
+        can_catch_up: bool,
+    }
+    impl Authenticate for Lagging {
+        fn token(&self, token: &Token) -> Result<Principal, AuthError> {
+            let known = self.caught_up.load(std::sync::atomic::Ordering::SeqCst);
+            if token.id == "fresh1" && known {
+                Ok(Principal {
+                    role: Role::Viewer,
+                    via: Via::Token(token.id.clone()),
+                })
+            } else {
+                Err(AuthError::Unauthenticated(BAD_TOKEN.into()))
+            }
+        }
+        fn certificate(&self, _: &LeafInfo) -> Result<Principal, AuthError> {
+            Err(AuthError::Unauthenticated("no".into()))
+        }
+        fn catch_up(&self) -> Pin<Box<dyn std::future::Future<Output = CatchUp> + Send>> {
+            if !self.can_catch_up {
+                return Box::pin(std::future::ready(CatchUp::Failed("no leader".into())));
+            }
+            let was = self
+                .caught_up
+                .swap(true, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::ready(if was {
+                CatchUp::Current
+            } else {
+                CatchUp::CaughtUp
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_the_member_has_not_applied_yet_is_judged_after_catching_up() {
+        let path = "/berth.v1.Admin/ListModels";
+        let anon = peer(None);
+        let lagging = |can_catch_up| {
+            Gate::new(Arc::new(Lagging {
+                caught_up: false.into(),
+                can_catch_up,
+            }))
+        };
+
+        let gate = lagging(true);
+        assert!(
+            gate.check(path, Some(&anon), Some(&token("fresh1")))
+                .is_err()
+        );
+        let principal = gate
+            .check_caught_up(path, Some(&anon), Some(&token("fresh1")))
+            .await
+            .unwrap();
+        assert_eq!(principal.via, Via::Token("fresh1".into()));
+        // Caught up, an unknown token is still refused, and counts.
+        let e = gate
+            .check_caught_up(path, Some(&anon), Some(&token("nosuch1")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert_eq!(e.message(), BAD_TOKEN);
+        assert_eq!(gate.lock().by_ip.get(&anon.addr.ip()).map(|f| f.1), Some(2));
+
+        // A member that cannot catch up says so instead of refusing a token
+        // that may be good, and does not count it as a failure.
+        let gate = lagging(false);
+        for _ in 0..MAX_FAILURES + 1 {
+            let e = gate
+                .check_caught_up(path, Some(&anon), Some(&token("fresh1")))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            assert!(e.message().contains("no leader"), "{e:?}");
+        }
     }
 }

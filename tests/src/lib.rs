@@ -397,6 +397,45 @@ pub async fn deployment_replicas(servers: &str, deployment: &str) -> Vec<serde_j
     .unwrap_or_default()
 }
 
+/// A control plane of `members` (with `extra` flags each), one agent with
+/// two simulated A100s per name in `nodes`, every node ready, and model
+/// `demo` registered. Returns the cluster, its agents and `--server`.
+pub async fn demo_cluster(
+    members: usize,
+    extra: &[&str],
+    nodes: &[&str],
+) -> (LocalCluster, Vec<LocalAgent>, String) {
+    let options = MemberOptions {
+        extra: extra.iter().map(|x| x.to_string()).collect(),
+        ..MemberOptions::default()
+    };
+    let cluster = LocalCluster::start(members, options)
+        .await
+        .expect("start the control plane");
+    let servers = cluster.servers();
+    let agents: Vec<LocalAgent> = nodes
+        .iter()
+        .map(|node| {
+            LocalAgent::start_in(cluster.root(), cluster.agent_options(node, "2xA100-80GB"))
+                .expect("start agent")
+        })
+        .collect();
+    wait_until(DEADLINE, "every node ready", || async {
+        let v = berth_json(&["--server", &servers, "node", "list"]).await;
+        let ready = v
+            .as_array()?
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count();
+        (ready == nodes.len()).then_some(())
+    })
+    .await;
+    let mut create = vec!["--server", servers.as_str(), "model", "create", "demo"];
+    create.extend(DEMO_MODEL);
+    berth_json(&create).await;
+    (cluster, agents, servers)
+}
+
 /// A `berth-gateway` process, killed on drop.
 pub struct Gateway {
     /// Its HTTP port on 127.0.0.1.

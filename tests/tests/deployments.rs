@@ -88,45 +88,6 @@ async fn complete(endpoint: &str) -> (u16, String) {
     .unwrap_or((0, String::new()))
 }
 
-/// A control plane of `members` (with `extra` flags each), one agent with
-/// two simulated A100s per name in `nodes`, every node ready, and model
-/// `demo` registered. Returns the cluster, its agents and `--server`.
-async fn demo_cluster(
-    members: usize,
-    extra: &[&str],
-    nodes: &[&str],
-) -> (LocalCluster, Vec<LocalAgent>, String) {
-    let options = MemberOptions {
-        extra: extra.iter().map(|x| x.to_string()).collect(),
-        ..MemberOptions::default()
-    };
-    let cluster = LocalCluster::start(members, options)
-        .await
-        .expect("start the control plane");
-    let servers = cluster.servers();
-    let agents: Vec<LocalAgent> = nodes
-        .iter()
-        .map(|node| {
-            LocalAgent::start_in(cluster.root(), cluster.agent_options(node, "2xA100-80GB"))
-                .expect("start agent")
-        })
-        .collect();
-    wait_until(DEADLINE, "every node ready", || async {
-        let v = berth_json(&["--server", &servers, "node", "list"]).await;
-        let ready = v
-            .as_array()?
-            .iter()
-            .filter(|n| n["state"] == "ready")
-            .count();
-        (ready == nodes.len()).then_some(())
-    })
-    .await;
-    let mut create = vec!["--server", servers.as_str(), "model", "create", "demo"];
-    create.extend(DEMO_MODEL);
-    berth_json(&create).await;
-    (cluster, agents, servers)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
     let (mut cluster, agents, servers) = demo_cluster(3, &[], &["gpu-a", "gpu-b"]).await;

@@ -40,6 +40,8 @@ pub enum BenchCommand {
     AgentIdle(agent::AgentIdleArgs),
     /// SIGKILL the agent running a replica; time until its replacement runs elsewhere.
     NodeLoss(node_loss::NodeLossArgs),
+    /// Inject XID 79 into the simulated GPU running a replica; time until its replacement runs on another GPU.
+    GpuFault(node_loss::NodeLossArgs),
     /// Placements per second through a real cluster, with hollow agents (no processes).
     Place(place::PlaceArgs),
     /// Writes through local 3-member clusters with mTLS and plaintext, side by side; time to a first write and to a ready node.
@@ -86,6 +88,7 @@ pub async fn run(
         BenchCommand::AgentStart(a) => agent::agent_start(a, out).await,
         BenchCommand::AgentIdle(a) => agent::agent_idle(a, out).await,
         BenchCommand::NodeLoss(a) => node_loss::node_loss(a, out).await,
+        BenchCommand::GpuFault(a) => node_loss::gpu_fault(a, out).await,
         BenchCommand::Place(a) => place::place(a, connect, out).await,
         BenchCommand::Tls(a) => tls::tls(a, out).await,
         BenchCommand::Heartbeats(a) => heartbeats::heartbeats(a, out).await,

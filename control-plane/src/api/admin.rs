@@ -462,6 +462,36 @@ impl Admin for AdminService {
             .await
     }
 
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().node, gpu = request.get_ref().gpu))]
+    async fn quarantine_gpu(
+        &self,
+        request: Request<pb::QuarantineGpuRequest>,
+    ) -> Result<Response<pb::NodeSummary>, Status> {
+        nodes::quarantine_gpu(&self.nodes, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().node, gpu = request.get_ref().gpu))]
+    async fn release_gpu(
+        &self,
+        request: Request<pb::ReleaseGpuRequest>,
+    ) -> Result<Response<pb::NodeSummary>, Status> {
+        nodes::release_gpu(&self.nodes, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %request.get_ref().node, gpu = request.get_ref().gpu))]
+    async fn simulate_gpu_fault(
+        &self,
+        request: Request<pb::SimulateGpuFaultRequest>,
+    ) -> Result<Response<pb::Gpu>, Status> {
+        nodes::simulate_fault(&self.nodes, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().name))]
     async fn drain_node(
         &self,

@@ -4,10 +4,11 @@
 //! leader. `stale` answers from the contacted member alone, without
 //! readings. `GetNode` also asks the node's agent for its whole inventory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use berth_common::Node;
+use berth_common::gpu_health::{GpuFaults, GpuRecord, Quarantine, QuarantinedBy, assess};
 use berth_proto::grpc;
 use berth_proto::v1::agent_client::AgentClient;
 use berth_proto::v1::{self as pb};
@@ -41,7 +42,12 @@ pub(super) async fn list(
             .nodes
             .values()
             .map(|n| {
-                let mut s = summary(n, observed.get(&n.name), now);
+                let mut s = summary(
+                    n,
+                    applied.state.gpus.get(&n.name),
+                    observed.get(&n.name),
+                    now,
+                );
                 s.cert_expires_ms = expiries.get(format!("node {}", n.name).as_str()).copied();
                 s
             })
@@ -74,7 +80,20 @@ pub(super) async fn get(
             Ok(inv) => (Some(inv), String::new()),
             Err(e) => (None, e),
         };
-    let mut summary = summary(&node, observation.as_ref(), Instant::now());
+    let records = nodes
+        .member
+        .state
+        .read()
+        .state
+        .gpus
+        .get(&node.name)
+        .cloned();
+    let mut summary = summary(
+        &node,
+        records.as_ref(),
+        observation.as_ref(),
+        Instant::now(),
+    );
     summary.cert_expires_ms = nodes
         .member
         .state
@@ -110,7 +129,12 @@ async fn live_inventory(
         .map_err(|s| format!("the agent at {addr} did not answer: {}", s.message()))
 }
 
-fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::NodeSummary {
+fn summary(
+    node: &Node,
+    records: Option<&BTreeMap<u32, GpuRecord>>,
+    observed: Option<&Observation>,
+    now: Instant,
+) -> pb::NodeSummary {
     let total = node.inventory.gpu_memory_mib();
     let mut models: Vec<String> = node
         .inventory
@@ -151,7 +175,51 @@ fn summary(node: &Node, observed: Option<&Observation>, now: Instant) -> pb::Nod
         }),
         gpu_source: node.inventory.gpu_source.to_string(),
         cert_expires_ms: None,
+        gpu_status: gpu_status(node, records, observed),
     }
+}
+
+/// Each GPU's health (judged from the last heartbeat against the release
+/// baseline, as the leader judges it) and quarantine.
+fn gpu_status(
+    node: &Node,
+    records: Option<&BTreeMap<u32, GpuRecord>>,
+    observed: Option<&Observation>,
+) -> Vec<pb::GpuStatus> {
+    node.inventory
+        .gpus
+        .iter()
+        .map(|g| {
+            let record = records.and_then(|r| r.get(&g.index));
+            let reading = observed.and_then(|o| o.report.gpus.iter().find(|r| r.index == g.index));
+            let faults = reading.map(|r| GpuFaults::from(&r.faults.unwrap_or_default()));
+            let (health, reason) = match (faults, observed) {
+                (Some(f), Some(o)) => {
+                    let baseline = record
+                        .map(|r| r.baseline_for(&o.instance))
+                        .unwrap_or_default();
+                    let (h, why) = assess(&f, &baseline);
+                    (h.as_str().to_string(), why)
+                }
+                _ => (
+                    "unknown".to_string(),
+                    "no heartbeat from the node yet".to_string(),
+                ),
+            };
+            let q = record.and_then(|r| r.quarantine.as_ref());
+            pb::GpuStatus {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                health,
+                reason,
+                quarantined: q.is_some(),
+                quarantine_reason: q.map(|q| q.reason.clone()).unwrap_or_default(),
+                quarantined_by: q.map(|q| q.by.as_str().to_string()).unwrap_or_default(),
+                quarantined_since_ms: q.map_or(0, |q| q.since_ms),
+                faults: faults.map(|f| (&f).into()),
+            }
+        })
+        .collect()
 }
 
 /// `CordonNode` and `UncordonNode`.
@@ -162,16 +230,121 @@ pub(super) async fn set_admin(
 ) -> Result<pb::NodeSummary, Status> {
     berth_common::names::validate_name("name", &name)
         .map_err(|e| berth_proto::grpc::invalid_argument(&e))?;
-    match nodes
+    write_node_command(nodes, crate::state::Command::SetNodeAdmin { name, admin }).await
+}
+
+/// The summary of `node` as this member sees it now.
+fn node_summary(nodes: &NodeTracker, node: &Node) -> pb::NodeSummary {
+    let observed = nodes.observation(&node.name);
+    let records = nodes
         .member
-        .write(crate::state::Command::SetNodeAdmin { name, admin })
-        .await
-        .map_err(status)?
-    {
-        crate::state::Outcome::Node(node) => {
-            let observed = nodes.observation(&node.name);
-            Ok(summary(&node, observed.as_ref(), Instant::now()))
+        .state
+        .read()
+        .state
+        .gpus
+        .get(&node.name)
+        .cloned();
+    summary(node, records.as_ref(), observed.as_ref(), Instant::now())
+}
+
+/// `QuarantineGpu`: an operator takes a GPU out of placement.
+pub(super) async fn quarantine_gpu(
+    nodes: &NodeTracker,
+    req: pb::QuarantineGpuRequest,
+) -> Result<pb::NodeSummary, Status> {
+    berth_common::names::validate_name("node", &req.node)
+        .map_err(|e| berth_proto::grpc::invalid_argument(&e))?;
+    let reason = match req.reason.trim() {
+        "" => "quarantined by an operator".to_string(),
+        r if r.len() > 256 => {
+            return Err(Status::invalid_argument(format!(
+                "reason is {} characters long: must be at most 256",
+                r.len()
+            )));
         }
+        r => r.to_string(),
+    };
+    let uuid = nodes
+        .member
+        .state
+        .read()
+        .state
+        .nodes
+        .get(&req.node)
+        .and_then(|n| n.inventory.gpus.iter().find(|g| g.index == req.gpu))
+        .map(|g| g.uuid.clone())
+        .unwrap_or_default();
+    let command = crate::state::Command::QuarantineGpu {
+        node: req.node.clone(),
+        gpu: req.gpu,
+        quarantine: Quarantine {
+            uuid,
+            reason,
+            by: QuarantinedBy::Operator,
+            since_ms: crate::member::now_ms(),
+            faults: None,
+        },
+    };
+    write_node_command(nodes, command).await
+}
+
+/// `ReleaseGpu`: an operator returns a quarantined GPU to placement.
+pub(super) async fn release_gpu(
+    nodes: &NodeTracker,
+    req: pb::ReleaseGpuRequest,
+) -> Result<pb::NodeSummary, Status> {
+    berth_common::names::validate_name("node", &req.node)
+        .map_err(|e| berth_proto::grpc::invalid_argument(&e))?;
+    let command = crate::state::Command::ReleaseGpu {
+        node: req.node,
+        gpu: req.gpu,
+    };
+    write_node_command(nodes, command).await
+}
+
+/// Writes a command whose outcome is a node, and answers its summary.
+async fn write_node_command(
+    nodes: &NodeTracker,
+    command: crate::state::Command,
+) -> Result<pb::NodeSummary, Status> {
+    match nodes.member.write(command).await.map_err(status)? {
+        crate::state::Outcome::Node(node) => Ok(node_summary(nodes, &node)),
         other => Err(unexpected(other)),
     }
+}
+
+/// `SimulateGpuFault`: relays the fault to the node's agent, which refuses
+/// it unless its GPUs are simulated.
+pub(super) async fn simulate_fault(
+    nodes: &NodeTracker,
+    req: pb::SimulateGpuFaultRequest,
+) -> Result<pb::Gpu, Status> {
+    berth_common::names::validate_name("node", &req.node)
+        .map_err(|e| berth_proto::grpc::invalid_argument(&e))?;
+    let node = nodes
+        .member
+        .state
+        .read()
+        .state
+        .nodes
+        .get(&req.node)
+        .cloned()
+        .ok_or_else(|| not_found(ObjectKind::Node, &req.node))?;
+    if !node.inventory.simulated() {
+        return Err(Status::failed_precondition(format!(
+            "node {}'s GPUs are real ({}): faults can only be injected into simulated GPUs (berth-agent --simulate-gpus)",
+            node.name, node.inventory.gpu_source
+        )));
+    }
+    let channel = nodes
+        .member
+        .dialer
+        .agent_channel(&node.addr, &node.name)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let mut call = grpc::for_node(&node.name, req);
+    call.set_timeout(AGENT_TIMEOUT);
+    AgentClient::new(channel)
+        .simulate_gpu_fault(call)
+        .await
+        .map(tonic::Response::into_inner)
 }

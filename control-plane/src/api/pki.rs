@@ -7,13 +7,15 @@
 //! certificate is recorded, and a join token's use spent, through Raft
 //! before the certificate is handed out, so a used-up token never buys one.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_common::names::validate_name;
 use berth_common::security::{IssuedCert, Role, TokenRecord};
 use berth_proto::auth::{
-    AuthError, Authenticate, BAD_TOKEN, Principal, Token, Via, caller, certificate_role,
+    AuthError, Authenticate, BAD_TOKEN, CatchUp, Principal, Token, Via, caller, certificate_role,
 };
 use berth_proto::grpc::invalid_argument;
 use berth_proto::pki::{Ca, Identity, LeafInfo};
@@ -284,14 +286,20 @@ pub async fn revoke_token(member: &Member, id: String) -> Result<(), Status> {
 pub struct ClusterAuth {
     state: StateView,
     ca_fingerprint: String,
+    /// The member whose state this is, once it runs: a refused token is
+    /// judged again after a read barrier, because this member may not have
+    /// applied a token the leader already acknowledged.
+    member: Arc<OnceLock<Member>>,
 }
 
 impl ClusterAuth {
-    /// Judges by `state`; tokens must pin the CA with `ca_fingerprint`.
-    pub fn new(state: StateView, ca_fingerprint: String) -> Self {
+    /// Judges by `state`; tokens must pin the CA with `ca_fingerprint`;
+    /// catches up through the member put in `member` once it exists.
+    pub fn new(state: StateView, ca_fingerprint: String, member: Arc<OnceLock<Member>>) -> Self {
         ClusterAuth {
             state,
             ca_fingerprint,
+            member,
         }
     }
 }
@@ -316,6 +324,19 @@ impl Authenticate for ClusterAuth {
             } else {
                 Via::Token(record.id.clone())
             },
+        })
+    }
+
+    fn catch_up(&self) -> Pin<Box<dyn Future<Output = CatchUp> + Send>> {
+        let Some(member) = self.member.get().cloned() else {
+            return Box::pin(std::future::ready(CatchUp::Current));
+        };
+        // Even a leader may not have applied all it committed (just elected).
+        Box::pin(async move {
+            match member.read_barrier(false).await {
+                Ok(()) => CatchUp::CaughtUp,
+                Err(e) => CatchUp::Failed(e.to_string()),
+            }
         })
     }
 

@@ -25,14 +25,14 @@ use super::{
 };
 use crate::events::EventLog;
 use crate::state::legacy::{
-    ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4, ClusterStateV5,
+    ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4, ClusterStateV5, ClusterStateV6,
 };
 use crate::state::{self, ClusterState, Outcome};
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
 /// The snapshot format this build writes (it also reads every earlier one).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 7;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// What a snapshot holds after its header.
@@ -70,6 +70,13 @@ struct SnapshotBodyV3 {
 struct SnapshotBodyV4 {
     meta: SnapshotMeta,
     state: ClusterStateV4,
+}
+
+/// Format 6 of the body: a state without GPU quarantines.
+#[derive(Debug, Clone, Deserialize)]
+struct SnapshotBodyV6 {
+    meta: SnapshotMeta,
+    state: ClusterStateV6,
 }
 
 /// Format 5 of the body: a state without retired replica ordinals.
@@ -167,6 +174,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotBody, SnapshotError> {
             Ok(SnapshotBody {
                 meta: v5.meta,
                 state: v5.state.into(),
+            })
+        }
+        6 => {
+            let v6: SnapshotBodyV6 = decode(body)?;
+            Ok(SnapshotBody {
+                meta: v6.meta,
+                state: v6.state.into(),
             })
         }
         SNAPSHOT_FORMAT_VERSION => Ok(decode(body)?),

@@ -12,10 +12,13 @@
 //! (checked at most every `CONFIRM_EVERY`), so an old leader cut off from
 //! its peers sends the agents away instead of keeping them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use berth_common::gpu_health::{
+    GpuFaults, GpuHealth, GpuRecord, Quarantine, QuarantinedBy, assess,
+};
 use berth_common::{NodeRegistration, NodeState};
 use berth_proto::v1 as pb;
 use tokio::time::Instant;
@@ -269,7 +272,7 @@ impl NodeTracker {
         &self,
         report: pb::HeartbeatRequest,
     ) -> Result<Option<HeartbeatAnswer>, MemberError> {
-        let (epoch, instance, node_state, desired, version) = {
+        let (epoch, instance, node_state, desired, version, gpu_records, uuids) = {
             let applied = self.member.state.read();
             let s = &applied.state;
             let Some(node) = s.nodes.get(&report.node) else {
@@ -288,15 +291,23 @@ impl NodeTracker {
                 node.state,
                 desired,
                 version,
+                s.gpus.get(&report.node).cloned().unwrap_or_default(),
+                node.inventory
+                    .gpus
+                    .iter()
+                    .map(|g| (g.index, g.uuid.clone()))
+                    .collect::<HashMap<u32, String>>(),
             )
         };
+        let quarantines = gpu_quarantines(&report, &gpu_records, &uuids);
         let name = report.node.clone();
         let events = match self.observed.lock() {
             Ok(mut observed) => {
-                let events = observed
-                    .get(&name)
-                    .map(|before| phase_events(&name, &before.report, &report))
+                let before = observed.get(&name).map(|b| &b.report);
+                let mut events = before
+                    .map(|before| phase_events(&name, before, &report))
                     .unwrap_or_default();
+                events.extend(gpu_health_events(&name, before, &report, &gpu_records));
                 let o = Observation {
                     at: Instant::now(),
                     instance: report.instance.clone(),
@@ -308,6 +319,17 @@ impl NodeTracker {
             Err(_) => Vec::new(),
         };
         self.member.events.extend(events);
+        for (gpu, quarantine) in quarantines {
+            tracing::warn!(node = %name, gpu, reason = %quarantine.reason, "GPU is unhealthy: quarantining it");
+            let command = Command::QuarantineGpu {
+                node: name.clone(),
+                gpu,
+                quarantine,
+            };
+            if let Err(e) = self.member.write(command).await {
+                tracing::warn!(node = %name, gpu, error = %e, "could not quarantine the GPU; the next heartbeat retries");
+            }
+        }
         if node_state == NodeState::Down {
             tracing::info!(node = %name, "node is heartbeating again: ready");
             self.member
@@ -434,6 +456,92 @@ fn phase_events(
                 },
                 kind: "replica",
                 object: r.id.clone(),
+                message,
+            })
+        })
+        .collect()
+}
+
+/// The quarantines a heartbeat calls for: each GPU whose faults, beyond the
+/// baseline of its last release, make it unhealthy or lost, and that is not
+/// quarantined already.
+fn gpu_quarantines(
+    report: &pb::HeartbeatRequest,
+    records: &BTreeMap<u32, GpuRecord>,
+    uuids: &HashMap<u32, String>,
+) -> Vec<(u32, Quarantine)> {
+    report
+        .gpus
+        .iter()
+        .filter_map(|g| {
+            let record = records.get(&g.index);
+            if record.is_some_and(|r| r.quarantine.is_some()) {
+                return None;
+            }
+            let faults = GpuFaults::from(&g.faults.unwrap_or_default());
+            let baseline = record
+                .map(|r| r.baseline_for(&report.instance))
+                .unwrap_or_default();
+            let (health, reason) = assess(&faults, &baseline);
+            health.quarantines().then(|| {
+                (
+                    g.index,
+                    Quarantine {
+                        uuid: uuids.get(&g.index).cloned().unwrap_or_default(),
+                        reason: format!("{health}: {reason}"),
+                        by: QuarantinedBy::Health,
+                        since_ms: crate::member::now_ms(),
+                        faults: Some((report.instance.clone(), faults)),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Events for the GPUs whose health changed between two heartbeats of
+/// `node` (the first heartbeat counts from healthy).
+fn gpu_health_events(
+    node: &str,
+    before: Option<&pb::HeartbeatRequest>,
+    now: &pb::HeartbeatRequest,
+    records: &BTreeMap<u32, GpuRecord>,
+) -> Vec<crate::events::Event> {
+    let health = |report: &pb::HeartbeatRequest, index: u32| {
+        let g = report.gpus.iter().find(|g| g.index == index)?;
+        let baseline = records
+            .get(&index)
+            .map(|r| r.baseline_for(&report.instance))
+            .unwrap_or_default();
+        Some(assess(
+            &GpuFaults::from(&g.faults.unwrap_or_default()),
+            &baseline,
+        ))
+    };
+    let at_ms = crate::member::now_ms();
+    now.gpus
+        .iter()
+        .filter_map(|g| {
+            let (state, reason) = health(now, g.index)?;
+            let was = before
+                .and_then(|b| health(b, g.index))
+                .map_or(GpuHealth::Healthy, |(h, _)| h);
+            if state == was {
+                return None;
+            }
+            let message = if state == GpuHealth::Healthy {
+                format!(
+                    "gpu {} of node {node} is healthy again (was {was})",
+                    g.index
+                )
+            } else {
+                format!("gpu {} of node {node} is {state}: {reason}", g.index)
+            };
+            Some(crate::events::Event {
+                at_ms,
+                severity: if state > was { "warning" } else { "info" },
+                kind: "gpu",
+                object: format!("{node}/{}", g.index),
                 message,
             })
         })

@@ -3,7 +3,7 @@
 //! pending replicas become `Request`s (grouped by their deployment's
 //! policy), and the binds become the `PlanBind`s of an `ApplyPlan` command,
 //! which `apply` re-validates. MIG GPUs are left out: Berth does not split
-//! or share them.
+//! or share them; so are quarantined GPUs.
 
 use std::collections::BTreeMap;
 
@@ -12,19 +12,21 @@ use berth_common::{GpuSlice, PlacementPolicy, Replica, ReplicaIntent};
 use crate::scheduler::{
     self, Cluster, Config, Explanation, Gpu, GpuUse, Policy, QueueOrder, Request, Workload,
 };
-use crate::state::{ClusterState, PlanBind, capacity};
+use crate::state::{ClusterState, PlanBind, capacity, gpus};
 
 /// The scheduler's view of the cluster.
 pub fn cluster(state: &ClusterState) -> Cluster {
     let usage = capacity::usage(state.replicas.values());
+    let quarantined = gpus::quarantined(state);
     let mut nodes = BTreeMap::new();
     for (name, n) in &state.nodes {
         let used = usage.get(name).cloned().unwrap_or_default();
+        let out = quarantined.get(name.as_str());
         let gpus = n
             .inventory
             .gpus
             .iter()
-            .filter(|g| !g.mig_enabled)
+            .filter(|g| !g.mig_enabled && !out.is_some_and(|q| q.contains(&g.index)))
             .map(|g| {
                 let u = used.gpus.get(&g.index).copied().unwrap_or_default();
                 Gpu {

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use super::nodes::NodeTracker;
 use super::placement;
 use crate::member::Member;
-use crate::state::{ClusterState, Command, Outcome};
+use crate::state::{ClusterState, Command, Outcome, gpus};
 
 /// How often the loop runs when nothing wakes it.
 const PASS_EVERY: Duration = Duration::from_millis(250);
@@ -492,9 +492,11 @@ impl Replicas {
                 steps.extend(rollout_step(d, replicas, &phase, &waited, self.deadline));
                 steps.extend(self.replace_failing(d, replicas, &reported_of, now));
             }
-            // Drains: each replica on a draining node gets a replacement
-            // first, and stops once that one runs (or found no place in time).
+            // Drains, and quarantined GPUs: each replica on a draining node
+            // or a quarantined GPU gets a replacement first, and stops once
+            // that one runs (or found no place in time).
             let now_ms = crate::member::now_ms();
+            let mut moving: Vec<&Replica> = Vec::new();
             for node in state
                 .nodes
                 .values()
@@ -512,30 +514,41 @@ impl Replicas {
                     });
                     continue;
                 }
-                for r in on {
-                    if r.counts() {
-                        steps.push(Command::EvacuateReplica { id: r.id.clone() });
-                        continue;
+                moving.extend(on);
+            }
+            if !state.gpus.is_empty() {
+                let off_gpu: Vec<&Replica> = state
+                    .replicas
+                    .values()
+                    .filter(|r| {
+                        gpus::on_quarantined_gpu(state, r) && !moving.iter().any(|m| m.id == r.id)
+                    })
+                    .collect();
+                moving.extend(off_gpu);
+            }
+            for r in moving {
+                if r.counts() {
+                    steps.push(Command::EvacuateReplica { id: r.id.clone() });
+                    continue;
+                }
+                if !r.evacuating || r.intent != ReplicaIntent::Run {
+                    continue;
+                }
+                let replacement = state
+                    .replicas
+                    .values()
+                    .find(|x| x.replaces.as_deref() == Some(r.id.as_str()));
+                let done = match replacement {
+                    None => true,
+                    Some(x) => {
+                        x.intent != ReplicaIntent::Run
+                            || phase(x).is_some_and(|(p, _, _)| p == "running")
+                            || Duration::from_millis(now_ms.saturating_sub(x.created_at_ms))
+                                > self.deadline
                     }
-                    if !r.evacuating || r.intent != ReplicaIntent::Run {
-                        continue;
-                    }
-                    let replacement = state
-                        .replicas
-                        .values()
-                        .find(|x| x.replaces.as_deref() == Some(r.id.as_str()));
-                    let done = match replacement {
-                        None => true,
-                        Some(x) => {
-                            x.intent != ReplicaIntent::Run
-                                || phase(x).is_some_and(|(p, _, _)| p == "running")
-                                || Duration::from_millis(now_ms.saturating_sub(x.created_at_ms))
-                                    > self.deadline
-                        }
-                    };
-                    if done {
-                        steps.push(Command::FinishEvacuation { id: r.id.clone() });
-                    }
+                };
+                if done {
+                    steps.push(Command::FinishEvacuation { id: r.id.clone() });
                 }
             }
             steps

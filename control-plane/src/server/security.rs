@@ -7,7 +7,7 @@
 //! only if they are still 0600.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -42,6 +42,9 @@ pub struct Security {
     pub signer: Option<Arc<Signer>>,
     /// This member's certificate (None with `--insecure`).
     pub credentials: Option<Arc<Credentials>>,
+    /// Where the authorization layer finds the member once it runs (to
+    /// catch up before it refuses a token).
+    pub member: Arc<OnceLock<Member>>,
 }
 
 /// What bootstrap made for people.
@@ -80,6 +83,7 @@ pub async fn prepare(
             dialer: Dialer::Insecure,
             signer: None,
             credentials: None,
+            member: Arc::default(),
         });
     }
     let files = TlsFiles::under(&config.data_dir);
@@ -121,7 +125,12 @@ pub async fn prepare(
     });
     heal_if_expired(&credentials, &files, &signer, identity, SystemTime::now())?;
     let leaf = credentials.leaf();
-    let gate = Gate::new(Arc::new(ClusterAuth::new(state, signer.ca.fingerprint())));
+    let member = Arc::new(OnceLock::new());
+    let gate = Gate::new(Arc::new(ClusterAuth::new(
+        state,
+        signer.ca.fingerprint(),
+        member.clone(),
+    )));
     let dialer = Dialer::with_credentials(credentials.clone())?;
     tracing::info!(
         member = identity.id,
@@ -138,6 +147,7 @@ pub async fn prepare(
         dialer,
         signer: Some(signer),
         credentials: Some(credentials),
+        member,
     })
 }
 

@@ -303,6 +303,14 @@ pub(super) fn apply_plan(
                     node.display_state()
                 )));
             }
+            if let Some((index, q)) = b.gpus.iter().find_map(|g| {
+                super::gpus::quarantine(state, &b.node, g.index).map(|q| (g.index, q))
+            }) {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "gpu {index} of node {} is quarantined ({}): nothing new is placed there",
+                    b.node, q.reason
+                )));
+            }
             let node_use = usage.entry(b.node.clone()).or_default();
             if let Some(why) = node_use.refuse(node, replica, &b.gpus) {
                 return Err(Rejection::FailedPrecondition(format!("stale plan: {why}")));
@@ -740,7 +748,7 @@ fn add_replicas(state: &mut ClusterState, name: &str, count: usize, at_ms: u64) 
     added
 }
 
-/// Starts moving a replica off its draining node: it stops counting toward
+/// Starts moving a replica off its draining node or quarantined GPU: it stops counting toward
 /// its deployment and a replacement is added (placed elsewhere); the
 /// replica itself stops once `FinishEvacuation` says so.
 pub(super) fn evacuate(
@@ -756,9 +764,10 @@ pub(super) fn evacuate(
         .as_ref()
         .and_then(|n| state.nodes.get(n))
         .is_some_and(|n| n.admin == NodeAdmin::Draining);
-    if !on_draining || !r.counts() {
+    let must_move = on_draining || super::gpus::on_quarantined_gpu(state, r);
+    if !must_move || !r.counts() {
         return Err(Rejection::FailedPrecondition(format!(
-            "replica {id} is not a running replica on a draining node"
+            "replica {id} is not a running replica on a draining node or a quarantined GPU"
         )));
     }
     let deployment = r.deployment.clone();
@@ -824,11 +833,22 @@ pub(super) fn replace_failed(
 }
 
 /// A node stops draining (uncordoned or cordoned): its replicas that were
-/// moving away stay, and each deployment goes back to its count.
+/// moving away stay (unless a quarantined GPU still sends them away), and
+/// each deployment goes back to its count.
 pub(super) fn stop_evacuations(state: &mut ClusterState, node: &str, at_ms: u64) {
     let mut deployments = Vec::new();
+    let quarantined: Vec<String> = state
+        .replicas
+        .values()
+        .filter(|r| super::gpus::on_quarantined_gpu(state, r))
+        .map(|r| r.id.clone())
+        .collect();
     for r in state.replicas.values_mut() {
-        if r.node.as_deref() == Some(node) && r.evacuating && r.intent == ReplicaIntent::Run {
+        if r.node.as_deref() == Some(node)
+            && r.evacuating
+            && r.intent == ReplicaIntent::Run
+            && !quarantined.contains(&r.id)
+        {
             r.evacuating = false;
             if !deployments.contains(&r.deployment) {
                 deployments.push(r.deployment.clone());

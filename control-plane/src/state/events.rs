@@ -111,6 +111,33 @@ fn describe_into(
             }
             out.push(e);
         }
+        (
+            Command::QuarantineGpu {
+                node,
+                gpu,
+                quarantine,
+            },
+            _,
+        ) => {
+            let mut e = event(
+                at,
+                "node",
+                node,
+                format!(
+                    "gpu {gpu} of node {node} quarantined by {}: {}; its replicas move to other GPUs",
+                    quarantine.by.as_str(),
+                    quarantine.reason
+                ),
+            );
+            e.severity = "warning";
+            out.push(e);
+        }
+        (Command::ReleaseGpu { node, gpu }, _) => out.push(event(
+            at,
+            "node",
+            node,
+            format!("gpu {gpu} of node {node} released: replicas may be placed on it again"),
+        )),
         (Command::SetNodeAdmin { name, admin }, _) => out.push(event(
             at,
             "node",

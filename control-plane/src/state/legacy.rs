@@ -157,6 +157,50 @@ impl From<ClusterStateV5> for ClusterState {
             // Deployments deleted before format 6 left no ordinals: their
             // names start at 1 again, as they did then.
             retired_ordinals: BTreeMap::new(),
+            gpus: BTreeMap::new(),
+        }
+    }
+}
+
+/// The state of snapshot format 6: no GPU quarantines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStateV6 {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replicas by id.
+    pub replicas: BTreeMap<String, Replica>,
+    /// The state version.
+    pub version: u64,
+    /// Tokens, certificates, revocations.
+    pub security: SecurityState,
+    /// Alias → deployment.
+    pub aliases: BTreeMap<String, String>,
+    /// Autoscaling policies by deployment.
+    pub autoscale: BTreeMap<String, berth_common::AutoscalePolicy>,
+    /// Measured load times.
+    pub load_times: BTreeMap<String, BTreeMap<String, super::load_times::LoadTime>>,
+    /// The next replica ordinal of each deleted deployment.
+    pub retired_ordinals: BTreeMap<String, u64>,
+}
+
+impl From<ClusterStateV6> for ClusterState {
+    fn from(v6: ClusterStateV6) -> Self {
+        ClusterState {
+            models: v6.models,
+            nodes: v6.nodes,
+            deployments: v6.deployments,
+            replicas: v6.replicas,
+            version: v6.version,
+            security: v6.security,
+            aliases: v6.aliases,
+            autoscale: v6.autoscale,
+            load_times: v6.load_times,
+            retired_ordinals: v6.retired_ordinals,
+            gpus: BTreeMap::new(),
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use berth_common::gpu_health::{GpuRecord, Quarantine};
 use berth_common::security::{IssuedCert, TokenRecord};
 use berth_common::{
     AutoscalePolicy, Deployment, DeploymentRequest, Model, ModelVersion, ModelVersionSpec, Node,
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub mod capacity;
 pub mod deployments;
 pub mod events;
+pub mod gpus;
 pub mod legacy;
 pub mod load_times;
 mod nodes;
@@ -62,6 +64,9 @@ pub struct ClusterState {
     /// replicas (a reused id would overwrite a record still holding its GPU,
     /// and agents refuse an id and generation they already stopped).
     pub retired_ordinals: BTreeMap<String, u64>,
+    /// Quarantines and release baselines of GPUs, by node and GPU index
+    /// (snapshot format 7); a GPU without a record was never quarantined.
+    pub gpus: BTreeMap<String, BTreeMap<u32, GpuRecord>>,
 }
 
 /// A change to the cluster state, as written to the Raft log.
@@ -269,6 +274,23 @@ pub enum Command {
     },
     /// Measured load times of replicas that became ready.
     RecordLoadTimes(Vec<load_times::LoadTimeSample>),
+    /// Takes a GPU out of placement (the leader from its agent's readings,
+    /// or an operator); its replicas move away. Refused when it is already.
+    QuarantineGpu {
+        /// The node.
+        node: String,
+        /// The GPU's index on the node.
+        gpu: u32,
+        /// Why, by whom, and the faults that led to it.
+        quarantine: Quarantine,
+    },
+    /// Returns a quarantined GPU to placement (an operator's decision).
+    ReleaseGpu {
+        /// The node.
+        node: String,
+        /// The GPU's index on the node.
+        gpu: u32,
+    },
 }
 
 impl Command {
@@ -306,6 +328,8 @@ impl Command {
             Command::SetAutoscale { .. } => "set_autoscale",
             Command::Autoscale { .. } => "autoscale",
             Command::RecordLoadTimes(_) => "record_load_times",
+            Command::QuarantineGpu { .. } => "quarantine_gpu",
+            Command::ReleaseGpu { .. } => "release_gpu",
         }
     }
 }
@@ -556,6 +580,12 @@ fn apply_one(state: &mut ClusterState, request: Request) -> Result<Outcome, Reje
             ..
         } => deployments::autoscale(state, &name, from, to, &prefer, at_ms),
         Command::RecordLoadTimes(samples) => load_times::record(state, samples),
+        Command::QuarantineGpu {
+            node,
+            gpu,
+            quarantine,
+        } => gpus::quarantine_gpu(state, &node, gpu, quarantine),
+        Command::ReleaseGpu { node, gpu } => gpus::release_gpu(state, &node, gpu),
         Command::SetNodeState {
             name,
             from,

@@ -141,6 +141,7 @@ pub(super) fn remove(
     }
     super::deployments::forget_replicas_on(state, name, at_ms);
     state.nodes.remove(name);
+    state.gpus.remove(name);
     super::security::revoke_identity(state, &format!("node {name}"));
     Ok(Outcome::Deleted)
 }
@@ -163,6 +164,11 @@ pub(super) fn check_invariants(state: &ClusterState) -> Result<(), String> {
         registration
             .validate()
             .map_err(|e| format!("node {name:?}: {e}"))?;
+    }
+    for node in state.gpus.keys() {
+        if !state.nodes.contains_key(node) {
+            return Err(format!("gpu records of node {node:?}, which is not a node"));
+        }
     }
     Ok(())
 }

@@ -721,6 +721,26 @@ fn arb_node_command() -> impl Strategy<Value = Command> {
                 _ => NodeAdmin::Drained,
             },
         }),
+        (node.clone(), 0u32..3, any::<bool>()).prop_map(|(n, gpu, release)| {
+            if release {
+                Command::ReleaseGpu {
+                    node: n.into(),
+                    gpu,
+                }
+            } else {
+                Command::QuarantineGpu {
+                    node: n.into(),
+                    gpu,
+                    quarantine: berth_common::gpu_health::Quarantine {
+                        uuid: format!("GPU-simulated-{gpu}"),
+                        reason: "test".into(),
+                        by: berth_common::gpu_health::QuarantinedBy::Operator,
+                        since_ms: 1,
+                        faults: None,
+                    },
+                }
+            }
+        }),
         (node, instance, any::<bool>(), any::<bool>()).prop_map(|(n, i, down, from_down)| {
             let state = |d| if d { NodeState::Down } else { NodeState::Ready };
             Command::SetNodeState {
@@ -1552,8 +1572,8 @@ fn a_deployment_created_again_never_reuses_a_replica_id() {
     assert_eq!(state.retired_ordinals["again"], 5);
     let fresh = postcard::to_stdvec(&state).unwrap();
     let stored = fixture("state-v6.postcard", &fresh);
-    let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
-    assert_eq!(decoded, state);
+    let decoded: legacy::ClusterStateV6 = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(ClusterState::from(decoded), state);
 }
 
 /// An autoscaled deployment's count belongs to the autoscaler: a person's
@@ -1685,4 +1705,180 @@ fn batch_fixture_stays_readable() {
     assert_eq!(results.len(), 5);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(state.models.len(), 1);
+}
+
+/// GPU quarantine (appended in format 7): a quarantined GPU takes no new
+/// replica (a stale plan's bind on it is refused, and the scheduler's view
+/// leaves it out), its replica moves away like one on a draining node (a
+/// replacement first, then the stop), a second quarantine is refused, and a
+/// release makes the faults that led to it the baseline. The commands and a
+/// state holding a quarantine stay readable.
+#[test]
+fn a_quarantined_gpu_takes_nothing_new_and_its_replicas_move_away() {
+    use berth_common::gpu_health::{GpuFaults, Quarantine, QuarantinedBy};
+    let mut requests = fixture_requests();
+    requests.push(Request {
+        at_ms: 1_700_000_800_000,
+        command: Command::RegisterNode(registration("gpu-1", "i1", 2)),
+    });
+    requests.push(Request {
+        at_ms: 1_700_000_801_000,
+        command: Command::CreateDeployment {
+            name: "chat".into(),
+            request: DeploymentRequest {
+                model: "llama".into(),
+                version: "v2".into(),
+                replicas: 1,
+                resources: ResourceOverrides {
+                    gpus: Some(1),
+                    gpu_memory_mib: Some(20 * 1024),
+                    ..ResourceOverrides::default()
+                },
+                policy: PlacementPolicy::Default,
+                selector: Labels::new(),
+                gpu_model: None,
+                priority: 0,
+                max_surge: 1,
+                max_unavailable: 0,
+            },
+        },
+    });
+    let bind = |replica: &str, gpu: u32| PlanBind {
+        replica: replica.into(),
+        node: "gpu-1".into(),
+        gpus: vec![GpuSlice {
+            index: gpu,
+            milli: 1000,
+            memory_mib: 20 * 1024,
+        }],
+    };
+    requests.push(Request {
+        at_ms: 1_700_000_802_000,
+        command: Command::ApplyPlan(vec![bind("chat-1", 0)]),
+    });
+    let mut xid79 = GpuFaults::default();
+    xid79.record_xid(79);
+    let quarantine = Quarantine {
+        uuid: "GPU-simulated-0".into(),
+        reason: "unhealthy: 1 critical XID events, last XID 79".into(),
+        by: QuarantinedBy::Health,
+        since_ms: 1_700_000_803_000,
+        faults: Some(("i1".into(), xid79)),
+    };
+    let gpu_commands = vec![
+        Command::QuarantineGpu {
+            node: "gpu-1".into(),
+            gpu: 0,
+            quarantine: quarantine.clone(),
+        },
+        Command::ReleaseGpu {
+            node: "gpu-1".into(),
+            gpu: 0,
+        },
+    ];
+    let fresh = postcard::to_stdvec(&gpu_commands).unwrap();
+    let stored = fixture("requests-v6.postcard", &fresh);
+    let decoded: Vec<Command> = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, gpu_commands);
+
+    let (mut state, results) = replay(&requests);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let run = |state: &mut ClusterState, command| {
+        let r = apply(
+            state,
+            Request {
+                at_ms: 1_700_000_810_000,
+                command,
+            },
+        );
+        check_invariants(state).expect("invariants hold");
+        r
+    };
+    let e = run(
+        &mut state,
+        Command::EvacuateReplica {
+            id: "chat-1".into(),
+        },
+    )
+    .expect_err("nothing to move away from yet");
+    assert!(e.to_string().contains("quarantined GPU"), "{e}");
+    run(&mut state, gpu_commands[0].clone()).expect("quarantined");
+    assert!(gpus::on_quarantined_gpu(&state, &state.replicas["chat-1"]));
+    let view = crate::reconciler::placement::cluster(&state);
+    let left: Vec<u32> = view.nodes["gpu-1"].gpus.iter().map(|g| g.index).collect();
+    assert_eq!(left, [1], "the scheduler does not see the quarantined GPU");
+    let e = run(&mut state, gpu_commands[0].clone()).expect_err("already");
+    assert!(e.to_string().contains("already quarantined"), "{e}");
+    let e = run(
+        &mut state,
+        Command::QuarantineGpu {
+            node: "gpu-1".into(),
+            gpu: 7,
+            quarantine: quarantine.clone(),
+        },
+    )
+    .expect_err("no such GPU");
+    assert!(
+        e.to_string().contains("gpu") && e.to_string().contains('7'),
+        "{e}"
+    );
+
+    run(
+        &mut state,
+        Command::EvacuateReplica {
+            id: "chat-1".into(),
+        },
+    )
+    .expect("moves away");
+    let replacement = state
+        .replicas
+        .values()
+        .find(|r| r.replaces.as_deref() == Some("chat-1"))
+        .expect("a replacement")
+        .id
+        .clone();
+    let plan = |gpu| Command::ApplyPlan(vec![bind(&replacement, gpu)]);
+    match run(&mut state, plan(0)).expect("a plan is an answer") {
+        Outcome::Plan(results) => {
+            let e = results[0].clone().expect_err("not on the quarantined GPU");
+            assert!(e.to_string().contains("quarantined"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match run(&mut state, plan(1)).expect("a plan is an answer") {
+        Outcome::Plan(results) => assert!(results[0].is_ok(), "{results:?}"),
+        other => panic!("{other:?}"),
+    }
+    run(
+        &mut state,
+        Command::FinishEvacuation {
+            id: "chat-1".into(),
+        },
+    )
+    .expect("stops once replaced");
+    assert_eq!(state.replicas["chat-1"].intent, ReplicaIntent::Remove);
+
+    let fresh = postcard::to_stdvec(&state).unwrap();
+    let stored = fixture("state-v7.postcard", &fresh);
+    let decoded: ClusterState = postcard::from_bytes(&stored).unwrap();
+    assert_eq!(decoded, state);
+
+    run(&mut state, gpu_commands[1].clone()).expect("released");
+    let record = gpus::record(&state, "gpu-1", 0).expect("a record");
+    assert!(record.quarantine.is_none());
+    assert_eq!(record.baseline_for("i1"), xid79);
+    let e = run(&mut state, gpu_commands[1].clone()).expect_err("not quarantined");
+    assert!(e.to_string().contains("not quarantined"), "{e}");
+    run(
+        &mut state,
+        Command::RemoveNode {
+            name: "gpu-1".into(),
+            force: true,
+        },
+    )
+    .expect("removed");
+    assert!(
+        state.gpus.is_empty(),
+        "a removed node's GPU records go with it"
+    );
 }

@@ -10,6 +10,7 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use berth_common::gpu_health::{GpuFaults, GpuHealth, assess};
 use berth_common::{GpuDevice, GpuSource, NodeInventory};
 use berth_proto::v1;
 
@@ -26,6 +27,8 @@ enum Gpus {
     Simulated {
         spec: String,
         devices: Vec<GpuDevice>,
+        /// Injected faults, by position in `devices`.
+        faults: Vec<GpuFaults>,
     },
     None {
         reason: String,
@@ -61,6 +64,7 @@ impl Inventory {
                 );
                 Gpus::Simulated {
                     spec: spec.to_string(),
+                    faults: vec![GpuFaults::default(); devices.len()],
                     devices,
                 }
             }
@@ -98,9 +102,13 @@ impl Inventory {
     ) -> Result<Self, berth_common::ValidationError> {
         Ok(Inventory {
             node: node.to_string(),
-            gpus: Gpus::Simulated {
-                spec: format!("{gpus}, hollow agent of berth bench"),
-                devices: simulated::parse_spec(gpus, node)?,
+            gpus: {
+                let devices = simulated::parse_spec(gpus, node)?;
+                Gpus::Simulated {
+                    spec: format!("{gpus}, hollow agent of berth bench"),
+                    faults: vec![GpuFaults::default(); devices.len()],
+                    devices,
+                }
             },
             system: SystemReader::hollow(cpus, memory_mib),
             cgroups: "none: hollow agent of berth bench, no processes".into(),
@@ -149,14 +157,53 @@ impl Inventory {
         }
     }
 
+    /// Injects a fault into a simulated GPU; refused for real GPUs and for
+    /// an index the node does not have. The next readings show it.
+    pub fn simulate_fault(&mut self, req: &v1::SimulateGpuFaultRequest) -> Result<(), String> {
+        let Gpus::Simulated {
+            devices, faults, ..
+        } = &mut self.gpus
+        else {
+            return Err(format!(
+                "node {}'s GPUs are not simulated ({}): faults can only be injected into simulated GPUs (berth-agent --simulate-gpus)",
+                self.node,
+                self.source()
+            ));
+        };
+        let Some(i) = devices.iter().position(|d| d.index == req.gpu) else {
+            return Err(format!(
+                "gpu {} does not exist on node {}: it has {} GPUs (indices 0-{})",
+                req.gpu,
+                self.node,
+                devices.len(),
+                devices.len().saturating_sub(1)
+            ));
+        };
+        let f = &mut faults[i];
+        if req.clear {
+            *f = GpuFaults::default();
+        }
+        if let Some(xid) = req.xid {
+            f.record_xid(xid);
+        }
+        f.ecc_uncorrected = f.ecc_uncorrected.saturating_add(req.ecc_uncorrected);
+        f.remap_pending |= req.remap_pending;
+        f.lost |= req.lost;
+        tracing::warn!(gpu = req.gpu, faults = ?f, "SIMULATED GPU fault injected");
+        Ok(())
+    }
+
     /// Takes fresh readings. Blocking (NVML, /proc): call it from a blocking thread.
     pub fn refresh(&mut self, allocations: &Allocations) -> v1::Inventory {
         let started = Instant::now();
         let gpus = match &self.gpus {
             Gpus::Nvml(n) => n.read(),
-            Gpus::Simulated { devices, .. } => devices
+            Gpus::Simulated {
+                devices, faults, ..
+            } => devices
                 .iter()
-                .map(|d| simulated_reading(d, allocations))
+                .zip(faults)
+                .map(|(d, f)| simulated_reading(d, f, allocations))
                 .collect(),
             Gpus::None { .. } => Vec::new(),
         };
@@ -209,6 +256,14 @@ impl SharedInventory {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Injects a fault into a simulated GPU (see [`Inventory::simulate_fault`]).
+    pub fn simulate_fault(&self, req: &v1::SimulateGpuFaultRequest) -> Result<(), String> {
+        self.source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .simulate_fault(req)
+    }
+
     /// Takes fresh readings on a blocking thread and keeps them as the latest.
     pub async fn refresh(self: &std::sync::Arc<Self>, allocations: Allocations) -> v1::Inventory {
         let me = self.clone();
@@ -232,7 +287,15 @@ impl SharedInventory {
     }
 }
 
-fn simulated_reading(d: &GpuDevice, allocations: &Allocations) -> v1::Gpu {
+/// The `health` text of a reading: "ok", or the state and why.
+pub fn health_text(faults: &GpuFaults) -> String {
+    match assess(faults, &GpuFaults::default()) {
+        (GpuHealth::Healthy, _) => "ok".into(),
+        (health, reason) => format!("{health}: {reason}"),
+    }
+}
+
+fn simulated_reading(d: &GpuDevice, faults: &GpuFaults, allocations: &Allocations) -> v1::Gpu {
     let used: u64 = allocations
         .iter()
         .filter(|(i, _)| *i == d.index)
@@ -249,7 +312,8 @@ fn simulated_reading(d: &GpuDevice, allocations: &Allocations) -> v1::Gpu {
         mig_mode: "disabled".into(),
         locality: d.locality,
         simulated: true,
-        health: "ok".into(),
+        health: health_text(faults),
+        faults: Some(faults.into()),
         ..Default::default()
     }
 }
@@ -264,6 +328,7 @@ pub fn heartbeat_readings(inv: &v1::Inventory) -> Vec<v1::GpuReading> {
             utilization_percent: g.utilization_percent,
             temperature_c: g.temperature_c,
             health: g.health.clone(),
+            faults: g.faults,
         })
         .collect()
 }
@@ -292,6 +357,50 @@ mod tests {
         );
         assert!(r.gpus.iter().all(|g| g.simulated));
         assert_eq!(heartbeat_readings(&r).len(), 2);
+    }
+
+    /// Faults go into simulated GPUs only, show in the readings and the
+    /// heartbeat, and a clear resets them (a GPU reset).
+    #[test]
+    fn faults_are_injected_into_simulated_gpus_only() {
+        let mut inv =
+            Inventory::open("n1", Some("2xA100-80GB"), "unavailable: test".into()).expect("open");
+        let fault = |gpu, xid| v1::SimulateGpuFaultRequest {
+            node: "n1".into(),
+            gpu,
+            xid,
+            ..Default::default()
+        };
+        inv.simulate_fault(&fault(1, Some(79))).expect("injected");
+        let r = inv.refresh(&Vec::new());
+        assert_eq!(r.gpus[0].health, "ok");
+        assert!(
+            r.gpus[1]
+                .health
+                .starts_with("unhealthy: 1 critical XID events, last XID 79"),
+            "{}",
+            r.gpus[1].health
+        );
+        let beat = heartbeat_readings(&r);
+        assert_eq!(beat[1].faults.map(|f| f.unhealthy_xids), Some(1));
+        let e = inv
+            .simulate_fault(&fault(2, Some(79)))
+            .expect_err("no gpu 2");
+        assert!(e.contains("gpu 2 does not exist on node n1"), "{e}");
+        inv.simulate_fault(&v1::SimulateGpuFaultRequest {
+            clear: true,
+            ..fault(1, None)
+        })
+        .expect("cleared");
+        assert_eq!(inv.refresh(&Vec::new()).gpus[1].health, "ok");
+
+        // This machine has no NVML: a CPU-only node, whose GPUs are not simulated.
+        let mut real = Inventory::open("n2", None, "unavailable: test".into()).expect("open");
+        assert!(!real.simulated());
+        let e = real
+            .simulate_fault(&fault(0, Some(79)))
+            .expect_err("refused");
+        assert!(e.contains("not simulated"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use berth_common::GpuDevice;
+use berth_common::gpu_health::{GpuFaults, classify_xid, xid_name};
 use berth_proto::v1;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
@@ -18,6 +19,8 @@ use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSe
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+
+use super::health_text;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -96,7 +99,8 @@ fn owner(requests: mpsc::Receiver<Reply>, ready: mpsc::Sender<Ready>) {
     let driver = nvml
         .sys_driver_version()
         .unwrap_or_else(|_| "unknown".into());
-    let mut xids = vec![(0u64, None::<u64>); devices.len()];
+    // XID events by GPU, counted by class (berth_common::gpu_health).
+    let mut xids = vec![GpuFaults::default(); devices.len()];
     let uuids: Vec<String> = devices.iter().map(|d| d.uuid.clone()).collect();
     let _ = ready.send(Ok((devices, driver)));
 
@@ -125,11 +129,14 @@ fn owner(requests: mpsc::Receiver<Reply>, ready: mpsc::Sender<Ready>) {
                     continue;
                 };
                 if let Some(i) = uuids.iter().position(|u| *u == uuid) {
-                    xids[i].0 += 1;
-                    xids[i].1 = match event.event_data {
-                        Some(XidError::Value(v)) => Some(v),
-                        _ => xids[i].1,
-                    };
+                    match event.event_data {
+                        Some(XidError::Value(code)) => {
+                            tracing::warn!(gpu = i, %uuid, xid = code, kind = ?classify_xid(code), "XID event: {}", xid_name(code));
+                            xids[i].record_xid(code);
+                        }
+                        // The driver could not say which: count it as the application's.
+                        _ => xids[i].application_xids += 1,
+                    }
                 }
             }
         }
@@ -179,14 +186,17 @@ fn numa_node(bus_id: &str) -> Option<u32> {
         .and_then(|n| u32::try_from(n).ok())
 }
 
-fn read_all(nvml: &Nvml, xids: &[(u64, Option<u64>)]) -> Vec<v1::Gpu> {
+fn read_all(nvml: &Nvml, xids: &[GpuFaults]) -> Vec<v1::Gpu> {
     let count = nvml.device_count().unwrap_or(0);
     (0..count)
         .map(|index| {
+            let mut faults = xids.get(index as usize).copied().unwrap_or_default();
             let Ok(d) = nvml.device_by_index(index) else {
+                faults.lost = true;
                 return v1::Gpu {
                     index,
-                    health: "lost: NVML cannot reach this GPU".into(),
+                    health: health_text(&faults),
+                    faults: Some((&faults).into()),
                     ..Default::default()
                 };
             };
@@ -195,20 +205,11 @@ fn read_all(nvml: &Nvml, xids: &[(u64, Option<u64>)]) -> Vec<v1::Gpu> {
             let used = memory.as_ref().map(|m| m.used / MIB).unwrap_or(0);
             let ecc = |kind| d.total_ecc_errors(kind, EccCounter::Volatile).ok();
             let uncorrected = ecc(MemoryError::Uncorrected);
-            let (xid_events, last_xid) = xids.get(index as usize).copied().unwrap_or((0, None));
-            let mut problems = Vec::new();
-            if uncorrected.is_some_and(|n| n > 0) {
-                problems.push(format!(
-                    "{} uncorrected ECC errors",
-                    uncorrected.unwrap_or(0)
-                ));
-            }
-            if xid_events > 0 {
-                problems.push(format!(
-                    "{xid_events} critical XID events (last {})",
-                    last_xid.map_or("unknown".into(), |x| x.to_string())
-                ));
-            }
+            faults.ecc_uncorrected = uncorrected.unwrap_or(0);
+            // Row remaps have no wrapper in nvml-wrapper 0.13; XIDs 63 and
+            // 64 report them.
+            faults.retired_pages_pending = d.are_pages_pending_retired().unwrap_or(false);
+            let xid_events = faults.unhealthy_xids + faults.degraded_xids + faults.application_xids;
             let pci_bus_id = d.pci_info().map(|p| p.bus_id).unwrap_or_default();
             v1::Gpu {
                 index,
@@ -231,7 +232,7 @@ fn read_all(nvml: &Nvml, xids: &[(u64, Option<u64>)]) -> Vec<v1::Gpu> {
                 ecc_errors_corrected: ecc(MemoryError::Corrected),
                 ecc_errors_uncorrected: uncorrected,
                 xid_events,
-                last_xid,
+                last_xid: faults.last_xid,
                 processes: d
                     .running_compute_processes()
                     .unwrap_or_default()
@@ -245,11 +246,8 @@ fn read_all(nvml: &Nvml, xids: &[(u64, Option<u64>)]) -> Vec<v1::Gpu> {
                     })
                     .collect(),
                 simulated: false,
-                health: if problems.is_empty() {
-                    "ok".into()
-                } else {
-                    problems.join("; ")
-                },
+                health: health_text(&faults),
+                faults: Some((&faults).into()),
             }
         })
         .collect()

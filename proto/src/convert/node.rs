@@ -116,6 +116,36 @@ pub fn registration_from_proto(
     Ok(out)
 }
 
+impl From<&berth_common::gpu_health::GpuFaults> for v1::GpuFaults {
+    fn from(f: &berth_common::gpu_health::GpuFaults) -> Self {
+        v1::GpuFaults {
+            unhealthy_xids: f.unhealthy_xids,
+            degraded_xids: f.degraded_xids,
+            application_xids: f.application_xids,
+            last_xid: f.last_xid,
+            ecc_uncorrected: f.ecc_uncorrected,
+            remap_pending: f.remap_pending,
+            retired_pages_pending: f.retired_pages_pending,
+            lost: f.lost,
+        }
+    }
+}
+
+impl From<&v1::GpuFaults> for berth_common::gpu_health::GpuFaults {
+    fn from(f: &v1::GpuFaults) -> Self {
+        berth_common::gpu_health::GpuFaults {
+            unhealthy_xids: f.unhealthy_xids,
+            degraded_xids: f.degraded_xids,
+            application_xids: f.application_xids,
+            last_xid: f.last_xid,
+            ecc_uncorrected: f.ecc_uncorrected,
+            remap_pending: f.remap_pending,
+            retired_pages_pending: f.retired_pages_pending,
+            lost: f.lost,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

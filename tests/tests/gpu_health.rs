@@ -1,0 +1,227 @@
+//! GPU health end to end: one control-plane member, two agents with two
+//! simulated A100s each, real `berth demo-model` replicas on whole GPUs.
+//! Faults are injected into the simulated GPUs through the CLI
+//! (`berth node simulate-fault`), the way a demo would: an application's
+//! XID changes nothing; XID 79 and uncorrected ECC errors quarantine the
+//! GPU, its replica is replaced elsewhere before it stops (never fewer
+//! running), nothing new lands on it, and a release returns it.
+
+use std::time::Duration;
+
+use berth_tests::*;
+use serde_json::Value;
+
+/// The replicas of `web` that should run and run, and whether all do.
+async fn web(s: &str) -> Option<Vec<Value>> {
+    let rs = try_berth_json(&["--server", s, "replica", "list", "--deployment", "web"]).await?;
+    Some(rs.as_array()?.clone())
+}
+
+fn running(rs: &[Value]) -> Vec<&Value> {
+    rs.iter()
+        .filter(|r| r["phase"] == "running" && r["intent"] == "run")
+        .collect()
+}
+
+/// (node, gpu index) of a replica.
+fn place(r: &Value) -> (String, u64) {
+    (
+        r["node"].as_str().unwrap_or_default().to_string(),
+        r["gpus"][0].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+/// GPU `gpu` of `node` in `node list`.
+async fn gpu(s: &str, node: &str, gpu: u64) -> Option<Value> {
+    let nodes = try_berth_json(&["--server", s, "node", "list"]).await?;
+    let n = nodes.as_array()?.iter().find(|n| n["name"] == node)?;
+    n["gpu_health"]
+        .as_array()?
+        .iter()
+        .find(|g| g["index"] == gpu)
+        .cloned()
+}
+
+async fn inject(s: &str, node: &str, gpu: u64, fault: &[&str]) {
+    let g = gpu.to_string();
+    let mut args = vec!["--server", s, "node", "simulate-fault", node, "--gpu", &g];
+    args.extend_from_slice(fault);
+    let o = berth(&args).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("SIMULATED"), "{}", stderr(&o));
+}
+
+/// Waits until `want` replicas of web run and none is being replaced,
+/// asserting all along that never fewer than `floor` run.
+async fn replaced_without_a_gap(s: &str, floor: usize, want: usize, off: &(String, u64)) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    check_until(
+        DEADLINE,
+        Duration::from_millis(100),
+        "the replica on the quarantined GPU is replaced",
+        || done.load(std::sync::atomic::Ordering::Relaxed),
+        || async {
+            let Some(rs) = web(s).await else { return false };
+            let up = running(&rs);
+            assert!(
+                up.len() >= floor,
+                "fewer than {floor} replicas ran while one moved off a quarantined GPU: {rs:?}"
+            );
+            let settled =
+                rs.len() == want && up.len() == want && up.iter().all(|r| &place(r) != off);
+            done.store(settled, std::sync::atomic::Ordering::Relaxed);
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it() {
+    let (_cluster, _agents, s) = demo_cluster(1, &[], &["n1", "n2"]).await;
+    berth_json(&[
+        "--server",
+        &s,
+        "deploy",
+        "create",
+        "web",
+        "--model",
+        "demo",
+        "--replicas",
+        "2",
+        "--gpu-share",
+        "1000",
+        "--wait",
+    ])
+    .await;
+    let before = wait_until(DEADLINE, "2 replicas of web running", || async {
+        let rs = web(&s).await?;
+        (running(&rs).len() == 2).then_some(rs)
+    })
+    .await;
+    let victim = before[0].clone();
+    let sick = place(&victim);
+    let (node, index) = (sick.0.as_str(), sick.1);
+
+    // An application's XID is not held against the GPU.
+    inject(&s, node, index, &["--xid", "13"]).await;
+    let seen = wait_until(DEADLINE, "the leader hears of the XID", || async {
+        let g = gpu(&s, node, index).await?;
+        (g["faults"]["application_xids"] == 1).then_some(g)
+    })
+    .await;
+    assert_eq!(seen["health"], "healthy", "{seen}");
+    assert_eq!(seen["quarantined"], false, "{seen}");
+    let same = web(&s).await.expect("replicas");
+    assert!(
+        same.iter()
+            .any(|r| r["id"] == victim["id"] && r["intent"] == "run"),
+        "{same:?}"
+    );
+
+    // XID 79: quarantined by the control plane, its replica replaced first.
+    inject(&s, node, index, &["--xid", "79"]).await;
+    let quarantined = wait_until(DEADLINE, "the GPU quarantined", || async {
+        let g = gpu(&s, node, index).await?;
+        (g["quarantined"] == true).then_some(g)
+    })
+    .await;
+    assert_eq!(quarantined["quarantined_by"], "health", "{quarantined}");
+    assert_eq!(quarantined["health"], "unhealthy", "{quarantined}");
+    let why = quarantined["quarantine_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("XID 79"), "{why}");
+    replaced_without_a_gap(&s, 2, 2, &sick).await;
+    let events = stdout(&berth(&["--server", &s, "events", "--tail", "200"]).await);
+    assert!(
+        events.contains(&format!("gpu {index} of node {node} quarantined by health")),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!("gpu {index} of node {node} is unhealthy")),
+        "{events}"
+    );
+
+    // Nothing new lands on it: of four whole-GPU replicas, three find a place.
+    berth_json(&["--server", &s, "deploy", "scale", "web", "4"]).await;
+    wait_until(DEADLINE, "3 of 4 replicas running", || async {
+        let rs = web(&s).await?;
+        (rs.len() == 4 && running(&rs).len() == 3).then_some(())
+    })
+    .await;
+    let rs = web(&s).await.expect("replicas");
+    assert!(rs.iter().all(|r| place(r) != sick), "{rs:?}");
+    let shown = stdout(&berth(&["--server", &s, "node", "show", node]).await);
+    assert!(shown.contains("by health"), "{shown}");
+
+    // A release returns it: the fourth replica lands there. The XID that led
+    // to the quarantine is not held against it again.
+    let released = berth_json(&[
+        "--server",
+        &s,
+        "node",
+        "gpu",
+        "release",
+        node,
+        &index.to_string(),
+    ])
+    .await;
+    assert_eq!(released["gpu"]["quarantined"], false, "{released}");
+    let rs = wait_until(DEADLINE, "4 replicas running", || async {
+        let rs = web(&s).await?;
+        (running(&rs).len() == 4).then_some(rs)
+    })
+    .await;
+    assert!(rs.iter().any(|r| place(r) == sick), "{rs:?}");
+    let g = gpu(&s, node, index).await.expect("the GPU");
+    assert_eq!(g["health"], "healthy", "{g}");
+    assert_eq!(g["quarantined"], false, "{g}");
+
+    // Uncorrected ECC errors: the same as XID 79.
+    berth_json(&["--server", &s, "deploy", "scale", "web", "3"]).await;
+    let rs = wait_until(DEADLINE, "3 replicas running", || async {
+        let rs = web(&s).await?;
+        (rs.len() == 3 && running(&rs).len() == 3).then_some(rs)
+    })
+    .await;
+    let ecc = place(&rs[0]);
+    inject(&s, &ecc.0, ecc.1, &["--ecc-uncorrected", "2"]).await;
+    let g = wait_until(DEADLINE, "the GPU with ECC errors quarantined", || async {
+        let g = gpu(&s, &ecc.0, ecc.1).await?;
+        (g["quarantined"] == true).then_some(g)
+    })
+    .await;
+    let why = g["quarantine_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("2 uncorrected ECC errors"), "{why}");
+    replaced_without_a_gap(&s, 3, 3, &ecc).await;
+
+    // An operator quarantines by hand, and the CLI checks its input.
+    let other = (0..2)
+        .map(|i| ("n1".to_string(), i))
+        .chain((0..2).map(|i| ("n2".to_string(), i)))
+        .find(|p| *p != ecc)
+        .expect("another GPU");
+    let by_hand = berth_json(&[
+        "--server",
+        &s,
+        "node",
+        "gpu",
+        "quarantine",
+        &other.0,
+        &other.1.to_string(),
+        "--reason",
+        "fan noise",
+    ])
+    .await;
+    assert_eq!(by_hand["gpu"]["quarantined_by"], "operator", "{by_hand}");
+    assert_eq!(
+        by_hand["gpu"]["quarantine_reason"], "fan noise",
+        "{by_hand}"
+    );
+    let o = berth(&["--server", &s, "node", "gpu", "quarantine", "n1", "9"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("gpu"), "{}", stderr(&o));
+    let o = berth(&["--server", &s, "node", "simulate-fault", "n1", "--gpu", "0"]).await;
+    assert_eq!(o.status.code(), Some(2), "no fault given: {}", stderr(&o));
+}
