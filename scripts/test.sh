@@ -13,6 +13,9 @@ cargo build --workspace --bins --locked
 BERTH_LLAMA_SERVER="$(./scripts/llama-server.sh)"
 BERTH_LLAMA_PYTHON="$(./scripts/llama-server.sh --python)"
 export BERTH_LLAMA_SERVER BERTH_LLAMA_PYTHON
+# promtool checks every binary's /metrics in tests/tests/gpu_health.rs.
+BERTH_PROMTOOL="$(./scripts/promtool.sh)"
+export BERTH_PROMTOOL
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast
 else

@@ -391,9 +391,9 @@ async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            berth_common::telemetry::PROMETHEUS_TEXT,
         )],
-        text,
+        berth_common::telemetry::prometheus_text(&text),
     )
         .into_response()
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo_model;
 pub mod hollow;
 pub mod inventory;
+pub mod metrics;
 pub mod registration;
 pub mod security;
 pub mod server;

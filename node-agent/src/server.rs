@@ -24,6 +24,8 @@ use berth_proto::grpc;
 use berth_proto::v1::agent_server::AgentServer;
 use nix::fcntl::{Flock, FlockArg};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -295,6 +297,12 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         g.set(value);
         registry.register(name, help, g);
     };
+    let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(value);
+        registry.register(name, help, c);
+    };
+    let by_phase = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
     for phase in [
         ReplicaPhase::Pending,
         ReplicaPhase::Starting,
@@ -303,18 +311,16 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         ReplicaPhase::Stopped,
     ] {
         let n = replicas.iter().filter(|r| r.phase == phase).count() as i64;
-        gauge(
-            &mut registry,
-            &format!("replicas_{}", phase.as_str()),
-            &format!("Replicas in phase {phase}"),
-            n,
-        );
+        by_phase
+            .get_or_create(&vec![("phase", phase.as_str())])
+            .set(n);
     }
+    registry.register("replicas", "Replicas on this node, by phase", by_phase);
     let restarts: i64 = replicas.iter().map(|r| i64::from(r.record.restarts)).sum();
     gauge(
         &mut registry,
         "replica_restarts",
-        "Restarts of the replicas on this node",
+        "Restarts of the replicas now on this node",
         restarts,
     );
     gauge(
@@ -323,24 +329,18 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         "GPUs on this node",
         latest.gpus.len() as i64,
     );
-    let used: u64 = latest.gpus.iter().map(|g| g.memory_used_mib).sum();
-    gauge(
-        &mut registry,
-        "gpu_memory_used_mib",
-        "GPU memory in use, MiB",
-        used as i64,
-    );
-    gauge(
+    crate::metrics::register_gpus(&mut registry, &s.node, &latest);
+    counter(
         &mut registry,
         "heartbeats",
         "Heartbeats accepted by the leader",
-        s.counters.heartbeats.load(Ordering::Relaxed) as i64,
+        s.counters.heartbeats.load(Ordering::Relaxed),
     );
-    gauge(
+    counter(
         &mut registry,
         "heartbeat_failures",
         "Heartbeat rounds that reached no leader",
-        s.counters.failures.load(Ordering::Relaxed) as i64,
+        s.counters.failures.load(Ordering::Relaxed),
     );
     gauge(
         &mut registry,
@@ -356,11 +356,13 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
             c.leaf().left(std::time::SystemTime::now()).as_secs() as i64,
         );
     }
-    gauge(
-        &mut registry,
-        "inventory_refresh_us",
-        "Duration of the last inventory refresh, microseconds",
-        latest.refresh_us as i64,
+    let refresh: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    refresh.set(latest.refresh_us as f64 / 1e6);
+    registry.register_with_unit(
+        "inventory_refresh",
+        "Duration of the last inventory refresh",
+        prometheus_client::registry::Unit::Seconds,
+        refresh,
     );
     let mut out = String::new();
     match encode(&mut out, &registry) {
@@ -368,9 +370,9 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                berth_common::telemetry::PROMETHEUS_TEXT,
             )],
-            out,
+            berth_common::telemetry::prometheus_text(&out),
         ),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

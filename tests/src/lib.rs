@@ -405,6 +405,16 @@ pub async fn demo_cluster(
     extra: &[&str],
     nodes: &[&str],
 ) -> (LocalCluster, Vec<LocalAgent>, String) {
+    demo_cluster_with(members, extra, nodes, &[]).await
+}
+
+/// `demo_cluster`, each agent also started with `agent_extra` (same order as `nodes`).
+pub async fn demo_cluster_with(
+    members: usize,
+    extra: &[&str],
+    nodes: &[&str],
+    agent_extra: &[Vec<String>],
+) -> (LocalCluster, Vec<LocalAgent>, String) {
     let options = MemberOptions {
         extra: extra.iter().map(|x| x.to_string()).collect(),
         ..MemberOptions::default()
@@ -415,9 +425,11 @@ pub async fn demo_cluster(
     let servers = cluster.servers();
     let agents: Vec<LocalAgent> = nodes
         .iter()
-        .map(|node| {
-            LocalAgent::start_in(cluster.root(), cluster.agent_options(node, "2xA100-80GB"))
-                .expect("start agent")
+        .enumerate()
+        .map(|(i, node)| {
+            let mut options = cluster.agent_options(node, "2xA100-80GB");
+            options.extra = agent_extra.get(i).cloned().unwrap_or_default();
+            LocalAgent::start_in(cluster.root(), options).expect("start agent")
         })
         .collect();
     wait_until(DEADLINE, "every node ready", || async {
@@ -434,6 +446,39 @@ pub async fn demo_cluster(
     create.extend(DEMO_MODEL);
     berth_json(&create).await;
     (cluster, agents, servers)
+}
+
+/// Checks a `/metrics` page with `promtool check metrics` (BERTH_PROMTOOL,
+/// else `promtool` on the PATH; scripts/promtool.sh installs it): `Err`
+/// holds what promtool objects to.
+pub async fn promtool_check(page: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let promtool = std::env::var("BERTH_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = tokio::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("run {promtool} ({e}): run scripts/promtool.sh once (scripts/test.sh does it)")
+        });
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(page.as_bytes())
+        .await
+        .expect("write to promtool");
+    drop(stdin);
+    let o = child.wait_with_output().await.expect("promtool ends");
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    }
 }
 
 /// A `berth-gateway` process, killed on drop.

@@ -436,6 +436,9 @@ async fn gateway_routes_streams_retries_and_outlives_the_control_plane() {
         sum("berth_gateway_streams_cut_total") >= 1.0,
         "the cut stream is counted:\n{metrics}"
     );
+    if let Err(e) = promtool_check(&metrics).await {
+        panic!("promtool check metrics on the gateway's /metrics: {e}\n{metrics}");
+    }
     // The agent restarts it; the gateway routes to it again.
     wait_until(DEADLINE, "the restarted replica serves again", || async {
         let (code, replica, _) = complete(port, "demo").await;

@@ -78,7 +78,15 @@ async fn replaced_without_a_gap(s: &str, floor: usize, want: usize, off: &(Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it() {
-    let (_cluster, _agents, s) = demo_cluster(1, &[], &["n1", "n2"]).await;
+    let port = || berth_cli::local::free_port().expect("a free port");
+    let (member_http, agent_http) = (port(), [port(), port()]);
+    let member_flag = format!("127.0.0.1:{member_http}");
+    let agent_flags: Vec<Vec<String>> = agent_http
+        .iter()
+        .map(|p| vec!["--http".to_string(), format!("127.0.0.1:{p}")])
+        .collect();
+    let (_cluster, _agents, s) =
+        demo_cluster_with(1, &["--http", &member_flag], &["n1", "n2"], &agent_flags).await;
     berth_json(&[
         "--server",
         &s,
@@ -224,4 +232,61 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
     assert!(stderr(&o).contains("gpu"), "{}", stderr(&o));
     let o = berth(&["--server", &s, "node", "simulate-fault", "n1", "--gpu", "0"]).await;
     assert_eq!(o.status.code(), Some(2), "no fault given: {}", stderr(&o));
+
+    // The agents' per-GPU series say what happened, and every page passes
+    // promtool's checks.
+    let sick_agent = agent_http[if node == "n1" { 0 } else { 1 }];
+    let (_, page) = http_get(u32::from(sick_agent), "/metrics")
+        .await
+        .expect("the agent's /metrics");
+    let series = |name: &str, labels: &[&str]| {
+        page.lines()
+            .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    let gpu_label = format!("index=\"{index}\"");
+    assert_eq!(
+        series(
+            "berth_agent_gpu_xid_events_total",
+            &[&gpu_label, "class=\"unhealthy\""]
+        ),
+        Some("1".into()),
+        "{page}"
+    );
+    assert_eq!(
+        series(
+            "berth_agent_gpu_xid_events_total",
+            &[&gpu_label, "class=\"application\""]
+        ),
+        Some("1".into()),
+        "{page}"
+    );
+    assert_eq!(
+        series(
+            "berth_agent_gpu_health",
+            &[&gpu_label, "state=\"unhealthy\""]
+        ),
+        Some("1".into()),
+        "{page}"
+    );
+    assert!(page.contains("simulated=\"true\""), "{page}");
+    assert!(
+        series("berth_agent_gpu_memory_total_bytes", &[&gpu_label])
+            .is_some_and(|v| v.starts_with("85899345920")),
+        "{page}"
+    );
+    for (what, port) in [
+        ("agent n1", agent_http[0]),
+        ("agent n2", agent_http[1]),
+        ("member", member_http),
+    ] {
+        let (code, page) = http_get(u32::from(port), "/metrics")
+            .await
+            .unwrap_or_else(|| panic!("the {what}'s /metrics"));
+        assert_eq!(code, 200, "{what}: {page}");
+        if let Err(e) = promtool_check(&page).await {
+            panic!("promtool check metrics on the {what}'s /metrics: {e}\n{page}");
+        }
+    }
 }

@@ -155,7 +155,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 async fn heartbeats(http: &str) -> Option<u64> {
     let (_, body) = crate::local::http_request(http, "GET", "/metrics", "").await?;
     body.lines()
-        .find(|l| l.starts_with("berth_agent_heartbeats "))
+        .find(|l| l.starts_with("berth_agent_heartbeats_total "))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }

@@ -161,9 +161,9 @@ async fn metrics(
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            berth_common::telemetry::PROMETHEUS_TEXT,
         )],
-        text,
+        berth_common::telemetry::prometheus_text(&text),
     )
         .into_response()
 }

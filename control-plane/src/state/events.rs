@@ -291,13 +291,15 @@ fn describe_into(
             at,
             "replica",
             id,
-            format!("replica {id} moves off its draining node: a replacement is added"),
+            format!(
+                "replica {id} moves off its draining node or quarantined GPU: a replacement is added"
+            ),
         )),
         (Command::FinishEvacuation { id }, _) => out.push(event(
             at,
             "replica",
             id,
-            format!("replica {id} stops: it moved off its draining node"),
+            format!("replica {id} stops: its replacement took over (drain or GPU quarantine)"),
         )),
         (Command::ReplaceFailedReplica { id, reason }, _) => {
             let mut e = event(

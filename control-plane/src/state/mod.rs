@@ -195,12 +195,13 @@ pub enum Command {
         /// Why, for people.
         reason: String,
     },
-    /// Starts moving a replica off its draining node: a replacement is added.
+    /// Starts moving a replica off its draining node or quarantined GPU: a
+    /// replacement is added.
     EvacuateReplica {
         /// The replica.
         id: String,
     },
-    /// Stops a replica that moved off its draining node.
+    /// Stops a replica that moved off its draining node or quarantined GPU.
     FinishEvacuation {
         /// The replica.
         id: String,

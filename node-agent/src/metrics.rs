@@ -1,0 +1,119 @@
+//! Per-GPU series of the agent's `/metrics`, in Prometheus conventions:
+//! base units in the names, `_total` counters, and one family per reading
+//! with the GPU as labels (`node`, `index`, `uuid`, `model`, `simulated`),
+//! so a fleet's dashboards select and aggregate by label. Built from the
+//! latest inventory readings at each scrape: a scrape reads no NVML.
+
+use std::sync::atomic::AtomicU64;
+
+use berth_common::gpu_health::{GpuFaults, GpuHealth, assess};
+use berth_proto::v1;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Registers the per-GPU families of `inventory`'s GPUs.
+pub fn register_gpus(registry: &mut Registry, node: &str, inventory: &v1::Inventory) {
+    let gauges = || Family::<Labels, FloatGauge>::default();
+    let (utilization, used, total, temperature, power) =
+        (gauges(), gauges(), gauges(), gauges(), gauges());
+    let ecc = Family::<Labels, Gauge>::default();
+    let xids = Family::<Labels, Counter>::default();
+    let health = Family::<Labels, Gauge>::default();
+    for g in &inventory.gpus {
+        let labels: Labels = vec![
+            ("node", node.to_string()),
+            ("index", g.index.to_string()),
+            ("uuid", g.uuid.clone()),
+            ("model", g.model.clone()),
+            ("simulated", g.simulated.to_string()),
+        ];
+        let with = |k: &'static str, v: &str| {
+            let mut l = labels.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        if let Some(u) = g.utilization_percent {
+            utilization.get_or_create(&labels).set(f64::from(u) / 100.0);
+        }
+        used.get_or_create(&labels)
+            .set(g.memory_used_mib as f64 * MIB);
+        total
+            .get_or_create(&labels)
+            .set(g.memory_total_mib as f64 * MIB);
+        if let Some(t) = g.temperature_c {
+            temperature.get_or_create(&labels).set(f64::from(t));
+        }
+        if let Some(mw) = g.power_mw {
+            power.get_or_create(&labels).set(f64::from(mw) / 1000.0);
+        }
+        let faults = GpuFaults::from(&g.faults.unwrap_or_default());
+        if let Some(c) = g.ecc_errors_corrected {
+            ecc.get_or_create(&with("type", "corrected"))
+                .set(i64::try_from(c).unwrap_or(i64::MAX));
+        }
+        ecc.get_or_create(&with("type", "uncorrected")).set(
+            i64::try_from(g.ecc_errors_uncorrected.unwrap_or(faults.ecc_uncorrected))
+                .unwrap_or(i64::MAX),
+        );
+        for (class, n) in [
+            ("unhealthy", faults.unhealthy_xids),
+            ("degraded", faults.degraded_xids),
+            ("application", faults.application_xids),
+        ] {
+            xids.get_or_create(&with("class", class)).inc_by(n);
+        }
+        let (state, _) = assess(&faults, &GpuFaults::default());
+        for s in [
+            GpuHealth::Healthy,
+            GpuHealth::Degraded,
+            GpuHealth::Unhealthy,
+            GpuHealth::Lost,
+        ] {
+            health
+                .get_or_create(&with("state", s.as_str()))
+                .set(i64::from(s == state));
+        }
+    }
+    registry.register_with_unit(
+        "gpu_utilization",
+        "GPU compute utilization over the driver's last sample period",
+        Unit::Ratios,
+        utilization,
+    );
+    registry.register_with_unit("gpu_memory_used", "GPU memory in use", Unit::Bytes, used);
+    registry.register_with_unit("gpu_memory_total", "GPU memory", Unit::Bytes, total);
+    registry.register_with_unit(
+        "gpu_temperature",
+        "GPU core temperature",
+        Unit::Celsius,
+        temperature,
+    );
+    registry.register_with_unit(
+        "gpu_power",
+        "GPU power draw",
+        Unit::Other("watts".into()),
+        power,
+    );
+    registry.register(
+        "gpu_ecc_errors",
+        "Volatile ECC errors since the driver loaded, by type",
+        ecc,
+    );
+    registry.register(
+        "gpu_xid_events",
+        "XID events since the agent started, by class (unhealthy and degraded count against the GPU; application faults do not)",
+        xids,
+    );
+    registry.register(
+        "gpu_health",
+        "1 for the GPU's health state as its own readings show it (healthy, degraded, unhealthy, lost), 0 for the others",
+        health,
+    );
+}
