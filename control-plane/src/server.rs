@@ -182,11 +182,24 @@ impl Running {
     pub async fn wait(self) -> anyhow::Result<()> {
         self.shutdown.cancelled().await;
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+        // After a fatal storage error nothing is left to finish cleanly:
+        // exit at once, so clients and agents move to another member (and a
+        // supervisor restarts this one) instead of waiting on open streams.
+        let failed = self
+            .raft_fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some();
+        let grace = if failed {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if tokio::time::timeout(grace, self.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!("servers did not stop within 5s; stopping raft anyway");
+            tracing::warn!(?grace, "servers did not stop in time; stopping raft anyway");
         }
         self.member
             .raft

@@ -1,11 +1,14 @@
-//! Per-GPU series of the agent's `/metrics`, in Prometheus conventions:
-//! base units in the names, `_total` counters, and one family per reading
-//! with the GPU as labels (`node`, `index`, `uuid`, `model`, `simulated`),
-//! so a fleet's dashboards select and aggregate by label. Built from the
-//! latest inventory readings at each scrape: a scrape reads no NVML.
+//! Per-GPU and per-replica series of the agent's `/metrics`, in Prometheus
+//! conventions: base units in the names, `_total` counters, and one family
+//! per reading with the GPU (`node`, `index`, `uuid`, `model`, `simulated`)
+//! or the replica (`node`, `replica`, `model`) as labels, so a fleet's
+//! dashboards select and aggregate by label. Built from the latest
+//! inventory readings and replica states at each scrape: a scrape reads no
+//! NVML.
 
 use std::sync::atomic::AtomicU64;
 
+use berth_common::ReplicaPhase;
 use berth_common::gpu_health::{GpuFaults, GpuHealth, assess};
 use berth_proto::v1;
 use prometheus_client::metrics::counter::Counter;
@@ -115,5 +118,72 @@ pub fn register_gpus(registry: &mut Registry, node: &str, inventory: &v1::Invent
         "gpu_health",
         "1 for the GPU's health state as its own readings show it (healthy, degraded, unhealthy, lost), 0 for the others",
         health,
+    );
+}
+
+/// Registers the per-replica families: phase (a state set), restarts, and
+/// the GPU memory reserved for it (all its GPUs together).
+pub fn register_replicas(
+    registry: &mut Registry,
+    node: &str,
+    replicas: &[crate::supervisor::replica::Status],
+    inventory: &v1::Inventory,
+) {
+    let phases = Family::<Labels, Gauge>::default();
+    let restarts = Family::<Labels, Counter>::default();
+    let reserved = Family::<Labels, FloatGauge>::default();
+    for r in replicas {
+        let spec = &r.record.spec;
+        let labels: Labels = vec![
+            ("node", node.to_string()),
+            ("replica", spec.id.clone()),
+            ("model", spec.model.clone()),
+        ];
+        for phase in [
+            ReplicaPhase::Pending,
+            ReplicaPhase::Starting,
+            ReplicaPhase::Running,
+            ReplicaPhase::Failed,
+            ReplicaPhase::Stopped,
+        ] {
+            let mut l = labels.clone();
+            l.push(("phase", phase.as_str().to_string()));
+            phases.get_or_create(&l).set(i64::from(r.phase == phase));
+        }
+        restarts
+            .get_or_create(&labels)
+            .inc_by(u64::from(r.record.restarts));
+        if !spec.gpus.is_empty() {
+            // A GPU memory of 0 reserves each GPU whole.
+            let mib: u64 = spec
+                .gpus
+                .iter()
+                .map(|i| match spec.resources.gpu_memory_mib {
+                    0 => inventory
+                        .gpus
+                        .iter()
+                        .find(|g| g.index == *i)
+                        .map_or(0, |g| g.memory_total_mib),
+                    m => m,
+                })
+                .sum();
+            reserved.get_or_create(&labels).set(mib as f64 * MIB);
+        }
+    }
+    registry.register(
+        "replica_phase",
+        "1 for the replica's phase (pending, starting, running, failed, stopped), 0 for the others",
+        phases,
+    );
+    registry.register(
+        "replica_restarts",
+        "Restarts of the replica after it exited",
+        restarts,
+    );
+    registry.register_with_unit(
+        "replica_gpu_memory_reserved",
+        "GPU memory reserved for the replica, over all its GPUs",
+        Unit::Bytes,
+        reserved,
     );
 }

@@ -316,13 +316,6 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
             .set(n);
     }
     registry.register("replicas", "Replicas on this node, by phase", by_phase);
-    let restarts: i64 = replicas.iter().map(|r| i64::from(r.record.restarts)).sum();
-    gauge(
-        &mut registry,
-        "replica_restarts",
-        "Restarts of the replicas now on this node",
-        restarts,
-    );
     gauge(
         &mut registry,
         "gpus",
@@ -330,6 +323,7 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         latest.gpus.len() as i64,
     );
     crate::metrics::register_gpus(&mut registry, &s.node, &latest);
+    crate::metrics::register_replicas(&mut registry, &s.node, &replicas, &latest);
     counter(
         &mut registry,
         "heartbeats",

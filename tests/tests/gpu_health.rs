@@ -276,6 +276,32 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
             .is_some_and(|v| v.starts_with("85899345920")),
         "{page}"
     );
+    // And each replica's phase and reservation (10 GiB, the demo model's).
+    let (_, pages) = http_get(u32::from(agent_http[0]), "/metrics")
+        .await
+        .expect("the agent's /metrics");
+    let (_, other_page) = http_get(u32::from(agent_http[1]), "/metrics")
+        .await
+        .expect("the agent's /metrics");
+    let both = format!("{pages}{other_page}");
+    let running_now = both
+        .lines()
+        .filter(|l| {
+            l.starts_with("berth_agent_replica_phase{")
+                && l.contains("phase=\"running\"")
+                && l.ends_with(" 1")
+        })
+        .count();
+    // Three run, or two while the one on the GPU quarantined by hand waits
+    // for a place that two quarantined GPUs of four cannot give it.
+    assert!(running_now >= 2, "web replicas run:\n{both}");
+    assert!(
+        both.lines().any(
+            |l| l.starts_with("berth_agent_replica_gpu_memory_reserved_bytes{")
+                && l.ends_with(" 10737418240.0")
+        ),
+        "{both}"
+    );
     for (what, port) in [
         ("agent n1", agent_http[0]),
         ("agent n2", agent_http[1]),
