@@ -303,9 +303,11 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
             "no event {expected:?} in {messages:?}"
         );
     }
-    // Following: a new change arrives on the open stream.
+    // Following: a new change arrives on the open stream. The member
+    // subscribes before it sends the tail, so once the last event has
+    // arrived the stream is open and the change cannot slip in before it.
     let mut follow = berth_command(&[
-        "--server", &survivors, "events", "--tail", "0", "-f", "-o", "json",
+        "--server", &survivors, "events", "--tail", "1", "-f", "-o", "json",
     ])
     .stdout(std::process::Stdio::piped())
     .kill_on_drop(true)
@@ -314,6 +316,11 @@ async fn deployments_place_run_scale_and_survive_leader_and_node_loss() {
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
         follow.stdout.take().expect("stdout"),
     ));
+    tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("the tail arrives")
+        .expect("read")
+        .expect("the last event");
     berth_json(&["--server", &survivors, "deploy", "scale", "huge", "0"]).await;
     let line = tokio::time::timeout(DEADLINE, async {
         loop {
