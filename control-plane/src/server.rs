@@ -349,7 +349,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         autoscaler,
         shutdown.clone(),
     )))
-    .add_service(NodeRegistryServer::new(RegistryService::new(nodes)))
+    .add_service(NodeRegistryServer::new(RegistryService::new(
+        nodes,
+        shutdown.clone(),
+    )))
     .add_service(
         RaftServer::new(RaftService::new(member.clone(), shutdown.clone()))
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)

@@ -509,6 +509,8 @@ impl Replicas for HollowReplicas {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
+
     use berth_common::{HealthProbe, Resources, Runtime};
 
     use super::*;
@@ -579,6 +581,95 @@ mod tests {
             h.stop("r-1", 0, Duration::ZERO).await,
             Err(SupervisorError::NotFound(_))
         ));
+    }
+
+    /// A member of an older version: it knows `Heartbeat` but not
+    /// `HeartbeatStream`. Counts what it was asked.
+    #[derive(Default, Clone)]
+    struct OldMember {
+        unary: Arc<AtomicU64>,
+        streams: Arc<AtomicU64>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::node_registry_server::NodeRegistry for OldMember {
+        async fn register(
+            &self,
+            _: tonic::Request<pb::RegisterRequest>,
+        ) -> Result<tonic::Response<pb::RegisterResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::RegisterResponse {
+                epoch: 1,
+                state: "ready".into(),
+                leader_addr: String::new(),
+            }))
+        }
+        async fn heartbeat(
+            &self,
+            _: tonic::Request<pb::HeartbeatRequest>,
+        ) -> Result<tonic::Response<pb::HeartbeatResponse>, tonic::Status> {
+            self.unary.fetch_add(1, Ordering::Relaxed);
+            Ok(tonic::Response::new(pb::HeartbeatResponse {
+                registered: true,
+                epoch: 1,
+                desired: Vec::new(),
+                state_version: 1,
+            }))
+        }
+        type HeartbeatStreamStream =
+            tokio_stream::Empty<Result<pb::HeartbeatResponse, tonic::Status>>;
+        async fn heartbeat_stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::HeartbeatRequest>>,
+        ) -> Result<tonic::Response<Self::HeartbeatStreamStream>, tonic::Status> {
+            self.streams.fetch_add(1, Ordering::Relaxed);
+            Err(tonic::Status::unimplemented("an older member"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_without_the_heartbeat_stream_gets_unary_heartbeats() {
+        let member = OldMember::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let stop = CancellationToken::new();
+        let routes = Routes::new(pb::node_registry_server::NodeRegistryServer::new(
+            member.clone(),
+        ));
+        let server = tokio::spawn(grpc::serve(
+            listener,
+            routes,
+            &["berth.v1.NodeRegistry"],
+            &grpc::ServerSecurity::Insecure,
+            stop.clone().cancelled_owned(),
+        ));
+        let fleet = Fleet::start(&FleetOptions {
+            control: vec![addr],
+            nodes: 1,
+            gpus: "1xH100-80GB".into(),
+            cpus: 8,
+            memory_mib: 1024,
+            heartbeat: Duration::from_millis(50),
+            agents_per_listener: 1,
+            agents_per_connection: 1,
+            start_rate: 0,
+            tls: None,
+        })
+        .await
+        .expect("fleet");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fleet.heartbeats() < 5 {
+            assert!(Instant::now() < deadline, "no heartbeats were accepted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(member.unary.load(Ordering::Relaxed) >= 5);
+        assert_eq!(
+            member.streams.load(Ordering::Relaxed),
+            1,
+            "the stream is tried once, then the member gets unary calls"
+        );
+        drop(fleet);
+        stop.cancel();
+        let _ = server.await;
     }
 
     #[tokio::test]

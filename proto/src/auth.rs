@@ -262,6 +262,10 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/berth.v1.Admin/RemoveNode", Access::Roles(ADMIN)),
     ("/berth.v1.NodeRegistry/Register", Access::Roles(AGENT)),
     ("/berth.v1.NodeRegistry/Heartbeat", Access::Roles(AGENT)),
+    (
+        "/berth.v1.NodeRegistry/HeartbeatStream",
+        Access::Roles(AGENT),
+    ),
     ("/berth.v1.Pki/Join", Access::JoinToken),
     ("/berth.v1.Pki/Renew", Access::Roles(HOLDER)),
     ("/berth.v1.Raft/AppendEntries", Access::Roles(MEMBER)),
@@ -603,18 +607,17 @@ where
         let Some(gate) = self.gate.clone() else {
             return Box::pin(inner.call(request));
         };
-        let bearer = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+        // Taken out of the request, so that no handler (nor anything that
+        // logs a request) ever holds the token.
+        let authorization = request.headers_mut().remove(http::header::AUTHORIZATION);
         let peer = request.extensions().get::<PeerInfo>().cloned();
         Box::pin(async move {
-            let path = request.uri().path().to_string();
-            match gate
-                .check_caught_up(&path, peer.as_ref(), bearer.as_deref())
-                .await
-            {
+            let bearer = authorization
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
+            let path = request.uri().path();
+            match gate.check_caught_up(path, peer.as_ref(), bearer).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                     inner.call(request).await
@@ -704,6 +707,45 @@ mod tests {
                 })
             }),
         }
+    }
+
+    /// Whether the handler saw a token, and the role the layer attached.
+    type Sight = Option<(bool, Option<Role>)>;
+
+    /// The handler behind the layer: records what it saw.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<std::sync::Mutex<Sight>>);
+
+    impl tower::Service<http::Request<()>> for Seen {
+        type Response = http::Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<http::Response<()>, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, r: http::Request<()>) -> Self::Future {
+            *self.0.lock().unwrap() = Some((
+                r.headers().contains_key(http::header::AUTHORIZATION),
+                r.extensions().get::<Principal>().map(|p| p.role),
+            ));
+            std::future::ready(Ok(http::Response::new(())))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_layer_takes_the_token_out_before_the_handler() {
+        use tower::{Layer, Service};
+        let seen = Seen::default();
+        let mut service = AuthLayer(Some(Gate::new(Arc::new(Fixed)))).layer(seen.clone());
+        let request = http::Request::builder()
+            .uri("/berth.v1.Admin/ListModels")
+            .header("authorization", format!("Bearer {}", token("viewer1")))
+            .extension(peer(None))
+            .body(())
+            .unwrap();
+        let response = service.call(request).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(*seen.0.lock().unwrap(), Some((false, Some(Role::Viewer))));
     }
 
     #[test]

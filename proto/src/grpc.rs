@@ -253,14 +253,16 @@ impl Dialer {
             .keep_alive_timeout(Duration::from_secs(5));
         let bearer = match self {
             Dialer::Tls { token: Some(t), .. } => {
-                let mut v =
-                    tonic::metadata::MetadataValue::try_from(format!("Bearer {}", t.expose()))
-                        .map_err(|_| {
-                            GrpcError::Tls(
-                                "the token holds characters a header cannot carry".into(),
-                            )
-                        })?;
-                v.set_sensitive(true);
+                let v = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", t.expose()))
+                    .map_err(|_| {
+                        GrpcError::Tls("the token holds characters a header cannot carry".into())
+                    })?;
+                // Not marked sensitive, so HPACK indexes it: later calls on
+                // the connection send a table index instead of ~150 bytes
+                // of Huffman-coded text (decision 072). HPACK matches whole
+                // values only, so a compression oracle cannot guess a
+                // 256-bit secret piece by piece; `Bearer`'s Debug redacts
+                // it, and the server takes it out before any handler runs.
                 Some(v)
             }
             _ => None,

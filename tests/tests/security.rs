@@ -121,12 +121,34 @@ async fn an_agent_certificate_speaks_for_its_own_node_only() {
         ..Default::default()
     };
     let e = pb::node_registry_client::NodeRegistryClient::new(channel.clone())
-        .heartbeat(as_b)
+        .heartbeat(as_b.clone())
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("node-b"), "{e:?}");
     assert!(e.metadata().get(LEADER_KEY).is_none());
+
+    // On the heartbeat stream each message is judged alike: its own node
+    // is answered, another node's is refused, and the refusal ends the stream.
+    let as_a = pb::HeartbeatRequest {
+        node: "node-a".into(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(as_a).await.unwrap();
+    tx.send(as_b.clone()).await.unwrap();
+    let mut answers = pb::node_registry_client::NodeRegistryClient::new(channel.clone())
+        .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert!(!first.registered, "another instance id: {first:?}");
+    let e = answers.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node-b"), "{e:?}");
+    drop(tx);
+    assert!(matches!(answers.message().await, Ok(None) | Err(_)));
 
     let e = pb::raft_client::RaftClient::new(channel.clone())
         .read_index(pb::ReadIndexRequest::default())
