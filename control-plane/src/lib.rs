@@ -10,6 +10,7 @@ pub mod config;
 mod datadriven;
 pub mod events;
 pub mod member;
+pub mod metrics;
 pub mod raft;
 pub mod reconciler;
 pub mod scheduler;

@@ -301,6 +301,12 @@ pub fn access(path: &str) -> Option<Access> {
     TABLE.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
 }
 
+/// `path` as the table spells it, when the table has it: a label value
+/// that costs nothing and that no caller can multiply.
+pub fn known_method(path: &str) -> Option<&'static str> {
+    TABLE.iter().find(|(p, _)| *p == path).map(|(p, _)| *p)
+}
+
 /// Why a caller was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {

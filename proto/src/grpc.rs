@@ -117,6 +117,7 @@ pub async fn serve(
         ServerSecurity::Tls { gate, .. } => Some(gate.clone()),
     };
     let router = Server::builder()
+        .layer(crate::call_metrics::CallMetricsLayer)
         .layer(AuthLayer(gate))
         .add_routes(routes)
         .add_service(health)

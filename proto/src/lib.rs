@@ -6,6 +6,7 @@
 //! which callers turn into `InvalidArgument`.
 
 pub mod auth;
+pub mod call_metrics;
 pub mod convert;
 pub mod grpc;
 pub mod pki;

@@ -315,4 +315,52 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
             panic!("promtool check metrics on the {what}'s /metrics: {e}\n{page}");
         }
     }
+    // The member's and the agents' own figures counted what this test did.
+    let (_, member) = http_get(u32::from(member_http), "/metrics")
+        .await
+        .expect("the member's /metrics");
+    let (_, agent) = http_get(u32::from(agent_http[0]), "/metrics")
+        .await
+        .expect("the agent's /metrics");
+    let positive = |page: &str, parts: &[&str]| {
+        page.lines().any(|l| {
+            parts.iter().all(|p| l.contains(p))
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+        })
+    };
+    for parts in [
+        &[
+            "berth_grpc_server_handling_seconds_count",
+            r#"service="berth.v1.Admin""#,
+            r#"method="CreateDeployment""#,
+            r#"code="OK""#,
+        ][..],
+        &[
+            "berth_grpc_server_handling_seconds_count",
+            r#"method="HeartbeatStream""#,
+        ],
+        &["berth_write_duration_seconds_count", r#"result="applied""#],
+        &["berth_heartbeats_received_total"],
+        &["berth_reconciler_pass_duration_seconds_count"],
+        &["berth_scheduler_requests_total"],
+    ] {
+        assert!(
+            positive(&member, parts),
+            "{parts:?} on the member:\n{member}"
+        );
+    }
+    assert!(
+        positive(
+            &agent,
+            &[
+                "berth_agent_grpc_server_handling_seconds_count",
+                r#"method="StartReplica""#,
+                r#"code="OK""#
+            ]
+        ),
+        "{agent}"
+    );
 }

@@ -61,15 +61,7 @@ pub(super) async fn get(
     req: pb::GetNodeRequest,
 ) -> Result<pb::GetNodeResponse, Status> {
     let readings = here_or_leader!(nodes, req.stale, req, get_node);
-    let node = nodes
-        .member
-        .state
-        .read()
-        .state
-        .nodes
-        .get(&req.name)
-        .cloned()
-        .ok_or_else(|| not_found(ObjectKind::Node, &req.name))?;
+    let node = node_record(nodes, &req.name)?;
     let observation = if readings {
         nodes.observation(&node.name)
     } else {
@@ -233,6 +225,19 @@ pub(super) async fn set_admin(
     write_node_command(nodes, crate::state::Command::SetNodeAdmin { name, admin }).await
 }
 
+/// Node `name`'s record as this member applied it, or `NotFound`.
+fn node_record(nodes: &NodeTracker, name: &str) -> Result<Node, Status> {
+    nodes
+        .member
+        .state
+        .read()
+        .state
+        .nodes
+        .get(name)
+        .cloned()
+        .ok_or_else(|| not_found(ObjectKind::Node, name))
+}
+
 /// The summary of `node` as this member sees it now.
 fn node_summary(nodes: &NodeTracker, node: &Node) -> pb::NodeSummary {
     let observed = nodes.observation(&node.name);
@@ -321,15 +326,7 @@ pub(super) async fn simulate_fault(
 ) -> Result<pb::Gpu, Status> {
     berth_common::names::validate_name("node", &req.node)
         .map_err(|e| berth_proto::grpc::invalid_argument(&e))?;
-    let node = nodes
-        .member
-        .state
-        .read()
-        .state
-        .nodes
-        .get(&req.node)
-        .cloned()
-        .ok_or_else(|| not_found(ObjectKind::Node, &req.node))?;
+    let node = node_record(nodes, &req.node)?;
     if !node.inventory.simulated() {
         return Err(Status::failed_precondition(format!(
             "node {}'s GPUs are real ({}): faults can only be injected into simulated GPUs (berth-agent --simulate-gpus)",

@@ -272,6 +272,18 @@ impl Member {
 
     /// Replicates `command` through the leader and returns its outcome.
     pub async fn write(&self, command: Command) -> Result<Outcome, MemberError> {
+        let started = std::time::Instant::now();
+        let result = self.replicate(command).await;
+        let kind = match &result {
+            Ok(_) => "applied",
+            Err(MemberError::Rejected(_)) => "rejected",
+            Err(_) => "failed",
+        };
+        crate::metrics::write_answered(kind, started.elapsed());
+        result
+    }
+
+    async fn replicate(&self, command: Command) -> Result<Outcome, MemberError> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let (leader, addr) = self.leader(deadline).await?;

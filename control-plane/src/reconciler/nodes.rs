@@ -272,6 +272,7 @@ impl NodeTracker {
         &self,
         report: pb::HeartbeatRequest,
     ) -> Result<Option<HeartbeatAnswer>, MemberError> {
+        crate::metrics::heartbeat_received();
         let (epoch, instance, node_state, desired, version, gpu_records, uuids) = {
             let applied = self.member.state.read();
             let s = &applied.state;

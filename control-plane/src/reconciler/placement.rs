@@ -164,7 +164,9 @@ impl Pending {
                 weights: Default::default(),
                 preemption: false,
             };
+            let started = std::time::Instant::now();
             let plan = scheduler::schedule_in_place(&mut cluster, &requests, &config);
+            crate::metrics::scheduler_batch(requests.len(), started.elapsed());
             out.binds.extend(plan.binds.into_iter().map(|b| {
                 PlanBind {
                     replica: b.replica,

@@ -311,6 +311,9 @@ impl Replicas {
                 }
                 last = Instant::now();
                 me.pass(&tracker).await;
+                if me.nodes.leader_here().is_ok() {
+                    crate::metrics::reconciler_pass(last.elapsed());
+                }
             }
         });
     }

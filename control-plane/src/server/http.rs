@@ -149,6 +149,8 @@ async fn metrics(
             g,
         );
     }
+    crate::metrics::register(&mut registry);
+    berth_proto::call_metrics::register(&mut registry);
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return (
