@@ -8,6 +8,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use berth_proto::call_metrics::seconds_histogram as seconds;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,14 +31,6 @@ struct Figures {
     reconciler_passes: Histogram,
     scheduler_batches: Histogram,
     scheduler_requests: Counter,
-}
-
-/// 100 µs to 10 s.
-fn seconds() -> Histogram {
-    Histogram::new([
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0,
-    ])
 }
 
 fn figures() -> &'static Figures {

@@ -27,9 +27,10 @@ struct CallLabels {
 
 type Calls = Family<CallLabels, Histogram, fn() -> Histogram>;
 
-/// From 100 µs to 10 s: a read answered from memory up to a write that
-/// waited out a leader election.
-fn histogram() -> Histogram {
+/// A latency histogram in seconds, from 100 µs to 10 s: a read answered
+/// from memory up to a write that waited out a leader election. Shared by
+/// the processes' own latency figures.
+pub fn seconds_histogram() -> Histogram {
     Histogram::new([
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0,
@@ -38,7 +39,7 @@ fn histogram() -> Histogram {
 
 fn calls() -> &'static Calls {
     static CALLS: OnceLock<Calls> = OnceLock::new();
-    CALLS.get_or_init(|| Family::new_with_constructor(histogram as fn() -> Histogram))
+    CALLS.get_or_init(|| Family::new_with_constructor(seconds_histogram as fn() -> Histogram))
 }
 
 /// Adds this process's call figures to `registry`.
