@@ -350,7 +350,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     )))
     .add_service(NodeRegistryServer::new(RegistryService::new(
-        nodes,
+        nodes.clone(),
         shutdown.clone(),
     )))
     .add_service(
@@ -425,6 +425,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             http::serve(
                 addr,
                 member.clone(),
+                nodes,
                 security.credentials.clone(),
                 &tasks,
                 shutdown.clone(),

@@ -11,12 +11,13 @@
 //! record removed) makes the agent register again.
 //!
 //! Heartbeats travel on one long-lived `HeartbeatStream` to the leader: a
-//! call per heartbeat cost the leader about a third more CPU (HTTP/2
-//! stream set-up, headers and trailers, the authorization layer), which
-//! matters with thousands of agents (decision 073). Any failure drops the
-//! stream, and the next heartbeat opens a new one, at the leader a refusal
-//! named. A member that does not know the stream (`Unimplemented`, an
-//! older version during an upgrade) gets unary `Heartbeat` calls instead.
+//! call per heartbeat cost the leader nearly twice the CPU of a message on
+//! a stream (HTTP/2 stream set-up, headers and trailers, the authorization
+//! layer), which matters with thousands of agents (decision 073). Any
+//! failure drops the stream, and the next heartbeat opens a new one, at
+//! the leader a refusal named. A member that does not know the stream
+//! (`Unimplemented`, an older version during an upgrade) gets unary
+//! `Heartbeat` calls instead.
 
 use std::collections::HashMap;
 use std::sync::Arc;

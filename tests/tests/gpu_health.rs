@@ -346,6 +346,9 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
         &["berth_heartbeats_received_total"],
         &["berth_reconciler_pass_duration_seconds_count"],
         &["berth_scheduler_requests_total"],
+        &["berth_deployment_replicas_desired", r#"deployment="web""#],
+        &["berth_deployment_replicas_running", r#"deployment="web""#],
+        &["berth_deployment_replicas_updated", r#"deployment="web""#],
     ] {
         assert!(
             positive(&member, parts),

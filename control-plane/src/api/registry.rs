@@ -2,14 +2,16 @@
 //! calls are served by the leader (heartbeats live in its memory); another
 //! member answers `FailedPrecondition` with the leader's address in the
 //! `berth-leader` metadata, or `Unavailable` when there is no leader.
+//! Heartbeats come as messages on one `HeartbeatStream` per agent (decision
+//! 073), each judged as a `Heartbeat` call would be.
 
+use std::pin::Pin;
+
+use berth_proto::auth::Principal;
 use berth_proto::convert::registration_from_proto;
 use berth_proto::grpc::{LEADER_KEY, invalid_argument};
 use berth_proto::v1::node_registry_server::NodeRegistry;
 use berth_proto::v1::{self as pb};
-use std::pin::Pin;
-
-use berth_proto::auth::Principal;
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;

@@ -1,6 +1,7 @@
 //! The HTTP endpoint of a member: `GET /health` (JSON: id, role, leader,
 //! term) and `GET /metrics` (Prometheus text).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -13,7 +14,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use berth_common::ReplicaIntent;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -21,11 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::member::{Member, Role};
+use crate::reconciler::nodes::NodeTracker;
 
 /// Binds `addr` and serves health and metrics until `shutdown`.
 pub(super) async fn serve(
     addr: SocketAddr,
     member: Member,
+    nodes: NodeTracker,
     credentials: Option<Arc<Credentials>>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
@@ -39,6 +45,7 @@ pub(super) async fn serve(
         .route("/metrics", get(metrics))
         .with_state(Http {
             member,
+            nodes,
             credentials,
         });
     tasks.spawn(async move {
@@ -57,6 +64,7 @@ pub(super) async fn serve(
 #[derive(Clone)]
 struct Http {
     member: Member,
+    nodes: NodeTracker,
     credentials: Option<Arc<Credentials>>,
 }
 
@@ -86,6 +94,7 @@ async fn health(State(Http { member, .. }): State<Http>) -> impl IntoResponse {
 async fn metrics(
     State(Http {
         member,
+        nodes,
         credentials,
     }): State<Http>,
 ) -> impl IntoResponse {
@@ -132,6 +141,9 @@ async fn metrics(
         v.members.len() as i64,
     );
     gauge(&mut registry, "models", "Registered models", models);
+    if is_leader {
+        deployment_gauges(&mut registry, &member, &nodes);
+    }
     if let Some(c) = &credentials {
         gauge(
             &mut registry,
@@ -168,4 +180,96 @@ async fn metrics(
         berth_common::telemetry::prometheus_text(&text),
     )
         .into_response()
+}
+
+/// A deployment's name, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentLabel {
+    deployment: String,
+}
+
+/// Each deployment's replicas: desired, placed, pending, running (a
+/// heartbeat says so, at the placed generation or later) and at the current
+/// revision; the counts `berth deploy list` shows. Only the leader has the
+/// heartbeats, so only it shows them. Heartbeats and the state are read one
+/// after the other, never both locked at once.
+fn deployment_gauges(registry: &mut Registry, member: &Member, nodes: &NodeTracker) {
+    let running: HashMap<String, u64> = nodes.with_observations(|observed| {
+        observed
+            .values()
+            .flat_map(|o| o.report.replicas.iter())
+            .filter(|r| r.phase == "running")
+            .map(|r| (r.id.clone(), r.generation))
+            .collect()
+    });
+    let families: [(&str, &str, Family<DeploymentLabel, Gauge>); 5] = [
+        (
+            "deployment_replicas_desired",
+            "Replicas a deployment asks for",
+            Family::default(),
+        ),
+        (
+            "deployment_replicas_placed",
+            "A deployment's replicas placed on a node",
+            Family::default(),
+        ),
+        (
+            "deployment_replicas_pending",
+            "A deployment's replicas waiting for a place",
+            Family::default(),
+        ),
+        (
+            "deployment_replicas_running",
+            "A deployment's replicas whose agent reports them running",
+            Family::default(),
+        ),
+        (
+            "deployment_replicas_updated",
+            "A deployment's replicas at its current revision",
+            Family::default(),
+        ),
+    ];
+    {
+        let applied = member.state.read();
+        let state = &applied.state;
+        for d in state.deployments.values() {
+            let label = DeploymentLabel {
+                deployment: d.name.clone(),
+            };
+            families[0]
+                .2
+                .get_or_create(&label)
+                .set(i64::from(d.spec.replicas));
+            // Zero, not absent, for a deployment with nothing placed yet.
+            for f in &families[1..] {
+                f.2.get_or_create(&label).set(0);
+            }
+        }
+        for r in state
+            .replicas
+            .values()
+            .filter(|r| r.intent == ReplicaIntent::Run)
+        {
+            let Some(d) = state.deployments.get(&r.deployment) else {
+                continue;
+            };
+            let label = DeploymentLabel {
+                deployment: r.deployment.clone(),
+            };
+            let placed = r.node.is_some();
+            families[if placed { 1 } else { 2 }]
+                .2
+                .get_or_create(&label)
+                .inc();
+            if placed && running.get(&r.id).is_some_and(|g| *g >= r.generation) {
+                families[3].2.get_or_create(&label).inc();
+            }
+            if r.revision == d.revision {
+                families[4].2.get_or_create(&label).inc();
+            }
+        }
+    }
+    for (name, help, family) in families {
+        registry.register(name, help, family);
+    }
 }
