@@ -187,3 +187,45 @@ pub fn register_replicas(
         reserved,
     );
 }
+
+/// How long runs take to start: from the supervisor beginning a run (the
+/// command reached the replica) to the shim reporting the server spawned,
+/// and from the spawn to the first passing health probe. Every run counts,
+/// restarts included. Process-wide, like the gRPC call figures.
+struct Starts {
+    spawned: prometheus_client::metrics::histogram::Histogram,
+    ready: prometheus_client::metrics::histogram::Histogram,
+}
+
+fn starts() -> &'static Starts {
+    static STARTS: std::sync::OnceLock<Starts> = std::sync::OnceLock::new();
+    STARTS.get_or_init(|| Starts {
+        spawned: berth_proto::call_metrics::seconds_histogram(),
+        ready: berth_proto::call_metrics::seconds_histogram(),
+    })
+}
+
+/// A run's server was spawned `took` after its start began.
+pub fn replica_spawned(took: std::time::Duration) {
+    starts().spawned.observe(took.as_secs_f64());
+}
+
+/// A run passed its first health probe `took` after its server was spawned.
+pub fn replica_ready(took: std::time::Duration) {
+    starts().ready.observe(took.as_secs_f64());
+}
+
+/// Adds the start figures to `registry`.
+pub fn register_starts(registry: &mut Registry) {
+    let s = starts();
+    registry.register(
+        "replica_spawn_duration_seconds",
+        "Runs of replicas started, and the seconds from the start of a run to its server spawned",
+        s.spawned.clone(),
+    );
+    registry.register(
+        "replica_ready_duration_seconds",
+        "Runs of replicas that became ready, and the seconds from the spawn to the first passing health probe",
+        s.ready.clone(),
+    );
+}

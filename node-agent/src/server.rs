@@ -359,6 +359,7 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         refresh,
     );
     let mut out = String::new();
+    crate::metrics::register_starts(&mut registry);
     berth_proto::call_metrics::register(&mut registry);
     match encode(&mut out, &registry) {
         Ok(()) => (

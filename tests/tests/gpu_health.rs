@@ -355,15 +355,15 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
             "{parts:?} on the member:\n{member}"
         );
     }
-    assert!(
-        positive(
-            &agent,
-            &[
-                "berth_agent_grpc_server_handling_seconds_count",
-                r#"method="StartReplica""#,
-                r#"code="OK""#
-            ]
-        ),
-        "{agent}"
-    );
+    for parts in [
+        &[
+            "berth_agent_grpc_server_handling_seconds_count",
+            r#"method="StartReplica""#,
+            r#"code="OK""#,
+        ][..],
+        &["berth_agent_replica_spawn_duration_seconds_count"],
+        &["berth_agent_replica_ready_duration_seconds_count"],
+    ] {
+        assert!(positive(&agent, parts), "{parts:?} on agent n1:\n{agent}");
+    }
 }

@@ -353,6 +353,7 @@ impl ReplicaTask {
     /// Starts a run: cgroup, `run.json`, the shim. On failure the replica
     /// is `failed` and a restart is scheduled.
     pub async fn start(&mut self) {
+        let began = std::time::Instant::now();
         self.restart_at = None;
         let spec = &self.record.spec;
         let launch = match runtime::launch(
@@ -391,6 +392,7 @@ impl ReplicaTask {
         }
         match shim::spawn(&self.ctx.agent_exe, &self.dir).await {
             Ok(s) => {
+                crate::metrics::replica_spawned(began.elapsed());
                 self.run = Some(Run {
                     ids: s.ids,
                     child: Some(s.child),
@@ -538,7 +540,9 @@ impl ReplicaTask {
                 if let Some(run) = &self.run {
                     let started = run.ids.started_at_ms;
                     if self.ready_after.is_none_or(|(r, _)| r != started) {
-                        self.ready_after = Some((started, now_ms().saturating_sub(started)));
+                        let ready_ms = now_ms().saturating_sub(started);
+                        self.ready_after = Some((started, ready_ms));
+                        crate::metrics::replica_ready(Duration::from_millis(ready_ms));
                     }
                 }
                 self.set(ReplicaPhase::Running, "");
