@@ -300,9 +300,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let timing = raft_config(&config)?;
     let lease = Duration::from_millis(timing.election_timeout_max);
-    let network = Network {
-        dialer: security.dialer.clone(),
-    };
+    let network = Network::new(security.dialer.clone());
     let raft = Raft::new(identity.id, Arc::new(timing), network, log, sm)
         .await
         .context("start raft")?;

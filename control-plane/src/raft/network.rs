@@ -6,6 +6,8 @@
 // openraft's RPC errors are large by its design; they are returned as it asks.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use berth_proto::grpc;
@@ -29,18 +31,51 @@ use tonic::Streaming;
 
 use super::{NodeId, TypeConfig, decode, encode};
 
+/// Channels by peer address.
+type Channels = Arc<Mutex<HashMap<String, Channel>>>;
+
 /// Creates a client per peer; openraft keeps one per replication stream.
+///
+/// openraft also asks for a client each time it confirms its leadership for
+/// a read, and sends one heartbeat on it within `heartbeat_interval`. A new
+/// channel per client made that a new TCP connection and mTLS handshake to
+/// every follower per read, which a loaded machine cannot finish in time:
+/// reads then failed while writes went on (the fault suite's seed 3). So
+/// clients share one channel per address, and a client that sees its peer
+/// fail or time out drops that channel, so that the next one dials afresh
+/// rather than wait on a connection a partition left half-open.
 #[derive(Clone)]
 pub struct Network {
     /// How peers are dialled.
-    pub dialer: Dialer,
+    dialer: Dialer,
+    channels: Channels,
+}
+
+impl Network {
+    /// Dials peers with `dialer`.
+    pub fn new(dialer: Dialer) -> Self {
+        Network {
+            dialer,
+            channels: Channels::default(),
+        }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, grpc::GrpcError> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self.dialer.channel(addr)?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let client = self.dialer.channel(&node.addr).map(|c| {
+        let client = self.channel(&node.addr).map(|c| {
             RaftClient::new(c)
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
@@ -50,6 +85,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         }
         PeerClient {
             target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
             client: client.ok(),
             stream: None,
             streaming: true,
@@ -60,6 +97,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// A connection to one peer.
 pub struct PeerClient {
     target: NodeId,
+    addr: String,
+    /// The shared channels, to drop this peer's after a failure.
+    channels: Channels,
     client: Option<RaftClient<Channel>>,
     /// The open `AppendStream`, if any.
     stream: Option<AppendStream>,
@@ -89,6 +129,14 @@ enum Rpc {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl PeerClient {
+    /// After a failure or a timeout: the next client dials afresh.
+    fn forget_channel(&self) {
+        self.channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.addr);
+    }
+
     async fn call<Req, Resp, E>(&mut self, rpc: Rpc, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -106,7 +154,13 @@ impl PeerClient {
             Rpc::Vote => client.vote(request).await,
             Rpc::Snapshot => client.install_snapshot(request).await,
         };
-        let reply = reply.map_err(rpc_error)?.into_inner();
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                self.forget_channel();
+                return Err(rpc_error(status));
+            }
+        };
         self.decode_reply(&reply)
     }
 
@@ -202,10 +256,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             Ok(Err(e)) => {
                 self.stream = None;
+                self.forget_channel();
                 return Err(e);
             }
             Err(elapsed) => {
                 self.stream = None;
+                self.forget_channel();
                 return Err(RPCError::Network(NetworkError::new(&elapsed)));
             }
         };
@@ -326,9 +382,7 @@ mod tests {
             &grpc::ServerSecurity::Insecure,
             stop.clone().cancelled_owned(),
         ));
-        let mut network = Network {
-            dialer: grpc::Dialer::Insecure,
-        };
+        let mut network = Network::new(grpc::Dialer::Insecure);
         let client = network.new_client(2, &BasicNode::new(addr)).await;
         (client, stop)
     }
