@@ -460,6 +460,12 @@ pub struct ReplicaView {
     pub running_requests: Option<u32>,
     /// The engine's KV cache use, percent (null when its runtime reports none).
     pub kv_cache_pct: Option<f64>,
+    /// GPU memory reserved for it, over all its GPUs.
+    pub gpu_memory_reserved_mib: u64,
+    /// GPU memory it was measured to use, over all its GPUs (null when not measured).
+    pub gpu_memory_used_mib: Option<u64>,
+    /// Whether it has stayed above its GPU memory reservation.
+    pub over_gpu_memory_reservation: bool,
 }
 
 impl From<pb::ClusterReplica> for ReplicaView {
@@ -484,6 +490,9 @@ impl From<pb::ClusterReplica> for ReplicaView {
             queue_depth: r.queue_depth,
             running_requests: r.running_requests,
             kv_cache_pct: r.kv_cache_milli.map(|m| f64::from(m) / 10.0),
+            gpu_memory_reserved_mib: r.gpu_memory_reserved_mib,
+            gpu_memory_used_mib: r.gpu_memory_used_mib,
+            over_gpu_memory_reservation: r.over_gpu_memory_reservation,
         }
     }
 }
@@ -545,7 +554,8 @@ fn deployments_table(ds: &[DeploymentView]) -> String {
 /// A table of replicas.
 pub fn replicas_table(rs: &[ReplicaView]) -> String {
     let mut t = table(&[
-        "REPLICA", "REV", "NODE", "GPUS", "PHASE", "ENDPOINT", "LOAD", "RESTARTS", "REASON",
+        "REPLICA", "REV", "NODE", "GPUS", "GPU MEM", "PHASE", "ENDPOINT", "LOAD", "RESTARTS",
+        "REASON",
     ]);
     for r in rs {
         let gpus: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
@@ -562,6 +572,11 @@ pub fn replicas_table(rs: &[ReplicaView]) -> String {
             } else {
                 gpus.join(",")
             },
+            gpu_memory(
+                r.gpu_memory_used_mib,
+                r.gpu_memory_reserved_mib,
+                r.over_gpu_memory_reservation,
+            ),
             phase,
             r.endpoint.clone().unwrap_or_else(|| "-".into()),
             // The engine's own count: running + queued.
@@ -574,6 +589,20 @@ pub fn replicas_table(rs: &[ReplicaView]) -> String {
         ]);
     }
     t.to_string()
+}
+
+/// GPU memory as `used/reserved`, `-` measured while nothing is, and
+/// `OVER` once the replica stays above its reservation.
+pub fn gpu_memory(used: Option<u64>, reserved: u64, over: bool) -> String {
+    if reserved == 0 && used.is_none() {
+        return "-".into();
+    }
+    let used = used.map_or_else(|| "-".to_string(), format_mib);
+    let mut s = format!("{used}/{}", format_mib(reserved));
+    if over {
+        s.push_str(" OVER");
+    }
+    s
 }
 
 async fn get(client: &Client, name: &str) -> Result<pb::Deployment, CliError> {

@@ -54,6 +54,9 @@ pub struct SimulateFault {
     /// Forget the GPU's simulated faults first, as a GPU reset would.
     #[arg(long)]
     pub clear: bool,
+    /// Not a fault: set the memory that simulated processes Berth did not start hold on the GPU, e.g. 60GiB (0 frees it). The scheduler keeps requests that do not fit in the rest away from the GPU.
+    #[arg(long, value_parser = crate::args::size, value_name = "SIZE")]
+    pub foreign_memory: Option<u64>,
 }
 
 /// One GPU's health in `node list` and `node show`.
@@ -77,6 +80,12 @@ pub struct GpuHealthView {
     pub quarantined_since_ms: Option<u64>,
     /// The fault counters from the last heartbeat; null without one.
     pub faults: Option<GpuFaults>,
+    /// Memory in use at the last heartbeat, MiB; null without one.
+    pub memory_used_mib: Option<u64>,
+    /// Memory held by processes Berth did not start, MiB.
+    pub foreign_memory_mib: u64,
+    /// Memory replicas use beyond their reservations, MiB.
+    pub over_reservation_mib: u64,
 }
 
 impl From<pb::GpuStatus> for GpuHealthView {
@@ -92,6 +101,9 @@ impl From<pb::GpuStatus> for GpuHealthView {
             quarantined_by: q.then_some(g.quarantined_by),
             quarantined_since_ms: q.then_some(g.quarantined_since_ms),
             faults: g.faults.as_ref().map(Into::into),
+            memory_used_mib: g.memory_used_mib,
+            foreign_memory_mib: g.foreign_memory_mib,
+            over_reservation_mib: g.over_reservation_mib,
         }
     }
 }
@@ -205,9 +217,10 @@ pub async fn simulate(
         && !args.remap_pending
         && !args.lost
         && !args.clear
+        && args.foreign_memory.is_none()
     {
         return Err(CliError::Usage(
-            "no fault given: pass --xid CODE, --ecc-uncorrected N, --remap-pending, --lost or --clear".into(),
+            "no fault given: pass --xid CODE, --ecc-uncorrected N, --remap-pending, --lost, --clear or --foreign-memory SIZE".into(),
         ));
     }
     let req = pb::SimulateGpuFaultRequest {
@@ -218,6 +231,7 @@ pub async fn simulate(
         remap_pending: args.remap_pending,
         lost: args.lost,
         clear: args.clear,
+        foreign_memory_mib: args.foreign_memory,
     };
     let g = client
         .admin(|mut c| {
@@ -226,7 +240,7 @@ pub async fn simulate(
         })
         .await?;
     eprintln!(
-        "SIMULATED fault injected into gpu {} of node {}; the control plane acts on it at the node's next heartbeat",
+        "SIMULATED change made to gpu {} of node {}; the control plane acts on it at the node's next heartbeat",
         args.gpu, args.node
     );
     match out {
@@ -235,8 +249,18 @@ pub async fn simulate(
             "gpu": g.index,
             "simulated": g.simulated,
             "health": g.health,
+            "memory_used_mib": g.memory_used_mib,
+            "foreign_memory_mib": g.foreign_memory_mib,
         })),
-        OutputFormat::Table => out!("gpu {} of node {}: {}", g.index, args.node, g.health),
+        OutputFormat::Table => out!(
+            "gpu {} of node {}: {}, {} of {} MiB in use ({} MiB foreign)",
+            g.index,
+            args.node,
+            g.health,
+            g.memory_used_mib,
+            g.memory_total_mib,
+            g.foreign_memory_mib
+        ),
     }
     Ok(())
 }

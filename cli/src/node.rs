@@ -177,7 +177,11 @@ pub struct GpuView {
     pub last_xid: Option<u64>,
     /// ok, or what is wrong.
     pub health: String,
-    /// Processes using it: pid and memory.
+    /// Memory held by processes Berth did not start, MiB.
+    pub foreign_memory_mib: u64,
+    /// Memory replicas use beyond their reservations, MiB.
+    pub over_reservation_mib: u64,
+    /// Processes using it: pid, memory, and the replica it belongs to.
     pub processes: Vec<GpuProcessView>,
 }
 
@@ -188,6 +192,8 @@ pub struct GpuProcessView {
     pub pid: u32,
     /// GPU memory it uses, MiB.
     pub used_memory_mib: u64,
+    /// The replica it belongs to; null for a process Berth did not start.
+    pub replica: Option<String>,
 }
 
 impl From<pb::Gpu> for GpuView {
@@ -211,12 +217,15 @@ impl From<pb::Gpu> for GpuView {
             xid_events: g.xid_events,
             last_xid: g.last_xid,
             health: g.health,
+            foreign_memory_mib: g.foreign_memory_mib,
+            over_reservation_mib: g.over_reservation_mib,
             processes: g
                 .processes
                 .into_iter()
                 .map(|p| GpuProcessView {
                     pid: p.pid,
                     used_memory_mib: p.used_memory_mib,
+                    replica: Some(p.replica).filter(|r| !r.is_empty()),
                 })
                 .collect(),
         }
@@ -364,6 +373,12 @@ pub struct NodeReplicaView {
     pub exit_signal: Option<i32>,
     /// running or stopped: what the agent was told.
     pub desired: String,
+    /// GPU memory reserved for it, over all its GPUs.
+    pub gpu_memory_reserved_mib: u64,
+    /// GPU memory it was measured to use, over all its GPUs (null when not measured).
+    pub gpu_memory_used_mib: Option<u64>,
+    /// Whether it has stayed above its GPU memory reservation.
+    pub over_gpu_memory_reservation: bool,
 }
 
 impl From<pb::ReplicaStatus> for NodeReplicaView {
@@ -383,6 +398,9 @@ impl From<pb::ReplicaStatus> for NodeReplicaView {
             exit_code: r.exit_code,
             exit_signal: r.exit_signal,
             desired: r.desired,
+            gpu_memory_reserved_mib: r.gpu_memory_reserved_mib,
+            gpu_memory_used_mib: r.gpu_memory_used_mib,
+            over_gpu_memory_reservation: r.over_gpu_memory_reservation,
         }
     }
 }
@@ -522,6 +540,7 @@ fn print_detail(d: &NodeDetail) {
             "UUID",
             "MODEL",
             "MEMORY USED/TOTAL",
+            "FOREIGN",
             "UTIL",
             "TEMP",
             "POWER",
@@ -537,7 +556,10 @@ fn print_detail(d: &NodeDetail) {
             let procs: Vec<String> = g
                 .processes
                 .iter()
-                .map(|p| format!("{} ({})", p.pid, format_mib(p.used_memory_mib)))
+                .map(|p| {
+                    let owner = p.replica.as_deref().unwrap_or("foreign");
+                    format!("{} {owner} ({})", p.pid, format_mib(p.used_memory_mib))
+                })
                 .collect();
             t.add_row(vec![
                 g.index.to_string(),
@@ -552,6 +574,11 @@ fn print_detail(d: &NodeDetail) {
                     format_mib(g.memory_used_mib),
                     format_mib(g.memory_total_mib)
                 ),
+                if g.foreign_memory_mib == 0 {
+                    "-".into()
+                } else {
+                    format_mib(g.foreign_memory_mib)
+                },
                 opt(g.utilization_percent, "%"),
                 opt(g.temperature_c, "°C"),
                 g.power_w.map_or("-".into(), |w| format!("{w:.0}W")),
@@ -603,7 +630,7 @@ fn print_detail(d: &NodeDetail) {
 /// A table of replicas as agents report them.
 pub fn node_replicas_table(replicas: &[NodeReplicaView]) -> String {
     let mut t = table(&[
-        "REPLICA", "GEN", "MODEL", "PHASE", "PID", "PORT", "GPUS", "RESTARTS", "REASON",
+        "REPLICA", "GEN", "MODEL", "PHASE", "PID", "PORT", "GPUS", "GPU MEM", "RESTARTS", "REASON",
     ]);
     for r in replicas {
         let gpus: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
@@ -615,6 +642,11 @@ pub fn node_replicas_table(replicas: &[NodeReplicaView]) -> String {
             opt(r.pid, ""),
             r.port.to_string(),
             gpus.join(","),
+            crate::deploy::gpu_memory(
+                r.gpu_memory_used_mib,
+                r.gpu_memory_reserved_mib,
+                r.over_gpu_memory_reservation,
+            ),
             r.restarts.to_string(),
             r.reason.clone(),
         ]);

@@ -40,15 +40,17 @@ pub fn status(e: SupervisorError) -> Status {
     }
 }
 
-/// A replica's status on the wire.
-pub fn replica_to_proto(s: &ReplicaState) -> pb::ReplicaStatus {
+/// A replica's status on the wire, with its GPU memory from the ledger of
+/// `inventory`.
+pub fn replica_to_proto(s: &ReplicaState, inventory: &SharedInventory) -> pb::ReplicaStatus {
     let r = &s.record;
+    let memory = inventory.memory_of(&r.spec);
     pb::ReplicaStatus {
         id: r.spec.id.clone(),
         generation: r.spec.generation,
         phase: s.phase.as_str().into(),
         reason: s.reason.clone(),
-        pid: s.pid.unwrap_or(0),
+        pid: s.server.map_or(0, |p| p.pid),
         restarts: r.restarts,
         port: u32::from(r.port),
         gpus: r.spec.gpus.clone(),
@@ -66,6 +68,9 @@ pub fn replica_to_proto(s: &ReplicaState) -> pb::ReplicaStatus {
         running_requests: s.engine.map(|e| e.running),
         kv_cache_milli: s.engine.and_then(|e| e.kv_cache_milli),
         ready_after_ms: s.ready_after_ms,
+        gpu_memory_used_mib: memory.used_mib,
+        gpu_memory_reserved_mib: memory.reserved_mib,
+        over_gpu_memory_reservation: memory.over,
     }
 }
 
@@ -123,7 +128,7 @@ impl Agent for AgentService {
             .start(spec, req.placed_at)
             .await
             .map_err(status)?;
-        Ok(Response::new(replica_to_proto(&s)))
+        Ok(Response::new(replica_to_proto(&s, &self.inventory)))
     }
 
     #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]
@@ -144,7 +149,7 @@ impl Agent for AgentService {
             .stop(&req.id, req.generation, grace)
             .await
             .map_err(status)?;
-        Ok(Response::new(replica_to_proto(&s)))
+        Ok(Response::new(replica_to_proto(&s, &self.inventory)))
     }
 
     #[tracing::instrument(skip_all, fields(replica = %request.get_ref().id))]
@@ -160,7 +165,7 @@ impl Agent for AgentService {
             .resize(&req.id, req.generation, req.cpu_milli, req.memory_mib, gpus)
             .await
             .map_err(status)?;
-        Ok(Response::new(replica_to_proto(&s)))
+        Ok(Response::new(replica_to_proto(&s, &self.inventory)))
     }
 
     async fn list_replicas(
@@ -170,7 +175,10 @@ impl Agent for AgentService {
         self.check_node(&request)?;
         let replicas = self.supervisor.list().await;
         Ok(Response::new(pb::ListReplicasResponse {
-            replicas: replicas.iter().map(replica_to_proto).collect(),
+            replicas: replicas
+                .iter()
+                .map(|r| replica_to_proto(r, &self.inventory))
+                .collect(),
         }))
     }
 
@@ -179,8 +187,8 @@ impl Agent for AgentService {
         request: Request<pb::GetInventoryRequest>,
     ) -> Result<Response<pb::Inventory>, Status> {
         self.check_node(&request)?;
-        let allocations = self.supervisor.allocations().await;
-        Ok(Response::new(self.inventory.refresh(allocations).await))
+        let claims = self.supervisor.claims().await;
+        Ok(Response::new(self.inventory.refresh(claims).await))
     }
 
     #[tracing::instrument(skip_all, fields(gpu = request.get_ref().gpu))]
@@ -200,8 +208,8 @@ impl Agent for AgentService {
             .simulate_fault(&req)
             .map_err(Status::failed_precondition)?;
         // Read now, so the next heartbeat carries the fault.
-        let allocations = self.supervisor.allocations().await;
-        let inventory = self.inventory.refresh(allocations).await;
+        let claims = self.supervisor.claims().await;
+        let inventory = self.inventory.refresh(claims).await;
         inventory
             .gpus
             .into_iter()

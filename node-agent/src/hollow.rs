@@ -421,7 +421,7 @@ impl Replicas for HollowReplicas {
             },
             phase: ReplicaPhase::Running,
             reason: "hollow: the start was recorded; no process runs".into(),
-            pid: None,
+            server: None,
             last_exit: None,
             started_at_ms: crate::supervisor::shim::now_ms(),
             limits_enforced: false,
@@ -553,7 +553,7 @@ mod tests {
         let h = hollow();
         let s = h.start(spec("r-1", 1, 0), 5).await.expect("start");
         assert_eq!(s.phase, ReplicaPhase::Running);
-        assert!(s.pid.is_none(), "no process runs");
+        assert!(s.server.is_none(), "no process runs");
         assert!(s.reason.contains("hollow"), "{}", s.reason);
         assert_eq!(s.gpu_uuids, ["GPU-simulated-hollow-0001-0"]);
         // The same generation again is the same replica; an older one is refused.

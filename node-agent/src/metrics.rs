@@ -24,8 +24,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Registers the per-GPU families of `inventory`'s GPUs.
 pub fn register_gpus(registry: &mut Registry, node: &str, inventory: &v1::Inventory) {
     let gauges = || Family::<Labels, FloatGauge>::default();
-    let (utilization, used, total, temperature, power) =
-        (gauges(), gauges(), gauges(), gauges(), gauges());
+    let (utilization, used, total, temperature, power, foreign) =
+        (gauges(), gauges(), gauges(), gauges(), gauges(), gauges());
     let ecc = Family::<Labels, Gauge>::default();
     let xids = Family::<Labels, Counter>::default();
     let health = Family::<Labels, Gauge>::default();
@@ -50,6 +50,9 @@ pub fn register_gpus(registry: &mut Registry, node: &str, inventory: &v1::Invent
         total
             .get_or_create(&labels)
             .set(g.memory_total_mib as f64 * MIB);
+        foreign
+            .get_or_create(&labels)
+            .set(g.foreign_memory_mib as f64 * MIB);
         if let Some(t) = g.temperature_c {
             temperature.get_or_create(&labels).set(f64::from(t));
         }
@@ -93,6 +96,12 @@ pub fn register_gpus(registry: &mut Registry, node: &str, inventory: &v1::Invent
     registry.register_with_unit("gpu_memory_used", "GPU memory in use", Unit::Bytes, used);
     registry.register_with_unit("gpu_memory_total", "GPU memory", Unit::Bytes, total);
     registry.register_with_unit(
+        "gpu_memory_foreign",
+        "GPU memory held by processes Berth did not start",
+        Unit::Bytes,
+        foreign,
+    );
+    registry.register_with_unit(
         "gpu_temperature",
         "GPU core temperature",
         Unit::Celsius,
@@ -122,16 +131,19 @@ pub fn register_gpus(registry: &mut Registry, node: &str, inventory: &v1::Invent
 }
 
 /// Registers the per-replica families: phase (a state set), restarts, and
-/// the GPU memory reserved for it (all its GPUs together).
+/// the GPU memory reserved for it and measured (all its GPUs together), and
+/// whether it stayed above its reservation.
 pub fn register_replicas(
     registry: &mut Registry,
     node: &str,
     replicas: &[crate::supervisor::replica::Status],
-    inventory: &v1::Inventory,
+    inventory: &crate::inventory::SharedInventory,
 ) {
     let phases = Family::<Labels, Gauge>::default();
     let restarts = Family::<Labels, Counter>::default();
     let reserved = Family::<Labels, FloatGauge>::default();
+    let used = Family::<Labels, FloatGauge>::default();
+    let over = Family::<Labels, Gauge>::default();
     for r in replicas {
         let spec = &r.record.spec;
         let labels: Labels = vec![
@@ -154,20 +166,14 @@ pub fn register_replicas(
             .get_or_create(&labels)
             .inc_by(u64::from(r.record.restarts));
         if !spec.gpus.is_empty() {
-            // A GPU memory of 0 reserves each GPU whole.
-            let mib: u64 = spec
-                .gpus
-                .iter()
-                .map(|i| match spec.resources.gpu_memory_mib {
-                    0 => inventory
-                        .gpus
-                        .iter()
-                        .find(|g| g.index == *i)
-                        .map_or(0, |g| g.memory_total_mib),
-                    m => m,
-                })
-                .sum();
-            reserved.get_or_create(&labels).set(mib as f64 * MIB);
+            let memory = inventory.memory_of(spec);
+            reserved
+                .get_or_create(&labels)
+                .set(memory.reserved_mib as f64 * MIB);
+            if let Some(mib) = memory.used_mib {
+                used.get_or_create(&labels).set(mib as f64 * MIB);
+            }
+            over.get_or_create(&labels).set(i64::from(memory.over));
         }
     }
     registry.register(
@@ -185,6 +191,17 @@ pub fn register_replicas(
         "GPU memory reserved for the replica, over all its GPUs",
         Unit::Bytes,
         reserved,
+    );
+    registry.register_with_unit(
+        "replica_gpu_memory_used",
+        "GPU memory the replica's processes use, over all its GPUs (NVML per-process figures; declared on simulated GPUs)",
+        Unit::Bytes,
+        used,
+    );
+    registry.register(
+        "replica_gpu_memory_over_reservation",
+        "1 while the replica has stayed above its GPU memory reservation on one of its GPUs",
+        over,
     );
 }
 

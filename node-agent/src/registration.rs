@@ -261,7 +261,10 @@ impl Loop {
             node: self.reg.node.clone(),
             instance: self.reg.instance.clone(),
             gpus: heartbeat_readings(&latest),
-            replicas: replicas.iter().map(replica_to_proto).collect(),
+            replicas: replicas
+                .iter()
+                .map(|r| replica_to_proto(r, &self.reg.inventory))
+                .collect(),
             memory_available_mib: latest.memory_available_mib,
             cpu_usage_percent: latest.cpu_usage_percent,
         };

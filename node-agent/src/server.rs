@@ -174,8 +174,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
-                let allocations = supervisor.allocations().await;
-                inventory.refresh(allocations).await;
+                let claims = supervisor.claims().await;
+                inventory.refresh(claims).await;
             }
         });
     }
@@ -323,7 +323,7 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         latest.gpus.len() as i64,
     );
     crate::metrics::register_gpus(&mut registry, &s.node, &latest);
-    crate::metrics::register_replicas(&mut registry, &s.node, &replicas, &latest);
+    crate::metrics::register_replicas(&mut registry, &s.node, &replicas, &s.inventory);
     counter(
         &mut registry,
         "heartbeats",

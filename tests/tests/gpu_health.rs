@@ -5,6 +5,10 @@
 //! XID changes nothing; XID 79 and uncorrected ECC errors quarantine the
 //! GPU, its replica is replaced elsewhere before it stops (never fewer
 //! running), nothing new lands on it, and a release returns it.
+//!
+//! And the VRAM ledger: simulated foreign processes and a replica that
+//! declares more use than it reserved, measured by the agent and acted on
+//! by the scheduler.
 
 use std::time::Duration;
 
@@ -365,5 +369,192 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
         &["berth_agent_replica_ready_duration_seconds_count"],
     ] {
         assert!(positive(&agent, parts), "{parts:?} on agent n1:\n{agent}");
+    }
+}
+
+/// The replica of `deployment` (the first), once it is pending with the
+/// scheduler's explanation: a pass looked at it and found no place.
+async fn pending_with_reason(s: &str, deployment: &str) -> Value {
+    wait_until(
+        DEADLINE,
+        "the replica pending with the scheduler's reason",
+        || async {
+            let rs =
+                try_berth_json(&["--server", s, "replica", "list", "--deployment", deployment])
+                    .await?;
+            let r = rs.as_array()?.first()?.clone();
+            (r["phase"] == "pending"
+                && r["node"].is_null()
+                && r["reason"].as_str()?.contains("GPU"))
+            .then_some(r)
+        },
+    )
+    .await
+}
+
+/// The VRAM ledger, on one node with two simulated 80 GiB A100s: memory
+/// that processes Berth did not start hold keeps a request off a GPU whose
+/// measured free memory is too small, though the reservations leave room; a
+/// replica that uses more than it reserved is measured and shown, flagged
+/// (event and metric) once it stays above, and its excess counts as taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vram_ledger_measures_replicas_and_keeps_requests_off_memory_in_use() {
+    let agent_http = berth_cli::local::free_port().expect("a free port");
+    let agent_flags = vec![vec![
+        "--http".to_string(),
+        format!("127.0.0.1:{agent_http}"),
+    ]];
+    let (_cluster, _agents, s) = demo_cluster_with(1, &[], &["n1"], &agent_flags).await;
+
+    // Foreign processes hold 70 GiB of each GPU: 10 GiB are really free.
+    for gpu in 0..2 {
+        inject(&s, "n1", gpu, &["--foreign-memory", "70GiB"]).await;
+    }
+    wait_until(
+        DEADLINE,
+        "the leader hears of the foreign memory",
+        || async {
+            let nodes = try_berth_json(&["--server", &s, "node", "list"]).await?;
+            let gpus = nodes.as_array()?.first()?["gpu_health"].as_array()?.clone();
+            gpus.iter()
+                .all(|g| g["foreign_memory_mib"] == 70 * 1024)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Replicas that reserve 20 GiB of one GPU and use 30 GiB.
+    berth_json(&[
+        "--server",
+        &s,
+        "model",
+        "create",
+        "hungry",
+        "--runtime",
+        "demo",
+        "--source",
+        "builtin:demo",
+        "--gpus",
+        "1",
+        "--gpu-memory",
+        "20GiB",
+        "--gpu-share",
+        "500",
+        "--env",
+        "BERTH_SIMULATED_GPU_MEMORY_MIB=30720",
+    ])
+    .await;
+    berth_json(&[
+        "--server",
+        &s,
+        "deploy",
+        "create",
+        "hungry",
+        "--model",
+        "hungry",
+        "--replicas",
+        "1",
+    ])
+    .await;
+    let waiting = pending_with_reason(&s, "hungry").await;
+    assert_eq!(waiting["gpu_memory_used_mib"], Value::Null, "{waiting}");
+
+    // GPU 1's foreign process goes: the replica lands there, not on GPU 0.
+    inject(&s, "n1", 1, &["--foreign-memory", "0"]).await;
+    let r = wait_until(DEADLINE, "the replica running", || async {
+        let rs =
+            try_berth_json(&["--server", &s, "replica", "list", "--deployment", "hungry"]).await?;
+        let r = rs.as_array()?.first()?.clone();
+        (r["phase"] == "running" && r["gpu_memory_used_mib"] == 30 * 1024).then_some(r)
+    })
+    .await;
+    assert_eq!(place(&r), ("n1".to_string(), 1), "{r}");
+    assert_eq!(r["gpu_memory_reserved_mib"], 20 * 1024, "{r}");
+
+    // It stays above its reservation: flagged, with an event.
+    let r = wait_until(
+        DEADLINE,
+        "the replica flagged over its reservation",
+        || async {
+            let rs = try_berth_json(&["--server", &s, "replica", "list", "--deployment", "hungry"])
+                .await?;
+            let r = rs.as_array()?.first()?.clone();
+            (r["over_gpu_memory_reservation"] == true).then_some(r)
+        },
+    )
+    .await;
+    let id = r["id"].as_str().expect("an id").to_string();
+    let events = stdout(&berth(&["--server", &s, "events", "--tail", "200"]).await);
+    assert!(
+        events.contains(&format!(
+            "replica {id} on node n1 stays above its GPU memory reservation: it uses 30720 MiB of the 20480 MiB it reserved"
+        )),
+        "{events}"
+    );
+    let table = stdout(&berth(&["--server", &s, "replica", "list"]).await);
+    assert!(table.contains("30GiB/20GiB OVER"), "{table}");
+    let shown = berth_json(&["--server", &s, "node", "show", "n1"]).await;
+    let gpus = shown["inventory"]["gpus"].as_array().expect("gpus").clone();
+    assert_eq!(gpus[0]["foreign_memory_mib"], 70 * 1024, "{shown}");
+    assert_eq!(gpus[1]["over_reservation_mib"], 10 * 1024, "{shown}");
+    assert_eq!(gpus[1]["processes"][0]["replica"], id.as_str(), "{shown}");
+    assert_eq!(gpus[0]["processes"][0]["replica"], Value::Null, "{shown}");
+    let mine = &shown["replica_list"][0];
+    assert_eq!(mine["gpu_memory_used_mib"], 30 * 1024, "{shown}");
+    assert_eq!(mine["over_gpu_memory_reservation"], true, "{shown}");
+
+    // Its excess counts as taken: 55 GiB fit in GPU 1's reservations (60
+    // GiB left) but not in what it really has free (50 GiB).
+    berth_json(&[
+        "--server",
+        &s,
+        "deploy",
+        "create",
+        "big",
+        "--model",
+        "hungry",
+        "--replicas",
+        "1",
+        "--gpu-memory",
+        "55GiB",
+    ])
+    .await;
+    let big = pending_with_reason(&s, "big").await;
+    assert_eq!(big["gpu_memory_reserved_mib"], 0, "{big}");
+
+    // The agent's series say the same, and pass promtool's checks.
+    let (_, page) = http_get(u32::from(agent_http), "/metrics")
+        .await
+        .expect("the agent's /metrics");
+    let series = |name: &str, labels: &[&str]| {
+        page.lines()
+            .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    let replica_label = format!("replica=\"{id}\"");
+    assert_eq!(
+        series(
+            "berth_agent_replica_gpu_memory_used_bytes",
+            &[&replica_label]
+        ),
+        Some("32212254720.0".into()),
+        "{page}"
+    );
+    assert_eq!(
+        series(
+            "berth_agent_replica_gpu_memory_over_reservation",
+            &[&replica_label]
+        ),
+        Some("1".into()),
+        "{page}"
+    );
+    assert_eq!(
+        series("berth_agent_gpu_memory_foreign_bytes", &["index=\"0\""]),
+        Some("75161927680.0".into()),
+        "{page}"
+    );
+    if let Err(e) = promtool_check(&page).await {
+        panic!("promtool check metrics on the agent's /metrics: {e}\n{page}");
     }
 }

@@ -367,6 +367,22 @@ impl Deployments<'_> {
                     queue_depth: seen.and_then(|x| x.queue_depth),
                     running_requests: seen.and_then(|x| x.running_requests),
                     kv_cache_milli: seen.and_then(|x| x.kv_cache_milli),
+                    // What the state reserves (a whole GPU's memory for a
+                    // share of 0), not what the agent last said: it holds
+                    // for a pending replica too.
+                    gpu_memory_reserved_mib: r
+                        .gpus
+                        .iter()
+                        .map(|g| match g.memory_mib {
+                            0 => node
+                                .and_then(|n| n.inventory.gpus.iter().find(|d| d.index == g.index))
+                                .map_or(0, |d| d.memory_mib),
+                            m => m,
+                        })
+                        .sum(),
+                    gpu_memory_used_mib: seen.and_then(|x| x.gpu_memory_used_mib),
+                    over_gpu_memory_reservation: seen
+                        .is_some_and(|x| x.over_gpu_memory_reservation),
                 }
             })
             .collect();

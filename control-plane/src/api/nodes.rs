@@ -209,6 +209,9 @@ fn gpu_status(
                 quarantined_by: q.map(|q| q.by.as_str().to_string()).unwrap_or_default(),
                 quarantined_since_ms: q.map_or(0, |q| q.since_ms),
                 faults: faults.map(|f| (&f).into()),
+                memory_used_mib: reading.map(|r| r.memory_used_mib),
+                foreign_memory_mib: reading.map_or(0, |r| r.foreign_memory_mib),
+                over_reservation_mib: reading.map_or(0, |r| r.over_reservation_mib),
             }
         })
         .collect()

@@ -154,6 +154,32 @@ impl NodeTracker {
         }
     }
 
+    /// GPU memory in use beyond the reservations, per node and GPU, as the
+    /// agents last measured it (foreign processes, and replicas above their
+    /// reservations): what scheduling adds to the reservations.
+    pub fn unreserved_use(&self) -> crate::reconciler::placement::Unreserved {
+        self.with_observations(|observed| {
+            observed
+                .iter()
+                .filter_map(|(node, o)| {
+                    let gpus: HashMap<u32, u64> = o
+                        .report
+                        .gpus
+                        .iter()
+                        .map(|g| {
+                            (
+                                g.index,
+                                g.foreign_memory_mib.saturating_add(g.over_reservation_mib),
+                            )
+                        })
+                        .filter(|(_, mib)| *mib > 0)
+                        .collect();
+                    (!gpus.is_empty()).then(|| (node.clone(), gpus))
+                })
+                .collect()
+        })
+    }
+
     /// The last heartbeat of one node (None on a follower).
     pub fn observation(&self, node: &str) -> Option<Observation> {
         self.observed.lock().ok()?.get(node).cloned()
@@ -309,6 +335,7 @@ impl NodeTracker {
                     .map(|before| phase_events(&name, before, &report))
                     .unwrap_or_default();
                 events.extend(gpu_health_events(&name, before, &report, &gpu_records));
+                events.extend(memory_events(&name, before, &report));
                 let o = Observation {
                     at: Instant::now(),
                     instance: report.instance.clone(),
@@ -451,6 +478,52 @@ fn phase_events(
             Some(crate::events::Event {
                 at_ms: now_ms,
                 severity: if r.phase == "failed" {
+                    "warning"
+                } else {
+                    "info"
+                },
+                kind: "replica",
+                object: r.id.clone(),
+                message,
+            })
+        })
+        .collect()
+}
+
+/// Events for the replicas that began, or ceased, to stay above their GPU
+/// memory reservation between two heartbeats of `node` (the agent judges
+/// "stays": see berth_node_agent::inventory::ledger).
+fn memory_events(
+    node: &str,
+    before: Option<&pb::HeartbeatRequest>,
+    now: &pb::HeartbeatRequest,
+) -> Vec<crate::events::Event> {
+    let at_ms = crate::member::now_ms();
+    now.replicas
+        .iter()
+        .filter_map(|r| {
+            let was = before
+                .and_then(|b| b.replicas.iter().find(|x| x.id == r.id))
+                .is_some_and(|x| x.over_gpu_memory_reservation);
+            if was == r.over_gpu_memory_reservation {
+                return None;
+            }
+            let used = r.gpu_memory_used_mib.unwrap_or(0);
+            let reserved = r.gpu_memory_reserved_mib;
+            let message = if r.over_gpu_memory_reservation {
+                format!(
+                    "replica {} on node {node} stays above its GPU memory reservation: it uses {used} MiB of the {reserved} MiB it reserved; the scheduler counts the excess as taken (reserve more with berth deploy resize NAME --gpu-memory SIZE)",
+                    r.id
+                )
+            } else {
+                format!(
+                    "replica {} on node {node} is back within its GPU memory reservation ({used} of {reserved} MiB)",
+                    r.id
+                )
+            };
+            Some(crate::events::Event {
+                at_ms,
+                severity: if r.over_gpu_memory_reservation {
                     "warning"
                 } else {
                     "info"

@@ -4,8 +4,15 @@
 //! policy), and the binds become the `PlanBind`s of an `ApplyPlan` command,
 //! which `apply` re-validates. MIG GPUs are left out: Berth does not split
 //! or share them; so are quarantined GPUs.
+//!
+//! A GPU's memory in use is what the replicas placed on it reserve plus
+//! what the reservations do not account for, as its agent last measured it
+//! (`Unreserved`: memory of processes Berth did not start, and replicas'
+//! use above their reservations). So a GPU whose measured free memory is
+//! below a request never gets it, whatever the reservations say, while a
+//! replica that was placed but has not started yet still counts whole.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use berth_common::{GpuSlice, PlacementPolicy, Replica, ReplicaIntent};
 
@@ -14,14 +21,20 @@ use crate::scheduler::{
 };
 use crate::state::{ClusterState, PlanBind, capacity, gpus};
 
+/// Per node, then GPU index: GPU memory in use beyond the reservations
+/// (MiB), from the agents' last heartbeats; nodes and GPUs with none are
+/// left out.
+pub type Unreserved = HashMap<String, HashMap<u32, u64>>;
+
 /// The scheduler's view of the cluster.
-pub fn cluster(state: &ClusterState) -> Cluster {
+pub fn cluster(state: &ClusterState, unreserved: &Unreserved) -> Cluster {
     let usage = capacity::usage(state.replicas.values());
     let quarantined = gpus::quarantined(state);
     let mut nodes = BTreeMap::new();
     for (name, n) in &state.nodes {
         let used = usage.get(name).cloned().unwrap_or_default();
         let out = quarantined.get(name.as_str());
+        let measured = unreserved.get(name.as_str());
         let gpus = n
             .inventory
             .gpus
@@ -29,6 +42,7 @@ pub fn cluster(state: &ClusterState) -> Cluster {
             .filter(|g| !g.mig_enabled && !out.is_some_and(|q| q.contains(&g.index)))
             .map(|g| {
                 let u = used.gpus.get(&g.index).copied().unwrap_or_default();
+                let beyond = measured.and_then(|m| m.get(&g.index)).copied().unwrap_or(0);
                 Gpu {
                     index: g.index,
                     model: g.model.clone(),
@@ -36,7 +50,7 @@ pub fn cluster(state: &ClusterState) -> Cluster {
                     locality: g.locality,
                     used: GpuUse {
                         milli: u.milli,
-                        memory_mib: u.memory_mib,
+                        memory_mib: u.memory_mib.saturating_add(beyond).min(g.memory_mib),
                     },
                 }
             })
@@ -122,8 +136,9 @@ impl Pending {
         self.by_policy.is_empty()
     }
 
-    /// The pending replicas of `state` and the cluster they go on.
-    pub fn of(state: &ClusterState) -> Pending {
+    /// The pending replicas of `state` and the cluster they go on, with
+    /// `unreserved` GPU memory in use.
+    pub fn of(state: &ClusterState, unreserved: &Unreserved) -> Pending {
         let mut by_policy: BTreeMap<u8, (PlacementPolicy, Vec<Request>)> = BTreeMap::new();
         for r in state.replicas.values() {
             if r.intent != ReplicaIntent::Run || r.node.is_some() {
@@ -143,7 +158,7 @@ impl Pending {
             return Pending::default();
         }
         Pending {
-            cluster: cluster(state),
+            cluster: cluster(state, unreserved),
             by_policy,
         }
     }
@@ -189,8 +204,8 @@ impl Pending {
 }
 
 /// Places every pending replica of `state` it can (`Pending::of`, then `schedule`).
-pub fn decide(state: &ClusterState) -> Decision {
-    Pending::of(state).schedule()
+pub fn decide(state: &ClusterState, unreserved: &Unreserved) -> Decision {
+    Pending::of(state, unreserved).schedule()
 }
 
 #[cfg(test)]
@@ -284,6 +299,58 @@ mod tests {
         }
     }
 
+    /// Memory the reservations do not account for (foreign processes,
+    /// replicas above their reservations) keeps a request off a GPU whose
+    /// measured free memory is too small, though the reservations say it
+    /// fits; a whole-GPU request needs a GPU nobody else uses.
+    #[test]
+    fn measured_use_beyond_reservations_keeps_requests_away() {
+        let mut s = ClusterState::default();
+        for c in [
+            model(),
+            node("a", 2, 16, false),
+            deploy("chat", 1, 1, 40, 500),
+        ] {
+            run(&mut s, c).unwrap();
+        }
+        let free = decide(&s, &Unreserved::new());
+        assert_eq!(
+            free.binds[0].gpus[0].index, 0,
+            "either GPU fits; 0 comes first"
+        );
+
+        // 50 GiB of foreign use on GPU 0: 30 GiB really free there.
+        let foreign = Unreserved::from([("a".to_string(), HashMap::from([(0, 50 * 1024)]))]);
+        let d = decide(&s, &foreign);
+        assert_eq!(d.binds.len(), 1);
+        assert_eq!(d.binds[0].gpus[0].index, 1, "{:?}", d.binds);
+
+        // Both GPUs short: the replica waits, whatever the reservations say.
+        let both = Unreserved::from([(
+            "a".to_string(),
+            HashMap::from([(0, 50 * 1024), (1, 41 * 1024 + 1)]),
+        )]);
+        let d = decide(&s, &both);
+        assert!(d.binds.is_empty(), "{:?}", d.binds);
+        assert_eq!(d.pending[0].0, "chat-1");
+
+        // Use beyond the reservations never makes a GPU look over-full.
+        let huge = Unreserved::from([("a".to_string(), HashMap::from([(0, u64::MAX)]))]);
+        let view = cluster(&s, &huge);
+        assert_eq!(view.nodes["a"].gpus[0].used.memory_mib, 80 * 1024);
+
+        // A whole GPU is refused where anything else holds memory.
+        run(&mut s, deploy("whole", 1, 1, 0, 1000)).unwrap();
+        let one = Unreserved::from([("a".to_string(), HashMap::from([(1, 512)]))]);
+        let d = decide(&s, &one);
+        let whole = d
+            .binds
+            .iter()
+            .find(|b| b.replica == "whole-1")
+            .expect("placed");
+        assert_eq!(whole.gpus[0].index, 0);
+    }
+
     #[test]
     fn pending_replicas_are_placed_and_the_plan_applies() {
         let mut s = ClusterState::default();
@@ -297,7 +364,7 @@ mod tests {
         ] {
             run(&mut s, c).unwrap();
         }
-        let d = decide(&s);
+        let d = decide(&s, &Unreserved::new());
         assert_eq!(d.binds.len(), 4, "{:?}", d.binds);
         assert_eq!(d.pending.len(), 1);
         assert_eq!(d.pending[0].0, "huge-1");
@@ -322,7 +389,7 @@ mod tests {
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         check_invariants(&s).unwrap();
         // Nothing left to place but what cannot fit.
-        let again = decide(&s);
+        let again = decide(&s, &Unreserved::new());
         assert!(again.binds.is_empty());
         assert_eq!(again.pending.len(), 1);
     }
@@ -349,7 +416,7 @@ mod tests {
                 let milli = if *gpus > 1 { 1000 } else { *milli };
                 let _ = run(&mut s, deploy(&format!("d{i}"), *replicas, *gpus, *mem, milli));
             }
-            let d = decide(&s);
+            let d = decide(&s, &Unreserved::new());
             let n = d.binds.len();
             let Ok(Outcome::Plan(results)) = run(&mut s, Command::ApplyPlan(d.binds)) else {
                 panic!("a plan");

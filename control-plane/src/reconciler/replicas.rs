@@ -351,6 +351,7 @@ impl Replicas {
         // Each step reads the state under its guard (no copy of the whole
         // state: it holds every node's inventory), collects what to do, and
         // acts after letting go: writes and agent calls never run under it.
+        let unreserved = self.nodes.unreserved_use();
         let (lost, pending) = {
             let applied = self.member.state.read();
             let state = &applied.state;
@@ -365,7 +366,7 @@ impl Replicas {
                 .filter(|n| n.state == NodeState::Down && occupied.contains(n.name.as_str()))
                 .map(|n| n.name.clone())
                 .collect();
-            (lost, placement::Pending::of(state))
+            (lost, placement::Pending::of(state, &unreserved))
         };
         for node in &lost {
             tracing::warn!(node = %node, "node is down: replacing its replicas elsewhere");

@@ -1804,7 +1804,7 @@ fn a_quarantined_gpu_takes_nothing_new_and_its_replicas_move_away() {
     assert!(e.to_string().contains("quarantined GPU"), "{e}");
     run(&mut state, gpu_commands[0].clone()).expect("quarantined");
     assert!(gpus::on_quarantined_gpu(&state, &state.replicas["chat-1"]));
-    let view = crate::reconciler::placement::cluster(&state);
+    let view = crate::reconciler::placement::cluster(&state, &Default::default());
     let left: Vec<u32> = view.nodes["gpu-1"].gpus.iter().map(|g| g.index).collect();
     assert_eq!(left, [1], "the scheduler does not see the quarantined GPU");
     let e = run(&mut state, gpu_commands[0].clone()).expect_err("already");

@@ -7,17 +7,22 @@
 //! hundred microseconds: CPU and memory counters, mounts, interfaces, and one
 //! NVML call per GPU reading) and returns the whole inventory as its wire
 //! document; `registration` is the static part the control plane records.
+//! Each refresh also settles the VRAM ledger (`ledger`): which replica's,
+//! or nobody's, is each GPU's memory.
 
+use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use berth_common::gpu_health::{GpuFaults, GpuHealth, assess};
 use berth_common::{GpuDevice, GpuSource, NodeInventory};
 use berth_proto::v1;
 
+pub mod ledger;
 pub mod nvml;
 pub mod simulated;
 mod system;
 
+use ledger::{Claim, GpuShareUse, Ledger, ReplicaMemory};
 use nvml::NvmlGpus;
 use system::SystemReader;
 
@@ -29,14 +34,14 @@ enum Gpus {
         devices: Vec<GpuDevice>,
         /// Injected faults, by position in `devices`.
         faults: Vec<GpuFaults>,
+        /// Memory that simulated processes Berth did not start hold, MiB,
+        /// by position in `devices`.
+        foreign: Vec<u64>,
     },
     None {
         reason: String,
     },
 }
-
-/// GPU memory given to replicas, per GPU index: what simulated GPUs report as used.
-pub type Allocations = Vec<(u32, u64)>;
 
 /// The node's inventory source.
 pub struct Inventory {
@@ -65,6 +70,7 @@ impl Inventory {
                 Gpus::Simulated {
                     spec: spec.to_string(),
                     faults: vec![GpuFaults::default(); devices.len()],
+                    foreign: vec![0; devices.len()],
                     devices,
                 }
             }
@@ -107,6 +113,7 @@ impl Inventory {
                 Gpus::Simulated {
                     spec: format!("{gpus}, hollow agent of berth bench"),
                     faults: vec![GpuFaults::default(); devices.len()],
+                    foreign: vec![0; devices.len()],
                     devices,
                 }
             },
@@ -161,7 +168,10 @@ impl Inventory {
     /// an index the node does not have. The next readings show it.
     pub fn simulate_fault(&mut self, req: &v1::SimulateGpuFaultRequest) -> Result<(), String> {
         let Gpus::Simulated {
-            devices, faults, ..
+            devices,
+            faults,
+            foreign,
+            ..
         } = &mut self.gpus
         else {
             return Err(format!(
@@ -189,24 +199,56 @@ impl Inventory {
         f.ecc_uncorrected = f.ecc_uncorrected.saturating_add(req.ecc_uncorrected);
         f.remap_pending |= req.remap_pending;
         f.lost |= req.lost;
-        tracing::warn!(gpu = req.gpu, faults = ?f, "SIMULATED GPU fault injected");
+        if let Some(mib) = req.foreign_memory_mib {
+            let total = devices[i].memory_mib;
+            if mib > total {
+                return Err(format!(
+                    "foreign_memory_mib {mib} is more than gpu {}'s memory of {total} MiB: give at most {total}",
+                    req.gpu
+                ));
+            }
+            foreign[i] = mib;
+            tracing::warn!(
+                gpu = req.gpu,
+                mib,
+                "SIMULATED foreign process GPU memory set"
+            );
+        }
+        if req.xid.is_some()
+            || req.ecc_uncorrected > 0
+            || req.remap_pending
+            || req.lost
+            || req.clear
+        {
+            tracing::warn!(gpu = req.gpu, faults = ?f, "SIMULATED GPU fault injected");
+        }
         Ok(())
     }
 
-    /// Takes fresh readings. Blocking (NVML, /proc): call it from a blocking thread.
-    pub fn refresh(&mut self, allocations: &Allocations) -> v1::Inventory {
+    /// Takes fresh readings, and settles the ledger of `claims` (each
+    /// replica's use per GPU). Blocking (NVML, /proc): call it from a
+    /// blocking thread.
+    pub fn refresh(
+        &mut self,
+        claims: &[Claim],
+    ) -> (v1::Inventory, BTreeMap<String, Vec<GpuShareUse>>) {
         let started = Instant::now();
-        let gpus = match &self.gpus {
+        let mut gpus = match &self.gpus {
             Gpus::Nvml(n) => n.read(),
             Gpus::Simulated {
-                devices, faults, ..
+                devices,
+                faults,
+                foreign,
+                ..
             } => devices
                 .iter()
                 .zip(faults)
-                .map(|(d, f)| simulated_reading(d, f, allocations))
+                .zip(foreign)
+                .map(|((d, f), foreign)| simulated_reading(d, f, *foreign, claims))
                 .collect(),
             Gpus::None { .. } => Vec::new(),
         };
+        let uses = ledger::attribute(&mut gpus, claims, crate::supervisor::procfs::in_group);
         let mut inv = self.system.refresh();
         inv.node = self.node.clone();
         inv.gpu_source = self.source().to_string();
@@ -219,7 +261,7 @@ impl Inventory {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         inv.refresh_us = started.elapsed().as_micros() as u64;
-        inv
+        (inv, uses)
     }
 }
 
@@ -228,17 +270,19 @@ impl Inventory {
 pub struct SharedInventory {
     source: std::sync::Mutex<Inventory>,
     latest: std::sync::RwLock<v1::Inventory>,
+    ledger: std::sync::Mutex<Ledger>,
     registration: NodeInventory,
 }
 
 impl SharedInventory {
     /// Wraps a source and takes a first reading.
     pub fn new(mut source: Inventory) -> std::sync::Arc<Self> {
-        let first = source.refresh(&Vec::new());
+        let (first, _) = source.refresh(&[]);
         let registration = source.registration();
         std::sync::Arc::new(SharedInventory {
             source: std::sync::Mutex::new(source),
             latest: std::sync::RwLock::new(first),
+            ledger: Default::default(),
             registration,
         })
     }
@@ -264,16 +308,44 @@ impl SharedInventory {
             .simulate_fault(req)
     }
 
-    /// Takes fresh readings on a blocking thread and keeps them as the latest.
-    pub async fn refresh(self: &std::sync::Arc<Self>, allocations: Allocations) -> v1::Inventory {
+    /// What `spec`'s replica reserves and was last measured to use.
+    pub fn memory_of(&self, spec: &berth_common::ReplicaSpec) -> ReplicaMemory {
+        let reserved_mib = {
+            let latest = self.latest.read().unwrap_or_else(|p| p.into_inner());
+            spec.gpus
+                .iter()
+                .map(|i| match spec.resources.gpu_memory_mib {
+                    // 0 reserves each GPU whole.
+                    0 => latest
+                        .gpus
+                        .iter()
+                        .find(|g| g.index == *i)
+                        .map_or(0, |g| g.memory_total_mib),
+                    m => m,
+                })
+                .sum()
+        };
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .of(&spec.id, reserved_mib)
+    }
+
+    /// Takes fresh readings and settles the ledger of `claims` on a
+    /// blocking thread, and keeps both as the latest.
+    pub async fn refresh(self: &std::sync::Arc<Self>, claims: Vec<Claim>) -> v1::Inventory {
         let me = self.clone();
         let read = tokio::task::spawn_blocking(move || {
             let mut source = me.source.lock().unwrap_or_else(|p| p.into_inner());
-            source.refresh(&allocations)
+            source.refresh(&claims)
         })
         .await;
         match read {
-            Ok(inv) => {
+            Ok((inv, uses)) => {
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .update(uses, std::time::Instant::now());
                 if let Ok(mut l) = self.latest.write() {
                     *l = inv.clone();
                 }
@@ -295,11 +367,34 @@ pub fn health_text(faults: &GpuFaults) -> String {
     }
 }
 
-fn simulated_reading(d: &GpuDevice, faults: &GpuFaults, allocations: &Allocations) -> v1::Gpu {
-    let used: u64 = allocations
+/// A simulated GPU's reading: each running replica on it is a process
+/// using what it declares ([`ledger::SIMULATED_USE_ENV`]) or else its
+/// reservation, and `foreign` MiB are held by a process Berth did not start
+/// (pid 0, which no replica has).
+fn simulated_reading(d: &GpuDevice, faults: &GpuFaults, foreign: u64, claims: &[Claim]) -> v1::Gpu {
+    let mut processes: Vec<v1::GpuProcess> = claims
         .iter()
-        .filter(|(i, _)| *i == d.index)
-        .map(|(_, m)| if *m == 0 { d.memory_mib } else { *m })
+        .filter(|c| c.gpus.contains(&d.index))
+        .filter_map(|c| {
+            Some(v1::GpuProcess {
+                pid: c.server?.pid,
+                used_memory_mib: c
+                    .simulated_use_mib
+                    .unwrap_or_else(|| c.reserved_on(d.memory_mib)),
+                replica: String::new(),
+            })
+        })
+        .collect();
+    if foreign > 0 {
+        processes.push(v1::GpuProcess {
+            pid: 0,
+            used_memory_mib: foreign,
+            replica: String::new(),
+        });
+    }
+    let used = processes
+        .iter()
+        .map(|p| p.used_memory_mib)
         .sum::<u64>()
         .min(d.memory_mib);
     v1::Gpu {
@@ -314,6 +409,7 @@ fn simulated_reading(d: &GpuDevice, faults: &GpuFaults, allocations: &Allocation
         simulated: true,
         health: health_text(faults),
         faults: Some(faults.into()),
+        processes,
         ..Default::default()
     }
 }
@@ -329,6 +425,8 @@ pub fn heartbeat_readings(inv: &v1::Inventory) -> Vec<v1::GpuReading> {
             temperature_c: g.temperature_c,
             health: g.health.clone(),
             faults: g.faults,
+            foreign_memory_mib: g.foreign_memory_mib,
+            over_reservation_mib: g.over_reservation_mib,
         })
         .collect()
 }
@@ -337,8 +435,21 @@ pub fn heartbeat_readings(inv: &v1::Inventory) -> Vec<v1::GpuReading> {
 mod tests {
     use super::*;
 
+    fn claim(replica: &str, pid: u32, gpus: &[u32], reserved_mib: u64) -> Claim {
+        Claim {
+            replica: replica.into(),
+            server: Some(crate::supervisor::procfs::ProcId {
+                pid,
+                start_ticks: 1,
+            }),
+            gpus: gpus.to_vec(),
+            reserved_mib,
+            simulated_use_mib: None,
+        }
+    }
+
     #[test]
-    fn simulated_inventory_is_marked_and_accounts_allocations() {
+    fn simulated_inventory_is_marked_and_accounts_running_replicas() {
         let mut inv =
             Inventory::open("n1", Some("2xA100-80GB"), "unavailable: test".into()).expect("open");
         assert!(inv.simulated());
@@ -346,17 +457,85 @@ mod tests {
         assert!(reg.simulated());
         assert_eq!(reg.gpus.len(), 2);
         reg.validate().expect("a valid registration");
-        let r = inv.refresh(&vec![(0, 20 * 1024), (0, 10 * 1024), (1, 0)]);
+        let not_running = Claim {
+            server: None,
+            ..claim("c", 0, &[0], 5 * 1024)
+        };
+        let (r, uses) = inv.refresh(&[
+            claim("a", 101, &[0], 20 * 1024),
+            claim("b", 102, &[0], 10 * 1024),
+            claim("whole", 103, &[1], 0),
+            not_running,
+        ]);
         assert!(r.simulated);
         assert!(r.gpu_source.starts_with("simulated"));
-        assert_eq!(r.gpus[0].memory_used_mib, 30 * 1024);
+        assert_eq!(r.gpus[0].memory_used_mib, 30 * 1024, "c runs no process");
         assert_eq!(r.gpus[0].memory_free_mib, 50 * 1024);
         assert_eq!(
             r.gpus[1].memory_free_mib, 0,
             "gpu_memory 0 takes the whole GPU"
         );
         assert!(r.gpus.iter().all(|g| g.simulated));
+        let owners: Vec<&str> = r.gpus[0]
+            .processes
+            .iter()
+            .map(|p| p.replica.as_str())
+            .collect();
+        assert_eq!(owners, ["a", "b"]);
+        assert_eq!(r.gpus[0].foreign_memory_mib, 0);
+        assert_eq!(uses["a"][0].used_mib, 20 * 1024);
+        assert!(!uses.contains_key("c"), "not measured while nothing runs");
         assert_eq!(heartbeat_readings(&r).len(), 2);
+    }
+
+    /// A declared use above the reservation and foreign memory show in the
+    /// readings, the heartbeat and the ledger.
+    #[test]
+    fn simulated_use_and_foreign_memory_reach_the_ledger() {
+        let mut inv =
+            Inventory::open("n1", Some("2xA100-80GB"), "unavailable: test".into()).expect("open");
+        inv.simulate_fault(&v1::SimulateGpuFaultRequest {
+            node: "n1".into(),
+            gpu: 1,
+            foreign_memory_mib: Some(60 * 1024),
+            ..Default::default()
+        })
+        .expect("set");
+        let hungry = Claim {
+            simulated_use_mib: Some(30 * 1024),
+            ..claim("hungry", 101, &[0], 20 * 1024)
+        };
+        let (r, uses) = inv.refresh(&[hungry]);
+        assert_eq!(r.gpus[0].memory_used_mib, 30 * 1024);
+        assert_eq!(r.gpus[0].over_reservation_mib, 10 * 1024);
+        assert_eq!(r.gpus[1].memory_used_mib, 60 * 1024);
+        assert_eq!(r.gpus[1].foreign_memory_mib, 60 * 1024);
+        assert_eq!(r.gpus[1].processes[0].replica, "");
+        let beat = heartbeat_readings(&r);
+        assert_eq!(beat[0].over_reservation_mib, 10 * 1024);
+        assert_eq!(beat[1].foreign_memory_mib, 60 * 1024);
+
+        let mut ledger = Ledger::default();
+        let t0 = std::time::Instant::now();
+        ledger.update(uses.clone(), t0);
+        let m = ledger.of("hungry", 20 * 1024);
+        assert_eq!(m.used_mib, Some(30 * 1024));
+        assert!(!m.over, "not flagged at once");
+        ledger.update(uses, t0 + ledger::OVER_RESERVATION_AFTER);
+        assert!(
+            ledger.of("hungry", 20 * 1024).over,
+            "flagged once it stayed above"
+        );
+
+        let e = inv
+            .simulate_fault(&v1::SimulateGpuFaultRequest {
+                node: "n1".into(),
+                gpu: 1,
+                foreign_memory_mib: Some(81 * 1024),
+                ..Default::default()
+            })
+            .expect_err("more than the GPU has");
+        assert!(e.contains("foreign_memory_mib 82944"), "{e}");
     }
 
     /// Faults go into simulated GPUs only, show in the readings and the
@@ -372,7 +551,7 @@ mod tests {
             ..Default::default()
         };
         inv.simulate_fault(&fault(1, Some(79))).expect("injected");
-        let r = inv.refresh(&Vec::new());
+        let (r, _) = inv.refresh(&[]);
         assert_eq!(r.gpus[0].health, "ok");
         assert!(
             r.gpus[1]
@@ -392,7 +571,7 @@ mod tests {
             ..fault(1, None)
         })
         .expect("cleared");
-        assert_eq!(inv.refresh(&Vec::new()).gpus[1].health, "ok");
+        assert_eq!(inv.refresh(&[]).0.gpus[1].health, "ok");
 
         // This machine has no NVML: a CPU-only node, whose GPUs are not simulated.
         let mut real = Inventory::open("n2", None, "unavailable: test".into()).expect("open");

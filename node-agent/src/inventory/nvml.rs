@@ -243,11 +243,16 @@ fn read_all(nvml: &Nvml, xids: &[GpuFaults]) -> Vec<v1::Gpu> {
                             UsedGpuMemory::Used(b) => b / MIB,
                             UsedGpuMemory::Unavailable => 0,
                         },
+                        // Settled by the ledger.
+                        replica: String::new(),
                     })
                     .collect(),
                 simulated: false,
                 health: health_text(&faults),
                 faults: Some((&faults).into()),
+                // Settled by the ledger.
+                foreign_memory_mib: 0,
+                over_reservation_mib: 0,
             }
         })
         .collect()

@@ -645,15 +645,22 @@ pub trait Replicas: Send + Sync + 'static {
     /// Signalled when a replica's phase changes.
     fn changed(&self) -> Arc<tokio::sync::Notify>;
 
-    /// GPU memory given to running replicas, per GPU (for simulated GPUs).
-    async fn allocations(&self) -> Vec<(u32, u64)> {
+    /// What each replica with GPUs holds, for the VRAM ledger: a replica
+    /// being stopped still holds its memory until its processes are gone.
+    async fn claims(&self) -> Vec<crate::inventory::ledger::Claim> {
         self.list()
             .await
-            .iter()
-            .filter(|s| s.record.desired == Desired::Running)
-            .flat_map(|s| {
-                let mem = s.record.spec.resources.gpu_memory_mib;
-                s.record.spec.gpus.iter().map(move |g| (*g, mem))
+            .into_iter()
+            .filter(|s| !s.record.spec.gpus.is_empty())
+            .map(|s| {
+                let spec = s.record.spec;
+                crate::inventory::ledger::Claim {
+                    simulated_use_mib: crate::inventory::ledger::simulated_use(&spec.id, &spec.env),
+                    replica: spec.id,
+                    server: s.server,
+                    gpus: spec.gpus,
+                    reserved_mib: spec.resources.gpu_memory_mib,
+                }
             })
             .collect()
     }
@@ -790,7 +797,7 @@ mod tests {
             },
             phase,
             reason: String::new(),
-            pid: None,
+            server: None,
             last_exit: None,
             started_at_ms: 0,
             limits_enforced: false,

@@ -40,6 +40,15 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     stat(pid).map(|s| s.start)
 }
 
+/// Whether process `pid` is `server` or in the process group it leads
+/// (started no earlier than it, so a recycled group id does not count).
+pub fn in_group(pid: u32, server: &ProcId) -> bool {
+    if pid == server.pid {
+        return true;
+    }
+    stat(pid).is_some_and(|s| s.pgrp == server.pid && s.start >= server.start_ticks)
+}
+
 struct Stat {
     state: char,
     pgrp: u32,
@@ -101,6 +110,36 @@ mod tests {
         };
         assert!(!impostor.alive());
         assert!(ProcId::of(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_group_holds_its_leader_and_members_only() {
+        use std::os::unix::process::CommandExt;
+        let mut leader = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let id = ProcId::of(leader.id()).unwrap();
+        assert!(in_group(leader.id(), &id));
+        // This test's process is not in the new group.
+        assert!(!in_group(std::process::id(), &id));
+        let mut member = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(leader.id() as i32)
+            .spawn()
+            .unwrap();
+        assert!(in_group(member.id(), &id));
+        // A group "led" by a process that started later is not this one.
+        let later = ProcId {
+            start_ticks: id.start_ticks + 1_000_000,
+            ..id
+        };
+        assert!(!in_group(member.id(), &later));
+        let _ = member.kill();
+        let _ = leader.kill();
+        let _ = member.wait();
+        let _ = leader.wait();
     }
 
     #[test]

@@ -85,8 +85,9 @@ pub struct Status {
     pub phase: ReplicaPhase,
     /// Why, for people.
     pub reason: String,
-    /// The model server's pid, while one runs.
-    pub pid: Option<u32>,
+    /// The model server (pid and start time; its pid is also its process
+    /// group), while one runs.
+    pub server: Option<super::procfs::ProcId>,
     /// How the last run ended.
     pub last_exit: Option<ExitFile>,
     /// When the current run started.
@@ -206,7 +207,7 @@ impl ReplicaTask {
             record: record.clone(),
             phase: ReplicaPhase::Pending,
             reason: String::new(),
-            pid: None,
+            server: None,
             last_exit: None,
             started_at_ms: 0,
             limits_enforced,
@@ -255,7 +256,7 @@ impl ReplicaTask {
             record: self.record.clone(),
             phase: self.phase,
             reason: self.reason.clone(),
-            pid: self.run.as_ref().map(|r| r.ids.server.pid),
+            server: self.run.as_ref().map(|r| r.ids.server),
             last_exit: self.last_exit.clone(),
             started_at_ms,
             limits_enforced: self.limits_enforced,
