@@ -115,6 +115,9 @@ pub struct MemberOptions {
     pub insecure: bool,
     /// Where each member runs (None: every member on loopback).
     pub hosts: Option<HostMap>,
+    /// Give each member on loopback an `--http` address of its own
+    /// (`LocalMember::http`), for benches that read `/metrics`.
+    pub http: bool,
 }
 
 impl Default for MemberOptions {
@@ -126,6 +129,7 @@ impl Default for MemberOptions {
             extra: Vec::new(),
             insecure: false,
             hosts: None,
+            http: false,
         }
     }
 }
@@ -182,6 +186,8 @@ pub struct LocalMember {
     pub log_path: PathBuf,
     /// Where it runs (None: loopback).
     pub placement: Option<Placement>,
+    /// Its `--http` address, when `MemberOptions::http` asked for one.
+    pub http: Option<String>,
     child: Option<Child>,
 }
 
@@ -370,12 +376,20 @@ impl LocalCluster {
             }
             None => args.push("--bootstrap".into()),
         }
+        let http = match (self.options.http, &placement) {
+            (true, None) => Some(format!("127.0.0.1:{}", free_port()?)),
+            _ => None,
+        };
+        if let Some(h) = &http {
+            args.extend(["--http".to_string(), h.clone()]);
+        }
         let mut member = LocalMember {
             id,
             addr,
             data_dir,
             log_path,
             placement,
+            http,
             child: None,
         };
         member.child = Some(self.spawn(&member, &args)?);
@@ -486,12 +500,15 @@ impl LocalCluster {
         if self.members[idx].child.is_some() {
             bail!("member {id} is running");
         }
-        let args = vec![
+        let mut args = vec![
             "--listen".to_string(),
             self.members[idx].addr.clone(),
             "--data-dir".into(),
             self.members[idx].data_dir.display().to_string(),
         ];
+        if let Some(h) = &self.members[idx].http {
+            args.extend(["--http".to_string(), h.clone()]);
+        }
         let child = self.spawn(&self.members[idx], &args)?;
         self.members[idx].child = Some(child);
         Ok(())

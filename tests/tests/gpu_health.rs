@@ -55,6 +55,15 @@ async fn inject(s: &str, node: &str, gpu: u64, fault: &[&str]) {
     assert!(stderr(&o).contains("SIMULATED"), "{}", stderr(&o));
 }
 
+/// The value of the first series of `name` on a `/metrics` page whose
+/// labels include all of `labels`.
+fn series(page: &str, name: &str, labels: &[&str]) -> Option<String> {
+    page.lines()
+        .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_string)
+}
+
 /// Waits until `want` replicas of web run and none is being replaced,
 /// asserting all along that never fewer than `floor` run.
 async fn replaced_without_a_gap(s: &str, floor: usize, want: usize, off: &(String, u64)) {
@@ -243,12 +252,7 @@ async fn a_failing_gpu_is_quarantined_its_replicas_move_and_a_release_returns_it
     let (_, page) = http_get(u32::from(sick_agent), "/metrics")
         .await
         .expect("the agent's /metrics");
-    let series = |name: &str, labels: &[&str]| {
-        page.lines()
-            .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(str::to_string)
-    };
+    let series = |name: &str, labels: &[&str]| series(&page, name, labels);
     let gpu_label = format!("index=\"{index}\"");
     assert_eq!(
         series(
@@ -526,12 +530,7 @@ async fn the_vram_ledger_measures_replicas_and_keeps_requests_off_memory_in_use(
     let (_, page) = http_get(u32::from(agent_http), "/metrics")
         .await
         .expect("the agent's /metrics");
-    let series = |name: &str, labels: &[&str]| {
-        page.lines()
-            .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(str::to_string)
-    };
+    let series = |name: &str, labels: &[&str]| series(&page, name, labels);
     let replica_label = format!("replica=\"{id}\"");
     assert_eq!(
         series(

@@ -12,7 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{cpu_seconds, percentile, wait_for};
+use super::{cpu_seconds, create_demo_model, percentile, wait_for};
 use crate::client::CliError;
 use crate::local::{AgentOptions, LocalAgent, LocalCluster, MemberOptions};
 use crate::output::{OutputFormat, print_json, table};
@@ -126,6 +126,10 @@ pub struct AgentIdleArgs {
     /// The agent's heartbeat interval.
     #[arg(long, default_value = "1s", value_parser = crate::args::duration)]
     heartbeat_interval: Duration,
+    /// Demo replicas to run on the agent while it is measured (each takes a
+    /// third of one GPU: at most three per simulated GPU).
+    #[arg(long, default_value_t = 0)]
+    replicas: u32,
 }
 
 /// `bench agent-idle` results.
@@ -141,6 +145,31 @@ pub struct AgentIdleReport {
     pub cpu_percent: f64,
     /// Heartbeats the leader accepted during the window.
     pub heartbeats: u64,
+    /// Replicas running on the agent while it was measured.
+    pub replicas: u32,
+    /// One scrape of the agent's /metrics: the median over 20, ms.
+    pub scrape_ms: f64,
+    /// The size of its /metrics page, bytes.
+    pub scrape_bytes: usize,
+}
+
+/// Scrapes `/metrics` at `http` `n` times, one after the other: the median
+/// time of one scrape (ms) and the page's size. Shared with `bench
+/// heartbeats`, which scrapes the leader's.
+pub(super) async fn scrape(http: &str, n: usize) -> Option<(f64, usize)> {
+    let mut ms = Vec::with_capacity(n);
+    let mut bytes = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        let (code, body) = crate::local::http_request(http, "GET", "/metrics", "").await?;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if code != 200 {
+            return None;
+        }
+        bytes = body.len();
+    }
+    ms.sort_by(f64::total_cmp);
+    Some((*ms.get(ms.len() / 2)?, bytes))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -193,6 +222,59 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
         nodes.nodes.iter().any(|n| n.state == "ready").then_some(())
     })
     .await?;
+    if a.replicas > 0 {
+        let gpus =
+            berth_node_agent::inventory::simulated::parse_spec(&a.simulate_gpus, "idle-node")
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+        if a.replicas as usize > gpus.len() * 3 {
+            return Err(CliError::Usage(format!(
+                "--replicas {} is more than {} GPUs hold at three replicas each",
+                a.replicas,
+                gpus.len()
+            )));
+        }
+        create_demo_model(
+            &client,
+            "idle",
+            pb::Resources {
+                cpu_milli: 10,
+                memory_mib: 64,
+                gpus: 1,
+                gpu_memory_mib: 8 * 1024,
+                gpu_milli: 333,
+            },
+            Duration::from_secs(30),
+        )
+        .await?;
+        let replicas = a.replicas;
+        client
+            .admin(|mut c| async move {
+                c.create_deployment(pb::CreateDeploymentRequest {
+                    name: "idle".into(),
+                    model: "idle".into(),
+                    replicas,
+                    ..Default::default()
+                })
+                .await
+            })
+            .await?;
+        eprintln!("waiting for {replicas} demo replicas to run");
+        wait_for("the replicas to run", Duration::from_secs(120), || async {
+            let r = client
+                .admin(|mut c| async move {
+                    c.list_cluster_replicas(pb::ListClusterReplicasRequest {
+                        deployment: "idle".into(),
+                        ..Default::default()
+                    })
+                    .await
+                })
+                .await
+                .ok()?;
+            let running = r.replicas.iter().filter(|r| r.phase == "running").count();
+            (running == replicas as usize).then_some(())
+        })
+        .await?;
+    }
     eprintln!("agent registered; settling for 5s, then measuring for {duration:?}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let hb0 = heartbeats(&http).await.unwrap_or(0);
@@ -208,6 +290,9 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
     let wall = started.elapsed().as_secs_f64();
     let cpu1 = cpu_seconds(pid).context("read the agent's CPU time")?;
     let hb1 = heartbeats(&http).await.unwrap_or(0);
+    let (scrape_ms, scrape_bytes) = scrape(&http, 20)
+        .await
+        .context("scrape the agent's /metrics")?;
     let mean = samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64;
     let report = AgentIdleReport {
         duration_s: wall,
@@ -215,6 +300,9 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
         rss_mib_max: samples.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
         cpu_percent: (cpu1 - cpu0) / wall * 100.0,
         heartbeats: hb1.saturating_sub(hb0),
+        replicas: a.replicas,
+        scrape_ms,
+        scrape_bytes,
     };
     drop(agent);
     drop(cluster);
@@ -227,6 +315,9 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
                 "RSS MAX",
                 "CPU (ONE CORE)",
                 "HEARTBEATS",
+                "REPLICAS",
+                "SCRAPE",
+                "PAGE",
             ]);
             t.add_row(vec![
                 format!("{:.0}s", report.duration_s),
@@ -234,6 +325,9 @@ pub async fn agent_idle(a: AgentIdleArgs, out: OutputFormat) -> Result<(), CliEr
                 format!("{:.1} MiB", report.rss_mib_max),
                 format!("{:.3}%", report.cpu_percent),
                 report.heartbeats.to_string(),
+                report.replicas.to_string(),
+                format!("{:.2} ms", report.scrape_ms),
+                format!("{:.1} KiB", report.scrape_bytes as f64 / 1024.0),
             ]);
             out!("{t}");
         }

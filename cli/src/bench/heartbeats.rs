@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use berth_node_agent::hollow::{Fleet, FleetOptions};
 use clap::Args;
 use serde::Serialize;
@@ -60,6 +61,11 @@ pub struct HeartbeatsReport {
     /// Heartbeats answered per second during the measurement (the agents
     /// send one a second each).
     pub heartbeats_per_sec: f64,
+    /// One scrape of the leader's /metrics with every agent heartbeating:
+    /// the median over 20, ms.
+    pub leader_scrape_ms: f64,
+    /// The size of the leader's /metrics page, bytes.
+    pub leader_scrape_bytes: usize,
 }
 
 /// Runs the benchmark.
@@ -74,6 +80,7 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
         insecure: a.insecure,
         // A leader with thousands of agents needs more than one thread.
         extra: vec!["--worker-threads".into(), "2".into()],
+        http: true,
         ..MemberOptions::default()
     };
     eprintln!("starting a local 3-member control plane");
@@ -177,6 +184,15 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
             follower_cores = follower_cores.max(cores);
         }
     }
+    let leader_http = cluster
+        .members
+        .iter()
+        .find(|m| m.id == leader)
+        .and_then(|m| m.http.clone())
+        .context("the leader has no --http address")?;
+    let (leader_scrape_ms, leader_scrape_bytes) = super::agent::scrape(&leader_http, 20)
+        .await
+        .context("scrape the leader's /metrics")?;
     let report = HeartbeatsReport {
         mode: if a.insecure { "plaintext" } else { "mtls" },
         nodes: a.nodes,
@@ -186,6 +202,8 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
         all_heartbeating_s,
         fleet_cores,
         heartbeats_per_sec,
+        leader_scrape_ms,
+        leader_scrape_bytes,
     };
     drop(fleet);
     match out {
@@ -199,6 +217,7 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
                 "ALL HEARTBEATING S",
                 "FLEET CORES",
                 "HEARTBEATS/S",
+                "LEADER SCRAPE",
             ]);
             t.add_row(vec![
                 report.mode.to_string(),
@@ -208,6 +227,11 @@ pub async fn heartbeats(a: HeartbeatsArgs, out: OutputFormat) -> Result<(), CliE
                 format!("{:.1}", report.all_heartbeating_s),
                 format!("{:.2}", report.fleet_cores),
                 format!("{:.0}", report.heartbeats_per_sec),
+                format!(
+                    "{:.2} ms, {:.1} KiB",
+                    report.leader_scrape_ms,
+                    report.leader_scrape_bytes as f64 / 1024.0
+                ),
             ]);
             out!("{t}");
         }

@@ -331,11 +331,8 @@ impl NodeTracker {
         let events = match self.observed.lock() {
             Ok(mut observed) => {
                 let before = observed.get(&name).map(|b| &b.report);
-                let mut events = before
-                    .map(|before| phase_events(&name, before, &report))
-                    .unwrap_or_default();
+                let mut events = replica_events(&name, before, &report);
                 events.extend(gpu_health_events(&name, before, &report, &gpu_records));
-                events.extend(memory_events(&name, before, &report));
                 let o = Observation {
                     at: Instant::now(),
                     instance: report.instance.clone(),
@@ -452,62 +449,37 @@ impl NodeTracker {
     }
 }
 
-/// Events for the replica phases (or generations) that changed between two
-/// heartbeats of `node`.
-fn phase_events(
-    node: &str,
-    before: &pb::HeartbeatRequest,
-    now: &pb::HeartbeatRequest,
-) -> Vec<crate::events::Event> {
-    let now_ms = crate::member::now_ms();
-    now.replicas
-        .iter()
-        .filter_map(|r| {
-            let was = before
-                .replicas
-                .iter()
-                .find(|x| x.id == r.id)
-                .map(|x| (x.phase.as_str(), x.generation));
-            if was == Some((r.phase.as_str(), r.generation)) {
-                return None;
-            }
-            let mut message = format!("replica {} on node {node} is {}", r.id, r.phase);
-            if !r.reason.is_empty() {
-                message.push_str(&format!(": {}", r.reason));
-            }
-            Some(crate::events::Event {
-                at_ms: now_ms,
-                severity: if r.phase == "failed" {
-                    "warning"
-                } else {
-                    "info"
-                },
-                kind: "replica",
-                object: r.id.clone(),
-                message,
-            })
-        })
-        .collect()
-}
-
-/// Events for the replicas that began, or ceased, to stay above their GPU
-/// memory reservation between two heartbeats of `node` (the agent judges
-/// "stays": see berth_node_agent::inventory::ledger).
-fn memory_events(
+/// Events for what changed in each replica between two heartbeats of
+/// `node`: its phase (or generation), and whether it stays above its GPU
+/// memory reservation (the agent judges "stays": see
+/// berth_node_agent::inventory::ledger). The first heartbeat after
+/// registration makes no phase events.
+fn replica_events(
     node: &str,
     before: Option<&pb::HeartbeatRequest>,
     now: &pb::HeartbeatRequest,
 ) -> Vec<crate::events::Event> {
     let at_ms = crate::member::now_ms();
-    now.replicas
-        .iter()
-        .filter_map(|r| {
-            let was = before
-                .and_then(|b| b.replicas.iter().find(|x| x.id == r.id))
-                .is_some_and(|x| x.over_gpu_memory_reservation);
-            if was == r.over_gpu_memory_reservation {
-                return None;
+    let event = |r: &pb::ReplicaStatus, warning: bool, message: String| crate::events::Event {
+        at_ms,
+        severity: if warning { "warning" } else { "info" },
+        kind: "replica",
+        object: r.id.clone(),
+        message,
+    };
+    let mut events = Vec::new();
+    for r in &now.replicas {
+        let prev = before.and_then(|b| b.replicas.iter().find(|x| x.id == r.id));
+        let was = prev.map(|x| (x.phase.as_str(), x.generation));
+        if before.is_some() && was != Some((r.phase.as_str(), r.generation)) {
+            let mut message = format!("replica {} on node {node} is {}", r.id, r.phase);
+            if !r.reason.is_empty() {
+                message.push_str(&format!(": {}", r.reason));
             }
+            events.push(event(r, r.phase == "failed", message));
+        }
+        let was_over = prev.is_some_and(|x| x.over_gpu_memory_reservation);
+        if was_over != r.over_gpu_memory_reservation {
             let used = r.gpu_memory_used_mib.unwrap_or(0);
             let reserved = r.gpu_memory_reserved_mib;
             let message = if r.over_gpu_memory_reservation {
@@ -521,19 +493,10 @@ fn memory_events(
                     r.id
                 )
             };
-            Some(crate::events::Event {
-                at_ms,
-                severity: if r.over_gpu_memory_reservation {
-                    "warning"
-                } else {
-                    "info"
-                },
-                kind: "replica",
-                object: r.id.clone(),
-                message,
-            })
-        })
-        .collect()
+            events.push(event(r, r.over_gpu_memory_reservation, message));
+        }
+    }
+    events
 }
 
 /// The quarantines a heartbeat calls for: each GPU whose faults, beyond the
@@ -620,4 +583,69 @@ fn gpu_health_events(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(replicas: &[(&str, &str, bool)]) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            node: "n1".into(),
+            replicas: replicas
+                .iter()
+                .map(|&(id, phase, over)| pb::ReplicaStatus {
+                    id: id.into(),
+                    generation: 1,
+                    phase: phase.into(),
+                    gpu_memory_used_mib: Some(if over { 30720 } else { 10240 }),
+                    gpu_memory_reserved_mib: 20480,
+                    over_gpu_memory_reservation: over,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn messages(events: &[crate::events::Event]) -> Vec<(&str, &str)> {
+        events
+            .iter()
+            .map(|e| (e.severity, e.message.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn replica_events_say_what_changed() {
+        // The first heartbeat: no phase events, but a replica already over.
+        let first = beat(&[("a-1", "running", false), ("b-1", "running", true)]);
+        let e = replica_events("n1", None, &first);
+        assert_eq!(
+            messages(&e),
+            [(
+                "warning",
+                "replica b-1 on node n1 stays above its GPU memory reservation: it uses 30720 MiB of the 20480 MiB it reserved; the scheduler counts the excess as taken (reserve more with berth deploy resize NAME --gpu-memory SIZE)"
+            )]
+        );
+        // Nothing changed: nothing to say.
+        assert!(replica_events("n1", Some(&first), &first).is_empty());
+        // a-1 fails and goes over; b-1 comes back within its reservation.
+        let second = beat(&[("a-1", "failed", true), ("b-1", "running", false)]);
+        let e = replica_events("n1", Some(&first), &second);
+        let m = messages(&e);
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(m[0], ("warning", "replica a-1 on node n1 is failed"));
+        assert_eq!(m[1].0, "warning");
+        assert!(
+            m[1].1.starts_with("replica a-1 on node n1 stays above"),
+            "{m:?}"
+        );
+        assert_eq!(
+            m[2],
+            (
+                "info",
+                "replica b-1 on node n1 is back within its GPU memory reservation (10240 of 20480 MiB)"
+            )
+        );
+    }
 }

@@ -206,9 +206,9 @@ fn read_all(nvml: &Nvml, xids: &[GpuFaults]) -> Vec<v1::Gpu> {
             let ecc = |kind| d.total_ecc_errors(kind, EccCounter::Volatile).ok();
             let uncorrected = ecc(MemoryError::Uncorrected);
             faults.ecc_uncorrected = uncorrected.unwrap_or(0);
-            // Row remaps have no wrapper in nvml-wrapper 0.13; XIDs 63 and
-            // 64 report them.
+            // A failed row remap arrives as XID 64 (unhealthy).
             faults.retired_pages_pending = d.are_pages_pending_retired().unwrap_or(false);
+            faults.remap_pending = remap_pending(nvml, &d).unwrap_or(false);
             let xid_events = faults.unhealthy_xids + faults.degraded_xids + faults.application_xids;
             let pci_bus_id = d.pci_info().map(|p| p.bus_id).unwrap_or_default();
             v1::Gpu {
@@ -256,6 +256,32 @@ fn read_all(nvml: &Nvml, xids: &[GpuFaults]) -> Vec<v1::Gpu> {
             }
         })
         .collect()
+}
+
+/// Whether row remaps wait for a GPU reset (Ampere and later; `None` where
+/// the GPU or the driver cannot say). nvml-wrapper 0.13 has no wrapper for
+/// `nvmlDeviceGetRemappedRows`, so it is called through the library
+/// nvml-wrapper loaded, and only when the driver exports it (the raw
+/// binding panics on a missing symbol).
+#[allow(unsafe_code)]
+fn remap_pending(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Option<bool> {
+    let lib = nvml.lib();
+    lib.nvmlDeviceGetRemappedRows.as_ref().ok()?;
+    let (mut correctable, mut uncorrectable, mut pending, mut failed) = (0, 0, 0, 0);
+    // SAFETY: the symbol is loaded (checked above); the handle belongs to a
+    // device borrowed from this live `Nvml`, used on the thread that owns
+    // it; the four out-pointers are to locals that outlive the call.
+    let code = unsafe {
+        lib.nvmlDeviceGetRemappedRows(
+            device.handle(),
+            &mut correctable,
+            &mut uncorrectable,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    nvml_wrapper::error::nvml_try(code).ok()?;
+    Some(pending != 0)
 }
 
 #[cfg(test)]
