@@ -116,13 +116,17 @@ async fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    // Registered before the run starts, so a SIGINT that comes while the
+    // run is still setting up (before its first await) is caught too.
+    let interrupted = interrupted();
     let result = tokio::select! {
-        r = dispatch(cli.command) => r,
-        _ = interrupted() => {
+        biased;
+        _ = interrupted => {
             // Dropping `dispatch` ran the run's teardown.
             eprintln!("faults: interrupted; the run's namespaces, links and processes are removed");
             return ExitCode::from(130);
         }
+        r = dispatch(cli.command) => r,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -134,18 +138,23 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn interrupted() {
+/// Resolves at SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled.
+fn interrupted() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = signals else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 
