@@ -189,6 +189,14 @@ impl Inventory {
                 devices.len().saturating_sub(1)
             ));
         };
+        let total = devices[i].memory_mib;
+        if let Some(mib) = req.foreign_memory_mib.filter(|m| *m > total) {
+            // Checked before anything changes: a refused request changes nothing.
+            return Err(format!(
+                "foreign_memory_mib {mib} is more than gpu {}'s memory of {total} MiB: give at most {total}",
+                req.gpu
+            ));
+        }
         let f = &mut faults[i];
         if req.clear {
             *f = GpuFaults::default();
@@ -200,13 +208,6 @@ impl Inventory {
         f.remap_pending |= req.remap_pending;
         f.lost |= req.lost;
         if let Some(mib) = req.foreign_memory_mib {
-            let total = devices[i].memory_mib;
-            if mib > total {
-                return Err(format!(
-                    "foreign_memory_mib {mib} is more than gpu {}'s memory of {total} MiB: give at most {total}",
-                    req.gpu
-                ));
-            }
             foreign[i] = mib;
             tracing::warn!(
                 gpu = req.gpu,
@@ -536,6 +537,22 @@ mod tests {
             })
             .expect_err("more than the GPU has");
         assert!(e.contains("foreign_memory_mib 82944"), "{e}");
+        let e = inv
+            .simulate_fault(&v1::SimulateGpuFaultRequest {
+                node: "n1".into(),
+                gpu: 1,
+                xid: Some(79),
+                foreign_memory_mib: Some(81 * 1024),
+                ..Default::default()
+            })
+            .expect_err("refused as a whole");
+        assert!(e.contains("at most 81920"), "{e}");
+        let (r, _) = inv.refresh(&[]);
+        assert_eq!(
+            r.gpus[1].health, "ok",
+            "the XID of a refused request was not recorded"
+        );
+        assert_eq!(r.gpus[1].foreign_memory_mib, 60 * 1024);
     }
 
     /// Faults go into simulated GPUs only, show in the readings and the
