@@ -50,11 +50,17 @@ pub struct Claim {
 impl Claim {
     /// The memory reserved on a GPU of `total_mib`.
     pub fn reserved_on(&self, total_mib: u64) -> u64 {
-        if self.reserved_mib == 0 {
-            total_mib
-        } else {
-            self.reserved_mib
-        }
+        reserved_per_gpu(self.reserved_mib, total_mib)
+    }
+}
+
+/// What a reservation of `gpu_memory_mib` per GPU takes of a GPU of
+/// `total_mib`: 0 reserves the GPU whole.
+pub fn reserved_per_gpu(gpu_memory_mib: u64, total_mib: u64) -> u64 {
+    if gpu_memory_mib == 0 {
+        total_mib
+    } else {
+        gpu_memory_mib
     }
 }
 

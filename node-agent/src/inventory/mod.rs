@@ -315,14 +315,13 @@ impl SharedInventory {
             let latest = self.latest.read().unwrap_or_else(|p| p.into_inner());
             spec.gpus
                 .iter()
-                .map(|i| match spec.resources.gpu_memory_mib {
-                    // 0 reserves each GPU whole.
-                    0 => latest
+                .map(|i| {
+                    let total = latest
                         .gpus
                         .iter()
                         .find(|g| g.index == *i)
-                        .map_or(0, |g| g.memory_total_mib),
-                    m => m,
+                        .map_or(0, |g| g.memory_total_mib);
+                    ledger::reserved_per_gpu(spec.resources.gpu_memory_mib, total)
                 })
                 .sum()
         };
